@@ -1,0 +1,169 @@
+"""Atomic checkpoints with everything needed for an exact resume.
+
+Layout of one checkpoint directory (e.g. $NANOCHAT_BASE_DIR/base_checkpoints/d6):
+
+    model_000200.pt              model state_dict (rank 0)
+    state_000200_rank0.pt        optimizer states, dataloader state, RNG state (one file per rank)
+    meta_000200.json             flags, step, val bpb, model config... written LAST
+
+Every file is written to a temporary name and renamed into place, and the meta file is written
+only after the others are complete: a checkpoint "exists" iff its meta file exists, so a save
+interrupted half-way leaves the previous checkpoint as the last good one. Loading uses
+`torch.load(weights_only=True)`: checkpoints hold tensors and plain containers only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanochat.common import get_base_dir
+
+META_RE = re.compile(r"^meta_(\d{6})\.json$")
+
+
+class CheckpointError(RuntimeError):
+    """A missing, corrupt or mismatched checkpoint; the message says which file and why."""
+
+
+def checkpoint_dir(kind: str, model_tag: str) -> Path:
+    """e.g. checkpoint_dir("base", "d6") -> $NANOCHAT_BASE_DIR/base_checkpoints/d6"""
+    return get_base_dir() / f"{kind}_checkpoints" / model_tag
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_rng_to_plain(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_rng_to_plain(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor] | None,
+    rank_state: dict[str, Any],
+    meta: dict[str, Any] | None,
+    rank: int = 0,
+    keep_last: int = 2,
+) -> None:
+    """Save one checkpoint. Every rank calls this with its own `rank_state` (optimizer shards,
+    dataloader position, RNG); rank 0 also passes `model_state` and `meta`. With several ranks,
+    the caller must barrier between the rank-state writes and rank 0's meta write."""
+    directory = Path(directory)
+    if model_state is not None:
+        _atomic_write(directory / f"model_{step:06d}.pt", lambda f: torch.save(model_state, f))
+    _atomic_write(directory / f"state_{step:06d}_rank{rank}.pt", lambda f: torch.save(rank_state, f))
+    if meta is not None:
+        text = json.dumps({**meta, "step": step}, indent=2, default=str).encode()
+        _atomic_write(directory / f"meta_{step:06d}.json", lambda f: f.write(text))
+        prune_checkpoints(directory, keep_last)
+
+
+def complete_steps(directory: Path) -> list[int]:
+    """Steps whose meta file exists (complete checkpoints), ascending."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := META_RE.match(p.name)))
+
+
+def prune_checkpoints(directory: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    for step in complete_steps(directory)[:-keep_last]:
+        # meta first: the checkpoint stops existing before its pieces disappear
+        (directory / f"meta_{step:06d}.json").unlink(missing_ok=True)
+        for p in directory.glob(f"*_{step:06d}*.pt"):
+            p.unlink(missing_ok=True)
+
+
+def last_step(directory: Path) -> int | None:
+    steps = complete_steps(directory)
+    return steps[-1] if steps else None
+
+
+def _load(path: Path) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/corrupt files
+        raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def load_meta(directory: Path, step: int) -> dict[str, Any]:
+    path = Path(directory) / f"meta_{step:06d}.json"
+    if not path.exists():
+        have = complete_steps(directory)
+        raise CheckpointError(f"no complete checkpoint at step {step} in {directory} (available steps: {have or 'none'})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt checkpoint metadata {path}: {e}") from e
+
+
+def load_checkpoint(directory: Path, step: int, rank: int = 0, load_rank_state: bool = True) -> tuple[dict, dict | None, dict]:
+    """(model_state, rank_state or None, meta) of a complete checkpoint."""
+    directory = Path(directory)
+    meta = load_meta(directory, step)
+    model_state = _load(directory / f"model_{step:06d}.pt")
+    rank_state = None
+    if load_rank_state:
+        path = directory / f"state_{step:06d}_rank{rank}.pt"
+        if not path.exists():
+            saved = meta.get("world_size", 1)
+            raise CheckpointError(f"no state for rank {rank} at step {step} in {directory}: it was saved with world size {saved}")
+        rank_state = _load(path)
+    return model_state, rank_state, meta
+
+
+def load_model_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a one-line explanation when the checkpoint does not fit the model."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {source} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        if own[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"checkpoint {source} does not match the model: {name} has shape {tuple(tensor.shape)}, model expects {tuple(own[name].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
