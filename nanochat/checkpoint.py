@@ -167,3 +167,35 @@ def load_model_state_strict(model: torch.nn.Module, state: dict[str, torch.Tenso
                 f"checkpoint {source} does not match the model: {name} has shape {tuple(tensor.shape)}, model expects {tuple(own[name].shape)}"
             )
     model.load_state_dict(state, strict=True)
+
+
+def find_model_dir(kind: str, model_tag: str = "") -> Path:
+    """The checkpoint directory for `kind` (base|mid|sft|rl): `model_tag`, or the newest one."""
+    root = get_base_dir() / f"{kind}_checkpoints"
+    if model_tag:
+        directory = root / model_tag
+        if not complete_steps(directory):
+            raise CheckpointError(f"no complete {kind} checkpoint in {directory}")
+        return directory
+    candidates = [d for d in root.iterdir() if d.is_dir() and complete_steps(d)] if root.is_dir() else []
+    if not candidates:
+        raise CheckpointError(f"no {kind} checkpoints under {root}: train one first (python -m scripts.{'base_train' if kind == 'base' else kind})")
+    return max(candidates, key=lambda d: (d / f"meta_{complete_steps(d)[-1]:06d}.json").stat().st_mtime)
+
+
+def load_model(kind: str, model_tag: str = "", step: int = -1, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A trained model in eval mode and its metadata, from the last (or given) complete step."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    directory = find_model_dir(kind, model_tag)
+    step = step if step >= 0 else complete_steps(directory)[-1]
+    model_state, _, meta = load_checkpoint(directory, step, load_rank_state=False)
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint metadata in {directory} step {step} has no usable model_config: {e}") from e
+    model = GPT(config)
+    load_model_state_strict(model, model_state, f"{directory} step {step}")
+    model.to(device)
+    model.eval()
+    return model, {**meta, "checkpoint_dir": str(directory), "step": step}

@@ -1,0 +1,270 @@
+"""Training-loop pieces shared by base_train, mid_train, chat_sft and chat_rl.
+
+Each script owns its loop (read it top to bottom); what they have in common lives here once:
+the flags every stage takes (`TrainFlags`, including MoleGrad and recompute), building the model
+from flags, one optimisation step with gradient accumulation and clipping, the LR schedule
+application, progress/ETA/MFU reporting, and checkpoint save/resume of the whole training state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import load_checkpoint, load_model_state_strict, rng_state, save_checkpoint, set_rng_state
+from nanochat.common import RunContext, print0
+from nanochat.config import check
+from nanochat.optim import apply_lr, get_lr_multiplier, get_muon_momentum
+
+STREAMING_TARGETS = ("ffn_only", "attn_only", "all")
+RECOMPUTE_MODES = ("none", "mlp", "block")
+
+
+@dataclass
+class TrainFlags:
+    """Flags shared by every training stage."""
+
+    run: str = field(default="dummy", metadata={"help": "wandb run name (dummy = no wandb; WANDB_RUN also works)"})
+    device: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": ("auto", "float32", "bfloat16")})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = auto)"})
+    seed: int = field(default=42, metadata={"help": "random seed"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
+    device_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward on one device"})
+    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR for the token embedding"})
+    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR for the LM head"})
+    matrix_lr: float = field(default=0.02, metadata={"help": "Muon LR for the transformer matrices"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = no clipping)"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps with linear LR warmup"})
+    warmdown_ratio: float = field(default=0.2, metadata={"help": "fraction of steps with linear LR warmdown"})
+    final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end, as a fraction of the initial LR"})
+    save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many complete checkpoints to keep (0 = all)"})
+    resume_from_step: int = field(default=-1, metadata={"help": "resume the run from this saved step (-1 = fresh start)"})
+    model_tag: str = field(default="", metadata={"help": "checkpoint directory name (default d<depth>)"})
+    recompute: str = field(default="none", metadata={"help": "exact activation recompute", "choices": RECOMPUTE_MODES})
+    enable_streaming: bool = field(default=False, metadata={"help": "MoleGrad: low-rank weight gradients"})
+    streaming_rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k (1 <= k <= layer input width)"})
+    streaming_power_iters: int = field(default=1, metadata={"help": "MoleGrad power-iteration steps per update"})
+    streaming_target_layers: str = field(default="ffn_only", metadata={"help": "MoleGrad targets", "choices": STREAMING_TARGETS})
+    streaming_warm_start_decay: float = field(default=0.95, metadata={"help": "MoleGrad sketch EMA decay in [0, 1)"})
+
+    def validate(self) -> None:
+        check(self.device_batch_size >= 1, f"--device_batch_size: expected >= 1, got {self.device_batch_size}")
+        check(self.streaming_rank_k >= 1, f"--streaming_rank_k: expected >= 1, got {self.streaming_rank_k}")
+        check(self.streaming_power_iters >= 0, f"--streaming_power_iters: expected >= 0, got {self.streaming_power_iters}")
+        check(0.0 <= self.streaming_warm_start_decay < 1.0,
+              f"--streaming_warm_start_decay: expected a value in [0, 1), got {self.streaming_warm_start_decay}")
+        check(0.0 <= self.warmup_ratio + self.warmdown_ratio <= 1.0,
+              f"--warmup_ratio + --warmdown_ratio: expected a sum in [0, 1], got {self.warmup_ratio + self.warmdown_ratio}")
+        check(self.grad_clip >= 0, f"--grad_clip: expected >= 0, got {self.grad_clip}")
+        check(self.resume_from_step >= -1, f"--resume_from_step: expected a step >= 0 (or -1), got {self.resume_from_step}")
+
+    def memory_options(self) -> dict[str, Any]:
+        """The GPTConfig fields these flags set."""
+        return {
+            "recompute": self.recompute,
+            "streaming_rank_k": self.streaming_rank_k if self.enable_streaming else 0,
+            "streaming_targets": self.streaming_target_layers,
+            "streaming_power_iters": self.streaming_power_iters,
+            "streaming_warm_start_decay": self.streaming_warm_start_decay,
+        }
+
+
+def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
+    """Micro-batches per optimizer step so that every step sees `total_batch_size` tokens."""
+    per_pass = device_batch_size * seq_len * world_size
+    check(total_batch_size > 0 and total_batch_size % per_pass == 0,
+          f"--total_batch_size: expected a positive multiple of device_batch_size*max_seq_len*world_size "
+          f"= {device_batch_size}*{seq_len}*{world_size} = {per_pass}, got {total_batch_size}")
+    return total_batch_size // per_pass
+
+
+def all_optimizer_params(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+
+
+def clip_grad_norm(optimizers: list[torch.optim.Optimizer], max_norm: float) -> float:
+    """Global gradient norm over every parameter; scale gradients down to `max_norm` if above."""
+    grads = [p.grad for p in all_optimizer_params(optimizers) if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
+    return float(total)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    grad_accum: int,
+    ctx: RunContext,
+    lr_multiplier: float,
+    muon_momentum: float | None,
+    grad_clip: float,
+) -> tuple[float, float]:
+    """One optimizer step over `grad_accum` micro-batches. Returns (mean loss, grad norm).
+
+    The loss of each micro-batch is divided by grad_accum so the gradients equal those of one
+    big batch. Under DDP the model's gradients are all-reduced by the optimizer step's caller
+    (see nanochat.optim); this function only accumulates locally.
+    """
+    losses = []
+    for _, (inputs, targets) in zip(range(grad_accum), micro_batches):
+        with ctx.autocast():
+            loss = model(inputs, targets)
+        (loss / grad_accum).backward()
+        losses.append(loss.detach())
+    mean_loss = torch.stack(losses).mean()
+    if ctx.ddp:
+        for p in all_optimizer_params(optimizers):
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+    norm = clip_grad_norm(optimizers, grad_clip) if grad_clip > 0 else 0.0
+    apply_lr(optimizers, lr_multiplier)
+    for opt in optimizers:
+        if muon_momentum is not None and "momentum" in opt.defaults:
+            for group in opt.param_groups:
+                group["momentum"] = muon_momentum
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return float(mean_loss), norm
+
+
+def schedule(step: int, num_iterations: int, flags: TrainFlags) -> tuple[float, float]:
+    """(LR multiplier, Muon momentum) at `step`."""
+    lrm = get_lr_multiplier(step, num_iterations, flags.warmup_ratio, flags.warmdown_ratio, flags.final_lr_frac)
+    return lrm, get_muon_momentum(step)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(loss: float, step: int, checkpoint_dir: Path) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(
+            f"loss became {loss} at step {step}; stopping without saving. The last good checkpoint in "
+            f"{checkpoint_dir} is untouched: resume from it with a lower --matrix_lr/--embedding_lr"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+class Progress:
+    """Tokens/s, MFU and ETA from an exponential average of step times (first steps skipped)."""
+
+    def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float, peak_flops: float, start_step: int = 0):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.start_step = start_step
+        self.ema_dt: float | None = None
+        self.total_time = 0.0
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self, step: int) -> dict[str, float]:
+        dt = time.perf_counter() - self._t0
+        if step - self.start_step >= 1:  # the first step pays for warm-up/compilation
+            self.total_time += dt
+            self.ema_dt = dt if self.ema_dt is None else 0.9 * self.ema_dt + 0.1 * dt
+        ref = self.ema_dt or dt
+        tok_per_s = self.tokens_per_step / ref
+        mfu = 100.0 * tok_per_s * self.flops_per_token / self.peak_flops if self.peak_flops > 0 else float("nan")
+        eta = (self.total_steps - step - 1) * ref
+        return {"dt": dt, "tok_per_s": tok_per_s, "mfu": mfu, "eta_s": eta}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint save / resume of the whole training state
+
+def save_training_state(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    loader_state: dict[str, Any],
+    meta: dict[str, Any],
+    ctx: RunContext,
+    keep_last: int,
+    extra_state: dict[str, Any] | None = None,
+) -> None:
+    rank_state = {
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "loader": loader_state,
+        "rng": rng_state(),
+        **(extra_state or {}),
+    }
+    model_state = model.state_dict() if ctx.master else None
+    save_checkpoint(directory, step, model_state, rank_state, None, rank=ctx.rank, keep_last=0)
+    if ctx.ddp:
+        dist.barrier()  # every rank's state is on disk before the meta file marks it complete
+    if ctx.master:
+        save_checkpoint(directory, step, None, rank_state, {**meta, "world_size": ctx.world_size}, rank=ctx.rank, keep_last=keep_last)
+    if ctx.ddp:
+        dist.barrier()
+
+
+def resume_training_state(
+    directory: Path, step: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], ctx: RunContext
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load model, optimizers and RNG saved at `step`; returns (rank_state, meta)."""
+    model_state, rank_state, meta = load_checkpoint(directory, step, rank=ctx.rank)
+    if meta.get("world_size", 1) != ctx.world_size:
+        from nanochat.checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"checkpoint at step {step} in {directory} was saved with world size {meta.get('world_size', 1)}; "
+            f"this run has {ctx.world_size}: resume with the same number of processes"
+        )
+    load_model_state_strict(model, model_state, f"{directory} step {step}")
+    assert rank_state is not None
+    for opt, state in zip(optimizers, rank_state["optimizers"]):
+        opt.load_state_dict(state)
+    set_rng_state(rank_state["rng"])
+    return rank_state, meta
+
+
+def matmul_peak_flops(device_type: str, dtype: torch.dtype, seconds: float = 0.5, size: int = 1024) -> float:
+    """Measured dense matmul FLOP/s on this device (the MFU denominator on CPU)."""
+    a = torch.randn(size, size, dtype=dtype, device=device_type)
+    b = torch.randn(size, size, dtype=dtype, device=device_type)
+    for _ in range(3):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * n / (time.perf_counter() - t0)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0

@@ -1,0 +1,67 @@
+"""Bits per byte of a trained model on the train and val splits, plus a few greedy samples.
+
+    python -m scripts.base_loss --model_tag=d6 --split_tokens=65536
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanochat.checkpoint import CheckpointError, load_model
+from nanochat.common import compute_cleanup, compute_init, fail, print0
+from nanochat.config import check, parse_args
+from nanochat.dataloader import DataLoader
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+SAMPLE_PROMPTS = ("The capital of France is", "import os\n", "If 5*x + 3 = 13, then x is", "The opposite of hot is")
+
+
+@dataclass
+class BaseLossConfig:
+    """Evaluate bits per byte of a checkpoint."""
+
+    source: str = field(default="base", metadata={"short": "-i", "help": "checkpoint kind", "choices": ("base", "mid", "sft", "rl")})
+    model_tag: str = field(default="", metadata={"help": "checkpoint directory name (default: newest)"})
+    step: int = field(default=-1, metadata={"help": "checkpoint step (-1 = last)"})
+    device_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
+    split_tokens: int = field(default=65536, metadata={"help": "tokens evaluated per split"})
+    sample_tokens: int = field(default=24, metadata={"help": "tokens generated per sample (0 = no samples)"})
+    device: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})
+
+    def validate(self) -> None:
+        check(self.device_batch_size >= 1, f"--device_batch_size: expected >= 1, got {self.device_batch_size}")
+        check(self.split_tokens >= 1, f"--split_tokens: expected >= 1, got {self.split_tokens}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(BaseLossConfig, argv, prog="python -m scripts.base_loss")
+    ctx = compute_init(cfg.device, cfg.dtype)
+    try:
+        model, meta = load_model(cfg.source, cfg.model_tag, cfg.step, ctx.device)
+        tokenizer = get_tokenizer()
+        token_bytes = get_token_bytes(device=ctx.device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    seq_len = model.config.sequence_len
+    steps = max(1, cfg.split_tokens // (cfg.device_batch_size * seq_len * ctx.world_size))
+    results: dict[str, Any] = {"checkpoint": meta["checkpoint_dir"], "step": meta["step"]}
+    for split in ("train", "val"):
+        loader = DataLoader(tokenizer, cfg.device_batch_size, seq_len, split, ctx.device, ctx.rank, ctx.world_size, loop=True)
+        results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes, ctx)
+        print0(f"{split} bpb: {results[f'{split}_bpb']:.4f}  ({steps * cfg.device_batch_size * seq_len:,} tokens)")
+    samples = []
+    if ctx.master and cfg.sample_tokens > 0:
+        for prompt in SAMPLE_PROMPTS:
+            ids = model.generate(tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id()), max_tokens=cfg.sample_tokens, temperature=0.0)
+            samples.append(prompt + tokenizer.decode(ids))
+            print0(f"sample: {samples[-1]!r}")
+    results["samples"] = samples
+    compute_cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Pretrain the base model.
+
+    python -m scripts.base_train --depth=6 --max_seq_len=512 --device_batch_size=32 --total_batch_size=16384
+    torchrun --standalone --nproc_per_node=2 -m scripts.base_train ...
+
+Flags: `--help`. The loop, top to bottom: eval val bpb every --eval_every steps, sample every
+--sample_every, checkpoint every --save_every (and at the end), then one optimizer step over
+--total_batch_size tokens (gradient accumulation), with progress, MFU and ETA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from nanochat.checkpoint import CheckpointError, checkpoint_dir
+from nanochat.common import compute_cleanup, compute_init, fail, init_wandb, print0
+from nanochat.config import check, parse_args, to_dict
+from nanochat.dataloader import DataLoader
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.trainer import (
+    NonFiniteLoss,
+    Progress,
+    TrainFlags,
+    check_finite,
+    format_duration,
+    grad_accum_steps,
+    matmul_peak_flops,
+    resume_training_state,
+    save_training_state,
+    schedule,
+    train_step,
+)
+
+SAMPLE_PROMPTS = ("The capital of France is", "def fibonacci(n):", "The meaning of life is")
+
+
+@dataclass
+class BaseTrainConfig(TrainFlags):
+    """Pretrain a GPT on the base_data shards."""
+
+    depth: int = field(default=20, metadata={"help": "transformer blocks; sets width and heads"})
+    max_seq_len: int = field(default=2048, metadata={"help": "context length in tokens"})
+    total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step (all ranks)"})
+    num_iterations: int = field(default=-1, metadata={"help": "optimizer steps (-1 = from --target_param_data_ratio)"})
+    target_param_data_ratio: float = field(default=20.0, metadata={"help": "tokens per parameter when --num_iterations=-1"})
+    eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end, 0 = never)"})
+    eval_tokens: int = field(default=20 * 524288, metadata={"help": "tokens per val bpb evaluation"})
+    core_metric_every: int = field(default=-1, metadata={"help": "CORE metric every N steps (-1 = never)"})
+    core_metric_max_per_task: int = field(default=500, metadata={"help": "CORE examples per task during training"})
+    sample_every: int = field(default=2000, metadata={"help": "print samples every N steps (-1 = never)"})
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.depth >= 1, f"--depth: expected >= 1, got {self.depth}")
+        check(self.max_seq_len >= 2, f"--max_seq_len: expected >= 2, got {self.max_seq_len}")
+        check(self.num_iterations > 0 or self.target_param_data_ratio > 0,
+              "--num_iterations: expected > 0 when --target_param_data_ratio <= 0")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(BaseTrainConfig, argv, prog="python -m scripts.base_train")
+    ctx = compute_init(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
+    try:
+        return train(cfg, ctx)
+    except (CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+        raise  # unreachable: fail() exits
+    finally:
+        compute_cleanup()
+
+
+def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=ctx.device)
+    grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, ctx.world_size)
+
+    model_config = config_from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len, **cfg.memory_options())
+    model = GPT(model_config).to(ctx.device)
+    model.init_weights()
+    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    forward = torch.compile(model, dynamic=False) if cfg.compile else model
+
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops()
+    num_iterations = cfg.num_iterations
+    if num_iterations <= 0:
+        num_iterations = max(1, int(cfg.target_param_data_ratio * num_params) // cfg.total_batch_size)
+    print0(f"model: depth {cfg.depth}, width {model_config.n_embd}, {model_config.n_head} heads "
+           f"({model_config.n_kv_head} kv), {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
+    print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {ctx.world_size} ranks x {grad_accum} accum = "
+           f"{cfg.total_batch_size:,} tokens/step; {num_iterations} steps; compute {ctx.dtype} on {ctx.device}")
+
+    ckpt_dir = checkpoint_dir("base", cfg.model_tag or f"d{cfg.depth}")
+    start_step, loader_state, val_bpb = 0, None, None
+    if cfg.resume_from_step >= 0:
+        rank_state, meta = resume_training_state(ckpt_dir, cfg.resume_from_step, model, optimizers, ctx)
+        start_step, loader_state, val_bpb = cfg.resume_from_step, rank_state["loader"], meta.get("val_bpb")
+        print0(f"resumed from {ckpt_dir} step {start_step}")
+    train_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", ctx.device,
+                              ctx.rank, ctx.world_size, state=loader_state)
+
+    def val_bpb_now() -> float:
+        loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", ctx.device, ctx.rank, ctx.world_size)
+        steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * ctx.world_size))
+        return evaluate_bpb(model, loader, steps, token_bytes, ctx)
+
+    peak = matmul_peak_flops(ctx.device_type, ctx.dtype) if ctx.device_type == "cpu" else cuda_peak_flops(ctx)
+    progress = Progress(num_iterations, cfg.total_batch_size, flops_per_token, peak * ctx.world_size, start_step)
+    wandb_run = init_wandb("nanochat", to_dict(cfg), ctx.master)
+    losses: list[float] = []
+    history: list[dict[str, float]] = []
+
+    step = start_step
+    while True:
+        last = step == num_iterations
+        if cfg.eval_every != 0 and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+            val_bpb = val_bpb_now()
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            wandb_run.log({"step": step, "val/bpb": val_bpb})
+            history.append({"step": step, "val_bpb": val_bpb})
+        if ctx.master and cfg.sample_every > 0 and step > 0 and (last or step % cfg.sample_every == 0):
+            for prompt in SAMPLE_PROMPTS:
+                ids = model.generate(tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id()), max_tokens=16, temperature=0.0)
+                print0(f"  sample: {prompt!r} -> {tokenizer.decode(ids)!r}")
+        if step > start_step and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+            meta = {"stage": "base", "flags": to_dict(cfg), "model_config": asdict(model_config), "val_bpb": val_bpb,
+                    "num_iterations": num_iterations}
+            save_training_state(ckpt_dir, step, model, optimizers, train_loader.state_dict(), meta, ctx, cfg.keep_checkpoints)
+            print0(f"saved checkpoint {ckpt_dir} step {step}")
+        if last:
+            break
+
+        lrm, momentum = schedule(step, num_iterations, cfg)
+        progress.start()
+        loss, grad_norm = train_step(forward, optimizers, train_loader, grad_accum, ctx, lrm, momentum, cfg.grad_clip)
+        ctx.synchronize()
+        check_finite(loss, step, ckpt_dir)
+        stats = progress.stop(step)
+        losses.append(loss)
+        print0(f"step {step + 1:05d}/{num_iterations} | loss {loss:.4f} | grad norm {grad_norm:.3f} | lrm {lrm:.2f} | "
+               f"{stats['dt'] * 1000:.0f} ms | {stats['tok_per_s']:,.0f} tok/s | MFU {stats['mfu']:.1f}% | "
+               f"ETA {format_duration(stats['eta_s'])}")
+        wandb_run.log({"step": step + 1, "train/loss": loss, "train/grad_norm": grad_norm, "train/lrm": lrm,
+                       "train/tok_per_s": stats["tok_per_s"], "train/mfu": stats["mfu"]})
+        step += 1
+
+    wandb_run.finish()
+    tok_per_s = cfg.total_batch_size * max(0, len(losses) - 1) / progress.total_time if progress.total_time > 0 else 0.0
+    return {"losses": losses, "val_bpb": val_bpb, "history": history, "num_iterations": num_iterations,
+            "tok_per_s": tok_per_s, "checkpoint_dir": str(ckpt_dir), "num_params": num_params}
+
+
+def cuda_peak_flops(ctx) -> float:
+    """bf16 dense peak of the GPU, from its name (for MFU); measured when unknown."""
+    name = torch.cuda.get_device_name(ctx.device).lower()
+    known = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "5090": 209.5e12, "4090": 165.2e12, "l4": 121e12}
+    for key, flops in known.items():
+        if key in name:
+            return flops
+    return matmul_peak_flops("cuda", ctx.dtype, size=4096)
+
+
+if __name__ == "__main__":
+    main()
