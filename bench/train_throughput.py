@@ -1,0 +1,103 @@
+"""Training throughput and MFU on this machine, with the matmul peak measured in the same run.
+
+    python -m bench.train_throughput                       # d6, seq 512, batch 32, 16384 tokens/step
+    python -m bench.train_throughput --arms=auto,fp32      # several settings side by side
+
+Each arm builds the same model the way base_train does and runs optimizer steps on random tokens
+(the data pipeline is benchmarked separately by the dataloader); the first --warmup steps are
+discarded and the median of the rest is reported. MFU = model FLOPs/token (6N + attention) x
+tokens/s / the bf16 (or fp32) dense matmul peak measured here. Table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.common import compute_init, set_cpu_threads
+from nanochat.config import parse_args
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.trainer import grad_accum_steps, matmul_peak_flops, train_step
+
+# arm name -> (dtype, threads); "auto" is what base_train picks by default
+ARMS = {"auto": ("auto", 0), "fp32": ("float32", 0), "bf16": ("bfloat16", 0), "bf16_1thread": ("bfloat16", 1)}
+
+
+@dataclass
+class BenchConfig:
+    depth: int = 6
+    max_seq_len: int = 512
+    device_batch_size: int = 32
+    total_batch_size: int = 16384
+    vocab_size: int = field(default=65536, metadata={"help": "vocabulary (65536 = the default tokenizer)"})
+    steps: int = field(default=4, metadata={"help": "measured optimizer steps per arm"})
+    warmup: int = field(default=1, metadata={"help": "discarded steps per arm"})
+    arms: str = field(default="auto", metadata={"help": f"comma-separated, from {'|'.join(ARMS)}"})
+    recompute: str = field(default="none", metadata={"choices": ("none", "mlp", "block")})
+
+
+def run_arm(cfg: BenchConfig, name: str) -> dict:
+    dtype_name, threads = ARMS[name]
+    ctx = compute_init("", dtype_name, seed=0, threads=threads)
+    model_config = config_from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, recompute=cfg.recompute)
+    model = GPT(model_config).to(ctx.device)
+    model.init_weights()
+    optimizers = model.setup_optimizers(0.004, 0.2, 0.02, 0.0)
+    grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, 1)
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            tokens = torch.randint(0, cfg.vocab_size, (cfg.device_batch_size, cfg.max_seq_len + 1), generator=gen)
+            yield tokens[:, :-1].to(ctx.device), tokens[:, 1:].to(ctx.device)
+
+    stream = batches()
+    times = []
+    for i in range(cfg.warmup + cfg.steps):
+        t0 = time.perf_counter()
+        train_step(model, optimizers, stream, grad_accum, ctx, 1.0, 0.95, 1.0)
+        ctx.synchronize()
+        if i >= cfg.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tok_per_s = cfg.total_batch_size / step_s
+    flops_per_token = model.estimate_flops()
+    peak = matmul_peak_flops(ctx.device_type, ctx.dtype, seconds=1.0) if ctx.device_type == "cpu" else float("nan")
+    bf16_peak = matmul_peak_flops(ctx.device_type, torch.bfloat16, seconds=1.0) if ctx.device_type == "cpu" else float("nan")
+    return {
+        "arm": name,
+        "dtype": str(ctx.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "step_s": step_s,
+        "tok_per_s": tok_per_s,
+        "model_gflops_per_s": tok_per_s * flops_per_token / 1e9,
+        "peak_gflops_same_dtype": peak / 1e9,
+        "peak_gflops_bf16": bf16_peak / 1e9,
+        "mfu_vs_bf16_peak": tok_per_s * flops_per_token / bf16_peak,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = parse_args(BenchConfig, argv, prog="python -m bench.train_throughput")
+    results = []
+    for name in cfg.arms.split(","):
+        if name not in ARMS:
+            raise SystemExit(f"error: --arms: unknown arm {name!r}, expected some of {'|'.join(ARMS)}")
+        results.append(run_arm(cfg, name))
+        set_cpu_threads(0)
+    header = f"{'arm':<14}{'dtype':<10}{'thr':>4}{'step s':>9}{'tok/s':>9}{'GFLOP/s':>9}{'bf16 peak':>10}{'MFU':>7}"
+    print(f"depth {cfg.depth}, seq {cfg.max_seq_len}, batch {cfg.device_batch_size}, {cfg.total_batch_size} tokens/step, vocab {cfg.vocab_size}")
+    print(header)
+    for r in results:
+        print(f"{r['arm']:<14}{r['dtype']:<10}{r['threads']:>4}{r['step_s']:>9.2f}{r['tok_per_s']:>9.0f}"
+              f"{r['model_gflops_per_s']:>9.0f}{r['peak_gflops_bf16']:>10.0f}{100 * r['mfu_vs_bf16_peak']:>6.1f}%")
+    print(json.dumps({"bench": "train_throughput", "config": vars(cfg), "results": results}))
+    return results
+
+
+if __name__ == "__main__":
+    main()
