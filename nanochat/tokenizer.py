@@ -1,0 +1,322 @@
+"""BPE tokenizer: trained with rustbpe, run with tiktoken; special tokens; conversation rendering.
+
+Ids: 0..255 are the raw bytes, then the learned merges in the order they were learned (rank =
+id), then the nine special tokens. `vocab_size` everywhere means the TOTAL (merges + bytes +
+specials), so `--vocab_size=65536` gives an embedding table of exactly 65536 rows.
+
+Files in a tokenizer directory (default $NANOCHAT_BASE_DIR/tokenizer):
+
+    tokenizer.pkl     the encoding's pieces: split pattern, mergeable ranks, special tokens
+    token_bytes.pt    int32 (vocab_size,): UTF-8 bytes per token, 0 for specials (bits per byte)
+    meta.json         how it was trained (written by scripts.tok_train, last)
+
+Plain text is always encoded as ordinary text: a document containing the characters
+"<|bos|>" gets byte-level tokens for them, never the special id. Special ids enter only
+through `prepend`/`append`, `encode_special` and the conversation renderer.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import pickle
+from pathlib import Path
+from typing import Any, Iterable
+
+import rustbpe
+import tiktoken
+import torch
+
+from nanochat.checkpoint import _atomic_write
+from nanochat.common import get_base_dir
+
+SPECIAL_TOKENS = [
+    "<|bos|>",  # starts every document; the dataloader's document separator
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",  # the assistant calls the Python tool...
+    "<|python_end|>",
+    "<|output_start|>",  # ...and the tool's output comes back (never trained on)
+    "<|output_end|>",
+]
+
+# GPT-4's split pattern with one change: numbers split into runs of at most 2 digits, not 3.
+# Every 1..3-digit string as its own token costs up to 1110 vocabulary slots (GPT-4 has 100k to
+# spare); with runs of 1..2 it is at most 110, which matters at our 65k and more so at the few
+# thousand tokens of the CPU pipeline. The price is ~1.5x more tokens on digit-heavy text.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+TOKENIZER_FILE = "tokenizer.pkl"
+TOKEN_BYTES_FILE = "token_bytes.pt"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+ROLES = ("system", "user", "assistant")
+PART_TYPES = ("text", "python", "python_output")
+
+
+def default_tokenizer_dir() -> Path:
+    return get_base_dir() / "tokenizer"
+
+
+class Tokenizer:
+    """A tiktoken encoding built from mergeable ranks, plus the nine special tokens after them."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN) -> None:
+        n_ranks = len(mergeable_ranks)
+        if sorted(mergeable_ranks.values()) != list(range(n_ranks)):
+            raise ValueError(f"mergeable ranks must be the ids 0..{n_ranks - 1}, each once (no gaps, no duplicates)")
+        missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
+        if missing:
+            raise ValueError(f"mergeable ranks lack {len(missing)} of the 256 single-byte tokens (first: {missing[0]})")
+        self.pattern = pattern
+        self.mergeable_ranks = mergeable_ranks
+        self.special_ids = {name: n_ranks + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding(
+            name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=self.special_ids
+        )
+        self.bos_token_id = self.special_ids["<|bos|>"]
+
+    # -------------------------------------------------------------------------------------
+    # training, saving, loading
+
+    @classmethod
+    def train_from_iterator(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Learn vocab_size - 9 byte-level BPE tokens (256 bytes + merges) from `texts` with rustbpe.
+
+        Ties between equally frequent pairs go to the smallest (left id, right id): rustbpe's rule,
+        tested against a pure-Python trainer. A corpus too small for all the merges gives a
+        smaller vocabulary; `get_vocab_size()` tells.
+        """
+        min_size = 256 + len(SPECIAL_TOKENS)
+        if vocab_size < min_size:
+            raise ValueError(f"vocab_size must be >= {min_size} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+        pieces = trainer.get_mergeable_ranks()  # [(token bytes as list[int], id)]
+        ranks = {bytes(token): rank for token, rank in pieces}
+        if len(ranks) != len(pieces):
+            raise ValueError(f"rustbpe produced {len(pieces) - len(ranks)} duplicate tokens; cannot build a tiktoken encoding")
+        return cls(ranks, trainer.get_pattern())
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.pkl and token_bytes.pt into `directory`, each atomically."""
+        directory = Path(directory)
+        pieces = {
+            "format_version": FORMAT_VERSION,
+            "pattern": self.pattern,
+            "mergeable_ranks": self.mergeable_ranks,
+            "special_tokens": self.special_ids,
+        }
+        _atomic_write(directory / TOKENIZER_FILE, lambda f: pickle.dump(pieces, f, protocol=pickle.HIGHEST_PROTOCOL))
+        _atomic_write(directory / TOKEN_BYTES_FILE, lambda f: torch.save(self.token_bytes(), f))
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> Tokenizer:
+        path = Path(directory) / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        try:
+            with open(path, "rb") as f:
+                pieces = pickle.load(f)
+        except Exception as e:  # pickle raises a zoo of types on a damaged file
+            raise ValueError(f"cannot read tokenizer file {path}: {type(e).__name__}: {e} (retrain: python -m scripts.tok_train --force)") from e
+        expected = {"format_version", "pattern", "mergeable_ranks", "special_tokens"}
+        if not isinstance(pieces, dict) or set(pieces) != expected:
+            raise ValueError(f"tokenizer file {path} is not a nanochat tokenizer: expected a dict with keys {sorted(expected)}")
+        if pieces["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"tokenizer file {path} has format_version {pieces['format_version']!r}, expected {FORMAT_VERSION}")
+        try:
+            tokenizer = cls(pieces["mergeable_ranks"], pieces["pattern"])
+        except ValueError as e:
+            raise ValueError(f"tokenizer file {path}: {e}") from e
+        if pieces["special_tokens"] != tokenizer.special_ids:
+            raise ValueError(f"tokenizer file {path}: special tokens {pieces['special_tokens']} differ from {tokenizer.special_ids}")
+        return tokenizer
+
+    # -------------------------------------------------------------------------------------
+    # vocabulary
+
+    def get_vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self) -> int:
+        return self.bos_token_id
+
+    def get_special_tokens(self) -> list[str]:
+        return list(SPECIAL_TOKENS)
+
+    def encode_special(self, name: str) -> int:
+        try:
+            return self.special_ids[name]
+        except KeyError:
+            raise ValueError(f"unknown special token {name!r}; expected one of {' '.join(SPECIAL_TOKENS)}") from None
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.enc.decode([token_id])
+
+    def token_bytes(self) -> torch.Tensor:
+        """int32 (vocab_size,): bytes of text each id stands for; 0 for specials (no text)."""
+        counts = [len(self.enc.decode_single_token_bytes(i)) for i in range(len(self.mergeable_ranks))]
+        return torch.tensor(counts + [0] * len(SPECIAL_TOKENS), dtype=torch.int32)
+
+    # -------------------------------------------------------------------------------------
+    # text
+
+    def _as_id(self, token: int | str) -> int:
+        if isinstance(token, str):
+            return self.encode_special(token)
+        if not 0 <= token < self.get_vocab_size():
+            raise ValueError(f"token id {token} out of range 0..{self.get_vocab_size() - 1}")
+        return token
+
+    def encode(
+        self, text: str | list[str], prepend: int | str | None = None, append: int | str | None = None, num_threads: int = 8
+    ) -> list[int] | list[list[int]]:
+        """Ids of `text` (ordinary text only), or one list per string for a list (in parallel).
+
+        `prepend`/`append`: a token id or special-token name added to each encoded string.
+        """
+        head = [] if prepend is None else [self._as_id(prepend)]
+        tail = [] if append is None else [self._as_id(append)]
+        if isinstance(text, str):
+            return head + self.enc.encode_ordinary(text) + tail
+        if isinstance(text, list):
+            return [head + ids + tail for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
+        raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+    # -------------------------------------------------------------------------------------
+    # conversations
+
+    def render_conversation(self, conversation: dict[str, Any], max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
+        """(ids, mask) of a whole conversation; mask 1 on the tokens the assistant must learn.
+
+        <|bos|> <|user_start|> text <|user_end|> <|assistant_start|> reply <|assistant_end|> ...
+        Trained (mask 1): the assistant's text, its <|python_start|>call<|python_end|> tool
+        calls, and <|assistant_end|> (so it learns to stop). Not trained (mask 0): everything
+        else, including <|output_start|>tool output<|output_end|>, which the tool writes.
+        A leading system message is prepended to the first user message. Truncated to
+        max_tokens (None: never).
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(tokens: list[int], trained: int) -> None:
+            ids.extend(tokens)
+            mask.extend([trained] * len(tokens))
+
+        add([self.bos_token_id], 0)
+        for role, content in self._validated_turns(conversation):
+            if role == "user":
+                add([self.special_ids["<|user_start|>"]], 0)
+                add(self.encode(content), 0)
+                add([self.special_ids["<|user_end|>"]], 0)
+                continue
+            add([self.special_ids["<|assistant_start|>"]], 0)
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for part in parts:
+                tokens = self.encode(part["text"])
+                if part["type"] == "text":
+                    add(tokens, 1)
+                elif part["type"] == "python":
+                    add([self.special_ids["<|python_start|>"]] + tokens + [self.special_ids["<|python_end|>"]], 1)
+                else:
+                    add([self.special_ids["<|output_start|>"]] + tokens + [self.special_ids["<|output_end|>"]], 0)
+            add([self.special_ids["<|assistant_end|>"]], 1)
+        if max_tokens is not None:
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+        return ids, mask
+
+    def render_for_completion(self, conversation: dict[str, Any]) -> list[int]:
+        """Prompt ids for sampling the assistant's next reply: the conversation without its final
+        assistant message (the reference answer), if it ends with one, then <|assistant_start|>."""
+        messages = conversation.get("messages") if isinstance(conversation, dict) else None
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            conversation = copy.copy(conversation)
+            conversation["messages"] = messages[:-1]
+        ids, _ = self.render_conversation(conversation, max_tokens=None)
+        return ids + [self.special_ids["<|assistant_start|>"]]
+
+    def _validated_turns(self, conversation: dict[str, Any]) -> list[tuple[str, Any]]:
+        """(role, content) per turn, system merged into the first user turn; raises ValueError
+        naming the message index and what was expected."""
+        if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
+            raise ValueError("conversation must be a dict with a 'messages' list")
+        messages = conversation["messages"]
+        if not messages:
+            raise ValueError("conversation has no messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise ValueError(f"message {i}: expected a dict with role one of {'|'.join(ROLES)}, got {message!r:.80}")
+        system = None
+        if messages[0]["role"] == "system":
+            system = messages[0]["content"]
+            if not isinstance(system, str):
+                raise ValueError(f"message 0: system content must be a str, got {type(system).__name__}")
+        start = 0 if system is None else 1
+        if system is not None and len(messages) == 1:
+            raise ValueError("message 0: a system message must be followed by a user message")
+        turns = []
+        for i in range(start, len(messages)):
+            role, content = messages[i]["role"], messages[i].get("content")
+            expected = "user" if (i - start) % 2 == 0 else "assistant"
+            if role != expected:
+                raise ValueError(f"message {i}: expected role '{expected}' (after an optional system message, roles alternate user/assistant starting with user), got '{role}'")
+            if role == "user":
+                if not isinstance(content, str):
+                    raise ValueError(f"message {i}: user content must be a str, got {type(content).__name__}")
+                if i == start and system is not None:
+                    content = system + "\n\n" + content
+            else:
+                self._check_assistant_content(i, content)
+            turns.append((role, content))
+        return turns
+
+    @staticmethod
+    def _check_assistant_content(index: int, content: Any) -> None:
+        if isinstance(content, str):
+            return
+        if not isinstance(content, list):
+            raise ValueError(f"message {index}: assistant content must be a str or a list of parts, got {type(content).__name__}")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"message {index} part {j}: expected {{'type': {'|'.join(PART_TYPES)}, 'text': str}}, got {part!r:.80}"
+                )
+
+    def visualize_mask(self, ids: list[int], mask: list[int]) -> str:
+        """The rendered tokens as text with trained spans (mask 1) in [[...]], for eyeballing."""
+        spans = []
+        for trained, group in itertools.groupby(zip(ids, mask), key=lambda pair: pair[1]):
+            text = self.decode([token_id for token_id, _ in group])
+            spans.append(f"[[{text}]]" if trained else text)
+        return "".join(spans)
+
+
+def get_tokenizer(directory: str | Path | None = None) -> Tokenizer:
+    """The trained tokenizer (default $NANOCHAT_BASE_DIR/tokenizer)."""
+    directory = Path(directory) if directory is not None else default_tokenizer_dir()
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"no tokenizer at {directory / TOKENIZER_FILE}: train one first with `python -m scripts.tok_train`")
+    return Tokenizer.from_directory(directory)
+
+
+def get_token_bytes(device: str | torch.device = "cpu", directory: str | Path | None = None) -> torch.Tensor:
+    """int32 (vocab_size,): UTF-8 bytes per token id, 0 for specials; for bits per byte."""
+    directory = Path(directory) if directory is not None else default_tokenizer_dir()
+    path = directory / TOKEN_BYTES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no token bytes at {path}: train the tokenizer first with `python -m scripts.tok_train`")
+    try:
+        with open(path, "rb") as f:
+            token_bytes = torch.load(f, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read token bytes file {path}: {type(e).__name__}: {e} (retrain: python -m scripts.tok_train --force)") from e
+    return token_bytes
