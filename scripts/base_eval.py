@@ -1,0 +1,81 @@
+"""The CORE metric (DCLM eval bundle) of a trained model.
+
+    python -m scripts.base_eval --model_tag=d6 --max_per_task=500
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval
+
+Prints a table (task, accuracy, centered) and CORE; writes $NANOCHAT_BASE_DIR/report/base_eval.json
+and core_<step>.csv in the checkpoint's directory. The bundle is downloaded once (--bundle_url or
+$NANOCHAT_EVAL_BUNDLE_URL to use a mirror).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanochat.checkpoint import CheckpointError, _atomic_write, load_model
+from nanochat.common import compute_cleanup, compute_init, fail, get_base_dir, print0
+from nanochat.config import check, parse_args
+from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
+from nanochat.download import DownloadError
+from nanochat.tokenizer import get_tokenizer
+
+
+@dataclass
+class BaseEvalConfig:
+    """Evaluate the CORE metric of a checkpoint."""
+
+    source: str = field(default="base", metadata={"short": "-i", "help": "checkpoint kind", "choices": ("base", "mid", "sft", "rl")})
+    model_tag: str = field(default="", metadata={"help": "checkpoint directory name (default: newest)"})
+    step: int = field(default=-1, metadata={"help": "checkpoint step (-1 = last)"})
+    max_per_task: int = field(default=-1, metadata={"help": "items evaluated per task (-1 = all)"})
+    device: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})
+    bundle_url: str = field(default="", metadata={"help": "eval bundle zip URL (empty = $NANOCHAT_EVAL_BUNDLE_URL or the DCLM bundle)"})
+
+    def validate(self) -> None:
+        check(self.max_per_task == -1 or self.max_per_task >= 1, f"--max_per_task: expected -1 (all) or >= 1, got {self.max_per_task}")
+
+
+def results_csv(out: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["task", "accuracy", "centered"])
+    for label, accuracy in out["results"].items():
+        writer.writerow([label, f"{accuracy:.6f}", f"{out['centered_results'][label]:.6f}"])
+    writer.writerow(["CORE", "", f"{out['core_metric']:.6f}"])
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(BaseEvalConfig, argv, prog="python -m scripts.base_eval")
+    ctx = compute_init(cfg.device, cfg.dtype)
+    try:
+        model, meta = load_model(cfg.source, cfg.model_tag, cfg.step, ctx.device)
+        tokenizer = get_tokenizer()
+        bundle_dir = ensure_eval_bundle(cfg.bundle_url or None)
+        with ctx.autocast():
+            out = evaluate_core(model, tokenizer, bundle_dir, ctx.device, cfg.max_per_task, verbose=True)
+    except (CheckpointError, FileNotFoundError, EvalBundleError, DownloadError) as e:
+        fail(str(e))
+    results = {"source": cfg.source, "checkpoint": meta["checkpoint_dir"], "step": meta["step"], "max_per_task": cfg.max_per_task, **out}
+    print0(f"\n{'task':<35} {'accuracy':>9} {'centered':>9}")
+    for label, accuracy in out["results"].items():
+        print0(f"{label:<35} {accuracy:>9.4f} {out['centered_results'][label]:>9.4f}")
+    print0(f"{'CORE':<35} {'':>9} {out['core_metric']:>9.4f}")
+    if ctx.master:
+        report = get_base_dir() / "report" / "base_eval.json"
+        _atomic_write(report, lambda f: f.write(json.dumps(results, indent=2).encode()))
+        table = Path(meta["checkpoint_dir"]) / f"core_{meta['step']:06d}.csv"
+        _atomic_write(table, lambda f: f.write(results_csv(out).encode()))
+        print0(f"wrote {report} and {table}")
+    compute_cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()
