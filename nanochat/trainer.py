@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -165,7 +166,8 @@ def check_finite(loss: float, step: int, checkpoint_dir: Path) -> None:
 # progress
 
 class Progress:
-    """Tokens/s, MFU and ETA from an exponential average of step times (first steps skipped)."""
+    """Tokens/s, MFU and ETA from the mean of the last few step times (the first step, which
+    pays for warm-up and compilation, is left out)."""
 
     def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float, peak_flops: float, start_step: int = 0):
         self.total_steps = total_steps
@@ -173,8 +175,8 @@ class Progress:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.start_step = start_step
-        self.ema_dt: float | None = None
-        self.total_time = 0.0
+        self.recent: deque[float] = deque(maxlen=10)
+        self.total_time = 0.0  # summed over the steps counted in `recent`
         self._t0 = 0.0
 
     def start(self) -> None:
@@ -182,10 +184,10 @@ class Progress:
 
     def stop(self, step: int) -> dict[str, float]:
         dt = time.perf_counter() - self._t0
-        if step - self.start_step >= 1:  # the first step pays for warm-up/compilation
+        if step > self.start_step:
             self.total_time += dt
-            self.ema_dt = dt if self.ema_dt is None else 0.9 * self.ema_dt + 0.1 * dt
-        ref = self.ema_dt or dt
+            self.recent.append(dt)
+        ref = sum(self.recent) / len(self.recent) if self.recent else dt
         tok_per_s = self.tokens_per_step / ref
         mfu = 100.0 * tok_per_s * self.flops_per_token / self.peak_flops if self.peak_flops > 0 else float("nan")
         eta = (self.total_steps - step - 1) * ref
@@ -262,9 +264,3 @@ def matmul_peak_flops(device_type: str, dtype: torch.dtype, seconds: float = 0.5
     if device_type == "cuda":
         torch.cuda.synchronize()
     return 2 * size**3 * n / (time.perf_counter() - t0)
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0

@@ -150,7 +150,7 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         step += 1
 
     wandb_run.finish()
-    tok_per_s = cfg.total_batch_size * max(0, len(losses) - 1) / progress.total_time if progress.total_time > 0 else 0.0
+    tok_per_s = cfg.total_batch_size * len(progress.recent) / sum(progress.recent) if progress.recent else 0.0
     return {"losses": losses, "val_bpb": val_bpb, "history": history, "num_iterations": num_iterations,
             "tok_per_s": tok_per_s, "checkpoint_dir": str(ckpt_dir), "num_params": num_params}
 

@@ -1,0 +1,69 @@
+"""base_train end to end on a tiny model: loss falls, resume is bit-exact, bad input is one line."""
+
+import pytest
+
+from scripts import base_loss, base_train
+from tests.helpers import build_tiny_base_dir
+
+TINY = ["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256", "--eval_tokens=512",
+        "--sample_every=-1", "--threads=1", "--dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return build_tiny_base_dir(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture
+def base_dir(tiny_base, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base))
+    return tiny_base
+
+
+def test_training_lowers_val_bpb_and_base_loss_reads_it(base_dir):
+    out = base_train.main(TINY + ["--num_iterations=30", "--eval_every=30", "--model_tag=learn", "--matrix_lr=0.05"])
+    first, last = out["history"][0]["val_bpb"], out["history"][-1]["val_bpb"]
+    assert last < 0.8 * first, (first, last)
+    res = base_loss.main(["--model_tag=learn", "--split_tokens=512", "--device_batch_size=4", "--sample_tokens=4"])
+    assert res["val_bpb"] == pytest.approx(last, rel=1e-4)  # same tokens, same model
+    assert len(res["samples"]) == 4
+
+
+def test_resume_is_bit_exact(base_dir):
+    full = base_train.main(TINY + ["--num_iterations=6", "--eval_every=-1", "--save_every=3", "--model_tag=full", "--keep_checkpoints=0"])
+    base_train.main(TINY + ["--num_iterations=6", "--eval_every=-1", "--save_every=3", "--model_tag=resumed", "--keep_checkpoints=0"])
+    resumed = base_train.main(TINY + ["--num_iterations=6", "--eval_every=-1", "--save_every=3", "--model_tag=resumed",
+                                      "--resume_from_step=3"])
+    assert resumed["losses"] == full["losses"][3:]  # floats compared exactly
+
+
+def test_gradient_accumulation_matches_one_big_batch(base_dir):
+    big = base_train.main(TINY + ["--num_iterations=3", "--eval_every=-1", "--device_batch_size=8", "--model_tag=big"])
+    small = base_train.main(TINY + ["--num_iterations=3", "--eval_every=-1", "--device_batch_size=2", "--model_tag=small"])
+    assert small["losses"] == pytest.approx(big["losses"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--total_batch_size=100"], "--total_batch_size: expected a positive multiple of"),
+        (["--resume_from_step=7", "--model_tag=nothing"], "no complete checkpoint at step 7"),
+        (["--streaming_rank_k=0"], "--streaming_rank_k: expected >= 1"),
+        (["--streaming_target_layers=mlp"], "--streaming_target_layers: expected one of ffn_only|attn_only|all"),
+    ],
+)
+def test_bad_input_is_one_clear_line(base_dir, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        base_train.main(TINY + ["--num_iterations=2"] + argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_missing_tokenizer_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        base_train.main(TINY + ["--num_iterations=2"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tok_train" in err[0], err
