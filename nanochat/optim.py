@@ -1,0 +1,152 @@
+"""Optimizers and the learning-rate schedule.
+
+Muon for the 2-D matrices of the blocks (momentum, then Newton–Schulz orthogonalisation), AdamW
+(torch.optim.AdamW) for the embedding and the LM head; see `GPT.setup_optimizers`. The schedule
+functions here are the only ones the training scripts use.
+
+Muon reads each gradient through `Muon._gradient(p)` and applies it through
+`Muon._update(p, grad, group)`: MoleGrad overrides the first to hand over its low-rank factors,
+and a sharded (distributed) Muon reuses the second for the matrices its rank owns.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from nanochat.common import resolve_dtype
+
+# Quintic Newton–Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so
+# small singular values grow fast; after 5 steps singular values land in roughly [0.7, 1.2]
+# instead of exactly 1, which is as good for the update and much cheaper than an SVD.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(grad: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately U Vᵀ for grad = U S Vᵀ (2-D), computed in `dtype`.
+
+    Iterates on the wide orientation (rows <= cols) so that X Xᵀ is the smaller Gram matrix.
+    """
+    if grad.ndim != 2:
+        raise ValueError(f"zeropower_via_newtonschulz5: expected a 2-D matrix, got shape {tuple(grad.shape)}")
+    a, b, c = NS_COEFFICIENTS
+    x = grad.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.t()
+    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.t()  # (rows, rows)
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A²
+        x = torch.addmm(x, poly, x, beta=a)  # a X + (b A + c A²) X
+    return x.t() if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton–Schulz, for 2-D parameters.
+
+    Per matrix: buf ← momentum·buf + (1 − momentum)·g; update = lerp(g, buf, momentum) (Nesterov)
+    or buf; O = NewtonSchulz(update); W ← W·(1 − lr·weight_decay) − lr·sqrt(max(1, rows/cols))·O.
+    The sqrt(rows/cols) factor keeps the per-element update RMS comparable between square and
+    tall matrices.
+
+    Newton–Schulz runs in bf16 on CUDA and on CPUs with native bf16 (4x the fp32 matmul rate on
+    the AVX-512 BF16 machines measured in CPU_NOTES.md; the iteration is insensitive to rounding)
+    and in float32 elsewhere: `common.resolve_dtype(device_type)`. `ns_dtype` overrides.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 0.02, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0,
+                 ns_dtype: torch.dtype | None = None) -> None:
+        if lr < 0:
+            raise ValueError(f"Muon lr: expected >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Muon momentum: expected a value in [0, 1), got {momentum}")
+        if ns_steps < 1:
+            raise ValueError(f"Muon ns_steps: expected >= 1, got {ns_steps}")
+        if weight_decay < 0:
+            raise ValueError(f"Muon weight_decay: expected >= 0, got {weight_decay}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon: expected 2-D parameters, got one of shape {tuple(p.shape)}")
+        self.ns_dtype = ns_dtype
+        self._ns_dtypes: dict[str, torch.dtype] = {}
+
+    def _newton_schulz_dtype(self, device: torch.device) -> torch.dtype:
+        if self.ns_dtype is not None:
+            return self.ns_dtype
+        if device.type not in self._ns_dtypes:
+            self._ns_dtypes[device.type] = resolve_dtype(device.type)
+        return self._ns_dtypes[device.type]
+
+    def _gradient(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient Muon uses for p (None = skip p this step). Override to supply it another way."""
+        return p.grad
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        """Momentum, orthogonalisation and the weight update of one matrix."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        buf = state["momentum_buffer"]
+        momentum = group["momentum"]
+        buf.lerp_(grad, 1 - momentum)
+        update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        ortho = zeropower_via_newtonschulz5(update, group["ns_steps"], self._newton_schulz_dtype(p.device))
+        lr = group["lr"]
+        if group["weight_decay"] > 0:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(ortho, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = self._gradient(p)
+                if grad is not None:
+                    self._update(p, grad, group)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules
+
+def get_lr_multiplier(step: int, num_iterations: int, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.2,
+                      final_lr_frac: float = 0.0) -> float:
+    """LR multiplier at `step` (0-based) of `num_iterations`: linear warmup from 1/warmup to 1 over
+    the first round(warmup_ratio * num_iterations) steps, then 1, then a linear warmdown over
+    the last round(warmdown_ratio * num_iterations) steps reaching `final_lr_frac` at step num_iterations."""
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations: expected >= 1, got {num_iterations}")
+    if not (0.0 <= warmup_ratio <= 1.0 and 0.0 <= warmdown_ratio <= 1.0 and warmup_ratio + warmdown_ratio <= 1.0):
+        raise ValueError(f"warmup_ratio, warmdown_ratio: expected values in [0, 1] with a sum <= 1, "
+                         f"got {warmup_ratio} and {warmdown_ratio}")
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = max(0.0, (num_iterations - step) / warmdown)  # 1 -> 0 over the warmdown
+    return progress + (1.0 - progress) * final_lr_frac
+
+
+def get_muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
+    """Muon momentum: linear from `start` to `end` over the first `warmup_steps` steps, then `end`."""
+    frac = min(step / warmup_steps, 1.0)
+    return (1.0 - frac) * start + frac * end
+
+
+def apply_lr(optimizers: Iterable[torch.optim.Optimizer], multiplier: float) -> None:
+    """Set every group's lr to its `initial_lr` times `multiplier`."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
