@@ -15,16 +15,14 @@ interrupted half-way leaves the previous checkpoint as the last good one. Loadin
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_write, get_base_dir
 
 META_RE = re.compile(r"^meta_(\d{6})\.json$")
 
@@ -36,21 +34,6 @@ class CheckpointError(RuntimeError):
 def checkpoint_dir(kind: str, model_tag: str) -> Path:
     """e.g. checkpoint_dir("base", "d6") -> $NANOCHAT_BASE_DIR/base_checkpoints/d6"""
     return get_base_dir() / f"{kind}_checkpoints" / model_tag
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,11 +70,11 @@ def save_checkpoint(
     the caller must barrier between the rank-state writes and rank 0's meta write."""
     directory = Path(directory)
     if model_state is not None:
-        _atomic_write(directory / f"model_{step:06d}.pt", lambda f: torch.save(model_state, f))
-    _atomic_write(directory / f"state_{step:06d}_rank{rank}.pt", lambda f: torch.save(rank_state, f))
+        atomic_write(directory / f"model_{step:06d}.pt", lambda f: torch.save(model_state, f))
+    atomic_write(directory / f"state_{step:06d}_rank{rank}.pt", lambda f: torch.save(rank_state, f))
     if meta is not None:
         text = json.dumps({**meta, "step": step}, indent=2, default=str).encode()
-        _atomic_write(directory / f"meta_{step:06d}.json", lambda f: f.write(text))
+        atomic_write(directory / f"meta_{step:06d}.json", lambda f: f.write(text))
         prune_checkpoints(directory, keep_last)
 
 

@@ -27,8 +27,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.checkpoint import _atomic_write
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_write, get_base_dir
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document; the dataloader's document separator
@@ -112,8 +111,8 @@ class Tokenizer:
             "mergeable_ranks": self.mergeable_ranks,
             "special_tokens": self.special_ids,
         }
-        _atomic_write(directory / TOKENIZER_FILE, lambda f: pickle.dump(pieces, f, protocol=pickle.HIGHEST_PROTOCOL))
-        _atomic_write(directory / TOKEN_BYTES_FILE, lambda f: torch.save(self.token_bytes(), f))
+        atomic_write(directory / TOKENIZER_FILE, lambda f: pickle.dump(pieces, f, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write(directory / TOKEN_BYTES_FILE, lambda f: torch.save(self.token_bytes(), f))
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> Tokenizer:

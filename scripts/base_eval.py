@@ -3,7 +3,7 @@
     python -m scripts.base_eval --model_tag=d6 --max_per_task=500
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval
 
-Prints a table (task, accuracy, centered) and CORE; writes $NANOCHAT_BASE_DIR/report/base_eval.json
+Prints a table (task, accuracy, centered) and CORE; logs the report card section "Base model evaluation"
 and core_<step>.csv in the checkpoint's directory. The bundle is downloaded once (--bundle_url or
 $NANOCHAT_EVAL_BUNDLE_URL to use a mirror).
 """
@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanochat.checkpoint import CheckpointError, _atomic_write, load_model
-from nanochat.common import compute_cleanup, compute_init, fail, get_base_dir, print0
+from nanochat.checkpoint import CheckpointError, load_model
+from nanochat.common import atomic_write, compute_cleanup, compute_init, fail, print0
 from nanochat.config import check, parse_args
 from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
 from nanochat.download import DownloadError
+from nanochat.report import log_section
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print0(f"{label:<35} {accuracy:>9.4f} {out['centered_results'][label]:>9.4f}")
     print0(f"{'CORE':<35} {'':>9} {out['core_metric']:>9.4f}")
     if ctx.master:
-        report = get_base_dir() / "report" / "base_eval.json"
-        _atomic_write(report, lambda f: f.write(json.dumps(results, indent=2).encode()))
+        log_section("Base model evaluation", {"checkpoint": meta["checkpoint_dir"], "step": meta["step"],
+                                              "max_per_task": cfg.max_per_task, "CORE": out["core_metric"],
+                                              "centered": out["centered_results"], "accuracy": out["results"]})
         table = Path(meta["checkpoint_dir"]) / f"core_{meta['step']:06d}.csv"
-        _atomic_write(table, lambda f: f.write(results_csv(out).encode()))
-        print0(f"wrote {report} and {table}")
+        atomic_write(table, lambda f: f.write(results_csv(out).encode()))
+        print0(f"wrote {table}")
     compute_cleanup()
     return results
 

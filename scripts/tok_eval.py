@@ -3,13 +3,12 @@
 Bytes per token (higher = better compression) on a few kinds of text and on the first
 documents of the local train and val shards. The reference tokenizers come from tiktoken,
 which downloads them on first use; offline (and not cached) their columns are left out.
-Results: returned by main() and saved to $NANOCHAT_BASE_DIR/report/tok_eval.json.
+Results: returned by main() and logged to the report card (nanochat.report).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -17,10 +16,10 @@ from typing import Any
 
 import tiktoken
 
-from nanochat.checkpoint import _atomic_write
-from nanochat.common import fail, get_base_dir, print0
+from nanochat.common import fail, print0
 from nanochat.config import check, parse_args
 from nanochat.dataset import iter_texts
+from nanochat.report import log_section
 from nanochat.tokenizer import get_tokenizer
 
 REFERENCES = {"gpt2": ("GPT-2", "gpt2"), "gpt4": ("GPT-4", "cl100k_base")}  # column: (label, tiktoken name)
@@ -177,9 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print0(format_table(results))
     if len(encoders) > 1:
         print0("B/t = bytes per token (higher compresses better); vs X = % fewer tokens than X (negative: more)")
-    path = get_base_dir() / "report" / "tok_eval.json"
-    _atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
-    print0(f"saved {path}")
+    summary = {f"{name} bytes/token ({column})": row[column]["bytes_per_token"] for name, row in rows.items() for column in encoders}
+    log_section("Tokenizer evaluation", {**summary, "unavailable": unavailable or "none"})
     return results
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from nanochat.checkpoint import _atomic_write
-from nanochat.common import fail, print0
+from nanochat.common import atomic_write, fail, print0
 from nanochat.config import check, parse_args
 from nanochat.dataset import iter_texts
+from nanochat.report import log_section
 from nanochat.tokenizer import META_FILE, SPECIAL_TOKENS, TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer, default_tokenizer_dir
 
 
@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_chars": cfg.max_chars,
         "doc_cap": cfg.doc_cap,
     }
-    _atomic_write(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     print0(f"saved tokenizer (vocab_size={tokenizer.get_vocab_size()}) to {directory}")
+    log_section("Tokenizer training", meta)
     return meta
 
 
