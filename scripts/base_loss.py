@@ -13,6 +13,7 @@ from nanochat.common import compute_cleanup, compute_init, fail, print0
 from nanochat.config import check, parse_args
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import log_section
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 SAMPLE_PROMPTS = ("The capital of France is", "import os\n", "If 5*x + 3 = 13, then x is", "The opposite of hot is")
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             samples.append(prompt + tokenizer.decode(ids))
             print0(f"sample: {samples[-1]!r}")
     results["samples"] = samples
+    log_section("Base model loss", {"checkpoint": results["checkpoint"], "step": results["step"],
+                                    "train_bpb": results["train_bpb"], "val_bpb": results["val_bpb"],
+                                    "samples": {f"{i}": s for i, s in enumerate(samples)}})
     compute_cleanup()
     return results
 

@@ -21,6 +21,7 @@ from nanochat.config import check, parse_args, to_dict
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import log_section
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.trainer import (
     NonFiniteLoss,
@@ -151,6 +152,12 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
 
     wandb_run.finish()
     tok_per_s = cfg.total_batch_size * len(progress.recent) / sum(progress.recent) if progress.recent else 0.0
+    log_section("Base model training", {
+        "flags": to_dict(cfg), "num_params": num_params, "flops_per_token": flops_per_token,
+        "num_iterations": num_iterations, "tokens": num_iterations * cfg.total_batch_size, "val_bpb": val_bpb,
+        "tok_per_s": tok_per_s, "curves": {"train_loss": [[start_step + i + 1, l] for i, l in enumerate(losses)],
+                   "val_bpb": [[h["step"], h["val_bpb"]] for h in history]},
+    })
     return {"losses": losses, "val_bpb": val_bpb, "history": history, "num_iterations": num_iterations,
             "tok_per_s": tok_per_s, "checkpoint_dir": str(ckpt_dir), "num_params": num_params}
 
