@@ -61,6 +61,10 @@ LICENSE_ROOT = Path("/usr/share/common-licenses")
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 
 
+class CorruptShardError(ValueError):
+    """A shard that cannot be read; the message names the file and how to fix it."""
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 
@@ -97,9 +101,9 @@ def open_shard(path: Path) -> pq.ParquetFile:
     try:
         shard = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise RuntimeError(f"corrupt parquet shard {path}: {e} (delete it and re-run `python -m nanochat.dataset`)") from e
+        raise CorruptShardError(f"corrupt parquet shard {path}: {e} (delete it and re-run `python -m nanochat.dataset`)") from e
     if "text" not in shard.schema_arrow.names:
-        raise RuntimeError(f"shard {path} has no 'text' column (columns: {shard.schema_arrow.names})")
+        raise CorruptShardError(f"shard {path} has no 'text' column (columns: {shard.schema_arrow.names})")
     return shard
 
 
@@ -133,7 +137,7 @@ def iter_row_groups(
                 try:
                     texts = shard.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
                 except (pa.ArrowException, OSError) as e:
-                    raise RuntimeError(f"corrupt parquet shard {path}: row group {rg_idx}: {e}") from e
+                    raise CorruptShardError(f"corrupt parquet shard {path}: row group {rg_idx}: {e}") from e
                 yield texts, (file_idx, rg_idx)
             global_index += 1
 

@@ -67,3 +67,22 @@ def test_missing_tokenizer_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tok_train" in err[0], err
+
+
+def test_corrupt_shard_and_checkpoint_are_one_clear_line(tiny_base, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    base = tmp_path / "copy"
+    shutil.copytree(tiny_base, base)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    base_train.main(TINY + ["--num_iterations=2", "--eval_every=-1", "--model_tag=c"])
+    (base / "base_checkpoints" / "c" / "model_000002.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        base_train.main(TINY + ["--num_iterations=4", "--model_tag=c", "--resume_from_step=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "cannot read checkpoint file" in err[0] and "model_000002.pt" in err[0], err
+    (base / "base_data" / "shard_00000.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(SystemExit) as e:
+        base_train.main(TINY + ["--num_iterations=2", "--model_tag=d"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "corrupt parquet shard" in err[0], err

@@ -10,6 +10,7 @@ import pytest
 
 from nanochat.dataset import (
     MIN_VAL_DOCS,
+    CorruptShardError,
     build_local_corpus,
     iter_row_groups,
     iter_texts,
@@ -95,7 +96,7 @@ def test_corrupt_shard_names_the_file(shards, damage):
     path = shards / shard_name(1)
     data = path.read_bytes()
     path.write_bytes(b"not a parquet file" * 10 if damage == "garbage" else data[: len(data) // 2])
-    with pytest.raises(RuntimeError, match=f"corrupt parquet shard .*{shard_name(1)}"):
+    with pytest.raises(CorruptShardError, match=f"corrupt parquet shard .*{shard_name(1)}"):
         list(iter_row_groups("train", data_dir=shards))
 
 
