@@ -1,0 +1,107 @@
+"""Scoring a chat model on tasks: categorical by answer-letter logits, generative by sampling.
+
+- categorical (ARC, MMLU): the prompt is the conversation without its answer plus
+  <|assistant_start|>; the model's next-token logits are compared over the example's letters only
+  (so a tiny model that cannot yet "talk" is still measured); batched with right padding.
+- generative (GSM8K, HumanEval, SpellingBee): `num_samples` completions per problem through the
+  Engine (KV cache, calculator tool); a problem counts as solved if any sample passes (pass@k).
+ChatCORE = mean over tasks of accuracy centred on the task's random baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from nanochat.engine import Engine
+
+# task name -> accuracy of random guessing (the ChatCORE baseline)
+RANDOM_BASELINE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+
+
+def make_task(name: str, source: str = "auto") -> Any:
+    """The evaluation split of a task by its name on the command line."""
+    from tasks.arc import ARC
+    from tasks.gsm8k import GSM8K
+    from tasks.humaneval import HumanEval
+    from tasks.mmlu import MMLU
+    from tasks.spellingbee import SpellingBee
+
+    builders: dict[str, Callable[[], Any]] = {
+        "ARC-Easy": lambda: ARC("ARC-Easy", "test", source=source),
+        "ARC-Challenge": lambda: ARC("ARC-Challenge", "test", source=source),
+        "MMLU": lambda: MMLU("all", "test", source=source),
+        "GSM8K": lambda: GSM8K("main", "test", source=source),
+        "HumanEval": lambda: HumanEval(source=source),
+        "SpellingBee": lambda: SpellingBee(size=256, split="test"),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown task {name!r}: expected some of {'|'.join(builders)}")
+    return builders[name]()
+
+
+def _rank_indices(n: int, rank: int, world_size: int) -> range:
+    return range(rank, n, world_size)
+
+
+def _all_reduce_counts(passed: int, total: int, device: torch.device) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        counts = torch.tensor([passed, total], dtype=torch.long, device=device)
+        dist.all_reduce(counts)
+        passed, total = int(counts[0]), int(counts[1])
+    return passed, total
+
+
+@torch.no_grad()
+def run_categorical(model: torch.nn.Module, tokenizer: Any, task: Any, max_problems: int, batch_size: int,
+                    device: torch.device, rank: int = 0, world_size: int = 1) -> float:
+    """Accuracy from the answer letters' logits at the position after <|assistant_start|>."""
+    n = min(len(task), max_problems) if max_problems > 0 else len(task)
+    indices = list(_rank_indices(n, rank, world_size))
+    passed = 0
+    for start in range(0, len(indices), batch_size):
+        conversations = [task[i] for i in indices[start:start + batch_size]]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.get_bos_token_id()
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
+        logits = model(ids)  # (B, T, V); causal, so right padding does not change earlier positions
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letter_ids = [tokenizer.encode(letter)[0] for letter in conversation["letters"]]
+            scores = logits[row, len(prompt) - 1, letter_ids]
+            answer = conversation["letters"][int(scores.argmax())]
+            passed += bool(task.evaluate(conversation, answer))
+    passed, total = _all_reduce_counts(passed, len(indices), device)
+    return passed / max(total, 1)
+
+
+def run_generative(engine: Engine, tokenizer: Any, task: Any, max_problems: int, num_samples: int, max_tokens: int,
+                   temperature: float, top_k: int | None, device: torch.device, rank: int = 0, world_size: int = 1,
+                   on_problem: Callable[[int, bool], None] | None = None) -> float:
+    """pass@num_samples: a problem is solved if any sampled completion evaluates as correct."""
+    n = min(len(task), max_problems) if max_problems > 0 else len(task)
+    indices = list(_rank_indices(n, rank, world_size))
+    passed = 0
+    for i in indices:
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        room = engine.max_len - len(prompt)
+        if room < 1:
+            raise ValueError(f"{type(task).__name__} problem {i}: the prompt ({len(prompt)} tokens) does not fit the model's {engine.max_len} positions")
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=min(max_tokens, room),
+                                             temperature=temperature, top_k=top_k, seed=i)
+        replies = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
+        solved = any(bool(task.evaluate(conversation, reply)) for reply in replies)
+        passed += solved
+        if on_problem is not None:
+            on_problem(i, solved)
+    passed, total = _all_reduce_counts(passed, len(indices), device)
+    return passed / max(total, 1)
+
+
+def chatcore(accuracies: dict[str, float]) -> float:
+    """Mean of (acc - baseline) / (1 - baseline) over the evaluated tasks."""
+    centred = [(acc - RANDOM_BASELINE[name]) / (1 - RANDOM_BASELINE[name]) for name, acc in accuracies.items()]
+    return sum(centred) / len(centred)

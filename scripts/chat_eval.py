@@ -1,0 +1,89 @@
+"""Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE.
+
+    python -m scripts.chat_eval -i sft                         # every task
+    python -m scripts.chat_eval -i sft -a ARC-Easy,GSM8K --max_problems=50
+    torchrun --standalone --nproc_per_node=2 -m scripts.chat_eval -i sft
+
+Categorical tasks are scored by the answer letters' logits (batched); generative ones by
+sampling through the engine with the calculator tool (pass@--num_samples). Results go to the
+report card ("Chat evaluation <source>").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from nanochat.checkpoint import CheckpointError
+from nanochat.common import compute_cleanup, compute_init, fail, print0
+from nanochat.config import check, parse_args
+from nanochat.engine import Engine, ModelFlags, load_chat_model
+from nanochat.evaluation import RANDOM_BASELINE, chatcore, make_task, run_categorical, run_generative
+from nanochat.report import log_section
+
+ALL_TASKS = ",".join(RANDOM_BASELINE)
+
+
+@dataclass
+class ChatEvalConfig(ModelFlags):
+    """Evaluate a chat checkpoint on the chat tasks."""
+
+    tasks: str = field(default=ALL_TASKS, metadata={"short": "-a", "help": "comma-separated task names"})
+    max_problems: int = field(default=-1, metadata={"help": "problems per task (-1 = all)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per forward pass for categorical tasks"})
+    num_samples: int = field(default=1, metadata={"help": "samples per generative problem (pass@k)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens per generated answer"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_k: int = field(default=50, metadata={"help": "top-k sampling (0 = off)"})
+    task_source: str = field(default="auto", metadata={"help": "hub tasks: online, offline stand-ins, or auto",
+                                                       "choices": ("auto", "online", "offline")})
+
+    def validate(self) -> None:
+        for name in self.tasks.split(","):
+            check(name in RANDOM_BASELINE, f"-a/--tasks: unknown task {name!r}, expected some of {ALL_TASKS.replace(',', '|')}")
+        check(self.batch_size >= 1, f"--batch_size: expected >= 1, got {self.batch_size}")
+        check(self.num_samples >= 1, f"--num_samples: expected >= 1, got {self.num_samples}")
+        check(self.max_new_tokens >= 1, f"--max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"--temperature: expected >= 0, got {self.temperature}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(ChatEvalConfig, argv, prog="python -m scripts.chat_eval")
+    ctx = compute_init(cfg.device, "float32", threads=cfg.threads)
+    try:
+        model, tokenizer, meta = load_chat_model(cfg, ctx.device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    engine = Engine(model, tokenizer)
+    accuracies: dict[str, float] = {}
+    for name in cfg.tasks.split(","):
+        t0 = time.perf_counter()
+        try:
+            task = make_task(name, cfg.task_source)
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"{name}: {e}")
+        if task.eval_type == "categorical":
+            accuracies[name] = run_categorical(model, tokenizer, task, cfg.max_problems, cfg.batch_size, ctx.device,
+                                               ctx.rank, ctx.world_size)
+        else:
+            total = min(len(task), cfg.max_problems) if cfg.max_problems > 0 else len(task)
+            bar = tqdm(total=-(-total // ctx.world_size), desc=name, disable=not ctx.master, leave=False)
+            accuracies[name] = run_generative(engine, tokenizer, task, cfg.max_problems, cfg.num_samples, cfg.max_new_tokens,
+                                              cfg.temperature, cfg.top_k or None, ctx.device, ctx.rank, ctx.world_size,
+                                              on_problem=lambda i, ok: bar.update(1))
+            bar.close()
+        print0(f"{name:<14} accuracy {accuracies[name]:.4f}  ({time.perf_counter() - t0:.1f}s)")
+    results: dict[str, Any] = dict(accuracies)
+    results["ChatCORE"] = chatcore(accuracies)
+    print0(f"{'ChatCORE':<14} {results['ChatCORE']:.4f}")
+    log_section(f"Chat evaluation {cfg.source}", {"checkpoint": meta["checkpoint_dir"], "step": meta["step"],
+                                                  "max_problems": cfg.max_problems, "num_samples": cfg.num_samples, **results})
+    compute_cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()
