@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# "The best ChatGPT $10 can buy": the whole pipeline on ONE consumer GPU (RTX 5090, 32 GB).
+#
+#   bash run10.sh                       # ~12 h on an RTX 5090 (~$0.70/h rented) ~= $8-10
+#   WANDB_RUN=myrun bash run10.sh       # with wandb logging
+#
+# Sizing (why these numbers): depth 12 (~140M params with the 65,536-token embedding and head),
+# 8192-token context at device_batch_size=1, MoleGrad rank 32 on the MLPs so activations fit in
+# 32 GB (the memory plan below is printed first and the run stops if it does not fit), about
+# 10 tokens per parameter of pretraining. Every size is an environment variable, so the same
+# command lines run tiny on CPU (tests/test_run10.py runs exactly this file with tiny values).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+WANDB_RUN=${WANDB_RUN:-dummy}
+
+DEPTH=${DEPTH:-12}
+SEQ=${SEQ:-8192}
+DEVICE_BATCH=${DEVICE_BATCH:-1}
+TOTAL_BATCH=${TOTAL_BATCH:-262144}          # tokens per optimizer step (32 x 8192)
+RANK_K=${RANK_K:-32}
+DATA_RATIO=${DATA_RATIO:-10}                 # tokens per parameter
+NUM_SHARDS=${NUM_SHARDS:-60}                 # ~250M chars each: enough text for DATA_RATIO
+DATA_SOURCE=${DATA_SOURCE:-auto}             # auto: FineWeb-Edu online, the local corpus offline
+VOCAB=${VOCAB:-65536}
+TOK_CHARS=${TOK_CHARS:-2000000000}
+GPU_MEMORY=${GPU_MEMORY:-32GB}
+CHAT_SEQ=${CHAT_SEQ:-2048}
+MID_STEPS=${MID_STEPS:--1}
+SFT_STEPS=${SFT_STEPS:--1}
+RL_STEPS=${RL_STEPS:-300}
+EVAL_PROBLEMS=${EVAL_PROBLEMS:--1}
+CORE_PER_TASK=${CORE_PER_TASK:--1}
+EXTRA_TRAIN_FLAGS=${EXTRA_TRAIN_FLAGS:-}
+
+if [ -z "${NANOCHAT_SKIP_SETUP:-}" ]; then
+    source runs/setup_env.sh
+fi
+
+# 0. the memory plan for these settings, first: stop here if it does not fit the GPU
+python -m nanochat.memory --depth="$DEPTH" --max_seq_len="$SEQ" --device_batch_size="$DEVICE_BATCH" \
+    --enable_streaming=True --streaming_rank_k="$RANK_K" --streaming_target_layers=ffn_only \
+    --vocab_size="$VOCAB" --gpu_memory="$GPU_MEMORY" --require_fit=True
+
+python -m nanochat.report reset
+
+# 1. data (in the background while the tokenizer trains on the first shards)
+python -m nanochat.dataset --source="$DATA_SOURCE" -n 8
+python -m nanochat.dataset --source="$DATA_SOURCE" -n "$NUM_SHARDS" &
+DATA_PID=$!
+
+# 2. tokenizer
+python -m scripts.tok_train --vocab_size="$VOCAB" --max_chars="$TOK_CHARS"
+python -m scripts.tok_eval
+wait "$DATA_PID"
+
+# 3. pretraining with MoleGrad at long context
+python -m scripts.base_train --run="$WANDB_RUN" --depth="$DEPTH" --max_seq_len="$SEQ" \
+    --device_batch_size="$DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH" --target_param_data_ratio="$DATA_RATIO" \
+    --enable_streaming=True --streaming_rank_k="$RANK_K" --streaming_power_iters=1 \
+    --streaming_target_layers=ffn_only --streaming_warm_start_decay=0.95 $EXTRA_TRAIN_FLAGS
+python -m scripts.base_loss --model_tag="d$DEPTH"
+python -m scripts.base_eval --model_tag="d$DEPTH" --max_per_task="$CORE_PER_TASK"
+
+# 4. midtraining, SFT, RL (shorter context: conversations are short)
+python -m scripts.mid_train --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
+    --device_batch_size=$((DEVICE_BATCH * 4)) --total_batch_size=$((DEVICE_BATCH * 4 * CHAT_SEQ * 8)) \
+    --num_iterations="$MID_STEPS" $EXTRA_TRAIN_FLAGS
+python -m scripts.chat_eval -i mid -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
+python -m scripts.chat_sft --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
+    --num_iterations="$SFT_STEPS" $EXTRA_TRAIN_FLAGS
+python -m scripts.chat_eval -i sft -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
+python -m scripts.chat_rl --run="$WANDB_RUN" --model_tag="d$DEPTH" --num_iterations="$RL_STEPS" $EXTRA_TRAIN_FLAGS
+python -m scripts.chat_eval -i rl -c "d$DEPTH" -a GSM8K --max_problems="$EVAL_PROBLEMS"
+
+# 5. the report card
+python -m nanochat.report generate
+echo "done: $NANOCHAT_BASE_DIR/report/report.md   chat with: python -m scripts.chat_web"
