@@ -21,8 +21,25 @@ by `python -m pytest tests/test_gpt.py -k saved_bytes`):
   (2d bytes per token under bf16) where the plain head keeps 6 bytes per vocabulary entry per
   token under bf16 autocast, 8 in fp32 (384 KiB per token at vocab 65,536).
 
-Every Linear of the blocks is created by `GPT._linear(in, out, role)`, the one place where
-MoleGrad's StreamingLinear will be swapped in for the targeted roles.
+MoleGrad (`streaming_rank_k > 0`, nanochat/streaming_linear.py): every Linear of the blocks is
+created by `GPT._linear(in, out, layer_idx, name)`, which makes the Linears that
+`streaming_targets` names (STREAMING_TARGET_LINEARS) StreamingLinears of rank k, each with its
+own seed. An MLP whose two Linears stream runs as one `streaming_mlp`, which recomputes h in
+backward: ReLU² would otherwise keep the 4d-wide h alive and MoleGrad's compression of c_proj's
+input would save nothing. One block, d = 256, k = 32, bytes saved for backward per token
+(`python -m pytest tests/test_molegrad.py -k saved_bytes -s`):
+                      dense   recompute=mlp  recompute=block  ffn_only  attn_only   all
+    fp32              10296        6196           1024          6456      10808     6968
+    bf16 autocast      5176        3636           1024          3256       5432     3512
+i.e. dense 10d values, ffn_only 6d + 2k, attn_only 10d + 4k, all 6d + 6k (plus 56 bytes of norm
+scales and SDPA's logsumexp). The streaming MLP keeps its normed input (d values in the compute
+dtype, which its RMSNorm keeps anyway), x Q1 and relu²(h) Q2 (2k), and a 4-byte norm scale.
+Folding that RMSNorm into streaming_mlp (keep the fp32 residual, 4d bytes, and recompute the
+norm) would save those 4 bytes in fp32 and cost 2d - 4 bytes under bf16, so it is not done.
+The attention Linears' inputs are kept by their RMSNorm and by SDPA (q, k, v, out) anyway, so
+MoleGrad on attention adds its x Q (k per Linear) and saves no activation memory: its gains there
+are the dW FLOPs, the absent (out, in) gradients and the communication. Under recompute, a MoleGrad layer's forward statistics are taken twice per
+micro-batch (sums and token counts both double: the same subspace update, more FLOPs).
 """
 
 from __future__ import annotations
@@ -36,12 +53,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanochat.optim import STREAMING_MOMENTA, Muon
+from nanochat.streaming_linear import SUBSPACE_STATE, StreamingLinear, streaming_layers, streaming_mlp, zero_factor_grad
+
 if TYPE_CHECKING:
     from nanochat.engine import KVCache
 
 RECOMPUTE_MODES = ("none", "mlp", "block")
-STREAMING_TARGETS = ("ffn_only", "attn_only", "all")
-LINEAR_ROLES = ("attn", "ffn")
+# --streaming_target_layers -> the Linears of every block that MoleGrad compresses
+STREAMING_TARGET_LINEARS = {
+    "ffn_only": ("mlp.c_fc", "mlp.c_proj"),
+    "attn_only": ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj"),
+    "all": ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+}
+STREAMING_TARGETS = tuple(STREAMING_TARGET_LINEARS)
+BLOCK_LINEARS = STREAMING_TARGET_LINEARS["all"]
 ROTARY_BASE = 10000.0
 # The rotary table covers this many times sequence_len, so sampling can run past the training context.
 ROTARY_LENGTH_FACTOR = 10
@@ -67,6 +93,7 @@ class GPTConfig:
     streaming_targets: str = "ffn_only"  # ffn_only | attn_only | all
     streaming_power_iters: int = 1
     streaming_warm_start_decay: float = 0.95
+    streaming_momentum: str = "dense"  # dense | lowrank: Muon's momentum for MoleGrad matrices
 
     def __post_init__(self) -> None:
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -89,8 +116,16 @@ class GPTConfig:
                              f"got {self.streaming_targets!r}")
         if self.streaming_rank_k < 0:
             raise ValueError(f"GPTConfig.streaming_rank_k: expected >= 0 (0 = off), got {self.streaming_rank_k}")
-        if self.streaming_power_iters < 0:
-            raise ValueError(f"GPTConfig.streaming_power_iters: expected >= 0, got {self.streaming_power_iters}")
+        if self.streaming_rank_k > self.n_embd:
+            # every target set holds Linears whose input is the model width: c_q, c_k, c_v, c_fc
+            raise ValueError(f"--streaming_rank_k={self.streaming_rank_k} (GPTConfig.streaming_rank_k): expected at most "
+                             f"{self.n_embd}, the input width n_embd={self.n_embd} of the targeted "
+                             f"{self.streaming_targets} Linears (k <= in_features of every targeted layer)")
+        if self.streaming_power_iters < 1:
+            raise ValueError(f"GPTConfig.streaming_power_iters: expected >= 1, got {self.streaming_power_iters}")
+        if self.streaming_momentum not in STREAMING_MOMENTA:
+            raise ValueError(f"GPTConfig.streaming_momentum: expected one of {'|'.join(STREAMING_MOMENTA)}, "
+                             f"got {self.streaming_momentum!r}")
         if not 0.0 <= self.streaming_warm_start_decay < 1.0:
             raise ValueError(f"GPTConfig.streaming_warm_start_decay: expected a value in [0, 1), "
                              f"got {self.streaming_warm_start_decay}")
@@ -208,20 +243,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos, swapped, sin)
 
 
-class ReLUSquared(torch.autograd.Function):
-    """relu(h)², keeping only h for backward (autograd would keep relu(h), and the next Linear relu(h)²)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h)
-        return torch.relu(h).square_()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (h,) = ctx.saved_tensors
-        return grad * torch.relu(h).mul_(2)
-
-
 class ReLUSquaredLinear(torch.autograd.Function):
     """y = relu(h)² Wᵀ (the MLP's activation + down-projection), keeping only h (and W) for backward.
 
@@ -248,10 +269,6 @@ class ReLUSquaredLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_h = (grad @ weight.to(h.dtype)).mul_(relu_h.mul_(2))  # d relu(h)² / dh = 2 relu(h)
         return grad_h, grad_weight
-
-
-def relu_squared(h: torch.Tensor) -> torch.Tensor:
-    return ReLUSquared.apply(h)
 
 
 def relu_squared_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -397,7 +414,7 @@ def chunked_softcap_cross_entropy(
 # ---------------------------------------------------------------------------------------------
 # the transformer
 
-LinearFactory = Callable[[int, int, str], nn.Module]
+LinearFactory = Callable[[int, int, int, str], nn.Module]  # (in_features, out_features, layer_idx, name)
 
 
 class CausalSelfAttention(nn.Module):
@@ -405,10 +422,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.c_q = linear(config.n_embd, self.n_head * self.head_dim, "attn")
-        self.c_k = linear(config.n_embd, self.n_kv_head * self.head_dim, "attn")
-        self.c_v = linear(config.n_embd, self.n_kv_head * self.head_dim, "attn")
-        self.c_proj = linear(config.n_embd, config.n_embd, "attn")
+        self.c_q = linear(config.n_embd, self.n_head * self.head_dim, layer_idx, "attn.c_q")
+        self.c_k = linear(config.n_embd, self.n_kv_head * self.head_dim, layer_idx, "attn.c_k")
+        self.c_v = linear(config.n_embd, self.n_kv_head * self.head_dim, layer_idx, "attn.c_v")
+        self.c_proj = linear(config.n_embd, config.n_embd, layer_idx, "attn.c_proj")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -439,16 +456,20 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, linear: LinearFactory) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int, linear: LinearFactory) -> None:
         super().__init__()
-        self.c_fc = linear(config.n_embd, 4 * config.n_embd, "ffn")
-        self.c_proj = linear(4 * config.n_embd, config.n_embd, "ffn")
+        self.c_fc = linear(config.n_embd, 4 * config.n_embd, layer_idx, "mlp.c_fc")
+        self.c_proj = linear(4 * config.n_embd, config.n_embd, layer_idx, "mlp.c_proj")
+        if isinstance(self.c_fc, StreamingLinear) != isinstance(self.c_proj, StreamingLinear):
+            raise ValueError("MLP: MoleGrad compresses both MLP Linears or neither (c_proj's input is relu²(h), "
+                             "kept only if h is recomputed)")
+        self.streaming = isinstance(self.c_fc, StreamingLinear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(norm(x, compute_dtype(x.device.type, x.dtype)))  # (B, T, 4d)
-        if type(self.c_proj) is nn.Linear:
-            return relu_squared_linear(h, self.c_proj.weight)
-        return self.c_proj(relu_squared(h))  # another Linear (MoleGrad) keeps its own compressed input
+        xn = norm(x, compute_dtype(x.device.type, x.dtype))  # (B, T, d), kept by the norm for its backward
+        if self.streaming:
+            return streaming_mlp(xn, self.c_fc, self.c_proj)  # keeps xn, xn Q1, relu²(h) Q2
+        return relu_squared_linear(self.c_fc(xn), self.c_proj.weight)  # keeps xn, h
 
 
 class Block(nn.Module):
@@ -456,7 +477,7 @@ class Block(nn.Module):
         super().__init__()
         self.recompute = config.recompute
         self.attn = CausalSelfAttention(config, layer_idx, linear)
-        self.mlp = MLP(config, linear)
+        self.mlp = MLP(config, layer_idx, linear)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         if self.recompute == "block" and kv_cache is None:
@@ -491,10 +512,20 @@ class GPT(nn.Module):
         self.register_load_state_dict_post_hook(_recompute_rotary_after_load)
         self.init_weights()
 
-    def _linear(self, in_features: int, out_features: int, role: str) -> nn.Module:
-        """Every Linear of the blocks is made here; role is "attn" or "ffn" (MoleGrad's targets)."""
-        if role not in LINEAR_ROLES:
-            raise ValueError(f"role: expected one of {'|'.join(LINEAR_ROLES)}, got {role!r}")
+    def _linear(self, in_features: int, out_features: int, layer_idx: int, name: str) -> nn.Module:
+        """Every Linear of the blocks is made here; name is one of BLOCK_LINEARS ("mlp.c_fc", ...).
+
+        MoleGrad's targets are StreamingLinears; each gets its own seed, layer_idx * 6 + the
+        name's index, so that the subspaces start different and every process builds the same.
+        """
+        if name not in BLOCK_LINEARS:
+            raise ValueError(f"name: expected one of {'|'.join(BLOCK_LINEARS)}, got {name!r}")
+        cfg = self.config
+        if cfg.streaming_rank_k > 0 and name in STREAMING_TARGET_LINEARS[cfg.streaming_targets]:
+            return StreamingLinear(in_features, out_features, rank_k=cfg.streaming_rank_k,
+                                   power_iters=cfg.streaming_power_iters,
+                                   warm_start_decay=cfg.streaming_warm_start_decay,
+                                   seed=layer_idx * len(BLOCK_LINEARS) + BLOCK_LINEARS.index(name))
         return nn.Linear(in_features, out_features, bias=False)
 
     def _init_rotary(self) -> None:
@@ -514,6 +545,7 @@ class GPT(nn.Module):
         - lm_head ~ N(0, 0.001): logits start near 0 (loss ≈ ln vocab, no early softcap
           saturation) but, unlike an all-zero head, pass a small gradient back to the blocks
           from the first step.
+        - MoleGrad layers: the same weights, and their subspaces back to their seeded start.
         """
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -523,7 +555,35 @@ class GPT(nn.Module):
                 nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        for layer in streaming_layers(self):
+            layer.reset_subspace()
         self._init_rotary()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Parameters' gradients and MoleGrad's factor gradients (which live beside the parameters)."""
+        super().zero_grad(set_to_none)
+        zero_factor_grad(self)
+
+    def fit_streaming_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint's model state made to fit this model's MoleGrad layers, when the run that
+        saved it had other MoleGrad settings (e.g. MoleGrad pretraining, then dense finetuning).
+
+        Weights pass unchanged. Each MoleGrad layer here keeps the checkpoint's subspace if the
+        checkpoint has one of the same rank, else its own seeded start; subspaces of layers that
+        are dense here are dropped. Not for resuming a run: that needs the same settings.
+        """
+        own = self.state_dict()
+        layers = {name for name, module in self.named_modules() if isinstance(module, StreamingLinear)}
+
+        def layer_of(key: str) -> str | None:
+            prefix, _, leaf = key.rpartition(".")
+            return prefix if leaf in SUBSPACE_STATE else None
+
+        fits = {name for name in layers
+                if all(k in state and state[k].shape == own[k].shape for k in (f"{name}.{leaf}" for leaf in SUBSPACE_STATE))}
+        fitted = {k: v for k, v in state.items() if layer_of(k) is None or layer_of(k) in fits}
+        fitted.update({k: v for k, v in own.items() if layer_of(k) in layers - fits})
+        return fitted
 
     def num_params(self) -> int:
         """All parameters, embedding included."""
@@ -589,9 +649,13 @@ class GPT(nn.Module):
         AdamW LRs scale as (n_embd / 768)^-0.5 (tuned at width 768, as nanochat); Muon's update is
         already normalised per matrix. weight_decay is decoupled and applies to the Muon matrices
         only: the embedding and head rows are RMS-normed / softcapped and get none.
-        """
-        from nanochat.optim import Muon
 
+        MoleGrad: every StreamingLinear is a block matrix, so Muon takes its factor gradients
+        (config.streaming_momentum picks dense or low-rank momentum). AdamW holds only wte and
+        lm_head, which are never compressed (an embedding's gradient is already sparse in rows,
+        and the head's input is kept by the chunked loss anyway), so AdamW needs no moments in a
+        subspace; a StreamingLinear reaching it is an error.
+        """
         for name, p in self.transformer.h.named_parameters():
             if p.ndim != 2:
                 raise ValueError(f"setup_optimizers: block parameter {name} has shape {tuple(p.shape)}; Muon takes "
@@ -601,9 +665,14 @@ class GPT(nn.Module):
             {"params": [self.lm_head.weight], "lr": unembedding_lr * dmodel_lr_scale},
             {"params": [self.transformer.wte.weight], "lr": embedding_lr * dmodel_lr_scale},
         ]
+        streaming = streaming_layers(self)
+        adam_params = {id(p) for group in adam_groups for p in group["params"]}
+        if any(id(layer.weight) in adam_params for layer in streaming):
+            raise ValueError("setup_optimizers: a MoleGrad layer's weight is in an AdamW group; AdamW reads only p.grad")
         fused = self.lm_head.weight.device.type == "cuda"
         adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
-        muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
+        muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
+                    streaming=streaming, streaming_momentum=self.config.streaming_momentum)
         optimizers: list[torch.optim.Optimizer] = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

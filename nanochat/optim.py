@@ -4,9 +4,25 @@ Muon for the 2-D matrices of the blocks (momentum, then Newton–Schulz orthogon
 (torch.optim.AdamW) for the embedding and the LM head; see `GPT.setup_optimizers`. The schedule
 functions here are the only ones the training scripts use.
 
-Muon reads each gradient through `Muon._gradient(p)` and applies it through
-`Muon._update(p, grad, group)`: MoleGrad overrides the first to hand over its low-rank factors,
-and a sharded (distributed) Muon reuses the second for the matrices its rank owns.
+Muon reads each dense gradient through `Muon._gradient(p)` and applies it through
+`Muon._update(p, grad, group)` (a sharded, distributed Muon reuses the second for the matrices its
+rank owns). A MoleGrad matrix (a StreamingLinear's weight, passed as `streaming=`) has no p.grad:
+Muon reads the layer's factor gradient gq (out, k) and basis Q (in, k), dW ≈ gq Qᵀ, and never
+forms that product as a separate tensor:
+
+    dense momentum (default)   buf ← μ buf + (1-μ) gq Qᵀ             one addmm into (out, in)
+                               update = μ buf + (1-μ) gq Qᵀ          one addmm (Nesterov), then
+                               W ← W - lr s NS(update)               Newton–Schulz as for dense
+    low-rank momentum          m ← μ m + (1-μ) gq                    (out, k): no (out, in) state
+                               W ← W - lr s NS(μ m + (1-μ) gq) Qᵀ    NS of an (out, k) matrix
+
+NS is an odd matrix polynomial after a Frobenius normalisation, so NS(m Qᵀ) = NS(m) Qᵀ for Q
+with orthonormal columns: the low-rank update is the dense one of the momentum's image m Qᵀ.
+When Q moves (`update_subspaces`, after the step), m moves to m (Q_oldᵀ Q_new): its image
+becomes the projection of the old image onto the new subspace, the best a rank-k state can keep.
+The dense momentum needs no transport; it keeps what the old subspaces contributed. AdamW
+(torch's) never sees a MoleGrad weight: GPT.setup_optimizers gives it only wte and lm_head, which
+are never compressed, so no AdamW moments need to live in a subspace.
 """
 
 from __future__ import annotations
@@ -14,8 +30,13 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn as nn
 
 from nanochat.common import resolve_dtype
+from nanochat.streaming_linear import StreamingLinear, streaming_layers
+
+# Muon's momentum for a MoleGrad matrix: dense (out, in), or (out, k) factors in Q's coordinates
+STREAMING_MOMENTA = ("dense", "lowrank")
 
 # Quintic Newton–Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so
 # small singular values grow fast; after 5 steps singular values land in roughly [0.7, 1.2]
@@ -54,11 +75,15 @@ class Muon(torch.optim.Optimizer):
     Newton–Schulz runs in bf16 on CUDA and on CPUs with native bf16 (4x the fp32 matmul rate on
     the AVX-512 BF16 machines measured in CPU_NOTES.md; the iteration is insensitive to rounding)
     and in float32 elsewhere: `common.resolve_dtype(device_type)`. `ns_dtype` overrides.
+
+    streaming: MoleGrad layers whose weights are among `params`; their updates come from the
+    factor gradients (module docstring), with `streaming_momentum` dense or lowrank.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0,
-                 ns_dtype: torch.dtype | None = None) -> None:
+                 ns_dtype: torch.dtype | None = None, streaming: Iterable[StreamingLinear] = (),
+                 streaming_momentum: str = "dense") -> None:
         if lr < 0:
             raise ValueError(f"Muon lr: expected >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -67,7 +92,11 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon ns_steps: expected >= 1, got {ns_steps}")
         if weight_decay < 0:
             raise ValueError(f"Muon weight_decay: expected >= 0, got {weight_decay}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
+        if streaming_momentum not in STREAMING_MOMENTA:
+            raise ValueError(f"Muon streaming_momentum: expected one of {'|'.join(STREAMING_MOMENTA)}, "
+                             f"got {streaming_momentum!r}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
+                        streaming_momentum=streaming_momentum)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -75,6 +104,10 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon: expected 2-D parameters, got one of shape {tuple(p.shape)}")
         self.ns_dtype = ns_dtype
         self._ns_dtypes: dict[str, torch.dtype] = {}
+        self.streaming: dict[int, StreamingLinear] = {id(layer.weight): layer for layer in streaming}
+        own = {id(p) for group in self.param_groups for p in group["params"]}
+        if not set(self.streaming) <= own:
+            raise ValueError("Muon: every streaming layer's weight must be one of the parameters")
 
     def _newton_schulz_dtype(self, device: torch.device) -> torch.dtype:
         if self.ns_dtype is not None:
@@ -96,11 +129,56 @@ class Muon(torch.optim.Optimizer):
         momentum = group["momentum"]
         buf.lerp_(grad, 1 - momentum)
         update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-        ortho = zeropower_via_newtonschulz5(update, group["ns_steps"], self._newton_schulz_dtype(p.device))
+        ortho = self._orthogonalise(update, group)
+        step_size = self._decay_and_step_size(p, group)
+        p.add_(ortho, alpha=step_size)
+
+    def _update_streaming(self, p: torch.Tensor, layer: StreamingLinear, group: dict) -> None:
+        """The step of a MoleGrad matrix from its factor gradient gq (out, k) and basis Q (in, k)."""
+        if p.grad is not None:
+            raise RuntimeError(f"Muon: the MoleGrad weight of shape {tuple(p.shape)} has a dense .grad; "
+                               f"its gradient must come only from the layer's grad_factor")
+        state, momentum = self.state[p], group["momentum"]
+        if group["streaming_momentum"] == "lowrank":
+            factor = layer.grad_factor                                               # (out, k)
+            if "momentum_factor" not in state:
+                state["momentum_factor"] = torch.zeros_like(factor)
+            buf = state["momentum_factor"]                                           # (out, k)
+            buf.lerp_(factor, 1 - momentum)
+            update = factor.lerp(buf, momentum) if group["nesterov"] else buf
+            ortho = self._orthogonalise(update, group).to(p.dtype)                   # (out, k)
+            step_size = self._decay_and_step_size(p, group)
+            p.addmm_(ortho, layer.Q.to(p.dtype).T, alpha=step_size)                  # W += c NS(m) Qᵀ
+            return
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]                                               # (out, in)
+        factor, basis_t = layer.grad_factor.to(buf.dtype), layer.Q.to(buf.dtype).T   # (out, k), (k, in)
+        buf.mul_(momentum).addmm_(factor, basis_t, alpha=1 - momentum)
+        update = torch.addmm(buf, factor, basis_t, beta=momentum, alpha=1 - momentum) if group["nesterov"] else buf
+        ortho = self._orthogonalise(update, group)
+        step_size = self._decay_and_step_size(p, group)
+        p.add_(ortho, alpha=step_size)
+
+    def _orthogonalise(self, update: torch.Tensor, group: dict) -> torch.Tensor:
+        return zeropower_via_newtonschulz5(update, group["ns_steps"], self._newton_schulz_dtype(update.device))
+
+    @staticmethod
+    def _decay_and_step_size(p: torch.Tensor, group: dict) -> float:
+        """Applies decoupled weight decay to p (the dense weight, MoleGrad or not) and returns the
+        step's coefficient: W ← W (1 - lr wd) + coefficient · O, coefficient = -lr sqrt(max(1, rows/cols))."""
         lr = group["lr"]
         if group["weight_decay"] > 0:
             p.mul_(1 - lr * group["weight_decay"])
-        p.add_(ortho, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+        return -lr * max(1.0, p.size(0) / p.size(1)) ** 0.5
+
+    @torch.no_grad()
+    def transport_subspace(self, layer: StreamingLinear, q_old: torch.Tensor, q_new: torch.Tensor) -> None:
+        """Q of `layer` moved from q_old to q_new (in, k): low-rank momentum m ← m (Q_oldᵀ Q_new)."""
+        state = self.state.get(layer.weight)
+        if state and "momentum_factor" in state:
+            buf = state["momentum_factor"]
+            buf.copy_(buf @ (q_old.T @ q_new).to(buf.dtype))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -110,10 +188,30 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
+                layer = self.streaming.get(id(p))
+                if layer is not None:
+                    if layer.grad_factor is not None:
+                        self._update_streaming(p, layer, group)
+                    continue
                 grad = self._gradient(p)
                 if grad is not None:
                     self._update(p, grad, group)
         return loss
+
+
+@torch.no_grad()
+def update_subspaces(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Moves every MoleGrad layer's Q one step and carries optimizer state kept in Q's coordinates
+    along. Call once per optimizer step, after every optimizer.step() (and, under DDP, after the
+    layers' step_statistics() were all-reduced)."""
+    for layer in streaming_layers(model):
+        q_old, q_new = layer.update_subspace()
+        if q_new is q_old:  # no training forward since the last update: Q did not move
+            continue
+        for opt in optimizers:
+            transport = getattr(opt, "transport_subspace", None)
+            if transport is not None:
+                transport(layer, q_old, q_new)
 
 
 # ---------------------------------------------------------------------------------------------

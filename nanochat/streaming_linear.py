@@ -73,6 +73,10 @@ def orthonormalize(matrix: Tensor) -> Tensor:
     return q * diagonal_signs(r)
 
 
+# the persistent buffers of a StreamingLinear besides its weight: its subspace and statistics
+SUBSPACE_STATE = ("Q", "scouts", "sketch", "input_energy", "captured_energy", "counters")
+
+
 class StreamingLinear(nn.Module):
     """Drop-in for nn.Linear(in_features, out_features, bias=False) with MoleGrad weight gradients.
 
@@ -108,12 +112,16 @@ class StreamingLinear(nn.Module):
         self.register_buffer("sketch", torch.empty(in_features, tracked))     # ≈ C̄ [Q | scouts]
         self.register_buffer("input_energy", torch.empty(()))                 # running ‖x‖²/N
         self.register_buffer("captured_energy", torch.empty(()))              # ‖x Q‖² / ‖x‖²
+        # [seed, num_updates]: tensors, so that state_dict() holds tensors only; the Python ints
+        # self.seed and self.num_updates mirror them (read per forward without a device sync)
+        self.register_buffer("counters", torch.zeros(2, dtype=torch.long))
         # this step's statistics: what several processes all-reduce (sum) before an update
         self.register_buffer("sketch_step", torch.empty(in_features, tracked), persistent=False)
         self.register_buffer("energy_step", torch.empty(()), persistent=False)
         self.register_buffer("tokens_step", torch.empty((), dtype=torch.long), persistent=False)
-        self.num_updates = 0                     # Q's version; saved through get_extra_state
+        self.num_updates = 0                     # Q's version, mirrored in counters[1]
         self.grad_factor: Tensor | None = None   # (out, k): dW ≈ grad_factor @ Q.T
+        self.register_load_state_dict_post_hook(_read_counters_after_load)
         self.reset_parameters()
         self.reset_subspace()
 
@@ -134,7 +142,24 @@ class StreamingLinear(nn.Module):
                        self.energy_step, self.tokens_step):
             buffer.zero_()
         self.num_updates = 0
+        self.counters.copy_(torch.tensor([self.seed, 0]))
         self.grad_factor = None
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves the subspace buffers with the module but never casts them to 16-bit floats.
+
+        model.to(torch.bfloat16) (or .half()) casts only the weight; Q, the sketch and the energies
+        stay float32 (float64 casts, as in tests, apply): power iteration and QR in bf16 would
+        lose the subspace within a few updates, and resume would not be exact.
+        """
+        before = {name: buffer for name, buffer in self._buffers.items()
+                  if buffer is not None and buffer.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype in (torch.float16, torch.bfloat16) and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
@@ -178,7 +203,7 @@ class StreamingLinear(nn.Module):
         Call once per optimizer step, after optimizer.step(). Returns (Q_old, Q_new), both
         (in, k): state kept in Q's coordinates moves as m_new = m_old (Q_oldᵀ Q_new). Drops
         grad_factor, which is expressed in Q_old. Without training forwards since the last
-        update, nothing changes.
+        update, nothing changes and the same tensor is returned twice (Q_new is Q_old).
         """
         q_old = self.Q.clone()
         if self.sketch.dtype not in (torch.float32, torch.float64):
@@ -210,6 +235,7 @@ class StreamingLinear(nn.Module):
         for statistic in self.step_statistics():
             statistic.zero_()
         self.num_updates += 1
+        self.counters[1].add_(1)
         self.grad_factor = None
         return q_old, self.Q.clone()
 
@@ -220,17 +246,15 @@ class StreamingLinear(nn.Module):
                                 dtype=torch.float64)
         return direction.to(self.sketch.device, self.sketch.dtype)
 
-    def get_extra_state(self) -> dict:
-        return {"num_updates": self.num_updates, "seed": self.seed}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.num_updates, self.seed = state["num_updates"], state["seed"]
-        self.grad_factor = None
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank_k={self.rank_k}, explore_k={self.explore_k}, "
                 f"power_iters={self.power_iters}, warm_start_decay={self.warm_start_decay}")
+
+
+def _read_counters_after_load(layer: StreamingLinear, incompatible_keys) -> None:
+    layer.seed, layer.num_updates = (int(value) for value in layer.counters.tolist())
+    layer.grad_factor = None
 
 
 class StreamingLinearFunction(torch.autograd.Function):
@@ -319,7 +343,7 @@ def streaming_mlp(x: Tensor, fc: StreamingLinear, proj: StreamingLinear) -> Tens
     if fc.out_features != proj.in_features:
         raise ValueError(f"fc.out_features={fc.out_features} must equal "
                          f"proj.in_features={proj.in_features}")
-    if not torch.is_grad_enabled():
+    if not (torch.is_grad_enabled() and fc.weight.requires_grad and proj.weight.requires_grad):
         return F.linear(F.relu(F.linear(x, fc.weight)).square(), proj.weight)
     return StreamingMLPFunction.apply(x, fc.weight, proj.weight, fc, proj)
 

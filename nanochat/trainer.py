@@ -8,6 +8,7 @@ application, progress/ETA/MFU reporting, and checkpoint save/resume of the whole
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import deque
@@ -21,10 +22,9 @@ import torch.distributed as dist
 from nanochat.checkpoint import load_checkpoint, load_model_state_strict, rng_state, save_checkpoint, set_rng_state
 from nanochat.common import RunContext, print0
 from nanochat.config import check
-from nanochat.optim import apply_lr, get_lr_multiplier, get_muon_momentum
-
-STREAMING_TARGETS = ("ffn_only", "attn_only", "all")
-RECOMPUTE_MODES = ("none", "mlp", "block")
+from nanochat.gpt import RECOMPUTE_MODES, STREAMING_MOMENTA, STREAMING_TARGETS
+from nanochat.optim import apply_lr, get_lr_multiplier, get_muon_momentum, update_subspaces
+from nanochat.streaming_linear import streaming_layers, zero_factor_grad
 
 
 @dataclass
@@ -53,14 +53,17 @@ class TrainFlags:
     recompute: str = field(default="none", metadata={"help": "exact activation recompute", "choices": RECOMPUTE_MODES})
     enable_streaming: bool = field(default=False, metadata={"help": "MoleGrad: low-rank weight gradients"})
     streaming_rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k (1 <= k <= layer input width)"})
-    streaming_power_iters: int = field(default=1, metadata={"help": "MoleGrad power-iteration steps per update"})
+    streaming_power_iters: int = field(default=1, metadata={"help": "MoleGrad power-iteration steps per update (>= 1)"})
     streaming_target_layers: str = field(default="ffn_only", metadata={"help": "MoleGrad targets", "choices": STREAMING_TARGETS})
     streaming_warm_start_decay: float = field(default=0.95, metadata={"help": "MoleGrad sketch EMA decay in [0, 1)"})
+    streaming_momentum: str = field(default="dense", metadata={
+        "help": "Muon momentum of MoleGrad matrices: dense (out x in, fed by the factors) or lowrank "
+                "(out x k factors, moved with the subspace)", "choices": STREAMING_MOMENTA})
 
     def validate(self) -> None:
         check(self.device_batch_size >= 1, f"--device_batch_size: expected >= 1, got {self.device_batch_size}")
         check(self.streaming_rank_k >= 1, f"--streaming_rank_k: expected >= 1, got {self.streaming_rank_k}")
-        check(self.streaming_power_iters >= 0, f"--streaming_power_iters: expected >= 0, got {self.streaming_power_iters}")
+        check(self.streaming_power_iters >= 1, f"--streaming_power_iters: expected >= 1, got {self.streaming_power_iters}")
         check(0.0 <= self.streaming_warm_start_decay < 1.0,
               f"--streaming_warm_start_decay: expected a value in [0, 1), got {self.streaming_warm_start_decay}")
         check(0.0 <= self.warmup_ratio + self.warmdown_ratio <= 1.0,
@@ -76,6 +79,7 @@ class TrainFlags:
             "streaming_targets": self.streaming_target_layers,
             "streaming_power_iters": self.streaming_power_iters,
             "streaming_warm_start_decay": self.streaming_warm_start_decay,
+            "streaming_momentum": self.streaming_momentum,
         }
 
 
@@ -92,12 +96,28 @@ def all_optimizer_params(optimizers: list[torch.optim.Optimizer]) -> list[torch.
     return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
 
 
+def gradient_tensors(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    """This step's gradients: p.grad of dense parameters, and for a MoleGrad weight (in a Muon's
+    `streaming`) its layer's grad_factor (out, k), the only gradient it has: dW = grad_factor Qᵀ,
+    and ‖dW‖ = ‖grad_factor‖ since Q has orthonormal columns."""
+    streaming = {key: layer for opt in optimizers for key, layer in getattr(opt, "streaming", {}).items()}
+    grads = []
+    for p in all_optimizer_params(optimizers):
+        layer = streaming.get(id(p))
+        grad = p.grad if layer is None else layer.grad_factor
+        if grad is not None:
+            grads.append(grad)
+    return grads
+
+
 def clip_grad_norm(optimizers: list[torch.optim.Optimizer], max_norm: float) -> float:
-    """Global gradient norm over every parameter; scale gradients down to `max_norm` if above."""
-    grads = [p.grad for p in all_optimizer_params(optimizers) if p.grad is not None]
+    """Global gradient norm over every parameter (MoleGrad factors included); scale gradients
+    down to `max_norm` if above."""
+    grads = gradient_tensors(optimizers)
     if not grads:
         return 0.0
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    acc_dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)  # fp32, or fp64 models
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=acc_dtype) for g in grads]))
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
@@ -118,8 +138,11 @@ def train_step(
     """One optimizer step over `grad_accum` micro-batches. Returns (mean loss, grad norm).
 
     The loss of each micro-batch is divided by grad_accum so the gradients equal those of one
-    big batch. Under DDP the model's gradients are all-reduced by the optimizer step's caller
-    (see nanochat.optim); this function only accumulates locally.
+    big batch (MoleGrad factors add up the same way: every micro-batch of a step uses the same Q).
+    Under DDP the gradients are averaged across processes here: p.grad of dense parameters and,
+    for MoleGrad layers, only the (out, k) factors and the subspace statistics (sketch (in, k+e),
+    energy, tokens; summed). Then clipping, the optimizer steps, and the MoleGrad subspaces move
+    (update_subspaces: after the step, so that backward and optimizer saw the same Q).
     """
     losses = []
     for _, (inputs, targets) in zip(range(grad_accum), micro_batches):
@@ -129,9 +152,11 @@ def train_step(
         losses.append(loss.detach())
     mean_loss = torch.stack(losses).mean()
     if ctx.ddp:
-        for p in all_optimizer_params(optimizers):
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        for grad in gradient_tensors(optimizers):
+            dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+        for layer in streaming_layers(model):
+            for statistic in layer.step_statistics():
+                dist.all_reduce(statistic)  # sums: the subspace follows every process's tokens
         dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
     norm = clip_grad_norm(optimizers, grad_clip) if grad_clip > 0 else 0.0
     apply_lr(optimizers, lr_multiplier)
@@ -140,7 +165,9 @@ def train_step(
             for group in opt.param_groups:
                 group["momentum"] = muon_momentum
         opt.step()
+    update_subspaces(model, optimizers)
     model.zero_grad(set_to_none=True)
+    zero_factor_grad(model)  # `model` may be a torch.compile wrapper, whose zero_grad is nn.Module's
     return float(mean_loss), norm
 
 

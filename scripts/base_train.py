@@ -22,6 +22,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import log_section
+from nanochat.streaming_linear import streaming_layers
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.trainer import (
     NonFiniteLoss,
@@ -95,6 +96,11 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
            f"({model_config.n_kv_head} kv), {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
     print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {ctx.world_size} ranks x {grad_accum} accum = "
            f"{cfg.total_batch_size:,} tokens/step; {num_iterations} steps; compute {ctx.dtype} on {ctx.device}")
+    molegrad_layers = streaming_layers(model)
+    if molegrad_layers:
+        print0(f"MoleGrad: rank {model_config.streaming_rank_k} on {len(molegrad_layers)} Linears "
+               f"({model_config.streaming_targets}), {model_config.streaming_momentum} momentum, "
+               f"{model_config.streaming_power_iters} power iteration(s), decay {model_config.streaming_warm_start_decay}")
 
     ckpt_dir = checkpoint_dir("base", cfg.model_tag or f"d{cfg.depth}")
     start_step, loader_state, val_bpb = 0, None, None
@@ -143,11 +149,14 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         check_finite(loss, step, ckpt_dir)
         stats = progress.stop(step)
         losses.append(loss)
+        # MoleGrad: the share of the layers' input energy that their subspaces Q capture (mean over layers)
+        captured = float(torch.stack([m.captured_energy for m in molegrad_layers]).mean()) if molegrad_layers else None
         print0(f"step {step + 1:05d}/{num_iterations} | loss {loss:.4f} | grad norm {grad_norm:.3f} | lrm {lrm:.2f} | "
                f"{stats['dt'] * 1000:.0f} ms | {stats['tok_per_s']:,.0f} tok/s | MFU {stats['mfu']:.1f}% | "
-               f"ETA {format_duration(stats['eta_s'])}")
+               f"ETA {format_duration(stats['eta_s'])}" + (f" | Q captures {captured:.2f}" if captured is not None else ""))
         wandb_run.log({"step": step + 1, "train/loss": loss, "train/grad_norm": grad_norm, "train/lrm": lrm,
-                       "train/tok_per_s": stats["tok_per_s"], "train/mfu": stats["mfu"]})
+                       "train/tok_per_s": stats["tok_per_s"], "train/mfu": stats["mfu"],
+                       **({"train/captured_energy": captured} if captured is not None else {})})
         step += 1
 
     wandb_run.finish()

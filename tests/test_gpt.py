@@ -13,9 +13,9 @@ from nanochat.gpt import (
     chunked_softcap_cross_entropy,
     config_from_depth,
     norm,
-    relu_squared,
     relu_squared_linear,
 )
+from nanochat.streaming_linear import relu_squared
 
 torch.set_num_threads(1)
 

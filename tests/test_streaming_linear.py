@@ -210,7 +210,8 @@ def test_state_dict_resumes_exactly():
     state = {name: value.clone() if torch.is_tensor(value) else value
              for name, value in layer.state_dict().items()}
     assert set(state) == {"weight", "Q", "scouts", "sketch", "input_energy", "captured_energy",
-                          "_extra_state"}
+                          "counters"}
+    assert all(torch.is_tensor(value) for value in state.values())
     resumed = StreamingLinear(32, 8, rank_k=4, seed=99)
     resumed.load_state_dict(state)
     for model in (layer, resumed):

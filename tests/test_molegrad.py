@@ -1,0 +1,407 @@
+"""MoleGrad in the model and the training step: wiring, exactness at full rank, saved bytes,
+accumulation, several processes, the optimizer's low-rank momentum, resume, flags, learning.
+
+Numerics in float64 with Newton–Schulz in float64, so that "equal" means equal to rounding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.checkpoint import load_model_state_strict
+from nanochat.common import RunContext
+from nanochat.gpt import GPT, GPTConfig, STREAMING_TARGET_LINEARS
+from nanochat.optim import Muon, update_subspaces, zeropower_via_newtonschulz5
+from nanochat.streaming_linear import StreamingLinear, dense_grad, streaming_layers
+from nanochat.trainer import train_step
+from scripts import base_train
+from tests.test_base_train import TINY, base_dir, tiny_base  # noqa: F401 (the fixtures: a tiny corpus and tokenizer)
+
+torch.set_num_threads(1)
+
+VOCAB = 97
+CPU = RunContext(torch.device("cpu"), "cpu", torch.float32, False, 0, 0, 1)  # float32 = no autocast
+
+
+def tiny_gpt(rank_k: int = 0, targets: str = "all", momentum: str = "dense", **overrides) -> GPT:
+    """Two blocks, width 32, in float64, every matrix perturbed so that every path carries signal."""
+    fields = dict(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                  streaming_rank_k=rank_k, streaming_targets=targets, streaming_momentum=momentum)
+    fields.update(overrides)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**fields)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for layer in streaming_layers(model):
+        layer.reset_subspace()  # Q orthonormal to float64 precision, not float32's
+    return model
+
+
+OPTIMIZER = dict(unembedding_lr=0.01, embedding_lr=0.1, matrix_lr=0.05, weight_decay=0.1)
+
+
+def optimizers_of(model: GPT) -> list[torch.optim.Optimizer]:
+    optimizers = model.setup_optimizers(**OPTIMIZER)
+    optimizers[1].ns_dtype = torch.float64
+    return optimizers
+
+
+def batches(steps: int, batch: int = 4, length: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (steps, batch, length + 1), generator=generator)
+    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+
+def full_rank(model: GPT) -> None:
+    """Every StreamingLinear becomes one of rank k = in_features with Q = I: MoleGrad keeps all of x."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, StreamingLinear):
+                full = StreamingLinear(child.in_features, child.out_features, rank_k=child.in_features,
+                                       seed=child.seed).double()
+                with torch.no_grad():
+                    full.weight.copy_(child.weight)
+                    full.Q.copy_(torch.eye(child.in_features))
+                setattr(module, name, full)
+
+
+# ---------------------------------------------------------------------------------------------
+# wiring
+
+@pytest.mark.parametrize("targets", list(STREAMING_TARGET_LINEARS))
+def test_targets_choose_the_streaming_linears(targets):
+    model = tiny_gpt(rank_k=8, targets=targets, streaming_power_iters=2, streaming_warm_start_decay=0.9)
+    streaming = {name for name, m in model.named_modules() if isinstance(m, StreamingLinear)}
+    expected = {f"transformer.h.{i}.{linear}" for i in range(2) for linear in STREAMING_TARGET_LINEARS[targets]}
+    assert streaming == expected
+    layers = streaming_layers(model)
+    assert all((m.rank_k, m.power_iters, m.warm_start_decay) == (8, 2, 0.9) for m in layers)
+    assert len({m.seed for m in layers}) == len(layers)  # distinct subspaces
+    assert all(m.weight.dtype == m.Q.dtype == torch.float64 for m in layers)
+    assert not any(isinstance(m, StreamingLinear) for m in tiny_gpt(rank_k=0).modules())
+
+
+def test_init_like_dense_and_reset_subspaces():
+    torch.manual_seed(0)
+    dense = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    torch.manual_seed(0)
+    streaming = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                              streaming_rank_k=4, streaming_targets="all"))
+    for (name, p), q in zip(dense.named_parameters(), streaming.parameters()):
+        assert torch.equal(p, q), name
+    start = [m.Q.clone() for m in streaming_layers(streaming)]
+    optimizers = streaming.setup_optimizers()
+    train_step(streaming, optimizers, iter(batches(1)), 1, CPU, 1.0, 0.95, 1.0)
+    assert all(m.num_updates == 1 and not torch.equal(m.Q, q) for m, q in zip(streaming_layers(streaming), start))
+    streaming.init_weights()
+    assert all(m.num_updates == 0 and torch.equal(m.Q, q) for m, q in zip(streaming_layers(streaming), start))
+
+
+def test_state_dict_round_trip_and_low_precision_cast():
+    model = tiny_gpt(rank_k=4)
+    optimizers = optimizers_of(model)
+    for batch in batches(2):
+        train_step(model, optimizers, iter([batch]), 1, CPU, 1.0, 0.95, 1.0)
+    state = model.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())
+    fresh = tiny_gpt(rank_k=4)
+    load_model_state_strict(fresh, state, "test")
+    for a, b in zip(streaming_layers(model), streaming_layers(fresh)):
+        assert (b.num_updates, b.seed) == (a.num_updates, a.seed) == (2, a.seed)
+        assert torch.equal(a.Q, b.Q) and torch.equal(a.sketch, b.sketch)
+    fresh.to(torch.bfloat16)  # as an inference engine might: only the weights are cast
+    for layer in streaming_layers(fresh):
+        assert layer.weight.dtype == torch.bfloat16
+        assert {layer.Q.dtype, layer.scouts.dtype, layer.sketch.dtype, layer.input_energy.dtype} == {torch.float64}
+    with torch.no_grad():
+        assert fresh(batches(1)[0][0]).isfinite().all()
+
+
+def test_rank_larger_than_a_targeted_width_is_rejected():
+    with pytest.raises(ValueError, match=r"--streaming_rank_k=33 .*at most 32.*n_embd=32"):
+        tiny_gpt(rank_k=33, targets="attn_only")
+    assert tiny_gpt(rank_k=32, targets="ffn_only").transformer.h[0].mlp.c_proj.rank_k == 32
+
+
+def test_fit_streaming_state_moves_weights_between_molegrad_settings():
+    trained = tiny_gpt(rank_k=4, targets="all")
+    optimizers = optimizers_of(trained)
+    train_step(trained, optimizers, iter(batches(1)), 1, CPU, 1.0, 0.9, 1.0)
+    state = trained.state_dict()
+    for config in (dict(rank_k=0), dict(rank_k=4, targets="ffn_only"), dict(rank_k=8, targets="all")):
+        model = tiny_gpt(**config)
+        model.init_weights()
+        fresh = {name: m.Q.clone() for name, m in model.named_modules() if isinstance(m, StreamingLinear)}
+        load_model_state_strict(model, model.fit_streaming_state(state), "test")
+        for name, p in trained.named_parameters():
+            assert torch.equal(model.get_parameter(name), p), name
+        for name, m in model.named_modules():
+            if isinstance(m, StreamingLinear):  # same rank: the trained subspace; another: its own start
+                expected = trained.get_submodule(name).Q if config["rank_k"] == 4 else fresh[name]
+                assert torch.equal(m.Q, expected) and m.num_updates == (1 if config["rank_k"] == 4 else 0)
+
+
+@pytest.mark.parametrize("recompute", ["mlp", "block"])
+def test_recompute_with_molegrad_gives_the_same_step(recompute):
+    plain, recomputed = tiny_gpt(rank_k=4), tiny_gpt(rank_k=4, recompute=recompute)
+    for model in (plain, recomputed):
+        optimizers = optimizers_of(model)
+        for batch in batches(2):
+            train_step(model, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 1.0)
+    for (name, a), b in zip(plain.state_dict().items(), recomputed.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# exactness: at k = in (Q orthogonal and square) MoleGrad is dense training
+
+@pytest.mark.parametrize("momentum", ["dense", "lowrank"])
+@pytest.mark.parametrize("targets", list(STREAMING_TARGET_LINEARS))
+def test_full_rank_training_steps_equal_dense(targets, momentum):
+    """Three optimizer steps with clipping, weight decay and subspace updates (Q rotates but stays
+    square): losses, gradient norms and every weight equal dense training's."""
+    dense = tiny_gpt(rank_k=0)
+    streaming = tiny_gpt(rank_k=4, targets=targets, momentum=momentum)
+    full_rank(streaming)
+    load_model_state_strict(dense, {k: v for k, v in streaming.state_dict().items() if k in dense.state_dict()}, "dense")
+    runs = {}
+    for name, model in (("dense", dense), ("streaming", streaming)):
+        optimizers = optimizers_of(model)
+        runs[name] = [train_step(model, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 0.5) for batch in batches(3)]
+    for (loss_d, norm_d), (loss_s, norm_s) in zip(runs["dense"], runs["streaming"]):
+        assert loss_s == pytest.approx(loss_d, abs=1e-12) and norm_s == pytest.approx(norm_d, abs=1e-10)
+    assert runs["dense"][0][1] > 0.5  # clipping was active
+    assert all(m.num_updates == 3 for m in streaming_layers(streaming))
+    for name, p in dense.named_parameters():
+        torch.testing.assert_close(streaming.get_parameter(name), p, atol=1e-10, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: bytes saved for backward per token
+
+def saved_bytes(run, exclude: list[torch.Tensor]) -> tuple[int, list[tuple[int, ...]]]:
+    """Bytes of the distinct storages autograd keeps while run() executes, and the saved shapes."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages, shapes = {}, []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+            shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values()), shapes
+
+
+def per_token(d: int, part: str, autocast: bool, **config) -> tuple[float, list[tuple[int, ...]]]:
+    """Saved bytes per token of one block (or its MLP), fp32 model, as the slope between two lengths."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=1, n_head=d // 64, n_kv_head=d // 64,
+                          n_embd=d, **config))
+    block, dtype = model.transformer.h[0], torch.bfloat16 if autocast else torch.float32
+    sizes = []
+    for length in (32, 96):
+        x = torch.randn(2, length, d, requires_grad=True)
+        cos, sin = model.cos[:length].to(dtype), model.sin[:length].to(dtype)
+        run = (lambda: block(x, cos, sin)) if part == "block" else (lambda: block.mlp(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            size, shapes = saved_bytes(run, [*model.parameters(), *model.buffers(), cos, sin])
+        sizes.append(size)
+    return (sizes[1] - sizes[0]) / (2 * 64), shapes
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_saved_bytes_per_token(autocast):
+    d, k, item = 256, 32, 2 if autocast else 4
+    arms = {
+        "dense": {},
+        "recompute=mlp": dict(recompute="mlp"),
+        "recompute=block": dict(recompute="block"),
+        "MoleGrad ffn_only k=32": dict(streaming_rank_k=k, streaming_targets="ffn_only"),
+        "MoleGrad attn_only k=32": dict(streaming_rank_k=k, streaming_targets="attn_only"),
+        "MoleGrad all k=32": dict(streaming_rank_k=k, streaming_targets="all"),
+    }
+    measured = {name: per_token(d, "block", autocast, **config) for name, config in arms.items()}
+    print(f"\nbytes saved for backward per token, one block, d={d}, {'bf16 autocast' if autocast else 'fp32'}")
+    for name, (size, _) in measured.items():
+        print(f"  {name:24s} {size:8.0f} B  {size / (d * item):6.2f} d")
+    dense = measured["dense"][0]
+    # the MLP stops keeping h (4d) and keeps x Q1 and relu²(h) Q2 (2k): no (N, 4d) tensor is saved
+    assert measured["MoleGrad ffn_only k=32"][0] == dense - (4 * d - 2 * k) * item
+    assert measured["MoleGrad all k=32"][0] == dense - (4 * d - 2 * k) * item + 4 * k * item
+    for name in ("MoleGrad ffn_only k=32", "MoleGrad all k=32"):
+        assert not any(shape[-1] == 4 * d for shape in measured[name][1]), name
+    # attention Linears' inputs are kept by their RMSNorm (x) and SDPA (q, k, v, out) anyway:
+    # MoleGrad adds its x Q (k per Linear) and keeps nothing else
+    assert measured["MoleGrad attn_only k=32"][0] == dense + 4 * k * item
+    # the MLP alone: its normed input (d, which its norm keeps), 2k, and the norm's fp32 row scale
+    mlp, shapes = per_token(d, "mlp", autocast, streaming_rank_k=k, streaming_targets="ffn_only")
+    assert mlp == (d + 2 * k) * item + 4
+    assert not any(shape[-1] == 4 * d for shape in shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# accumulation and several processes
+
+@pytest.mark.parametrize("momentum", ["dense", "lowrank"])
+def test_micro_batches_equal_one_big_batch(momentum):
+    big, small = tiny_gpt(rank_k=4, momentum=momentum), tiny_gpt(rank_k=4, momentum=momentum)
+    big_opt, small_opt = optimizers_of(big), optimizers_of(small)
+    for inputs, targets in batches(3, batch=4):
+        halves = [(inputs[:2], targets[:2]), (inputs[2:], targets[2:])]
+        loss_small, norm_small = train_step(small, small_opt, iter(halves), 2, CPU, 1.0, 0.9, 1.0)
+        loss_big, norm_big = train_step(big, big_opt, iter([(inputs, targets)]), 1, CPU, 1.0, 0.9, 1.0)
+        assert loss_small == pytest.approx(loss_big, abs=1e-12) and norm_small == pytest.approx(norm_big, abs=1e-10)
+    for (name, a), b in zip(big.state_dict().items(), small.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
+
+
+CHILD = """
+import json, sys
+import torch
+import torch.distributed as dist
+import nanochat.trainer as trainer
+from nanochat.common import RunContext
+from nanochat.gpt import GPT, GPTConfig
+rank, work = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="file://" + work + "/store", rank=rank, world_size=2)
+reduced = []
+all_reduce = dist.all_reduce
+def recording_all_reduce(tensor, *args, **kwargs):
+    reduced.append(list(tensor.shape))
+    return all_reduce(tensor, *args, **kwargs)
+trainer.dist.all_reduce = recording_all_reduce
+start = torch.load(work + "/start.pt", weights_only=True)
+model = GPT(GPTConfig(**start["config"])).double()
+model.load_state_dict(start["model"])
+optimizers = model.setup_optimizers(**start["optimizer"])
+optimizers[1].ns_dtype = torch.float64
+ctx = RunContext(torch.device("cpu"), "cpu", torch.float32, True, rank, rank, 2)
+for inputs, targets in start["batches"]:
+    half = slice(2 * rank, 2 * rank + 2)
+    trainer.train_step(model, optimizers, iter([(inputs[half], targets[half])]), 1, ctx, 1.0, 0.9, 1.0)
+torch.save(model.state_dict(), work + f"/state_{rank}.pt")
+print(json.dumps(reduced))
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_equal_one_and_communicate_only_factors(tmp_path):
+    """Each of two gloo processes takes half of every batch: the same model as one process."""
+    single = tiny_gpt(rank_k=4, momentum="lowrank")
+    torch.save({"config": asdict(single.config), "model": single.state_dict(), "batches": batches(2),
+                "optimizer": OPTIMIZER}, tmp_path / "start.pt")
+    optimizers = optimizers_of(single)
+    for batch in batches(2):
+        train_step(single, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 1.0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(rank), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr
+    for rank in range(2):
+        state = torch.load(tmp_path / f"state_{rank}.pt", weights_only=True)
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(state[name], value, atol=1e-10, rtol=0, msg=name)
+    reduced = {tuple(shape) for shape in json.loads(outputs[0][0].strip().splitlines()[-1])}
+    weights = {tuple(m.weight.shape) for m in streaming_layers(single)}
+    factors = {(m.out_features, m.rank_k) for m in streaming_layers(single)}
+    statistics = {(m.in_features, m.rank_k + m.explore_k) for m in streaming_layers(single)} | {()}
+    dense = {tuple(single.transformer.wte.weight.shape)}
+    assert reduced == factors | statistics | dense and not reduced & weights
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer against slow references, with a rotating subspace
+
+@pytest.mark.parametrize("momentum", ["dense", "lowrank"])
+def test_muon_on_factors_matches_dense_reference(momentum):
+    """dense: plain Muon fed the dense gradient gq Qᵀ. lowrank: dense Muon on the momentum's image,
+    which after each rotation of Q is the old image projected onto the new subspace."""
+    torch.manual_seed(0)
+    layer = StreamingLinear(16, 12, rank_k=4, seed=3).double()
+    layer.reset_subspace()  # Q orthonormal to float64 precision, not float32's
+    mu, lr, wd = 0.9, 0.1, 0.1
+    opt = Muon([layer.weight], lr=lr, momentum=mu, weight_decay=wd, ns_dtype=torch.float64,
+               streaming=[layer], streaming_momentum=momentum)
+    reference = torch.nn.Parameter(layer.weight.detach().clone())
+    reference_opt = Muon([reference], lr=lr, momentum=mu, weight_decay=wd, ns_dtype=torch.float64)
+    image = torch.zeros(12, 16, dtype=torch.float64)  # the low-rank momentum's dense image m Qᵀ
+    for step in range(4):
+        x = torch.randn(32, 16, dtype=torch.float64) @ torch.diag(torch.linspace(1, 0.1, 16, dtype=torch.float64))
+        layer(x).square().sum().backward()
+        grad = dense_grad(layer)  # (12, 16), for the references only
+        if momentum == "dense":
+            reference.grad = grad
+            reference_opt.step()
+        else:
+            image = mu * image + (1 - mu) * grad
+            update = (1 - mu) * grad + mu * image  # Nesterov
+            with torch.no_grad():
+                reference.mul_(1 - lr * wd).add_(zeropower_via_newtonschulz5(update, dtype=torch.float64), alpha=-lr)
+        opt.step()
+        torch.testing.assert_close(layer.weight.detach(), reference.detach(), atol=1e-10, rtol=0)
+        q_old = layer.Q.clone()
+        update_subspaces(layer, [opt])
+        assert (layer.Q - q_old).abs().max() > 0.01  # Q really rotates
+        if momentum == "lowrank":
+            image = image @ layer.Q @ layer.Q.T  # projection of the old image onto the new subspace
+            factor = opt.state[layer.weight]["momentum_factor"]  # (12, 4)
+            assert factor.shape == (12, 4) and "momentum_buffer" not in opt.state[layer.weight]
+            torch.testing.assert_close(factor @ layer.Q.T, image, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the script: resume, flags, learning
+
+MOLEGRAD = TINY + ["--enable_streaming=True", "--streaming_rank_k=8", "--streaming_target_layers=all"]
+
+
+@pytest.mark.parametrize("momentum", ["dense", "lowrank"])
+def test_resume_with_molegrad_is_bit_exact(base_dir, momentum):
+    argv = MOLEGRAD + [f"--streaming_momentum={momentum}", "--num_iterations=6", "--eval_every=-1", "--save_every=3",
+                       "--keep_checkpoints=0"]
+    full = base_train.main(argv + [f"--model_tag=full_{momentum}"])
+    base_train.main(argv + [f"--model_tag=resumed_{momentum}"])
+    resumed = base_train.main(argv + [f"--model_tag=resumed_{momentum}", "--resume_from_step=3"])
+    assert resumed["losses"] == full["losses"][3:]  # floats compared exactly
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--streaming_rank_k=0"], "--streaming_rank_k: expected >= 1, got 0"),
+        (["--enable_streaming=True", "--streaming_rank_k=65"], "--streaming_rank_k=65 (GPTConfig.streaming_rank_k): "
+                                                                "expected at most 64, the input width n_embd=64"),
+        (["--streaming_target_layers=bogus"], "--streaming_target_layers: expected one of ffn_only|attn_only|all"),
+        (["--streaming_warm_start_decay=1.5"], "--streaming_warm_start_decay: expected a value in [0, 1), got 1.5"),
+        (["--streaming_power_iters=0"], "--streaming_power_iters: expected >= 1, got 0"),
+        (["--streaming_momentum=heavy"], "--streaming_momentum: expected one of dense|lowrank"),
+    ],
+)
+def test_bad_molegrad_flags_fail_in_one_line(base_dir, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        base_train.main(TINY + ["--num_iterations=2"] + argv)
+    assert e.value.code in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_training_with_small_rank_lowers_val_bpb(base_dir):
+    out = base_train.main(MOLEGRAD + ["--streaming_rank_k=4", "--num_iterations=30", "--eval_every=30",
+                                      "--model_tag=learn_molegrad", "--matrix_lr=0.05"])
+    first, last = out["history"][0]["val_bpb"], out["history"][-1]["val_bpb"]
+    assert last < 0.8 * first, (first, last)
