@@ -23,3 +23,7 @@ fi
 source .venv/bin/activate
 TCMALLOC=$(ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null | head -n1 || true)
 if [ -n "$TCMALLOC" ]; then export LD_PRELOAD="$TCMALLOC${LD_PRELOAD:+ $LD_PRELOAD}"; fi
+# Debian chromium: the headless browser of the web UI test (playwright cannot download its own here).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "note: could not install chromium; the browser test will be skipped"
+fi

@@ -1,0 +1,307 @@
+"""chat_web against a tiny trained model served by uvicorn on 127.0.0.1: input limits, the SSE
+and OpenAI APIs (with the official client), stats, disconnects, a full queue, load, and the UI
+in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from nanochat.engine import Engine
+from scripts import base_train, chat_web
+from tests.helpers import build_tiny_base_dir
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def train_tiny_chat_model(base: Path) -> None:
+    """A depth-1 model trained a few steps: base_checkpoints/tiny under `base` (its NANOCHAT_BASE_DIR)."""
+    build_tiny_base_dir(base)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(base))
+        base_train.main(["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256",
+                         "--num_iterations=5", "--eval_every=-1", "--sample_every=-1", "--threads=1",
+                         "--dtype=float32", "--model_tag=tiny"])
+
+
+class SlowEngine(Engine):
+    """The real engine, 30 ms per token: long enough to disconnect mid-reply and to watch streaming."""
+
+    def generate(self, *args, **kwargs):
+        for step in super().generate(*args, **kwargs):
+            time.sleep(0.03)
+            yield step
+
+
+@contextlib.contextmanager
+def serve(app) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on a free port; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def make_app(base: Path, engine_class: type[Engine] = Engine, **flags):
+    cfg = chat_web.ChatWebConfig(source="base", model_tag="tiny", **flags)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(base))
+        engines, model_name = chat_web.load_engines(cfg, "cpu")
+    engines = [engine_class(engine.model, engine.tokenizer) for engine in engines]
+    return chat_web.build_app(engines, model_name, cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("chat_base")
+    train_tiny_chat_model(base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base) -> Iterator[str]:
+    """Two workers sharing one model, replies of at most 16 tokens by default."""
+    with serve(make_app(tiny_base, num_workers=2, max_tokens=16)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_base) -> Iterator[str]:
+    """One slow worker and no waiting room: a second concurrent request gets 503."""
+    with serve(make_app(tiny_base, SlowEngine, num_workers=1, max_queue=0, max_tokens=20)) as url:
+        yield url
+
+
+def sse_events(lines: Iterator[str]) -> list[str]:
+    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
+
+
+def wait_until_idle(client: httpx.Client, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = client.get("/stats").json()
+        if stats["workers_busy"] == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# limits
+
+LONG = "x" * 8001
+BAD_REQUESTS = [
+    ({"messages": []}, "messages: expected at least one message"),
+    ({"messages": "hi"}, "messages: expected a list"),
+    ({"messages": HELLO * 501}, "messages: at most 500 messages, got 501"),
+    ({"messages": [{"role": "user", "content": LONG}]}, "messages[0].content: at most 8000 characters, got 8001"),
+    ({"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": "y" * 7000} for i in range(5)]},
+     "messages: at most 32000 characters in all, got 35000"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role: expected one of user|assistant|system"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content: expected a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content: expected a string"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     "the last message must be from the user"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "expected role 'assistant'"),
+    ({"messages": HELLO, "temperature": 2.5}, "temperature: expected a value in [0.0, 2.0], got 2.5"),
+    ({"messages": HELLO, "temperature": -0.1}, "temperature: expected a value in [0.0, 2.0]"),
+    ({"messages": HELLO, "temperature": "hot"}, "temperature: expected a number"),
+    ({"messages": HELLO, "top_k": 201}, "top_k: expected an integer in [0, 200], got 201"),
+    ({"messages": HELLO, "top_k": -1}, "top_k: expected an integer in [0, 200]"),
+    ({"messages": HELLO, "top_k": 1.5}, "top_k: expected an integer"),
+    ({"messages": HELLO, "top_p": 0}, "top_p: expected a value in (0.0, 1.0]"),
+    ({"messages": HELLO, "max_tokens": 0}, "max_tokens: expected an integer in [1, 4096], got 0"),
+    ({"messages": HELLO, "max_tokens": 4097}, "max_tokens: expected an integer in [1, 4096], got 4097"),
+    ({"messages": HELLO, "max_completion_tokens": 5000}, "max_completion_tokens: expected an integer in [1, 4096]"),
+    ({"messages": HELLO, "n": 2}, "n: only 1 completion per request is supported"),
+    ({"messages": HELLO, "stream": "yes"}, "stream: expected true or false"),
+    ([HELLO], "request body: expected a JSON object, got list"),
+    ({"messages": [{"role": "user", "content": "word " * 1500}]}, "the model takes at most"),
+]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+def test_limits_are_400_with_a_message_naming_the_field(server, path):
+    with httpx.Client(base_url=server, timeout=30) as client:
+        for body, message in BAD_REQUESTS:
+            response = client.post(path, json=body)
+            assert response.status_code == 400, (body if len(json.dumps(body)) < 200 else message, response.text[:200])
+            assert message in response.json()["error"]["message"], response.json()
+        for raw in (b"{not json", b"\xff\xfe", b""):
+            response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+            assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+        response = client.post(path, content=b"[" + b"1," * 600_000 + b"1]", headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and "at most 1048576 bytes" in response.json()["error"]["message"]
+        assert client.get("/health").json()["status"] == "ok"  # still serving
+
+
+# ---------------------------------------------------------------------------------------------
+# the APIs
+
+def test_nanochat_sse_streams_tokens_then_done(server):
+    with httpx.Client(base_url=server, timeout=30) as client:
+        with client.stream("POST", "/chat/completions", json={"messages": HELLO, "seed": 5, "max_tokens": 12}) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(response.iter_lines())
+        assert events[-1] == "[DONE]"
+        tokens = [json.loads(e)["token"] for e in events[:-2]]
+        final = json.loads(events[-2])
+        assert len(tokens) >= 2 and "".join(tokens).strip()
+        assert final["finish_reason"] in ("stop", "length") and final["usage"]["completion_tokens"] <= 12
+        # same seed, same reply on the OpenAI endpoint
+        same = client.post("/v1/chat/completions", json={"messages": HELLO, "seed": 5, "max_tokens": 12}).json()
+        assert same["choices"][0]["message"]["content"] == "".join(tokens)
+
+
+def test_openai_client_works_unchanged(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(model="anything", messages=HELLO, max_tokens=10, seed=3, temperature=0.9)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.created > 0
+    assert reply.model == "nanochat-base-tiny"
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 10
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="anything", messages=HELLO, max_tokens=10, seed=3, temperature=0.9,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert {c.id for c in chunks} == {chunks[0].id}
+
+    with pytest.raises(openai.BadRequestError, match="top_k: expected an integer in"):
+        client.chat.completions.create(model="anything", messages=HELLO, extra_body={"top_k": 500})
+    assert [m.id for m in client.models.list()] == ["nanochat-base-tiny"]
+
+
+def test_stats_count_requests_and_tokens(server):
+    with httpx.Client(base_url=server, timeout=30) as client:
+        before = wait_until_idle(client)
+        reply = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 7, "temperature": 0}).json()
+        after = wait_until_idle(client)
+    assert after["requests_served"] == before["requests_served"] + 1
+    assert after["tokens_generated"] == before["tokens_generated"] + reply["usage"]["completion_tokens"]
+    assert after["workers_total"] == 2 and after["workers_free"] == 2 and after["queue_length"] == 0
+
+
+def test_32_concurrent_streaming_chats_all_complete(server):
+    async def one_chat(client: httpx.AsyncClient, i: int) -> str:
+        messages = [{"role": "user", "content": f"question number {i}"}]
+        async with client.stream("POST", "/chat/completions", json={"messages": messages, "max_tokens": 16}) as response:
+            assert response.status_code == 200
+            events = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        return "".join(json.loads(e[6:]).get("token", "") for e in events[:-1])
+
+    async def all_chats() -> list[str]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(one_chat(client, i) for i in range(32)))
+
+    start = time.monotonic()
+    replies = asyncio.run(asyncio.wait_for(all_chats(), timeout=90))
+    assert len(replies) == 32 and all(replies)
+    assert time.monotonic() - start < 90
+    with httpx.Client(base_url=server) as client:
+        assert wait_until_idle(client)["workers_busy"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# disconnects, a full queue, a responsive event loop
+
+def test_disconnect_stops_generation_and_frees_the_worker(slow_server):
+    with httpx.Client(base_url=slow_server, timeout=30) as client:
+        before = wait_until_idle(client)
+        with client.stream("POST", "/chat/completions", json={"messages": HELLO, "max_tokens": 200}) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {\"token\""))
+            t0 = time.monotonic()
+            assert client.get("/health").status_code == 200  # the event loop answers during generation
+            assert time.monotonic() - t0 < 1.0
+            assert client.get("/stats").json()["workers_busy"] == 1
+            busy = client.post("/v1/chat/completions", json={"messages": HELLO})
+            assert busy.status_code == 503 and "server busy" in busy.json()["error"]["message"]
+        # leaving the block closed the connection mid-reply
+        after = wait_until_idle(client)
+    assert after["workers_busy"] == 0 and after["workers_free"] == 1
+    generated = after["tokens_generated"] - before["tokens_generated"]
+    assert 1 <= generated < 100, generated  # stopped long before max_tokens=200 (6 s of generation)
+
+
+# ---------------------------------------------------------------------------------------------
+# the UI in a real browser
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium (runs/setup_env.sh installs it)")
+def test_ui_streams_regenerates_edits_in_chromium(slow_server):
+    from playwright.sync_api import sync_playwright
+
+    stats = httpx.Client(base_url=slow_server, timeout=30)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(slow_server)
+            page.wait_for_function("document.getElementById('model').textContent === 'nanochat-base-tiny'")
+            # count the separate updates of the reply while it streams
+            page.evaluate("""() => {
+                window.updates = 0;
+                new MutationObserver(() => { window.updates += 1; })
+                    .observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+            }""")
+            page.fill("#input", "hello there")
+            page.press("#input", "Enter")
+            page.wait_for_selector("body[data-state=generating]")
+            page.wait_for_selector("body[data-state=idle]", timeout=20000)
+            assert page.inner_text(".message.user .content") == "hello there"
+            first = page.inner_text(".message.assistant .content")
+            assert first.strip()
+            assert page.evaluate("window.updates") >= 5  # tokens arrived one by one, not all at once
+            served = stats.get("/stats").json()["requests_served"]
+
+            page.click(".message.assistant button.regenerate")
+            page.wait_for_selector("body[data-state=generating]")
+            page.wait_for_selector("body[data-state=idle]", timeout=20000)
+            assert page.inner_text(".message.assistant .content").strip()
+            assert page.locator(".message").count() == 2
+            assert wait_until_idle(stats)["requests_served"] == served + 1  # a new reply was generated
+
+            page.click(".message.user button.edit")
+            page.fill(".message.user textarea.editor", "edited question")
+            page.click(".message.user button.save")
+            page.wait_for_selector("body[data-state=idle]", timeout=20000)
+            assert page.inner_text(".message.user .content") == "edited question"
+            assert page.inner_text(".message.assistant .content").strip()
+            assert wait_until_idle(stats)["requests_served"] == served + 2
+
+            page.click("#new-chat")
+            assert page.locator(".message").count() == 0
+        finally:
+            browser.close()
+            stats.close()
