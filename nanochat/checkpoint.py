@@ -25,6 +25,7 @@ import torch
 from nanochat.common import atomic_write, get_base_dir
 
 META_RE = re.compile(r"^meta_(\d{6})\.json$")
+TRAIN_SCRIPT = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
 
 
 class CheckpointError(RuntimeError):
@@ -162,7 +163,7 @@ def find_model_dir(kind: str, model_tag: str = "") -> Path:
         return directory
     candidates = [d for d in root.iterdir() if d.is_dir() and complete_steps(d)] if root.is_dir() else []
     if not candidates:
-        raise CheckpointError(f"no {kind} checkpoints under {root}: train one first (python -m scripts.{'base_train' if kind == 'base' else kind})")
+        raise CheckpointError(f"no {kind} checkpoints under {root}: train one first (python -m scripts.{TRAIN_SCRIPT.get(kind, kind)})")
     return max(candidates, key=lambda d: (d / f"meta_{complete_steps(d)[-1]:06d}.json").stat().st_mtime)
 
 
