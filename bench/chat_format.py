@@ -1,0 +1,70 @@
+"""Does a chat model follow the conversation format? Rates over N arithmetic prompts.
+
+    python -m bench.chat_format -i sft --num_prompts=50
+
+Per prompt (a held-out synthetic arithmetic word problem), one greedy reply through the engine:
+- ends_turn: the reply stops with <|assistant_end|> within --max_tokens;
+- python_call: the reply contains <|python_start|> ... <|python_end|> whose body the calculator
+  evaluates (a well-formed tool call);
+- correct: the final `#### N` matches the reference.
+Table per stage, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from nanochat.checkpoint import CheckpointError
+from nanochat.common import compute_init, fail
+from nanochat.config import parse_args
+from nanochat.engine import Engine, ModelFlags, load_chat_model, use_calculator
+
+
+@dataclass
+class FormatConfig(ModelFlags):
+    num_prompts: int = field(default=50, metadata={"help": "arithmetic prompts to sample"})
+    max_tokens: int = field(default=128, metadata={"help": "tokens per reply"})
+    seed: int = field(default=12345, metadata={"help": "seed of the held-out problems (not the training seed)"})
+
+
+def measure(engine: Engine, tokenizer, num_prompts: int, max_tokens: int, seed: int) -> dict[str, float]:
+    from tasks.arithmetic import Arithmetic
+
+    task = Arithmetic(size=num_prompts, split="test", seed=seed)
+    end_id = tokenizer.encode_special("<|assistant_end|>")
+    py_start, py_end = tokenizer.encode_special("<|python_start|>"), tokenizer.encode_special("<|python_end|>")
+    counts = {"ends_turn": 0, "python_call": 0, "correct": 0}
+    for i in range(num_prompts):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        reply: list[int] = []
+        for column, _ in engine.generate(prompt, max_tokens=min(max_tokens, engine.max_len - len(prompt)), temperature=0.0, seed=i):
+            reply.append(column[0])
+        counts["ends_turn"] += end_id in reply
+        if py_start in reply and py_end in reply[reply.index(py_start):]:
+            start = reply.index(py_start)
+            body = reply[start + 1 : reply.index(py_end, start)]
+            counts["python_call"] += use_calculator(tokenizer.decode(body)) is not None
+        text = tokenizer.decode([t for t in reply if t != end_id])
+        counts["correct"] += bool(task.evaluate(conversation, text))
+    return {name: count / num_prompts for name, count in counts.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    cfg = parse_args(FormatConfig, argv, prog="python -m bench.chat_format")
+    ctx = compute_init(cfg.device, "float32", threads=cfg.threads)
+    try:
+        model, tokenizer, meta = load_chat_model(cfg, ctx.device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    rates = measure(Engine(model, tokenizer), tokenizer, cfg.num_prompts, cfg.max_tokens, cfg.seed)
+    print(f"{'stage':<6}{'prompts':>8}{'ends turn':>11}{'python call':>13}{'correct':>9}")
+    print(f"{cfg.source:<6}{cfg.num_prompts:>8}{rates['ends_turn']:>11.0%}{rates['python_call']:>13.0%}{rates['correct']:>9.0%}")
+    print(json.dumps({"bench": "chat_format", "source": cfg.source, "checkpoint": meta["checkpoint_dir"],
+                      "num_prompts": cfg.num_prompts, **rates}))
+    return rates
+
+
+if __name__ == "__main__":
+    main()
