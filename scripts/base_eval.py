@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         model, meta = load_model(cfg.source, cfg.model_tag, cfg.step, ctx.device)
         tokenizer = get_tokenizer()
-        bundle_dir = ensure_eval_bundle(cfg.bundle_url or None)
+        try:
+            bundle_dir = ensure_eval_bundle(cfg.bundle_url or None)
+        except DownloadError as e:  # offline: say so in the report card too, then fail
+            log_section("Base model evaluation", {"CORE": f"not measured: the eval bundle could not be downloaded ({e.reason})"})
+            raise
         with ctx.autocast():
             out = evaluate_core(model, tokenizer, bundle_dir, ctx.device, cfg.max_per_task, verbose=True)
     except (CheckpointError, FileNotFoundError, EvalBundleError, DownloadError) as e:
