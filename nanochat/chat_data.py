@@ -38,14 +38,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_model_dir, last_step, load_checkpoint, load_meta
-from nanochat.common import RunContext, compute_cleanup, compute_init, fail, init_wandb, print0
+from nanochat.common import RunContext, init_wandb, print0
 from nanochat.config import check, to_dict
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import log_section
 from nanochat.tokenizer import Tokenizer, get_token_bytes, get_tokenizer
 from nanochat.trainer import (
-    NonFiniteLoss,
+    run_training,
     Progress,
     TrainFlags,
     check_finite,
@@ -299,14 +299,7 @@ class ChatStage:
 
 def run_chat_training(cfg: ChatTrainFlags, stage: ChatStage) -> dict[str, Any]:
     """Set up the run, train (see `train`), report any expected failure as one line and exit != 0."""
-    ctx = compute_init(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-    try:
-        return train(cfg, stage, ctx)
-    except (CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-        raise  # unreachable: fail() exits
-    finally:
-        compute_cleanup()
+    return run_training(cfg, train, stage)
 
 
 def source_directory(cfg: ChatTrainFlags, stage: ChatStage) -> Path:

@@ -14,14 +14,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint import load_checkpoint, load_model_state_strict, rng_state, save_checkpoint, set_rng_state
-from nanochat.common import RunContext, print0
+from nanochat import distributed
+from nanochat.checkpoint import CheckpointError, load_checkpoint, load_meta, load_model_state_strict, rng_state, save_checkpoint, set_rng_state
+from nanochat.common import RunContext
 from nanochat.config import check
+from nanochat.distributed import AVG, all_reduce, wait_all
 from nanochat.gpt import RECOMPUTE_MODES, STREAMING_MOMENTA, STREAMING_TARGETS
 from nanochat.optim import apply_lr, get_lr_multiplier, get_muon_momentum, update_subspaces
 from nanochat.streaming_linear import streaming_layers, zero_factor_grad
@@ -110,14 +111,35 @@ def gradient_tensors(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tens
     return grads
 
 
+def sharded(opt: torch.optim.Optimizer) -> bool:
+    """A distributed optimizer (optim.ShardedStep) that reduces its own gradients."""
+    return getattr(opt, "sharded", False)
+
+
 def clip_grad_norm(optimizers: list[torch.optim.Optimizer], max_norm: float) -> float:
     """Global gradient norm over every parameter (MoleGrad factors included); scale gradients
-    down to `max_norm` if above."""
+    down to `max_norm` if above.
+
+    With sharded optimizers, after their reduce_gradients(): each rank holds the averaged gradient
+    of the parameters it owns (`gradient_shards`) and the replicated ones (everything else in
+    `gradient_tensors`), so the norm is √(all-reduced Σ‖shard‖² + Σ‖replicated‖²)."""
     grads = gradient_tensors(optimizers)
-    if not grads:
+    shards = {id(g) for opt in optimizers if sharded(opt) for g in opt.gradient_shards()}
+    distributed_norm = any(sharded(opt) for opt in optimizers)
+    if not grads and not distributed_norm:
         return 0.0
     acc_dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)  # fp32, or fp64 models
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=acc_dtype) for g in grads]))
+    norms = [torch.linalg.vector_norm(g, dtype=acc_dtype) for g in grads]
+    if distributed_norm:
+        device = grads[0].device if grads else all_optimizer_params(optimizers)[0].device
+        shard_sq = torch.zeros((), dtype=acc_dtype, device=device)
+        replicated_sq = torch.zeros((), dtype=acc_dtype, device=device)
+        for g, norm in zip(grads, norms):
+            (shard_sq if id(g) in shards else replicated_sq).add_(norm.square())
+        distributed.all_reduce(shard_sq, "scalar").wait()
+        total = (shard_sq + replicated_sq).sqrt()
+    else:
+        total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
@@ -139,9 +161,8 @@ def train_step(
 
     The loss of each micro-batch is divided by grad_accum so the gradients equal those of one
     big batch (MoleGrad factors add up the same way: every micro-batch of a step uses the same Q).
-    Under DDP the gradients are averaged across processes here: p.grad of dense parameters and,
-    for MoleGrad layers, only the (out, k) factors and the subspace statistics (sketch (in, k+e),
-    energy, tokens; summed). Then clipping, the optimizer steps, and the MoleGrad subspaces move
+    Under DDP, `reduce_across_ranks` averages the gradients. Then clipping, the optimizer steps
+    (sharded ones broadcast what they updated), and the MoleGrad subspaces move
     (update_subspaces: after the step, so that backward and optimizer saw the same Q).
     """
     losses = []
@@ -152,12 +173,7 @@ def train_step(
         losses.append(loss.detach())
     mean_loss = torch.stack(losses).mean()
     if ctx.ddp:
-        for grad in gradient_tensors(optimizers):
-            dist.all_reduce(grad, op=dist.ReduceOp.AVG)
-        for layer in streaming_layers(model):
-            for statistic in layer.step_statistics():
-                dist.all_reduce(statistic)  # sums: the subspace follows every process's tokens
-        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+        reduce_across_ranks(model, optimizers, mean_loss)
     norm = clip_grad_norm(optimizers, grad_clip) if grad_clip > 0 else 0.0
     apply_lr(optimizers, lr_multiplier)
     for opt in optimizers:
@@ -169,6 +185,25 @@ def train_step(
     model.zero_grad(set_to_none=True)
     zero_factor_grad(model)  # `model` may be a torch.compile wrapper, whose zero_grad is nn.Module's
     return float(mean_loss), norm
+
+
+def reduce_across_ranks(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], mean_loss: torch.Tensor) -> None:
+    """Averages this step's gradients and loss across processes, in place.
+
+    Sharded optimizers reduce their own (each dense gradient onto its owner rank; MoleGrad factors
+    (out, k) all-reduced); any other optimizer's gradients are all-reduced whole. The MoleGrad
+    subspace statistics (sketch (in, k+e), energy, tokens) are summed, so that every rank moves
+    its Q identically, following every rank's tokens. The weights of MoleGrad layers never cross.
+    """
+    pending = [all_reduce(statistic, "molegrad statistics")
+               for layer in streaming_layers(model) for statistic in layer.step_statistics()]
+    pending.append(all_reduce(mean_loss, "scalar", op=AVG))
+    for opt in optimizers:
+        if sharded(opt):
+            opt.reduce_gradients()
+        else:
+            pending += [all_reduce(grad, "replicated gradient", op=AVG) for grad in gradient_tensors([opt])]
+    wait_all(pending)
 
 
 def schedule(step: int, num_iterations: int, flags: TrainFlags) -> tuple[float, float]:
@@ -251,25 +286,27 @@ def save_training_state(
     model_state = model.state_dict() if ctx.master else None
     save_checkpoint(directory, step, model_state, rank_state, None, rank=ctx.rank, keep_last=0)
     if ctx.ddp:
-        dist.barrier()  # every rank's state is on disk before the meta file marks it complete
+        distributed.barrier("checkpoint save")  # every rank's state is on disk before the meta file marks it complete
     if ctx.master:
         save_checkpoint(directory, step, None, rank_state, {**meta, "world_size": ctx.world_size}, rank=ctx.rank, keep_last=keep_last)
     if ctx.ddp:
-        dist.barrier()
+        distributed.barrier("checkpoint save")
 
 
 def resume_training_state(
     directory: Path, step: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], ctx: RunContext
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load model, optimizers and RNG saved at `step`; returns (rank_state, meta)."""
-    model_state, rank_state, meta = load_checkpoint(directory, step, rank=ctx.rank)
-    if meta.get("world_size", 1) != ctx.world_size:
-        from nanochat.checkpoint import CheckpointError
+    """Load model, optimizers and RNG saved at `step`; returns (rank_state, meta).
 
+    Optimizer state is per rank (sharded optimizers keep only what their rank owns), so a run
+    resumes only on the world size it was saved with; another one is a one-line CheckpointError."""
+    saved_world_size = load_meta(directory, step).get("world_size", 1)
+    if saved_world_size != ctx.world_size:
         raise CheckpointError(
-            f"checkpoint at step {step} in {directory} was saved with world size {meta.get('world_size', 1)}; "
-            f"this run has {ctx.world_size}: resume with the same number of processes"
+            f"checkpoint at step {step} in {directory} was saved with world size {saved_world_size}, "
+            f"this run has world size {ctx.world_size}: resume with the same number of processes"
         )
+    model_state, rank_state, meta = load_checkpoint(directory, step, rank=ctx.rank)
     load_model_state_strict(model, model_state, f"{directory} step {step}")
     assert rank_state is not None
     for opt, state in zip(optimizers, rank_state["optimizers"]):
@@ -291,3 +328,19 @@ def matmul_peak_flops(device_type: str, dtype: torch.dtype, seconds: float = 0.5
     if device_type == "cuda":
         torch.cuda.synchronize()
     return 2 * size**3 * n / (time.perf_counter() - t0)
+
+
+def run_training(cfg: TrainFlags, train: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """The body of every training script's main(): set up the run, call train(cfg, *args, ctx),
+    turn any expected failure into one line on stderr and a non-zero exit, always clean up."""
+    from nanochat.checkpoint import CheckpointError
+    from nanochat.common import compute_cleanup, compute_init, fail
+
+    ctx = compute_init(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
+    try:
+        return train(cfg, *args, ctx)
+    except (CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+        raise  # unreachable: fail() exits
+    finally:
+        compute_cleanup()

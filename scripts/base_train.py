@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from nanochat.checkpoint import CheckpointError, checkpoint_dir
-from nanochat.common import compute_cleanup, compute_init, fail, init_wandb, print0
+from nanochat.checkpoint import checkpoint_dir
+from nanochat.common import init_wandb, print0
 from nanochat.config import check, parse_args, to_dict
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, config_from_depth
@@ -25,7 +25,7 @@ from nanochat.report import log_section
 from nanochat.streaming_linear import streaming_layers
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.trainer import (
-    NonFiniteLoss,
+    run_training,
     Progress,
     TrainFlags,
     check_finite,
@@ -66,14 +66,7 @@ class BaseTrainConfig(TrainFlags):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(BaseTrainConfig, argv, prog="python -m scripts.base_train")
-    ctx = compute_init(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-    try:
-        return train(cfg, ctx)
-    except (CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-        raise  # unreachable: fail() exits
-    finally:
-        compute_cleanup()
+    return run_training(cfg, train)
 
 
 def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:

@@ -36,13 +36,13 @@ import torch.distributed as dist
 
 from nanochat.chat_data import ChatTrainFlags, model_from_checkpoint, rows_to_batch
 from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_model_dir, last_step
-from nanochat.common import RunContext, compute_cleanup, compute_init, fail, init_wandb, print0
+from nanochat.common import RunContext, init_wandb, print0
 from nanochat.config import check, parse_args, to_dict
 from nanochat.engine import Engine
 from nanochat.evaluation import run_generative
 from nanochat.report import log_section
 from nanochat.tokenizer import Tokenizer, get_tokenizer
-from nanochat.trainer import NonFiniteLoss, check_finite, format_duration, resume_training_state, save_training_state, schedule, train_step
+from nanochat.trainer import check_finite, format_duration, resume_training_state, save_training_state, run_training, schedule, train_step
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
 from tasks.gsm8k import GSM8K
@@ -184,14 +184,7 @@ def rollouts(engine: Engine, tokenizer: Tokenizer, task: Task, step: int, cfg: C
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(ChatRLConfig, argv, prog="python -m scripts.chat_rl")
-    ctx = compute_init(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-    try:
-        return train(cfg, ctx)
-    except (CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-        raise  # unreachable: fail() exits
-    finally:
-        compute_cleanup()
+    return run_training(cfg, train)
 
 
 def mean_over_ranks(values: list[float], ctx: RunContext) -> float:

@@ -33,3 +33,24 @@ def build_tiny_base_dir(base: Path, vocab_size: int = 512) -> Path:
     tokenizer = Tokenizer.train_from_iterator(tiny_corpus_texts(300, seed=99), vocab_size)
     tokenizer.save(base / "tokenizer")
     return base
+
+
+def train_tiny_base(base: Path, steps: int, tag: str = "tiny") -> Path:
+    """A tiny corpus, tokenizer and depth-1 base model (checkpoint tag `tag`) in `base`."""
+    import os
+
+    from scripts import base_train
+
+    build_tiny_base_dir(base)
+    previous = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(base)
+    try:
+        base_train.main(["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256",
+                         f"--num_iterations={steps}", "--eval_every=-1", "--sample_every=-1", "--threads=1",
+                         "--dtype=float32", f"--model_tag={tag}"])
+    finally:
+        if previous is None:
+            os.environ.pop("NANOCHAT_BASE_DIR")
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = previous
+    return base

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from scripts import base_train, chat_rl
+from scripts import chat_rl
 from scripts.chat_rl import PolicyGradientLoss, group_advantages, policy_gradient_batches, scoring_task, train_task
 from tasks.arithmetic import Arithmetic
 from tasks.common import TaskMixture
 from tasks.gsm8k import GSM8K
-from tests.helpers import build_tiny_base_dir
+from tests.helpers import train_tiny_base
 
 RL = ["--source=base", "--source_tag=tiny", "--model_tag=tiny", "--task=arithmetic", "--max_seq_len=96",
       "--examples_per_step=2", "--num_samples=3", "--max_new_tokens=12", "--device_batch_size=4", "--eval_every=0",
@@ -21,12 +21,7 @@ RL = ["--source=base", "--source_tag=tiny", "--model_tag=tiny", "--task=arithmet
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A tokenizer and a tiny base model (tag "tiny"), trained once for the module."""
-    base = build_tiny_base_dir(tmp_path_factory.mktemp("rl"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(base))
-        base_train.main(["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256", "--num_iterations=4",
-                         "--eval_every=-1", "--sample_every=-1", "--threads=1", "--dtype=float32", "--model_tag=tiny"])
-    return base
+    return train_tiny_base(tmp_path_factory.mktemp("rl"), steps=4)
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ import torch
 from nanochat.chat_data import PACKED, PADDED, ChatBatches, epoch_steps, render_for_training, rows_to_batch
 from nanochat.checkpoint import load_model
 from nanochat.tokenizer import get_tokenizer
-from scripts import base_train, chat_sft, mid_train
+from scripts import chat_sft, mid_train
 from tasks.arithmetic import Arithmetic
 from tasks.common import TaskMixture
 from tasks.gsm8k import math_conversation
 from tasks.identity import Identity
 from tasks.spellingbee import SimpleSpelling
-from tests.helpers import build_tiny_base_dir
+from tests.helpers import train_tiny_base
 
 COMMON = ["--max_seq_len=128", "--device_batch_size=4", "--task_source=offline", "--threads=1", "--dtype=float32"]
 MID = COMMON + ["--total_batch_size=1024", "--eval_tokens=512"]
@@ -25,12 +25,7 @@ SFT = COMMON + ["--examples_per_step=8", "--eval_examples=8", "--eval_metrics_ma
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A tokenizer and a tiny base model (tag "tiny"), trained once for the module."""
-    base = build_tiny_base_dir(tmp_path_factory.mktemp("chat"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(base))
-        base_train.main(["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256", "--num_iterations=10",
-                         "--eval_every=-1", "--sample_every=-1", "--threads=1", "--dtype=float32", "--model_tag=tiny"])
-    return base
+    return train_tiny_base(tmp_path_factory.mktemp("chat"), steps=10)
 
 
 @pytest.fixture
