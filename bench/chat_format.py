@@ -19,6 +19,7 @@ from nanochat.checkpoint import CheckpointError
 from nanochat.common import compute_init, fail
 from nanochat.config import parse_args
 from nanochat.engine import Engine, ModelFlags, load_chat_model, use_calculator
+from nanochat.report import log_section
 
 
 @dataclass
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rates = measure(Engine(model, tokenizer), tokenizer, cfg.num_prompts, cfg.max_tokens, cfg.seed)
     print(f"{'stage':<6}{'prompts':>8}{'ends turn':>11}{'python call':>13}{'correct':>9}")
     print(f"{cfg.source:<6}{cfg.num_prompts:>8}{rates['ends_turn']:>11.0%}{rates['python_call']:>13.0%}{rates['correct']:>9.0%}")
+    log_section(f"Chat format {cfg.source}", {"checkpoint": meta["checkpoint_dir"], "num_prompts": cfg.num_prompts, **rates})
     print(json.dumps({"bench": "chat_format", "source": cfg.source, "checkpoint": meta["checkpoint_dir"],
                       "num_prompts": cfg.num_prompts, **rates}))
     return rates

@@ -35,10 +35,11 @@ SECTIONS = (
     ("chat-evaluation-sft", "Chat evaluation sft"),
     ("chat-rl", "Chat RL"),
     ("chat-evaluation-rl", "Chat evaluation rl"),
+    ("chat-format-rl", "Chat format rl"),
 )
 # metrics of the summary table: key in a section's data -> row label
 SUMMARY_METRICS = (
-    ("val_bpb", "val bpb"),
+    ("val_bpb", "val bpb (BASE: text; MID/SFT: assistant tokens)"),
     ("CORE", "CORE"),
     ("ARC-Easy", "ARC-Easy"),
     ("ARC-Challenge", "ARC-Challenge"),
@@ -47,12 +48,14 @@ SUMMARY_METRICS = (
     ("HumanEval", "HumanEval"),
     ("SpellingBee", "SpellingBee"),
     ("ChatCORE", "ChatCORE"),
+    ("ends_turn", "ends turn with <|assistant_end|>"),
+    ("python_call", "well-formed calculator call"),
 )
 STAGE_OF_SECTION = {
     "base-model-loss": "BASE", "base-model-evaluation": "BASE", "base-model-training": "BASE",
     "midtraining": "MID", "chat-evaluation-mid": "MID",
     "chat-sft": "SFT", "chat-evaluation-sft": "SFT",
-    "chat-rl": "RL", "chat-evaluation-rl": "RL",
+    "chat-rl": "RL", "chat-evaluation-rl": "RL", "chat-format-rl": "RL", "chat-format-sft": "SFT", "chat-format-mid": "MID",
 }
 # rough on-demand prices (USD/hour) for the cost line; override with NANOCHAT_HOURLY_USD
 HOURLY_USD = {"RTX 5090": 0.70, "H100": 2.50, "H200": 3.50, "A100": 1.50, "RTX 4090": 0.40}

@@ -25,7 +25,7 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
         assert heading in text, heading
     assert "- git: " in text and "- hardware: " in text and "estimated cost: $0.00" in text
     loss = json.loads((base / "report" / "base-model-loss.json").read_text())["data"]
-    assert f"| val bpb | {loss['val_bpb']:.4f} | - | - | - |" in text  # BASE column of the summary
+    assert f"| val bpb (BASE: text; MID/SFT: assistant tokens) | {loss['val_bpb']:.4f} | - | - | - |" in text  # BASE column
     assert "| ARC-Easy | - | - | 0.2500 | - |" in text  # SFT column
     png = base / "report" / "plot-base-model-training.png"
     assert "![plot-base-model-training](plot-base-model-training.png)" in text
