@@ -31,6 +31,9 @@ CHAT_SEQ=${CHAT_SEQ:-2048}
 MID_STEPS=${MID_STEPS:--1}
 SFT_STEPS=${SFT_STEPS:--1}
 RL_STEPS=${RL_STEPS:-300}
+BASE_STEPS=${BASE_STEPS:--1}                 # -1: from DATA_RATIO
+RL_FLAGS=${RL_FLAGS:---examples_per_step=16 --num_samples=8 --max_new_tokens=256}
+EVAL_TOKENS=${EVAL_TOKENS:-$((8 * SEQ * 16))}
 EVAL_PROBLEMS=${EVAL_PROBLEMS:--1}
 CORE_PER_TASK=${CORE_PER_TASK:--1}
 EXTRA_TRAIN_FLAGS=${EXTRA_TRAIN_FLAGS:-}
@@ -59,6 +62,7 @@ wait "$DATA_PID"
 # 3. pretraining with MoleGrad at long context
 python -m scripts.base_train --run="$WANDB_RUN" --depth="$DEPTH" --max_seq_len="$SEQ" \
     --device_batch_size="$DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH" --target_param_data_ratio="$DATA_RATIO" \
+    --num_iterations="$BASE_STEPS" --eval_tokens="$EVAL_TOKENS" --save_every=500 \
     --enable_streaming=True --streaming_rank_k="$RANK_K" --streaming_power_iters=1 \
     --streaming_target_layers=ffn_only --streaming_warm_start_decay=0.95 $EXTRA_TRAIN_FLAGS
 python -m scripts.base_loss --model_tag="d$DEPTH"
@@ -67,12 +71,12 @@ python -m scripts.base_eval --model_tag="d$DEPTH" --max_per_task="$CORE_PER_TASK
 # 4. midtraining, SFT, RL (shorter context: conversations are short)
 python -m scripts.mid_train --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
     --device_batch_size=$((DEVICE_BATCH * 4)) --total_batch_size=$((DEVICE_BATCH * 4 * CHAT_SEQ * 8)) \
-    --num_iterations="$MID_STEPS" $EXTRA_TRAIN_FLAGS
+    --num_iterations="$MID_STEPS" --eval_tokens="$EVAL_TOKENS" $EXTRA_TRAIN_FLAGS
 python -m scripts.chat_eval -i mid -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
 python -m scripts.chat_sft --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
     --num_iterations="$SFT_STEPS" $EXTRA_TRAIN_FLAGS
 python -m scripts.chat_eval -i sft -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
-python -m scripts.chat_rl --run="$WANDB_RUN" --model_tag="d$DEPTH" --num_iterations="$RL_STEPS" $EXTRA_TRAIN_FLAGS
+python -m scripts.chat_rl --run="$WANDB_RUN" --model_tag="d$DEPTH" --num_iterations="$RL_STEPS" $RL_FLAGS $EXTRA_TRAIN_FLAGS
 python -m scripts.chat_eval -i rl -c "d$DEPTH" -a GSM8K --max_problems="$EVAL_PROBLEMS"
 
 # 5. the report card
