@@ -215,8 +215,9 @@ def compute_init(device: str = "", dtype: str = "auto", seed: int = 42, threads:
     """Device + dtype + seeding + torch.distributed from torchrun's environment.
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) the process group is created with NCCL on
-    CUDA and gloo elsewhere. Every rank gets the same seed: model init must agree across ranks;
-    data differs by rank through the dataloader, not through the seed.
+    CUDA and gloo elsewhere, with a finite collective timeout (nanochat.distributed). Every rank
+    gets the same seed: model init must agree across ranks; data differs by rank through the
+    dataloader, not through the seed.
     """
     import torch
     import torch.distributed as dist
@@ -237,7 +238,9 @@ def compute_init(device: str = "", dtype: str = "auto", seed: int = 42, threads:
         set_cpu_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) // max(1, world_size)))
     if ddp and world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if device_type == "cuda" else None)
+        from nanochat.distributed import init_process_group
+
+        init_process_group(backend, dev if device_type == "cuda" else None)
     seed_everything(seed)
     return RunContext(dev, device_type, resolve_dtype(device_type, dtype), ddp and world_size > 1, rank, local_rank, world_size)
 

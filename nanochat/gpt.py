@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanochat.optim import STREAMING_MOMENTA, Muon
+from nanochat.optim import STREAMING_MOMENTA, AdamW, Muon
 from nanochat.streaming_linear import SUBSPACE_STATE, StreamingLinear, streaming_layers, streaming_mlp, zero_factor_grad
 
 if TYPE_CHECKING:
@@ -670,7 +670,7 @@ class GPT(nn.Module):
         if any(id(layer.weight) in adam_params for layer in streaming):
             raise ValueError("setup_optimizers: a MoleGrad layer's weight is in an AdamW group; AdamW reads only p.grad")
         fused = self.lm_head.weight.device.type == "cuda"
-        adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
+        adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
         muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
                     streaming=streaming, streaming_momentum=self.config.streaming_momentum)
         optimizers: list[torch.optim.Optimizer] = [adamw, muon]

@@ -1,14 +1,13 @@
 """Optimizers and the learning-rate schedule.
 
 Muon for the 2-D matrices of the blocks (momentum, then Newton–Schulz orthogonalisation), AdamW
-(torch.optim.AdamW) for the embedding and the LM head; see `GPT.setup_optimizers`. The schedule
-functions here are the only ones the training scripts use.
+(torch.optim.AdamW's update) for the embedding and the LM head; see `GPT.setup_optimizers`. The
+schedule functions here are the only ones the training scripts use.
 
 Muon reads each dense gradient through `Muon._gradient(p)` and applies it through
-`Muon._update(p, grad, group)` (a sharded, distributed Muon reuses the second for the matrices its
-rank owns). A MoleGrad matrix (a StreamingLinear's weight, passed as `streaming=`) has no p.grad:
-Muon reads the layer's factor gradient gq (out, k) and basis Q (in, k), dW ≈ gq Qᵀ, and never
-forms that product as a separate tensor:
+`Muon._update(p, grad, group)`. A MoleGrad matrix (a StreamingLinear's weight, passed as
+`streaming=`) has no p.grad: Muon reads the layer's factor gradient gq (out, k) and basis Q
+(in, k), dW ≈ gq Qᵀ, and never forms that product as a separate tensor:
 
     dense momentum (default)   buf ← μ buf + (1-μ) gq Qᵀ             one addmm into (out, in)
                                update = μ buf + (1-μ) gq Qᵀ          one addmm (Nesterov), then
@@ -21,8 +20,20 @@ with orthonormal columns: the low-rank update is the dense one of the momentum's
 When Q moves (`update_subspaces`, after the step), m moves to m (Q_oldᵀ Q_new): its image
 becomes the projection of the old image onto the new subspace, the best a rank-k state can keep.
 The dense momentum needs no transport; it keeps what the old subspaces contributed. AdamW
-(torch's) never sees a MoleGrad weight: GPT.setup_optimizers gives it only wte and lm_head, which
-are never compressed, so no AdamW moments need to live in a subspace.
+(torch's, plus sharding) never sees a MoleGrad weight: GPT.setup_optimizers gives it only wte and
+lm_head, which are never compressed, so no AdamW moments need to live in a subspace.
+
+Several processes (`sharded`, on by default when a process group of more than one rank is up):
+Muon and AdamW shard their work and state ZeRO-style, by whole parameters (Newton–Schulz needs the
+whole matrix). Each parameter has an owner rank (`assign_owners`: largest first, round-robin);
+`reduce_gradients()` averages every gradient onto its owner and the other ranks drop theirs; the
+owner alone updates the parameter and keeps its momentum / Adam moments, then broadcasts the new
+values. A MoleGrad matrix is the exception: only its factor gradient (out, k) is all-reduced and
+every rank applies the same update, because broadcasting the updated (out, in) weight would cost as
+much as a dense gradient. Its momentum is therefore replicated: (out, k) with lowrank momentum,
+(out, in) with dense momentum. Bytes each rank sends per step (nanochat.distributed's ring model,
+w ranks): 2(w-1)/w · (dense parameters + MoleGrad factors), the same as DDP's all-reduce for the
+dense ones; trainer.reduce_across_ranks adds the subspace statistics (in, k+e) per MoleGrad layer.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from nanochat import distributed
 from nanochat.common import resolve_dtype
 from nanochat.streaming_linear import StreamingLinear, streaming_layers
 
@@ -64,7 +76,66 @@ def zeropower_via_newtonschulz5(grad: torch.Tensor, steps: int = 5, dtype: torch
     return x.t() if tall else x
 
 
-class Muon(torch.optim.Optimizer):
+def assign_owners(params: list[torch.Tensor], world_size: int) -> list[int]:
+    """The rank that updates each parameter: largest first, dealt round-robin, so that every rank
+    gets about the same number of values and Newton–Schulz FLOPs. Ties keep the given order, so
+    every rank computes the same assignment."""
+    order = sorted(range(len(params)), key=lambda i: -params[i].numel())
+    owners = [0] * len(params)
+    for position, index in enumerate(order):
+        owners[index] = position % world_size
+    return owners
+
+
+class ShardedStep:
+    """ZeRO-style sharding by whole parameters (module docstring), mixed into Muon and AdamW.
+
+    Once per step, in this order (trainer.train_step; step() reduces by itself if nobody did):
+        reduce_gradients()   averaged gradients land on their owners, other ranks drop theirs;
+                             replicated ones (MoleGrad factors) are all-reduced
+        gradient_shards()    the averaged gradients this rank owns: each one is on one rank only
+        step()               the owners update their parameters and broadcast them
+    """
+
+    def _init_sharding(self, sharded: bool | None, replicated: Iterable[int] = ()) -> None:
+        """sharded: None = when a process group of more than one rank is up. replicated: ids of
+        parameters that every rank updates from all-reduced gradients (never owned or broadcast)."""
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.sharded = self.world_size > 1 if sharded is None else sharded
+        if self.sharded and self.world_size == 1:
+            raise ValueError(f"{type(self).__name__}: sharded=True needs a process group of more than one rank")
+        skip = set(replicated)
+        params = [p for group in self.param_groups for p in group["params"] if id(p) not in skip]
+        self.owner = {id(p): owner for p, owner in zip(params, assign_owners(params, self.world_size))}
+        self._reduced: list[torch.Tensor] | None = None  # parameters whose gradients this step reduced
+
+    def _replicated_gradients(self) -> list[tuple[str, torch.Tensor]]:
+        """(tag, gradient) that every rank needs whole; all-reduced (averaged) by reduce_gradients()."""
+        return []
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        params = [p for group in self.param_groups for p in group["params"] if id(p) in self.owner and p.grad is not None]
+        pending = [distributed.reduce(p.grad, self.owner[id(p)], "gradient", op=distributed.AVG) for p in params]
+        pending += [distributed.all_reduce(grad, tag, op=distributed.AVG) for tag, grad in self._replicated_gradients()]
+        distributed.wait_all(pending)
+        for p in params:
+            if self.owner[id(p)] != self.rank:
+                p.grad = None  # the owner holds the averaged gradient; this copy is stale
+        self._reduced = params
+
+    def gradient_shards(self) -> list[torch.Tensor]:
+        """After reduce_gradients(): the averaged gradients of the parameters this rank owns."""
+        return [p.grad for p in self._reduced or () if p.grad is not None]
+
+    @torch.no_grad()
+    def _broadcast_updated(self) -> None:
+        pending = [distributed.broadcast(p, self.owner[id(p)], "parameter") for p in self._reduced or ()]
+        distributed.wait_all(pending)
+        self._reduced = None
+
+
+class Muon(ShardedStep, torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton–Schulz, for 2-D parameters.
 
     Per matrix: buf ← momentum·buf + (1 − momentum)·g; update = lerp(g, buf, momentum) (Nesterov)
@@ -78,12 +149,15 @@ class Muon(torch.optim.Optimizer):
 
     streaming: MoleGrad layers whose weights are among `params`; their updates come from the
     factor gradients (module docstring), with `streaming_momentum` dense or lowrank.
+
+    sharded: each rank updates the dense matrices it owns (ShardedStep); None = when a process
+    group of more than one rank is up.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0,
                  ns_dtype: torch.dtype | None = None, streaming: Iterable[StreamingLinear] = (),
-                 streaming_momentum: str = "dense") -> None:
+                 streaming_momentum: str = "dense", sharded: bool | None = None) -> None:
         if lr < 0:
             raise ValueError(f"Muon lr: expected >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -108,6 +182,11 @@ class Muon(torch.optim.Optimizer):
         own = {id(p) for group in self.param_groups for p in group["params"]}
         if not set(self.streaming) <= own:
             raise ValueError("Muon: every streaming layer's weight must be one of the parameters")
+        self._init_sharding(sharded, replicated=self.streaming)
+
+    def _replicated_gradients(self) -> list[tuple[str, torch.Tensor]]:
+        return [("molegrad factor", layer.grad_factor) for layer in self.streaming.values()
+                if layer.grad_factor is not None]
 
     def _newton_schulz_dtype(self, device: torch.device) -> torch.dtype:
         if self.ns_dtype is not None:
@@ -186,6 +265,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.sharded and self._reduced is None:
+            self.reduce_gradients()
         for group in self.param_groups:
             for p in group["params"]:
                 layer = self.streaming.get(id(p))
@@ -193,9 +274,34 @@ class Muon(torch.optim.Optimizer):
                     if layer.grad_factor is not None:
                         self._update_streaming(p, layer, group)
                     continue
-                grad = self._gradient(p)
+                grad = self._gradient(p)  # sharded: None unless this rank owns p
                 if grad is not None:
                     self._update(p, grad, group)
+        if self.sharded:
+            self._broadcast_updated()
+        return loss
+
+
+class AdamW(ShardedStep, torch.optim.AdamW):
+    """torch.optim.AdamW; `sharded` (None = when a process group of more than one rank is up):
+    each rank keeps the moments of, and updates, only the parameters it owns (ShardedStep)."""
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], *args, sharded: bool | None = None,
+                 **kwargs) -> None:
+        super().__init__(params, *args, **kwargs)
+        self._init_sharding(sharded)
+
+    def step(self, closure=None):
+        if not self.sharded:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._reduced is None:
+            self.reduce_gradients()
+        super().step()  # torch skips parameters without a gradient: those other ranks own
+        self._broadcast_updated()
         return loss
 
 

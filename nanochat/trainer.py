@@ -332,14 +332,15 @@ def matmul_peak_flops(device_type: str, dtype: torch.dtype, seconds: float = 0.5
 
 def run_training(cfg: TrainFlags, train: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     """The body of every training script's main(): set up the run, call train(cfg, *args, ctx),
-    turn any expected failure into one line on stderr and a non-zero exit, always clean up."""
+    turn any expected failure (a lost peer under torchrun included) into one line on stderr and a
+    non-zero exit, always clean up."""
     from nanochat.checkpoint import CheckpointError
     from nanochat.common import compute_cleanup, compute_init, fail
 
-    ctx = compute_init(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     try:
+        ctx = compute_init(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
         return train(cfg, *args, ctx)
-    except (CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError, distributed.PeerLost) as e:
         fail(str(e))
         raise  # unreachable: fail() exits
     finally:

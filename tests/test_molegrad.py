@@ -273,26 +273,22 @@ import torch
 import torch.distributed as dist
 import nanochat.trainer as trainer
 from nanochat.common import RunContext
+from nanochat.distributed import record_traffic
 from nanochat.gpt import GPT, GPTConfig
 rank, work = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method="file://" + work + "/store", rank=rank, world_size=2)
-reduced = []
-all_reduce = dist.all_reduce
-def recording_all_reduce(tensor, *args, **kwargs):
-    reduced.append(list(tensor.shape))
-    return all_reduce(tensor, *args, **kwargs)
-trainer.dist.all_reduce = recording_all_reduce
 start = torch.load(work + "/start.pt", weights_only=True)
 model = GPT(GPTConfig(**start["config"])).double()
 model.load_state_dict(start["model"])
 optimizers = model.setup_optimizers(**start["optimizer"])
 optimizers[1].ns_dtype = torch.float64
 ctx = RunContext(torch.device("cpu"), "cpu", torch.float32, True, rank, rank, 2)
-for inputs, targets in start["batches"]:
-    half = slice(2 * rank, 2 * rank + 2)
-    trainer.train_step(model, optimizers, iter([(inputs[half], targets[half])]), 1, ctx, 1.0, 0.9, 1.0)
+with record_traffic() as traffic:
+    for inputs, targets in start["batches"]:
+        half = slice(2 * rank, 2 * rank + 2)
+        trainer.train_step(model, optimizers, iter([(inputs[half], targets[half])]), 1, ctx, 1.0, 0.9, 1.0)
 torch.save(model.state_dict(), work + f"/state_{rank}.pt")
-print(json.dumps(reduced))
+print(json.dumps(sorted(traffic.shapes())))
 dist.destroy_process_group()
 """
 
