@@ -212,22 +212,24 @@ def test_stats_count_requests_and_tokens(server):
 
 
 def test_32_concurrent_streaming_chats_all_complete(server):
-    async def one_chat(client: httpx.AsyncClient, i: int) -> str:
+    async def one_chat(client: httpx.AsyncClient, i: int) -> tuple[str, str]:
         messages = [{"role": "user", "content": f"question number {i}"}]
         async with client.stream("POST", "/chat/completions", json={"messages": messages, "max_tokens": 16}) as response:
             assert response.status_code == 200
             events = [line async for line in response.aiter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
-        return "".join(json.loads(e[6:]).get("token", "") for e in events[:-1])
+        # a reply may legitimately be empty (the model's first token is <|assistant_end|>)
+        return "".join(json.loads(e[6:]).get("token", "") for e in events[:-1]), json.loads(events[-2][6:]).get("finish_reason")
 
-    async def all_chats() -> list[str]:
+    async def all_chats() -> list[tuple[str, str]]:
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=server, timeout=60, limits=limits) as client:
             return await asyncio.gather(*(one_chat(client, i) for i in range(32)))
 
     start = time.monotonic()
     replies = asyncio.run(asyncio.wait_for(all_chats(), timeout=90))
-    assert len(replies) == 32 and all(replies)
+    assert len(replies) == 32 and all(finish in ("stop", "length") for _, finish in replies)
+    assert sum(bool(text) for text, _ in replies) >= 16  # the tiny model does talk
     assert time.monotonic() - start < 90
     with httpx.Client(base_url=server) as client:
         assert wait_until_idle(client)["workers_busy"] == 0
