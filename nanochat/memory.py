@@ -1,0 +1,585 @@
+"""Peak training memory: predicted by component, checked against a measured training step.
+
+    python -m nanochat.memory --depth=12 --max_seq_len=8192 --device_batch_size=1 --enable_streaming=True \\
+        --streaming_rank_k=32 --streaming_target_layers=ffn_only --gpu_memory=32GB --require_fit=True
+    python -m nanochat.memory --depth=4 --max_seq_len=1024 --device_batch_size=4 --vocab_size=8192 --measure=True
+    python -m nanochat.memory --sweep_depths=True      # the deepest model that fits, with and without MoleGrad
+
+What a training step keeps alive (bytes; d = width, L = blocks, V = vocabulary, N = tokens of a
+micro-batch, T = sequence length, item = 2 under bf16 autocast, 4 in fp32):
+- always: fp32 parameters, the optimizer state (AdamW's two moments for the embedding and the head,
+  Muon's momentum: (out, in) per matrix, or (out, k) for MoleGrad matrices with low-rank momentum),
+  MoleGrad's subspace buffers (Q, scouts, sketch, this step's sketch: 3(k+e) x in floats per layer),
+  the rotary tables (2 x 10T x head_dim floats) and the batch (int64).
+- gradients: fp32 p.grad of every dense parameter and MoleGrad's (out, k) factors. They exist from
+  backward to the optimizer step; with gradient accumulation (--grad_accum_steps > 1) those of the
+  earlier micro-batches are alive during the next forward.
+- activations, what autograd saves for backward (`block_saved_bytes_per_token`, measured with
+  `saved_bytes` and checked against these formulas by tests/test_memory.py): per block and token
+      attention  item (3d + 2 n_kv_head head_dim) [+ 4k item with MoleGrad]
+                 + 4 (1 + n_head + n_kv_head) norm scales + 4 n_head (SDPA's logsumexp)
+      MLP        dense 5d item + 4; MoleGrad (d + 2k) item + 4; recompute=mlp 4d (its fp32 input)
+      recompute=block: 4d (the block's fp32 input) in place of both
+  plus, under autocast, the bf16 copies of the dense Linears' weights that their backward keeps;
+  the embedding's normed output (4d + 4 per token), the final norm (item d + 4), the chunked loss's
+  d loss/d hidden (item d per token) and d loss/d W_head (V x d fp32), and under bf16 the cos/sin
+  slices in bf16.
+- transients: one chunk of the loss (rows x V x (12 + item): sigmoid, exp, s(1-s) in fp32 and dz in
+  the compute dtype) with the head weight cast to the compute dtype; autocast's cache of bf16 weight
+  copies (all forward long); one block's backward workspace (h and d h, recomputed activations); the
+  optimizer's (Muon's Newton-Schulz on the largest matrix, AdamW's denominator without fused kernels,
+  the embedding's new gradient before it is added to the accumulated one).
+
+The peak is the largest of three moments: the end of forward (inside the loss), the start of
+backward, and the optimizer step (all gradients, no activations). A CUDA allocator adds its own
+fragmentation and the context (--reserve). `--measure` runs real training steps and compares:
+on CUDA torch.cuda.max_memory_allocated; on CPU the high-water mark of the resident set (VmHWM, reset
+once the kernels are loaded) of a fresh process whose glibc malloc returns freed blocks to the system
+at once (no tcmalloc), minus its resident set before the model was built.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+from nanochat.common import RunContext, cpu_has_native_bf16, fail
+from nanochat.config import check, parse_args
+from nanochat.gpt import (
+    BLOCK_LINEARS,
+    GPT,
+    LOSS_CHUNK_ROWS,
+    RECOMPUTE_MODES,
+    ROTARY_LENGTH_FACTOR,
+    STREAMING_MOMENTA,
+    STREAMING_TARGET_LINEARS,
+    STREAMING_TARGETS,
+    GPTConfig,
+    config_from_depth,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+ITEMSIZE = {"bf16": 2, "fp32": 4}
+FP32 = 4    # master weights, gradients, optimizer moments, norm scales, SDPA's logsumexp
+INT64 = 8   # token ids
+GiB = 2**30
+MiB = 2**20
+# exit status of --require_fit when the plan does not fit
+DOES_NOT_FIT = 3
+# the fresh process that --measure runs on CPU: freed blocks of >= 64 KiB go back to the system at
+# once (mmap), the heap is trimmed, one arena, one thread, and no tcmalloc (it keeps freed memory)
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1",
+               "NANOCHAT_TCMALLOC": "0", "OMP_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes saved for backward, measured
+
+def saved_bytes(run: Callable[[], Any], exclude: list[torch.Tensor]) -> tuple[int, list[tuple[int, ...]]]:
+    """Bytes of the distinct storages autograd keeps while run() executes, and the saved shapes.
+
+    Storages of `exclude` (parameters, buffers, inputs that exist anyway) are not counted; a storage
+    saved by several ops (a norm's output that the next Linear keeps too) is counted once.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages, shapes = {}, []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+            shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values()), shapes
+
+
+def measure_block_saved_bytes(config: GPTConfig, dtype: str, lengths: tuple[int, int] = (32, 96),
+                              batch_size: int = 2) -> tuple[float, float]:
+    """One block of `config` (fp32 weights, bf16 autocast or fp32): (bytes saved per token, bytes
+    saved whatever the length), from the saved bytes at two sequence lengths."""
+    torch.manual_seed(0)
+    model = GPT(replace(config, n_layer=1, sequence_len=max(lengths)))
+    block, d = model.transformer.h[0], config.n_embd
+    autocast = dtype == "bf16"
+    sizes = []
+    for length in lengths:
+        x = torch.randn(batch_size, length, d, requires_grad=True)
+        cos, sin = model.cos[:length].to(DTYPES[dtype]), model.sin[:length].to(DTYPES[dtype])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            size, _ = saved_bytes(lambda: block(x, cos, sin), [*model.parameters(), *model.buffers(), cos, sin, x])
+        sizes.append(size)
+    per_token = (sizes[1] - sizes[0]) / (batch_size * (lengths[1] - lengths[0]))
+    return per_token, sizes[0] - per_token * batch_size * lengths[0]
+
+
+def measure_model_saved_bytes(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, dtype: str) -> int:
+    """Bytes the whole model saves for backward in one training forward (loss included), parameters,
+    buffers and the batch excluded; runs the backward too, so the step's graph is released."""
+    holder: list[torch.Tensor] = []
+
+    def forward() -> None:
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            holder.append(model(inputs, targets))
+
+    size, _ = saved_bytes(forward, [*model.parameters(), *model.buffers(), inputs, targets])
+    holder[0].backward()
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's shapes
+
+def block_linear_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each Linear of one block, by name (BLOCK_LINEARS)."""
+    d, kv = config.n_embd, config.n_kv_head * config.head_dim
+    shapes = {"attn.c_q": (config.n_head * config.head_dim, d), "attn.c_k": (kv, d), "attn.c_v": (kv, d),
+              "attn.c_proj": (d, d), "mlp.c_fc": (4 * d, d), "mlp.c_proj": (d, 4 * d)}
+    assert tuple(shapes) == BLOCK_LINEARS
+    return shapes
+
+
+def streaming_names(config: GPTConfig) -> tuple[str, ...]:
+    """The Linears of each block that are MoleGrad layers."""
+    return STREAMING_TARGET_LINEARS[config.streaming_targets] if config.streaming_rank_k > 0 else ()
+
+
+def explore_k(in_features: int, rank_k: int) -> int:
+    """StreamingLinear's default number of scout directions."""
+    return min(4, in_features - rank_k)
+
+
+def num_params(config: GPTConfig) -> int:
+    block = sum(out * inp for out, inp in block_linear_shapes(config).values())
+    return 2 * config.vocab_size * config.n_embd + config.n_layer * block
+
+
+# ---------------------------------------------------------------------------------------------
+# activations: what autograd saves
+
+def block_saved_bytes_per_token(config: GPTConfig, itemsize: int) -> int:
+    """Bytes one block saves for backward per token (module docstring; measured by tests)."""
+    d, k = config.n_embd, config.streaming_rank_k
+    if config.recompute == "block":
+        return FP32 * d  # the block's input, kept by the checkpoint
+    streaming = streaming_names(config)
+    # normed x, q, attention output (d each), k, v; norm scales of x, q and k; SDPA's logsumexp
+    attention = itemsize * (3 * d + 2 * config.n_kv_head * config.head_dim)
+    attention += FP32 * (1 + 2 * config.n_head + config.n_kv_head)
+    if "attn.c_q" in streaming:
+        attention += 4 * k * itemsize  # x Q of c_q, c_k, c_v, c_proj; their inputs are kept anyway
+    if config.recompute == "mlp":
+        mlp = FP32 * d  # the MLP's input, kept by the checkpoint
+    elif "mlp.c_fc" in streaming:
+        mlp = itemsize * (d + 2 * k) + FP32  # normed x, x Q1, relu²(h) Q2, the norm's scale
+    else:
+        mlp = itemsize * 5 * d + FP32  # normed x and h (4d), the norm's scale
+    return attention + mlp
+
+
+def autocast_weight_names(config: GPTConfig) -> tuple[str, ...]:
+    """Linears whose weight F.linear casts to bf16 under autocast (cached until forward ends); the
+    dense MLP's c_proj is cast inside ReLUSquaredLinear instead, transiently."""
+    streaming = streaming_names(config)
+    return tuple(name for name in BLOCK_LINEARS if name != "mlp.c_proj" or name in streaming)
+
+
+def block_saved_weight_bytes(config: GPTConfig, itemsize: int) -> int:
+    """Bytes of bf16 weight copies one block saves for backward (0 in fp32): those of its dense
+    Linears outside a recomputed region (MoleGrad layers save the fp32 weight, the parameter)."""
+    if itemsize == FP32 or config.recompute == "block":
+        return 0
+    streaming, shapes = streaming_names(config), block_linear_shapes(config)
+    saved = [name for name in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj") if name not in streaming]
+    if config.recompute == "none" and "mlp.c_fc" not in streaming:
+        saved.append("mlp.c_fc")
+    return itemsize * sum(shapes[name][0] * shapes[name][1] for name in saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+@dataclass
+class MemoryPlan:
+    """Bytes of each component, and of what is alive at each moment of a training step."""
+
+    components: dict[str, int]
+    notes: dict[str, str]
+    phases: dict[str, int]
+    phase_parts: dict[str, tuple[str, ...]]
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.__getitem__)
+
+    @property
+    def peak(self) -> int:
+        return self.phases[self.peak_phase]
+
+
+def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bf16", grad_accum_steps: int = 2,
+                device_type: str = "cuda") -> MemoryPlan:
+    """Predicted peak memory of a training step of `config` with micro-batches of `batch_size`
+    sequences of config.sequence_len tokens: fp32 parameters, `dtype` compute (bf16 = autocast),
+    base_train's optimizers (AdamW for embedding and head, Muon for the blocks).
+
+    device_type: "cuda" (fused AdamW, Newton-Schulz in bf16) or "cpu" (AdamW's for-loop
+    implementation keeps a temporary denominator; Newton-Schulz in bf16 on CPUs that have it).
+    """
+    if dtype not in ITEMSIZE:
+        raise ValueError(f"dtype: expected one of {'|'.join(ITEMSIZE)}, got {dtype!r}")
+    if batch_size < 1 or grad_accum_steps < 1:
+        raise ValueError(f"batch_size and grad_accum_steps: expected >= 1, got {batch_size} and {grad_accum_steps}")
+    item = ITEMSIZE[dtype]
+    d, V, L, T, k = config.n_embd, config.vocab_size, config.n_layer, config.sequence_len, config.streaming_rank_k
+    N = batch_size * T
+    shapes, streaming = block_linear_shapes(config), streaming_names(config)
+    dense_block = sum(out * inp for name, (out, inp) in shapes.items() if name not in streaming)
+    factors = sum(out * k for name, (out, _) in shapes.items() if name in streaming)
+    lowrank = config.streaming_momentum == "lowrank"
+    momentum = dense_block + (factors if lowrank else sum(out * inp for name, (out, inp) in shapes.items()
+                                                         if name in streaming))
+    subspace = sum(FP32 * 3 * (k + explore_k(inp, k)) * inp + 36 for name, (_, inp) in shapes.items() if name in streaming)
+    embedding = V * d
+
+    c: dict[str, int] = {}
+    notes: dict[str, str] = {}
+
+    def add(name: str, size: int, note: str) -> None:
+        c[name], notes[name] = int(size), note
+
+    add("params", FP32 * num_params(config), f"fp32 master weights: embedding and head {V}x{d} each, {L} blocks")
+    add("AdamW moments", 2 * FP32 * 2 * embedding + 2 * FP32, "exp_avg, exp_avg_sq of embedding and head (fp32)")
+    add("Muon momentum", FP32 * L * momentum,
+        "(out, in) per block matrix" + (f"; MoleGrad matrices (out, {k})" if streaming and lowrank else ""))
+    add("MoleGrad buffers", L * subspace, "Q, scouts, sketch, step sketch: 3(k+e) x in fp32 per layer" if streaming else "-")
+    add("rotary tables", 2 * FP32 * ROTARY_LENGTH_FACTOR * T * config.head_dim, f"cos, sin: {ROTARY_LENGTH_FACTOR}T x head_dim fp32")
+    add("batch", INT64 * batch_size * (T + 1), "token ids, int64")
+    add("gradients", FP32 * (2 * embedding + L * dense_block + L * factors),
+        "fp32 p.grad of dense params" + (f"; MoleGrad (out, {k}) factors" if streaming else ""))
+    rotary_copies = 2 * T * config.head_dim * item if item != FP32 else 0
+    add("activations: blocks", L * (N * block_saved_bytes_per_token(config, item) + block_saved_weight_bytes(config, item))
+        + rotary_copies, f"{L} x {N} tokens x {block_saved_bytes_per_token(config, item)} B"
+        + (f" + bf16 weight copies {L} x {block_saved_weight_bytes(config, item)} B" if block_saved_weight_bytes(config, item) else ""))
+    add("activations: embedding", N * (FP32 * d + FP32) - (N * FP32 * d if config.recompute == "block" else 0),
+        "normed embedding output, fp32" + (" (block 0's checkpoint keeps the same tensor)" if config.recompute == "block" else ""))
+    add("activations: LM head", N * (2 * item * d + FP32) + FP32 * embedding,
+        f"final norm and dloss/dhidden ({N} x {d}), dloss/dW_head ({V}x{d} fp32)")
+    rows = min(LOSS_CHUNK_ROWS, N)
+    # sigmoid, exp and s(1-s) in fp32; dz in the compute dtype, written through an fp32 temporary under
+    # bf16 (torch.mul(..., out=) into another dtype); the previous chunk's dz is still referenced
+    # while the next one is computed
+    fp32_copies = 3 if item == FP32 else 4
+    dz_copies = 2 if N > rows else 1
+    add("transient: loss chunk", rows * V * (fp32_copies * FP32 + dz_copies * item)
+        + (item * embedding if item != FP32 else 0) + 2 * FP32 * N,
+        f"{rows} x {V} logits: {fp32_copies} fp32 + {dz_copies} compute-dtype copies"
+        + (", head weight in bf16" if item != FP32 else ""))
+    cast_cache = item * sum(shapes[name][0] * shapes[name][1] for name in autocast_weight_names(config))
+    add("transient: autocast weight cache", L * (cast_cache - block_saved_weight_bytes(config, item)) if item != FP32 else 0,
+        "bf16 copies of block weights, alive until forward ends (beyond those saved)")
+    # one block's backward: h and dh of the MLP (or attention's dq, dk, dv and the residual gradient),
+    # what a recomputed region saves again, the block's dense weight gradients in bf16 and fp32
+    recomputed = 0
+    if config.recompute != "none":
+        recomputed = N * block_saved_bytes_per_token(replace(config, recompute="none"), item) \
+            + block_saved_weight_bytes(replace(config, recompute="none"), item)
+        if config.recompute == "mlp":
+            recomputed -= N * block_saved_bytes_per_token(replace(config, recompute="mlp"), item)
+    add("transient: backward workspace", N * (8 * d * item + 2 * FP32 * d) + recomputed + (FP32 + item) * dense_block,
+        "one block: h and dh (N x 4d each), residual gradients, recomputed activations, its weight gradients")
+    largest = max(shapes.values(), key=lambda s: s[0] * s[1])
+    ns_item = 2 if device_type == "cuda" or cpu_has_native_bf16() else 4
+    muon_workspace = (FP32 + 3 * ns_item) * largest[0] * largest[1] + 3 * ns_item * min(largest) ** 2
+    adamw_workspace = 0 if device_type == "cuda" else 2 * FP32 * embedding  # sqrt(v), then / bias correction
+    embedding_grad = (FP32 * embedding if grad_accum_steps > 1 else 0) + 2 * FP32 * N * d
+    add("transient: optimizer workspace", max(muon_workspace, adamw_workspace, embedding_grad),
+        "largest of Newton-Schulz on the largest matrix, AdamW's denominator (not fused), the embedding's new gradient")
+
+    persistent = ("params", "AdamW moments", "Muon momentum", "MoleGrad buffers", "rotary tables", "batch")
+    activations = ("activations: blocks", "activations: embedding", "activations: LM head")
+    earlier_grads = ("gradients",) if grad_accum_steps > 1 else ()
+    parts = {
+        "forward (in the loss)": persistent + earlier_grads + activations
+        + ("transient: loss chunk", "transient: autocast weight cache"),
+        "backward": persistent + earlier_grads + activations + ("transient: backward workspace",),
+        "optimizer step": persistent + ("gradients", "transient: optimizer workspace"),
+    }
+    phases = {name: sum(c[p] for p in names) for name, names in parts.items()}
+    # backward starts with the head's gradient (V x d) beside the saved one, and keeps it (unless it
+    # is added into an accumulated one) while the blocks run backward
+    head_grad = FP32 * embedding
+    phases["backward"] += max(head_grad + N * item * d, 0 if grad_accum_steps > 1 else head_grad)
+    return MemoryPlan(c, notes, phases, parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes as text
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'32GB' -> 32e9 bytes, '24GiB' -> 24 * 2**30, '1.5 GiB', '1000000' (bytes)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in SIZE_UNITS:
+        raise ValueError(f"expected a size like 32GB or 24GiB, got {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def format_size(size: float) -> str:
+    if abs(size) >= GiB:
+        return f"{size / GiB:.2f} GiB"
+    return f"{size / MiB:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# measured: a real training step
+
+def run_training_steps(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int, steps: int,
+                       device: str) -> GPT:
+    """`steps` optimizer steps of base_train's kind on random tokens (the first creates the
+    optimizer state, so steady state needs 2)."""
+    from nanochat.trainer import train_step
+
+    ctx = RunContext(torch.device(device), device, DTYPES[dtype], False, 0, 0, 1)
+    with torch.device(device):
+        model = GPT(config)
+    optimizers = model.setup_optimizers()
+    generator = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            tokens = torch.randint(0, config.vocab_size, (batch_size, config.sequence_len + 1), generator=generator)
+            tokens = tokens.to(device)
+            yield tokens[:, :-1], tokens[:, 1:]
+
+    stream = batches()
+    for _ in range(steps):
+        train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
+    return model
+
+
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set (VmRSS) or its high-water mark (VmHWM), from /proc/self/status.
+
+    Not getrusage's ru_maxrss: Linux keeps that across execve, so a process started from a large
+    parent would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def reset_high_water() -> None:
+    """VmHWM := VmRSS now (Linux >= 4.0), so that earlier peaks (imports, warm-up) do not count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_child(spec: str) -> None:
+    """Runs in the fresh process that measure_peak starts; prints one JSON line."""
+    args = json.loads(spec)
+    config = GPTConfig(**args["config"])
+    torch.set_num_threads(1)
+    # load the kernels and code paths first, at a tiny size, so that the baseline includes them
+    tiny = replace(config, n_layer=1, sequence_len=16, vocab_size=64)
+    run_training_steps(tiny, 1, args["dtype"], args["grad_accum_steps"], 2, "cpu")
+    gc.collect()
+    baseline = resident_bytes()
+    reset_high_water()
+    run_training_steps(config, args["batch_size"], args["dtype"], args["grad_accum_steps"], args["steps"], "cpu")
+    print(json.dumps({"peak_bytes": resident_bytes("VmHWM") - baseline, "baseline_bytes": baseline}))
+
+
+def measure_peak(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int = 2, steps: int = 2,
+                 device: str = "cpu") -> int:
+    """Measured peak bytes of `steps` training steps, beyond what the process held before."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model = run_training_steps(config, batch_size, dtype, grad_accum_steps, steps, device)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - baseline
+        del model
+        return peak
+    if device != "cpu":
+        raise ValueError(f"device: expected cpu or cuda, got {device!r}")
+    spec = json.dumps({"config": asdict(config), "batch_size": batch_size, "dtype": dtype,
+                       "grad_accum_steps": grad_accum_steps, "steps": steps})
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    env.update(MEASURE_ENV)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import sys; from nanochat.memory import measure_child; measure_child(sys.argv[1])"
+    result = subprocess.run([sys.executable, "-c", code, spec], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring process failed (status {result.returncode}): {result.stderr.strip()[-2000:]}")
+    return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+@dataclass
+class MemoryFlags:
+    """Predict peak training memory by component; check it against a GPU budget or a measured step."""
+
+    depth: int = field(default=12, metadata={"help": "transformer blocks; sets width and heads"})
+    max_seq_len: int = field(default=8192, metadata={"help": "context length in tokens"})
+    device_batch_size: int = field(default=1, metadata={"help": "sequences per forward/backward"})
+    vocab_size: int = field(default=65536, metadata={"help": "vocabulary"})
+    dtype: str = field(default="bf16", metadata={"help": "compute dtype (fp32 master weights either way)",
+                                                 "choices": tuple(ITEMSIZE)})
+    grad_accum_steps: int = field(default=2, metadata={
+        "help": "micro-batches per optimizer step; above 1 the earlier ones' gradients are alive during "
+                "forward (run10.sh: 32)"})
+    recompute: str = field(default="none", metadata={"help": "exact activation recompute", "choices": RECOMPUTE_MODES})
+    enable_streaming: bool = field(default=False, metadata={"help": "MoleGrad: low-rank weight gradients"})
+    streaming_rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k"})
+    streaming_target_layers: str = field(default="ffn_only", metadata={"help": "MoleGrad targets", "choices": STREAMING_TARGETS})
+    streaming_momentum: str = field(default="dense", metadata={"help": "Muon momentum of MoleGrad matrices",
+                                                               "choices": STREAMING_MOMENTA})
+    gpu_memory: str = field(default="32GB", metadata={"help": "memory of the GPU, e.g. 32GB or 24GiB"})
+    reserve: str = field(default="1GiB", metadata={"help": "CUDA context and allocator fragmentation, added to the peak"})
+    require_fit: bool = field(default=False, metadata={"help": f"exit with status {DOES_NOT_FIT} if it does not fit"})
+    measure: bool = field(default=False, metadata={"help": "also run 2 real training steps and compare (CUDA if "
+                                                           "available, else CPU: keep the model small)"})
+    sweep_depths: bool = field(default=False, metadata={"help": "the deepest model that fits, per memory setting"})
+
+    def validate(self) -> None:
+        check(self.depth >= 1, f"--depth: expected >= 1, got {self.depth}")
+        check(self.max_seq_len >= 2, f"--max_seq_len: expected >= 2, got {self.max_seq_len}")
+        check(self.device_batch_size >= 1, f"--device_batch_size: expected >= 1, got {self.device_batch_size}")
+        check(self.vocab_size >= 2, f"--vocab_size: expected >= 2, got {self.vocab_size}")
+        check(self.grad_accum_steps >= 1, f"--grad_accum_steps: expected >= 1, got {self.grad_accum_steps}")
+        check(self.streaming_rank_k >= 1, f"--streaming_rank_k: expected >= 1, got {self.streaming_rank_k}")
+        for name in ("gpu_memory", "reserve"):
+            try:
+                parse_size(getattr(self, name))
+            except ValueError as e:
+                check(False, f"--{name}: {e}")
+
+    def model_config(self, depth: int | None = None, **overrides: Any) -> GPTConfig:
+        options = dict(recompute=self.recompute, streaming_rank_k=self.streaming_rank_k if self.enable_streaming else 0,
+                       streaming_targets=self.streaming_target_layers, streaming_momentum=self.streaming_momentum)
+        options.update(overrides)
+        return config_from_depth(self.depth if depth is None else depth, self.vocab_size, self.max_seq_len, **options)
+
+
+def describe(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int) -> str:
+    molegrad = (f"MoleGrad {config.streaming_targets} k={config.streaming_rank_k} ({config.streaming_momentum} momentum)"
+                if config.streaming_rank_k else "no MoleGrad")
+    compute = "bf16 autocast" if dtype == "bf16" else "fp32"
+    accum = "gradient accumulation" if grad_accum_steps > 1 else "one micro-batch per step"
+    return (f"depth {config.n_layer} (width {config.n_embd}, {config.n_head} heads), {batch_size} x {config.sequence_len} "
+            f"tokens, vocab {config.vocab_size:,}, {compute}, fp32 master weights, recompute {config.recompute}, "
+            f"{molegrad}, {accum}")
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    lines = [f"{'component':<36}{'size':>12}  {'peak':>4}  note"]
+    in_peak = plan.phase_parts[plan.peak_phase]
+    for name, size in plan.components.items():
+        lines.append(f"{name:<36}{format_size(size):>12}  {'*' if name in in_peak else '':>4}  {plan.notes[name]}")
+    lines.append("moments: " + " | ".join(f"{name} {format_size(size)}" for name, size in plan.phases.items()))
+    lines.append(f"predicted peak: {format_size(plan.peak)} ({plan.peak_phase}; * = alive then)")
+    return "\n".join(lines)
+
+
+def fit_line(peak: int, reserve: int, budget: int, budget_text: str) -> tuple[bool, str]:
+    need = peak + reserve
+    fits = need <= budget
+    verdict = "fits" if fits else "does not fit"
+    return fits, (f"{verdict} in {budget_text} ({format_size(budget)}): peak {format_size(peak)} + reserve "
+                  f"{format_size(reserve)} = {format_size(need)}, headroom {format_size(budget - need)}")
+
+
+SWEEP_ARMS = {
+    "dense": dict(recompute="none", streaming_rank_k=0),
+    "recompute=block": dict(recompute="block", streaming_rank_k=0),
+    "MoleGrad ffn k32": dict(recompute="none", streaming_targets="ffn_only", streaming_momentum="dense"),
+    "MoleGrad ffn k32 lowrank": dict(recompute="none", streaming_targets="ffn_only", streaming_momentum="lowrank"),
+    "MoleGrad all k32 lowrank": dict(recompute="none", streaming_targets="all", streaming_momentum="lowrank"),
+}
+
+
+def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, int]:
+    """Peak per depth for each SWEEP_ARMS setting (MoleGrad at --streaming_rank_k); returns the
+    deepest depth that fits per setting (0 = none)."""
+    budget, reserve = parse_size(flags.gpu_memory), parse_size(flags.reserve)
+    deepest = {arm: 0 for arm in SWEEP_ARMS}
+    rows = []
+    for depth in range(1, max_depth + 1):
+        peaks = {}
+        for arm, options in SWEEP_ARMS.items():
+            options = {"streaming_rank_k": flags.streaming_rank_k, **options}
+            config = flags.model_config(depth, **options)
+            peaks[arm] = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps).peak
+            if peaks[arm] + reserve <= budget:
+                deepest[arm] = depth
+        rows.append((depth, config.n_embd, num_params(config), peaks))
+        if all(peak + reserve > budget for peak in peaks.values()):
+            break
+    k = flags.streaming_rank_k
+    print(f"peak training memory by depth: {flags.device_batch_size} x {flags.max_seq_len} tokens, vocab {flags.vocab_size:,}, "
+          f"{'bf16 autocast' if flags.dtype == 'bf16' else 'fp32'} compute, fp32 master weights, "
+          f"{'gradient accumulation' if flags.grad_accum_steps > 1 else 'one micro-batch per step'}; GiB, "
+          f"x = does not fit in {flags.gpu_memory} with {flags.reserve} reserve")
+    names = [arm.replace("k32", f"k{k}") for arm in SWEEP_ARMS]
+    print(f"{'depth':>5}{'width':>6}{'params':>9}" + "".join(f"{name:>{len(name) + 3}}" for name in names))
+    for depth, width, params, peaks in rows:
+        if depth % 2 and depth not in deepest.values() and depth != rows[-1][0]:
+            continue  # even depths, and the deepest that fits for each setting
+        cells = "".join(f"{peak / GiB:>{len(name) + 2}.1f}{'x' if peak + reserve > budget else ' '}"
+                        for name, peak in zip(names, peaks.values()))
+        print(f"{depth:>5}{width:>6}{params / 1e6:>8.0f}M{cells}")
+    print(f"deepest that fits {flags.max_seq_len} tokens x {flags.device_batch_size} in {flags.gpu_memory}: "
+          + ", ".join(f"{name} depth {deepest[arm]}" for name, arm in zip(names, SWEEP_ARMS)))
+    return deepest
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    flags = parse_args(MemoryFlags, argv, prog="python -m nanochat.memory")
+    if flags.sweep_depths:
+        return {"deepest": sweep_depths(flags)}
+    try:
+        config = flags.model_config()
+    except ValueError as e:
+        fail(str(e), status=2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps, device)
+    print("memory plan: " + describe(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps))
+    print(format_plan(plan))
+    fits, line = fit_line(plan.peak, parse_size(flags.reserve), parse_size(flags.gpu_memory), flags.gpu_memory)
+    print(line)
+    out: dict[str, Any] = {"peak_bytes": plan.peak, "fits": fits, "components": plan.components, "phases": plan.phases}
+    if flags.measure:
+        measured = measure_peak(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps, device=device)
+        how = ("torch.cuda.max_memory_allocated" if device == "cuda" else
+               "CPU resident-set high-water mark, fresh process, glibc malloc returning freed memory")
+        print(f"measured peak: {format_size(measured)} ({how}); prediction error {100 * (plan.peak / measured - 1):+.1f}%")
+        out["measured_bytes"] = measured
+    if flags.require_fit and not fits:
+        print(f"error: the memory plan does not fit: {line}", file=sys.stderr)
+        raise SystemExit(DOES_NOT_FIT)
+    return out
+
+
+if __name__ == "__main__":
+    main()
