@@ -24,8 +24,9 @@ micro-batch, T = sequence length, item = 2 under bf16 autocast, 4 in fp32):
   the embedding's normed output (4d + 4 per token), the final norm (item d + 4), the chunked loss's
   d loss/d hidden (item d per token) and d loss/d W_head (V x d fp32), and under bf16 the cos/sin
   slices in bf16.
-- transients: one chunk of the loss (rows x V x (12 + item): sigmoid, exp, s(1-s) in fp32 and dz in
-  the compute dtype) with the head weight cast to the compute dtype; autocast's cache of bf16 weight
+- transients: one chunk of the loss (rows = 1024 tokens x V: sigmoid, exp, s(1-s) in fp32, dz in the
+  compute dtype written through an fp32 temporary under bf16, and the previous chunk's dz, still
+  referenced) with the head weight cast to the compute dtype; autocast's cache of bf16 weight
   copies (all forward long); one block's backward workspace (h and d h, recomputed activations); the
   optimizer's (Muon's Newton-Schulz on the largest matrix, AdamW's denominator without fused kernels,
   the embedding's new gradient before it is added to the accumulated one).
@@ -34,8 +35,20 @@ The peak is the largest of three moments: the end of forward (inside the loss), 
 backward, and the optimizer step (all gradients, no activations). A CUDA allocator adds its own
 fragmentation and the context (--reserve). `--measure` runs real training steps and compares:
 on CUDA torch.cuda.max_memory_allocated; on CPU the high-water mark of the resident set (VmHWM, reset
-once the kernels are loaded) of a fresh process whose glibc malloc returns freed blocks to the system
-at once (no tcmalloc), minus its resident set before the model was built.
+after a warm-up step at the same shapes, so that code and oneDNN's primitive caches are left out) of
+a fresh process whose glibc malloc returns freed blocks to the system at once (no tcmalloc), minus
+its resident set before the model was built.
+
+Checked on CPU (tests/test_memory.py; e.g. `python -m nanochat.memory --depth=4 --max_seq_len=1024
+--device_batch_size=4 --vocab_size=8192 --dtype=bf16 --grad_accum_steps=1 --measure=True`): within 1%
+of the measured peak for dense, recompute=mlp|block and MoleGrad ffn_only|all, fp32 and bf16.
+
+What fits (`python -m nanochat.memory --sweep_depths=True`): 8192 tokens x 1 sequence, vocab 65,536,
+bf16 compute, fp32 master weights, gradient accumulation, 32 GB less 1 GiB: dense up to depth 28,
+recompute=block 32, MoleGrad ffn_only k=32 (run10.sh) 31, the same with low-rank momentum 33, MoleGrad
+on all six Linears with low-rank momentum 36. At this batch the model state (weights, gradients,
+momentum) is most of the memory, so MoleGrad's missing (out, in) gradients and momenta count for more
+than its smaller activations.
 """
 
 from __future__ import annotations
@@ -117,24 +130,10 @@ def measure_block_saved_bytes(config: GPTConfig, dtype: str, lengths: tuple[int,
         x = torch.randn(batch_size, length, d, requires_grad=True)
         cos, sin = model.cos[:length].to(DTYPES[dtype]), model.sin[:length].to(DTYPES[dtype])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            size, _ = saved_bytes(lambda: block(x, cos, sin), [*model.parameters(), *model.buffers(), cos, sin, x])
+            size, _ = saved_bytes(lambda: block(x, cos, sin), [*model.parameters(), *model.buffers(), cos, sin])
         sizes.append(size)
     per_token = (sizes[1] - sizes[0]) / (batch_size * (lengths[1] - lengths[0]))
     return per_token, sizes[0] - per_token * batch_size * lengths[0]
-
-
-def measure_model_saved_bytes(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, dtype: str) -> int:
-    """Bytes the whole model saves for backward in one training forward (loss included), parameters,
-    buffers and the batch excluded; runs the backward too, so the step's graph is released."""
-    holder: list[torch.Tensor] = []
-
-    def forward() -> None:
-        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            holder.append(model(inputs, targets))
-
-    size, _ = saved_bytes(forward, [*model.parameters(), *model.buffers(), inputs, targets])
-    holder[0].backward()
-    return size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,9 +393,9 @@ def measure_child(spec: str) -> None:
     args = json.loads(spec)
     config = GPTConfig(**args["config"])
     torch.set_num_threads(1)
-    # load the kernels and code paths first, at a tiny size, so that the baseline includes them
-    tiny = replace(config, n_layer=1, sequence_len=16, vocab_size=64)
-    run_training_steps(tiny, 1, args["dtype"], args["grad_accum_steps"], 2, "cpu")
+    # one step first, at the same shapes, so that the baseline holds the code and the libraries'
+    # caches for them (oneDNN's bf16 matmul primitives: ~7 MiB), which are not training state
+    run_training_steps(config, args["batch_size"], args["dtype"], args["grad_accum_steps"], 1, "cpu")
     gc.collect()
     baseline = resident_bytes()
     reset_high_water()

@@ -18,6 +18,7 @@ import torch
 from nanochat.checkpoint import load_model_state_strict
 from nanochat.common import RunContext
 from nanochat.gpt import GPT, GPTConfig, STREAMING_TARGET_LINEARS
+from nanochat.memory import saved_bytes
 from nanochat.optim import Muon, update_subspaces, zeropower_via_newtonschulz5
 from nanochat.streaming_linear import StreamingLinear, dense_grad, streaming_layers
 from nanochat.trainer import train_step
@@ -186,23 +187,6 @@ def test_full_rank_training_steps_equal_dense(targets, momentum):
 
 # ---------------------------------------------------------------------------------------------
 # memory: bytes saved for backward per token
-
-def saved_bytes(run, exclude: list[torch.Tensor]) -> tuple[int, list[tuple[int, ...]]]:
-    """Bytes of the distinct storages autograd keeps while run() executes, and the saved shapes."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages, shapes = {}, []
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-            shapes.append(tuple(tensor.shape))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(storages.values()), shapes
-
 
 def per_token(d: int, part: str, autocast: bool, **config) -> tuple[float, list[tuple[int, ...]]]:
     """Saved bytes per token of one block (or its MLP), fp32 model, as the slope between two lengths."""

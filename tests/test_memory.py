@@ -1,0 +1,178 @@
+"""The memory planner: components against hand arithmetic and the real model, activation formulas
+against saved-tensor hooks, the predicted peak against a measured CPU step, the command line, and
+a smoke run of bench/molegrad.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench import molegrad as molegrad_bench
+from nanochat import memory
+from nanochat.common import RunContext
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.memory import (
+    block_saved_bytes_per_token,
+    block_saved_weight_bytes,
+    measure_block_saved_bytes,
+    measure_peak,
+    parse_size,
+    plan_memory,
+    saved_bytes,
+)
+from nanochat.streaming_linear import streaming_layers
+from nanochat.trainer import train_step
+
+torch.set_num_threads(1)
+
+TINY = dict(sequence_len=16, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_plan_components_match_hand_arithmetic_and_the_real_model():
+    """d=32, V=97, 2 blocks, 2 heads of 16, 1 kv head, MoleGrad ffn_only k=4 low-rank, batch 3, bf16."""
+    config = GPTConfig(**TINY, streaming_rank_k=4, streaming_targets="ffn_only", streaming_momentum="lowrank")
+    plan = plan_memory(config, batch_size=3, dtype="bf16", grad_accum_steps=2, device_type="cpu")
+    c = plan.components
+    # per block: c_q 32x32, c_k 16x32, c_v 16x32, c_proj 32x32 (dense: 3072), c_fc 128x32, c_proj 32x128 (MoleGrad)
+    embedding, dense_block, factors = 97 * 32, 32 * 32 + 2 * 16 * 32 + 32 * 32, 128 * 4 + 32 * 4
+    assert c["params"] == 4 * (2 * embedding + 2 * (dense_block + 128 * 32 + 32 * 128))
+    assert c["gradients"] == 4 * (2 * embedding + 2 * dense_block + 2 * factors)
+    assert c["AdamW moments"] == 4 * 2 * 2 * embedding + 2 * 4  # two moments and a step counter per tensor
+    assert c["Muon momentum"] == 4 * 2 * (dense_block + factors)  # low-rank: (out, k) for the MoleGrad pair
+    # Q, scouts, sketch, step sketch: in x 3(k + e) with e = 4 scouts, and 36 bytes of scalars
+    assert c["MoleGrad buffers"] == 2 * ((4 * 32 * 3 * 8 + 36) + (4 * 128 * 3 * 8 + 36))
+    assert c["rotary tables"] == 2 * 4 * 10 * 16 * 16
+    assert c["batch"] == 8 * 3 * 17
+    # per token: attention 2(3*32 + 2*16) + 4(1 + 2*2 + 1), MLP 2(32 + 2*4) + 4; bf16 copies of the
+    # dense attention weights; cos/sin slices in bf16
+    assert block_saved_bytes_per_token(config, 2) == 256 + 24 + 84
+    assert c["activations: blocks"] == 2 * (48 * 364 + 2 * dense_block) + 2 * 16 * 16 * 2
+    assert c["activations: embedding"] == 48 * (4 * 32 + 4)
+    assert c["activations: LM head"] == 48 * (2 * 2 * 32 + 4) + 4 * embedding
+    assert plan.peak == max(plan.phases.values())
+
+    # the same sizes, read off a real model after a backward and an optimizer step
+    model = GPT(config)
+    optimizers = model.setup_optimizers()
+    assert tensor_bytes(model.parameters()) == c["params"]
+    layers = streaming_layers(model)
+    assert tensor_bytes(b for layer in layers for b in layer.buffers()) == c["MoleGrad buffers"]
+    assert tensor_bytes([model.cos, model.sin]) == c["rotary tables"]
+    tokens = torch.randint(0, 97, (3, 17))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None] + [layer.grad_factor for layer in layers]
+    assert tensor_bytes(grads) == c["gradients"]
+    cpu = RunContext(torch.device("cpu"), "cpu", torch.float32, False, 0, 0, 1)
+    train_step(model, optimizers, iter([(tokens[:, :-1], tokens[:, 1:])]), 1, cpu, 1.0, 0.95, 1.0)
+    adamw, muon = (tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)) for opt in optimizers)
+    assert (adamw, muon) == (c["AdamW moments"], c["Muon momentum"])
+
+
+MODES = {
+    "dense": {},
+    "recompute=mlp": dict(recompute="mlp"),
+    "recompute=block": dict(recompute="block"),
+    "ffn_only": dict(streaming_rank_k=8, streaming_targets="ffn_only"),
+    "attn_only": dict(streaming_rank_k=8, streaming_targets="attn_only"),
+    "all": dict(streaming_rank_k=8, streaming_targets="all"),
+    "all+recompute=mlp": dict(streaming_rank_k=8, streaming_targets="all", recompute="mlp"),
+}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_block_saved_bytes_formula_matches_hooks_at_two_widths(mode, dtype):
+    """The per-token formula and the saved bf16 weight copies, exactly, at two widths (linear in d)
+    and with grouped-query attention."""
+    for width, heads, kv_heads in ((64, 2, 2), (128, 4, 2)):
+        config = GPTConfig(sequence_len=96, vocab_size=97, n_layer=1, n_head=heads, n_kv_head=kv_heads, n_embd=width,
+                           **MODES[mode])
+        per_token, fixed = measure_block_saved_bytes(config, dtype)
+        item = memory.ITEMSIZE[dtype]
+        assert per_token == block_saved_bytes_per_token(config, item), (width, per_token)
+        assert fixed == block_saved_weight_bytes(config, item), (width, fixed)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["dense", "recompute=block", "all+recompute=mlp", "ffn_only"])
+def test_whole_model_saved_bytes_equal_planned_activations(mode, dtype):
+    """Everything a training forward saves (loss included), parameters, buffers and the batch excluded."""
+    config = GPTConfig(**TINY, **MODES[mode])
+    torch.manual_seed(0)
+    model = GPT(config)
+    tokens = torch.randint(0, 97, (3, 17))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        saved, _ = saved_bytes(lambda: model(tokens[:, :-1], tokens[:, 1:]), [*model.parameters(), *model.buffers(), tokens])
+    c = plan_memory(config, 3, dtype).components
+    assert saved == c["activations: blocks"] + c["activations: embedding"] + c["activations: LM head"]
+
+
+def test_predicted_peak_within_ten_percent_of_measured_cpu_peak():
+    """A fresh process whose glibc returns freed memory at once: its resident-set high-water mark
+    (`python -m nanochat.memory --measure=True`; -1% to -4% at depth 4, 4 x 1024 tokens, vocab 8192)."""
+    config = GPTConfig(sequence_len=256, vocab_size=2048, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    measured = measure_peak(config, batch_size=4, dtype="bf16", grad_accum_steps=2)
+    predicted = plan_memory(config, 4, "bf16", grad_accum_steps=2, device_type="cpu").peak
+    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+
+
+def test_parse_size():
+    assert parse_size("32GB") == 32 * 10**9
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("1.5 MiB") == 3 * 2**19
+    with pytest.raises(ValueError, match="expected a size like 32GB"):
+        parse_size("lots")
+
+
+RUN10 = ["--depth=12", "--max_seq_len=8192", "--device_batch_size=1", "--enable_streaming=True", "--streaming_rank_k=32",
+         "--streaming_target_layers=ffn_only", "--vocab_size=65536", "--gpu_memory=32GB", "--require_fit=True"]
+
+
+def test_require_fit_exit_status(capsys):
+    out = memory.main(RUN10)  # run10.sh's command line: fits, returns normally (status 0)
+    assert out["fits"] and "fits in 32GB" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        memory.main(RUN10[:-2] + ["--gpu_memory=4GiB", "--require_fit=True"])
+    assert e.value.code == memory.DOES_NOT_FIT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit in 4GiB" in err[0]
+    assert memory.main(RUN10[:-2] + ["--gpu_memory=4GiB"])["fits"] is False  # without --require_fit: status 0
+    with pytest.raises(SystemExit) as e:
+        memory.main(["--gpu_memory=lots"])
+    assert e.value.code == 2 and "--gpu_memory: expected a size like 32GB" in capsys.readouterr().err
+
+
+def test_molegrad_reduces_the_peak_and_sweep_finds_deeper_models(capsys):
+    dense = replace(memory.MemoryFlags(), enable_streaming=False).model_config()
+    molegrad = replace(memory.MemoryFlags(), enable_streaming=True, streaming_target_layers="all",
+                       streaming_momentum="lowrank").model_config()
+    assert plan_memory(molegrad, 1).peak < plan_memory(dense, 1).peak
+    deepest = memory.main(["--sweep_depths=True"])["deepest"]
+    assert 0 < deepest["dense"] < deepest["MoleGrad all k32 lowrank"]
+    assert "deepest that fits 8192 tokens x 1 in 32GB: dense depth" in capsys.readouterr().out
+
+
+def test_bench_smoke_two_arms(tmp_path, capsys):
+    """No corpus in the test's base dir: the synthetic stream; JSON keys that report.py reads, the PNG."""
+    argv = ["--arms=dense,molegrad_ffn_k16", "--depth=1", "--max_seq_len=32", "--device_batch_size=2", "--steps=3",
+            "--warmup=1", "--lr_sweep=False", "--energy_every=1", "--eval_tokens=128", "--synthetic_vocab=256",
+            f"--out_dir={tmp_path}"]
+    summary = molegrad_bench.main(argv)
+    out = capsys.readouterr().out
+    assert "synthetic Markov-chain token stream" in out
+    assert json.loads(out.strip().splitlines()[-1])["bench"] == "molegrad"
+    arms = json.loads((tmp_path / "molegrad.json").read_text())["arms"]
+    assert [a["arm"] for a in arms] == ["dense", "molegrad_ffn_k16"] == [a["arm"] for a in summary["arms"]]
+    for arm in arms:
+        assert {"arm", "saved_bytes_per_token", "val_bpb", "step_s", "peak_bytes", "energy", "lr"} <= set(arm)
+    dense, streaming = arms
+    assert dense["energy"] is None and 0 < streaming["energy"] <= 1
+    assert streaming["saved_bytes_per_token"] < dense["saved_bytes_per_token"]
+    assert (tmp_path / "plot-molegrad.png").stat().st_size > 0
