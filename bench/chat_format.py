@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from nanochat.checkpoint import CheckpointError
-from nanochat.common import compute_init, fail
 from nanochat.config import parse_args
-from nanochat.engine import Engine, ModelFlags, load_chat_model, use_calculator
+from nanochat.engine import Engine, ModelFlags, open_chat_engine, use_calculator
 from nanochat.report import log_section
 
 
@@ -54,12 +52,8 @@ def measure(engine: Engine, tokenizer, num_prompts: int, max_tokens: int, seed: 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = parse_args(FormatConfig, argv, prog="python -m bench.chat_format")
-    ctx = compute_init(cfg.device, "float32", threads=cfg.threads)
-    try:
-        model, tokenizer, meta = load_chat_model(cfg, ctx.device)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    rates = measure(Engine(model, tokenizer), tokenizer, cfg.num_prompts, cfg.max_tokens, cfg.seed)
+    engine, tokenizer, meta, _ = open_chat_engine(cfg, "float32")
+    rates = measure(engine, tokenizer, cfg.num_prompts, cfg.max_tokens, cfg.seed)
     print(f"{'stage':<6}{'prompts':>8}{'ends turn':>11}{'python call':>13}{'correct':>9}")
     print(f"{cfg.source:<6}{cfg.num_prompts:>8}{rates['ends_turn']:>11.0%}{rates['python_call']:>13.0%}{rates['correct']:>9.0%}")
     log_section(f"Chat format {cfg.source}", {"checkpoint": meta["checkpoint_dir"], "num_prompts": cfg.num_prompts, **rates})

@@ -512,3 +512,17 @@ def load_chat_model(flags: ModelFlags, device: torch.device | str) -> tuple[torc
                          f"has {tokenizer.get_vocab_size()}: was the tokenizer retrained after this model?")
     model.to(inference_dtype(torch.device(device).type, flags.dtype))
     return model, tokenizer, meta
+
+
+def open_chat_engine(flags: ModelFlags, dtype: str = "auto") -> tuple[Engine, Tokenizer, dict[str, Any], Any]:
+    """What chat_cli, chat_eval and the chat benches start with: runtime setup and an Engine on
+    the checkpoint `flags` name. A missing or mismatched checkpoint is one line and exit 1."""
+    from nanochat.checkpoint import CheckpointError
+    from nanochat.common import compute_init, fail
+
+    ctx = compute_init(flags.device, dtype, seed=0, threads=flags.threads)
+    try:
+        model, tokenizer, meta = load_chat_model(flags, ctx.device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    return Engine(model, tokenizer), tokenizer, meta, ctx

@@ -16,10 +16,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from nanochat.checkpoint import CheckpointError
-from nanochat.common import compute_init, fail, print0
+from nanochat.common import fail, print0
 from nanochat.config import check, parse_args
-from nanochat.engine import Engine, ModelFlags, StreamDecoder, chat_prompt, load_chat_model
+from nanochat.engine import Engine, ModelFlags, StreamDecoder, chat_prompt, open_chat_engine
 
 
 @dataclass
@@ -67,12 +66,7 @@ def stream_reply(engine: Engine, messages: list[dict[str, Any]], cfg: ChatCliCon
 def main(argv: list[str] | None = None) -> str:
     """Returns the reply with -p (for tests), else "" after the interactive session."""
     cfg = parse_args(ChatCliConfig, argv, prog="python -m scripts.chat_cli")
-    ctx = compute_init(cfg.device, seed=0, threads=cfg.threads)
-    try:
-        model, tokenizer, meta = load_chat_model(cfg, ctx.device)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    engine = Engine(model, tokenizer)
+    engine, tokenizer, meta, ctx = open_chat_engine(cfg)
     seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
 
     def write(text: str) -> None:

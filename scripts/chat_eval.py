@@ -17,10 +17,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from nanochat.checkpoint import CheckpointError
-from nanochat.common import compute_cleanup, compute_init, fail, print0
+from nanochat.common import compute_cleanup, fail, print0
 from nanochat.config import check, parse_args
-from nanochat.engine import Engine, ModelFlags, load_chat_model
+from nanochat.engine import ModelFlags, open_chat_engine
 from nanochat.evaluation import RANDOM_BASELINE, chatcore, make_task, run_categorical, run_generative
 from nanochat.report import log_section
 
@@ -52,12 +51,8 @@ class ChatEvalConfig(ModelFlags):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(ChatEvalConfig, argv, prog="python -m scripts.chat_eval")
-    ctx = compute_init(cfg.device, "float32", threads=cfg.threads)
-    try:
-        model, tokenizer, meta = load_chat_model(cfg, ctx.device)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    engine = Engine(model, tokenizer)
+    engine, tokenizer, meta, ctx = open_chat_engine(cfg, "float32")
+    model = engine.model
     accuracies: dict[str, float] = {}
     for name in cfg.tasks.split(","):
         t0 = time.perf_counter()
