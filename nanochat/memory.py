@@ -412,11 +412,9 @@ def measure_peak(config: GPTConfig, batch_size: int, dtype: str, grad_accum_step
         torch.cuda.empty_cache()
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        model = run_training_steps(config, batch_size, dtype, grad_accum_steps, steps, device)
+        run_training_steps(config, batch_size, dtype, grad_accum_steps, steps, device)
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - baseline
-        del model
-        return peak
+        return torch.cuda.max_memory_allocated() - baseline
     if device != "cpu":
         raise ValueError(f"device: expected cpu or cuda, got {device!r}")
     spec = json.dumps({"config": asdict(config), "batch_size": batch_size, "dtype": dtype,
@@ -561,9 +559,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = flags.model_config()
     except ValueError as e:
         fail(str(e), status=2)
+    # the plan is for a GPU (fused AdamW), unless it is checked here against a CPU step
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps, device)
-    print("memory plan: " + describe(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps))
+    plan_device = device if flags.measure else "cuda"
+    plan = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps, plan_device)
+    print(f"memory plan ({plan_device}): " + describe(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps))
     print(format_plan(plan))
     fits, line = fit_line(plan.peak, parse_size(flags.reserve), parse_size(flags.gpu_memory), flags.gpu_memory)
     print(line)
