@@ -244,7 +244,10 @@ def plot_molegrad(directory: Path) -> Path | None:
     ax1.set_ylabel("saved for backward (KiB / token)")
     ax1.set_xlabel("arm")
     ax1.set_title("activation memory")
-    ax2.bar(names, [a["val_bpb"] for a in arms])
+    bpb = [a["val_bpb"] for a in arms]
+    ax2.bar(names, bpb)
+    spread = max(bpb) - min(bpb)
+    ax2.set_ylim(min(bpb) - spread - 1e-3, max(bpb) + 0.5 * spread + 1e-3)  # zoom in: the arms differ by ~1%
     ax2.set_ylabel("val bpb after the token budget")
     ax2.set_xlabel("arm")
     ax2.set_title("quality (lower is better)")
