@@ -10,6 +10,7 @@ Fast CPU defaults (measured on 2-core machines, see README):
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import random
@@ -17,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 TCMALLOC_GLOBS = (
     "/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4",
@@ -84,6 +85,19 @@ def atomic_write(path: Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_jsonl(path: Path | str, error: type[Exception] = ValueError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-blank line; a bad line raises `error` naming
+    the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def get_rank() -> int:

@@ -29,7 +29,6 @@ first option); language_modeling: correct iff greedy argmax reproduces every spa
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -44,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import get_base_dir, print0, read_jsonl
 from nanochat.download import download_file
 
 DEFAULT_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -215,16 +214,9 @@ def _load_baselines(csv_path: Path) -> dict[str, float]:
 def load_items(task: TaskSpec) -> list[dict[str, Any]]:
     """The task's items in file order, each checked for its type's fields."""
     items = []
-    with open(task.data_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalBundleError(f"{task.data_path}:{line_no}: not valid JSON: {e}") from None
-            _check_item(item, task.task_type, f"{task.data_path}:{line_no}")
-            items.append(item)
+    for line_no, item in read_jsonl(task.data_path, EvalBundleError):
+        _check_item(item, task.task_type, f"{task.data_path}:{line_no}")
+        items.append(item)
     if len(items) <= task.num_fewshot:
         raise EvalBundleError(f"{task.data_path}: task '{task.label}' has {len(items)} items, too few for {task.num_fewshot}-shot prompts drawn from the other items")
     return items

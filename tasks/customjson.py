@@ -9,28 +9,21 @@ the file and line number.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from nanochat.common import read_jsonl
 from tasks.common import Conversation, Task, validate_messages
 
 
 def read_conversations(path: Path) -> list[Conversation]:
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            messages = record.get("messages") if isinstance(record, dict) else record
-            try:
-                validate_messages(messages)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_number}: {e}") from None
-            conversations.append({"messages": messages})
+    for line_number, record in read_jsonl(path):
+        messages = record.get("messages") if isinstance(record, dict) else record
+        try:
+            validate_messages(messages)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_number}: {e}") from None
+        conversations.append({"messages": messages})
     if not conversations:
         raise ValueError(f"{path}: no conversations (the file is empty)")
     return conversations
