@@ -1,4 +1,4 @@
 """Benchmarks: `python -m bench.<name>`. Started that way, re-exec with tcmalloc first."""
-from nanochat.common import fast_malloc_reexec
+from nanochat.tcmalloc import reexec_with_tcmalloc
 
-fast_malloc_reexec("bench")
+reexec_with_tcmalloc("bench")

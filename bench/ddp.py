@@ -32,9 +32,9 @@ from nanochat import distributed
 from nanochat.common import RunContext
 from nanochat.config import check, parse_args
 from nanochat.distributed import record_traffic
-from nanochat.gpt import GPT, GPTConfig, STREAMING_TARGETS
-from nanochat.optim import Muon
-from nanochat.streaming_linear import streaming_layers
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import Muon, setup_optimizers
+from nanochat.streaming_linear import STREAMING_TARGETS, streaming_layers
 from nanochat.trainer import train_step
 
 # arm -> MoleGrad momentum (None = dense training)
@@ -84,7 +84,7 @@ def build_model(cfg: BenchConfig, arm: str) -> GPT:
 def train_arm(cfg: BenchConfig, arm: str, ctx: RunContext) -> dict[str, Any]:
     """`cfg.steps` steps of one arm on this rank's rows of every global batch."""
     model = build_model(cfg, arm)
-    optimizers = model.setup_optimizers(**OPTIMIZER)  # sharded when a process group is up
+    optimizers = setup_optimizers(model, **OPTIMIZER)  # sharded when a process group is up
     for opt in optimizers:
         if isinstance(opt, Muon):
             opt.ns_dtype = getattr(torch, cfg.dtype)  # bf16 Newton–Schulz would round the two runs apart

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from nanochat.common import RunContext, compute_init, print0
-from nanochat.config import check, parse_args
+from nanochat.config import UserError, check, parse_args
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import BLOCK_LINEARS, GPT, GPTConfig, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
@@ -68,7 +68,7 @@ from nanochat.memory import (
     measure_peak,
     plan_memory,
 )
-from nanochat.optim import get_lr_multiplier, get_muon_momentum
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, setup_optimizers
 from nanochat.report import plot_molegrad, report_dir
 from nanochat.streaming_linear import StreamingLinear
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -79,7 +79,7 @@ GALORE_LRS = (0.01, 0.02, 0.04)  # AdamW under GaLore
 MOLEGRAD_RANKS = (16, 32, 64)
 TARGETS = {"ffn": "ffn_only", "all": "all"}
 ARM_NAMES = ("dense", "recompute", "galore") + tuple(f"molegrad_{t}_k{k}" for t in TARGETS for k in MOLEGRAD_RANKS)
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}  # nanochat.memory's --dtype
 
 
 @dataclass
@@ -153,11 +153,14 @@ def make_optimizers(model: GPT, name: str, lr: float, cfg: MoleGradBenchConfig) 
     """base_train's [AdamW(embedding, head), Muon(blocks)] at matrix_lr = lr; for GaLore, Muon is
     replaced by GaLoreAdamW over the same block matrices (module docstring)."""
     if name != "galore":
-        return model.setup_optimizers(matrix_lr=lr)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        from galore_torch import GaLoreAdamW  # its import pulls bitsandbytes, which prints about missing kernels
+        return setup_optimizers(model, matrix_lr=lr)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from galore_torch import GaLoreAdamW  # its import pulls bitsandbytes, which prints about missing kernels
+    except ImportError:
+        raise UserError("galore-torch is not installed: pip install -e '.[bench]' (the bench extra)") from None
 
-    adamw = model.setup_optimizers()[0]
+    adamw = setup_optimizers(model)[0]
     matrices = [linear.weight for linear in block_matrices(model).values()]
     galore = GaLoreAdamW([{"params": matrices, "rank": cfg.galore_rank, "update_proj_gap": cfg.galore_update_proj_gap,
                            "scale": cfg.galore_scale, "proj_type": "std"}],
@@ -364,7 +367,7 @@ def print_table(results: list[dict[str, Any]], dense_bpb: float | None) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(MoleGradBenchConfig, argv, prog="python -m bench.molegrad")
     names = cfg.arm_names()
-    ctx = compute_init("cpu", cfg.dtype, cfg.seed, cfg.threads)
+    ctx = compute_init(device="cpu", dtype=cfg.dtype, seed=cfg.seed, threads=cfg.threads)
     data = load_data(cfg)
     t0 = time.perf_counter()
     results = [run_arm(name, data, cfg, ctx) for name in names]

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.common import compute_init, set_cpu_threads
+from nanochat.common import compute_init, matmul_flops, set_cpu_threads
 from nanochat.config import parse_args
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.trainer import grad_accum_steps, matmul_peak_flops, train_step
+from nanochat.optim import setup_optimizers
+from nanochat.trainer import grad_accum_steps, train_step
 
 # arm name -> (dtype, threads); "auto" is what base_train picks by default
 ARMS = {"auto": ("auto", 0), "fp32": ("float32", 0), "bf16": ("bfloat16", 0), "bf16_1thread": ("bfloat16", 1)}
@@ -42,11 +43,11 @@ class BenchConfig:
 
 def run_arm(cfg: BenchConfig, name: str) -> dict:
     dtype_name, threads = ARMS[name]
-    ctx = compute_init("", dtype_name, seed=0, threads=threads)
+    ctx = compute_init(dtype=dtype_name, seed=0, threads=threads)
     model_config = config_from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, recompute=cfg.recompute)
     model = GPT(model_config).to(ctx.device)
     model.init_weights()
-    optimizers = model.setup_optimizers(0.004, 0.2, 0.02, 0.0)
+    optimizers = setup_optimizers(model, 0.004, 0.2, 0.02, 0.0)
     grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, 1)
     gen = torch.Generator().manual_seed(0)
 
@@ -78,7 +79,7 @@ def run_arm(cfg: BenchConfig, name: str) -> dict:
 
 def measure_peak() -> float:
     set_cpu_threads(0)
-    return matmul_peak_flops("cpu", torch.bfloat16, seconds=2.0, size=2048) if not torch.cuda.is_available() else float("nan")
+    return matmul_flops("cpu", torch.bfloat16, seconds=2.0, size=2048) if not torch.cuda.is_available() else float("nan")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -10,10 +10,16 @@ Every file is written to a temporary name and renamed into place, and the meta f
 only after the others are complete: a checkpoint "exists" iff its meta file exists, so a save
 interrupted half-way leaves the previous checkpoint as the last good one. Loading uses
 `torch.load(weights_only=True)`: checkpoints hold tensors and plain containers only.
+
+How a checkpoint becomes a model, for every entry point: `load_model` (a stage's checkpoint by
+kind/tag/step, or a directory) builds the GPT from the saved model_config, with `overrides` for
+the fields a run may change (memory options, context length), and loads the weights;
+`load_chat_model` adds the tokenizer and the inference dtype for chat_cli/chat_web/chat_eval.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -22,13 +28,16 @@ from typing import Any
 
 import torch
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import atomic_write, get_base_dir, resolve_dtype
+from nanochat.config import CheckpointFlags, UserError
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 META_RE = re.compile(r"^meta_(\d{6})\.json$")
 TRAIN_SCRIPT = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A missing, corrupt or mismatched checkpoint; the message says which file and why."""
 
 
@@ -167,19 +176,83 @@ def find_model_dir(kind: str, model_tag: str = "") -> Path:
     return max(candidates, key=lambda d: (d / f"meta_{complete_steps(d)[-1]:06d}.json").stat().st_mtime)
 
 
-def load_model(kind: str, model_tag: str = "", step: int = -1, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A trained model in eval mode and its metadata, from the last (or given) complete step."""
-    from nanochat.gpt import GPT, GPTConfig
+def load_weights(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """Every parameter of `model` from `state` (same names and shapes, else CheckpointError).
+    Buffers (MoleGrad's tracked subspace) are taken where the checkpoint has them with the same
+    shape and keep their fresh values otherwise, so a model trained dense can continue with
+    MoleGrad and the other way round. (Resuming a run uses load_model_state_strict instead.)"""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise CheckpointError(f"checkpoint {source} does not match the model: missing parameters {missing[:3]}")
+    own = model.state_dict()
+    for name, value in state.items():
+        if name in params and value.shape != params[name].shape:
+            raise CheckpointError(f"checkpoint {source} does not match the model: {name} has shape "
+                                  f"{tuple(value.shape)}, model expects {tuple(params[name].shape)}")
+    usable = {name: value for name, value in state.items()
+              if name in own and (not isinstance(value, torch.Tensor) or value.shape == own[name].shape)}
+    model.load_state_dict(usable, strict=False)
 
-    directory = find_model_dir(kind, model_tag)
-    step = step if step >= 0 else complete_steps(directory)[-1]
-    model_state, _, meta = load_checkpoint(directory, step, load_rank_state=False)
+
+def load_model(
+    source: str = "",
+    model_tag: str = "",
+    step: int = -1,
+    device: torch.device | str = "cpu",
+    overrides: dict[str, Any] | None = None,
+    directory: Path | None = None,
+    weights: bool = True,
+    hf_dir: str | Path = "",
+) -> tuple[GPT, dict[str, Any]]:
+    """A trained GPT (in eval mode) and its metadata, from the last (or given) complete step of
+    `directory`, or of the newest/`model_tag` checkpoint directory of kind `source`, or from the
+    Hugging Face NanoChat folder `hf_dir` (--init_from_hf, nanochat/hf.py) when given.
+
+    `overrides`: GPTConfig fields that differ from the saved model_config (recompute, MoleGrad
+    options, sequence_len). weights=False builds the architecture only (a resumed run loads its
+    own weights)."""
+    if hf_dir:
+        from nanochat.hf import load_hf
+
+        model, _ = load_hf(hf_dir, **(overrides or {}))
+        model.to(device)
+        return model, {"checkpoint_dir": str(hf_dir), "step": 0, "model_config": dataclasses.asdict(model.config)}
+    directory = Path(directory) if directory is not None else find_model_dir(source, model_tag)
+    if step < 0:
+        step = last_step(directory)
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {directory}")
+    meta = load_meta(directory, step)
     try:
-        config = GPTConfig(**meta["model_config"])
+        config = GPTConfig(**{**meta["model_config"], **(overrides or {})})
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint metadata in {directory} step {step} has no usable model_config: {e}") from e
     model = GPT(config)
-    load_model_state_strict(model, model_state, f"{directory} step {step}")
+    if weights:
+        model_state, _, _ = load_checkpoint(directory, step, load_rank_state=False)
+        load_weights(model, model_state, f"{directory} step {step}")
     model.to(device)
     model.eval()
     return model, {**meta, "checkpoint_dir": str(directory), "step": step}
+
+
+def inference_dtype(device_type: str, override: str) -> torch.dtype:
+    """The dtype of the weights for decoding: bf16 on CUDA (when supported); float32 on CPU and
+    MPS, where decode steps were not faster in bf16 (python -m bench.inference --dtypes=float32,bfloat16)."""
+    if override == "auto" and device_type != "cuda":
+        return torch.float32
+    return resolve_dtype(device_type, override)
+
+
+def load_chat_model(flags: CheckpointFlags, device: torch.device, dtype: str = "auto") -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """(model in eval mode with weights in the inference dtype, tokenizer, checkpoint meta) of the
+    checkpoint `flags` name; raises CheckpointError / FileNotFoundError naming what is missing
+    or mismatched. With --init_from_hf, the model and tokenizer of that folder."""
+    model, meta = load_model(flags.source, flags.model_tag, flags.step, device, hf_dir=flags.init_from_hf)
+    tokenizer = get_tokenizer(flags.init_from_hf or None)
+    if model.config.vocab_size != tokenizer.get_vocab_size():
+        raise CheckpointError(f"checkpoint {meta['checkpoint_dir']} has vocab_size {model.config.vocab_size} but the "
+                              f"tokenizer has {tokenizer.get_vocab_size()}: was the tokenizer retrained after this model?")
+    model.to(inference_dtype(device.type, dtype))
+    return model, tokenizer, meta

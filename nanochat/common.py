@@ -1,14 +1,12 @@
-"""Device, dtype, distributed init, paths, logging and seeding: once, for every script.
+"""Device, dtype, distributed init, paths, logging, seeding, the error wrapper, the MFU
+denominator and experiment tracking: once, for every script.
 
-Fast CPU defaults (measured on 2-core machines, see README):
-- glibc malloc makes small tensor ops 5-10x slower than tcmalloc, so entry points re-exec
-  themselves with tcmalloc preloaded when it is installed (`fast_malloc_reexec`, called from
-  `scripts/__init__.py` and `bench/__init__.py`; opt out with NANOCHAT_TCMALLOC=0);
-- the thread count is chosen per workload (`--threads` overrides, 0 = auto).
+CPU threads: 0 = all cores, split among the ranks (`--threads` overrides).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -18,46 +16,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
-TCMALLOC_GLOBS = (
-    "/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4",
-    "/usr/lib/libtcmalloc_minimal.so.4",
-    "/usr/lib64/libtcmalloc_minimal.so.4",
-)
+from nanochat import distributed
+from nanochat.config import DEVICES, DTYPES, ConfigError, RuntimeFlags, UserError
 
-
-# ---------------------------------------------------------------------------------------------
-# process setup that must happen before torch is imported
-
-def find_tcmalloc() -> str | None:
-    for pattern in TCMALLOC_GLOBS:
-        hits = sorted(glob.glob(pattern))
-        if hits:
-            return hits[0]
-    return None
-
-
-def fast_malloc_reexec(package: str) -> None:
-    """Re-exec this process with tcmalloc preloaded, if available and not already loaded.
-
-    Only for processes started as `python -m <package>.<module>` (sys.orig_argv keeps the
-    command line); never inside a test run (pytest imports the same modules) or a REPL.
-    """
-    if os.environ.get("NANOCHAT_TCMALLOC", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    argv = getattr(sys, "orig_argv", [])
-    if len(argv) < 3 or argv[1] != "-m" or not argv[2].startswith(package + ".") or sys.platform != "linux":
-        return
-    lib = find_tcmalloc()
-    if lib is None:
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = (lib + " " + env.get("LD_PRELOAD", "")).strip()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, argv, env)
-
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # paths and logging
@@ -120,10 +84,28 @@ def get_logger(name: str = "nanochat") -> logging.Logger:
     return logger
 
 
-def fail(message: str, status: int = 1) -> None:
+def fail(message: str, status: int = 1) -> NoReturn:
     """Stop a script with one clear line on stderr and a non-zero exit status."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
+
+
+def run_main(body: Callable[..., T], cfg: Any) -> T:
+    """The body of every entry point's main(): the one error wrapper.
+
+    With RuntimeFlags in `cfg`, sets up the run first (compute_init) and calls body(cfg, ctx),
+    else body(cfg). An expected failure (UserError, a missing file, a bad value; a lost peer under
+    torchrun included) becomes one `error:` line on stderr and exit status 1; the process group is
+    always cleaned up.
+    """
+    try:
+        if isinstance(cfg, RuntimeFlags):
+            return body(cfg, compute_init(cfg))
+        return body(cfg)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    finally:
+        compute_cleanup()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +116,12 @@ def autodetect_device_type(override: str = "") -> str:
     import torch
 
     if override:
-        if override not in ("cuda", "mps", "cpu"):
-            raise ValueError(f"device must be one of cuda|mps|cpu, got {override!r}")
+        if override not in DEVICES:
+            raise ConfigError(f"--device: expected one of {'|'.join(DEVICES)}, got {override!r}")
         if override == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+            raise ConfigError("--device=cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
         if override == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("device 'mps' requested but MPS is not available")
+            raise ConfigError("--device=mps: MPS is not available here")
         return override
     if torch.cuda.is_available():
         return "cuda"
@@ -158,7 +140,7 @@ def resolve_dtype(device_type: str, override: str = "auto") -> "torch.dtype":
     if override == "bfloat16":
         return torch.bfloat16
     if override != "auto":
-        raise ValueError(f"dtype must be auto|float32|bfloat16, got {override!r}")
+        raise ConfigError(f"--dtype: expected one of {'|'.join(DTYPES)}, got {override!r}")
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device_type == "cpu" and cpu_has_native_bf16():
@@ -225,8 +207,9 @@ class RunContext:
             torch.cuda.synchronize()
 
 
-def compute_init(device: str = "", dtype: str = "auto", seed: int = 42, threads: int = 0) -> RunContext:
-    """Device + dtype + seeding + torch.distributed from torchrun's environment.
+def compute_init(flags: RuntimeFlags | None = None, **overrides: Any) -> RunContext:
+    """Device + dtype + seeding + torch.distributed from torchrun's environment, from the
+    runtime flags (`overrides` replace single fields: compute_init(device="cpu", threads=1)).
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) the process group is created with NCCL on
     CUDA and gloo elsewhere, with a finite collective timeout (nanochat.distributed). Every rank
@@ -236,7 +219,8 @@ def compute_init(device: str = "", dtype: str = "auto", seed: int = 42, threads:
     import torch
     import torch.distributed as dist
 
-    device_type = autodetect_device_type(device)
+    flags = dataclasses.replace(flags or RuntimeFlags(), **overrides)
+    device_type = autodetect_device_type(flags.device)
     ddp = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     rank = int(os.environ.get("RANK", 0)) if ddp else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
@@ -249,14 +233,12 @@ def compute_init(device: str = "", dtype: str = "auto", seed: int = 42, threads:
     else:
         dev = torch.device(device_type)
     if device_type == "cpu":
-        set_cpu_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) // max(1, world_size)))
+        set_cpu_threads(flags.threads if flags.threads > 0 else max(1, (os.cpu_count() or 1) // max(1, world_size)))
     if ddp and world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        from nanochat.distributed import init_process_group
-
-        init_process_group(backend, dev if device_type == "cuda" else None)
-    seed_everything(seed)
-    return RunContext(dev, device_type, resolve_dtype(device_type, dtype), ddp and world_size > 1, rank, local_rank, world_size)
+        distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", dev if device_type == "cuda" else None)
+    seed_everything(flags.seed)
+    dtype = resolve_dtype(device_type, flags.dtype)
+    return RunContext(dev, device_type, dtype, ddp and world_size > 1, rank, local_rank, world_size)
 
 
 def compute_cleanup() -> None:
@@ -266,11 +248,53 @@ def compute_cleanup() -> None:
         dist.destroy_process_group()
 
 
+# bf16 dense peak FLOP/s by GPU name (datasheets, without sparsity), for MFU
+GPU_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "5090": 209.5e12, "4090": 165.2e12, "l4": 121e12}
+_measured_peaks: dict[tuple[str, str], float] = {}
+
+
+def peak_flops(ctx: RunContext) -> float:
+    """The MFU denominator of every training stage and bench, per device: the datasheet bf16 peak
+    of a known GPU, else a measured dense matmul in the compute dtype (CPU, unknown GPUs), measured
+    once per process."""
+    import torch
+
+    if ctx.device_type == "cuda":
+        name = torch.cuda.get_device_name(ctx.device).lower()
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    key = (ctx.device_type, str(ctx.dtype))
+    if key not in _measured_peaks:
+        _measured_peaks[key] = matmul_flops(ctx.device, ctx.dtype, size=4096 if ctx.device_type == "cuda" else 1024)
+    return _measured_peaks[key]
+
+
+def matmul_flops(device: "torch.device | str", dtype: "torch.dtype", seconds: float = 0.5, size: int = 1024) -> float:
+    """Measured dense (size x size) @ (size x size) matmul FLOP/s on `device` in `dtype`."""
+    import time
+
+    import torch
+
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    sync()
+    return 2 * size**3 * n / (time.perf_counter() - t0)
+
+
 # ---------------------------------------------------------------------------------------------
 # experiment tracking
 
 class DummyWandb:
-    """Stands in for a wandb run when WANDB_RUN is unset or 'dummy'."""
+    """Stands in for a wandb run when no run name is given (or it is 'dummy')."""
 
     def log(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -279,13 +303,16 @@ class DummyWandb:
         pass
 
 
-def init_wandb(project: str, config: dict[str, Any], master: bool = True) -> Any:
-    """A wandb run when WANDB_RUN is set (and not 'dummy') on the master process, else a no-op."""
-    run_name = os.environ.get("WANDB_RUN", "dummy")
+def init_wandb(project: str, run_name: str, config: dict[str, Any], master: bool = True) -> Any:
+    """A wandb run named `run_name` (the --run flag; WANDB_RUN when the flag is left at 'dummy') on
+    the master process, else a no-op. Log with run.log({...}, step=step) so that train and eval
+    points of one step line up."""
+    if run_name == "dummy":
+        run_name = os.environ.get("WANDB_RUN", "dummy")
     if run_name == "dummy" or not master:
         return DummyWandb()
     try:
         import wandb
     except ImportError:
-        fail("WANDB_RUN is set but wandb is not installed: pip install wandb (or unset WANDB_RUN)")
+        raise UserError(f"--run={run_name}: wandb is not installed (pip install -e '.[wandb]'), or use --run=dummy") from None
     return wandb.init(project=project, name=run_name, config=config)

@@ -1,6 +1,7 @@
 """Command-line flags generated from dataclass fields.
 
-Every script declares its knobs as a dataclass; `parse_args` turns each field into a flag:
+Every script declares its knobs as a dataclass; `parse_args` turns each field into a flag (a field
+with metadata {"positional": True} also takes a bare word: `python -m nanochat.report generate`):
 
     @dataclass
     class TrainConfig:
@@ -11,7 +12,11 @@ Every script declares its knobs as a dataclass; `parse_args` turns each field in
 
 Errors (unknown flag, bad value, failed validation) print ONE line naming the flag and what was
 expected, and exit with status 2. A dataclass may define `validate(self)` raising ConfigError
-for cross-field checks. `to_dict(cfg)` gives the plain dict stored in checkpoint metadata.
+for cross-field checks (call super().validate() first). `to_dict(cfg)` gives the plain dict
+stored in checkpoint metadata.
+
+The flag groups every entry point shares are defined here once and inherited:
+`RuntimeFlags` (where and how it runs) and `CheckpointFlags` (which checkpoint it reads).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
+from dataclasses import dataclass, field
 from typing import Any, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -27,8 +33,20 @@ TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An expected failure the user can fix (a bad flag, a missing file, a lost peer): its message
+    is one line that names what is wrong, and entry points print it as `error: ...` (exit != 0)
+    instead of a traceback. Every such exception class of the library derives from it."""
+
+
+class ConfigError(UserError, ValueError):
     """A bad flag or value; the message names the flag and what was expected."""
+
+
+CHECKPOINT_KINDS = ("base", "mid", "sft", "rl")  # the training stages, in pipeline order
+DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = ("cuda", "mps", "cpu")
+TASK_SOURCES = ("auto", "online", "offline")  # hub tasks: online, offline stand-ins, or online when reachable
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -72,14 +90,15 @@ def _type_name(typ: Any) -> str:
 def format_help(cls: type, prog: str = "") -> str:
     """One line per flag: name, type, default, help."""
     types = _field_types(cls)
-    lines = [f"usage: {prog or 'python -m ...'} [--flag=value ...]", ""]
+    positionals = "".join(f" {f.name.upper()}" for f in dataclasses.fields(cls) if f.metadata.get("positional"))
+    lines = [f"usage: {prog or 'python -m ...'}{positionals} [--flag=value ...]", ""]
     doc = (cls.__doc__ or "").strip().splitlines()
     if doc and not doc[0].startswith(cls.__name__ + "("):
         lines += [doc[0], ""]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         short = f.metadata.get("short")
-        name = f"--{f.name}" + (f", {short}" if short else "")
+        name = f.name.upper() if f.metadata.get("positional") else f"--{f.name}" + (f", {short}" if short else "")
         extra = f" (one of: {'|'.join(f.metadata['choices'])})" if "choices" in f.metadata else ""
         lines.append(f"  {name:<32} {_type_name(types[f.name]):<6} default={default!r}{extra}")
         if f.metadata.get("help"):
@@ -92,6 +111,7 @@ def parse_args_or_raise(cls: type[T], argv: Sequence[str]) -> T:
     types = _field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     shorts = {f.metadata["short"]: f.name for f in fields.values() if f.metadata.get("short")}
+    positionals = [f.name for f in fields.values() if f.metadata.get("positional")]
     values: dict[str, Any] = {}
     args = list(argv)
     i = 0
@@ -103,6 +123,8 @@ def parse_args_or_raise(cls: type[T], argv: Sequence[str]) -> T:
             name, eq, raw = arg[2:].partition("=")
             name = name.replace("-", "_")
             raw = raw if eq else None
+        elif positionals:
+            name, raw = positionals.pop(0), arg
         else:
             raise ConfigError(f"unexpected argument {arg!r}: flags look like --name=value")
         if name not in fields:
@@ -118,7 +140,7 @@ def parse_args_or_raise(cls: type[T], argv: Sequence[str]) -> T:
         value = _convert(name, raw, types[name])
         choices = fields[name].metadata.get("choices")
         if choices is not None and value not in choices:
-            raise ConfigError(f"--{name}: expected one of {'|'.join(map(str, choices))}, got {raw!r}")
+            raise ConfigError(f"{'' if fields[name].metadata.get('positional') else '--'}{name}: expected one of {'|'.join(map(str, choices))}, got {raw!r}")
         values[name] = value
         i += 1
     cfg = cls(**values)
@@ -150,3 +172,62 @@ def check(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds: for `validate` methods."""
     if not condition:
         raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# the flag groups every entry point shares
+
+@dataclass
+class Flags:
+    """Base of every config dataclass: flag groups combine by multiple inheritance, and each
+    validate() calls super().validate() so that every group's checks run."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class RuntimeFlags(Flags):
+    """Where and how a script runs: every entry point that runs a model takes these."""
+
+    device: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "compute dtype (auto = bfloat16 where the hardware has it, float32 elsewhere)", "choices": DTYPES})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = all cores, split among ranks)"})
+    seed: int = field(default=42, metadata={"help": "random seed"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model's forward"})
+
+    def validate(self) -> None:
+        """Checked at parse time, before any model or data loads: a bad device is one line."""
+        super().validate()
+        check(self.threads >= 0, f"--threads: expected >= 0 (0 = all cores), got {self.threads}")
+        if self.device == "":
+            return
+        check(self.device in DEVICES, f"--device: expected one of {'|'.join(DEVICES)} (or empty = autodetect), "
+                                      f"got {self.device!r}")
+        import torch
+
+        check(self.device != "cuda" or torch.cuda.is_available(),
+              "--device=cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+        check(self.device != "mps" or torch.backends.mps.is_available(),
+              "--device=mps: MPS is not available here (torch.backends.mps.is_available() is False)")
+
+
+def source_field(default: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> Any:
+    """The `-i/--source` field: which stage's checkpoints to read (a script narrows `kinds`)."""
+    return field(default=default, metadata={"short": "-i", "help": "checkpoint kind to read", "choices": kinds})
+
+
+@dataclass
+class CheckpointFlags(Flags):
+    """Which checkpoint a script reads: every entry point that loads a trained model takes these."""
+
+    source: str = source_field("sft")
+    model_tag: str = field(default="", metadata={"short": "-c", "help": "checkpoint directory name, e.g. d12 (empty = the newest)"})
+    step: int = field(default=-1, metadata={"help": "checkpoint step (-1 = the last complete one)"})
+    init_from_hf: str = field(default="", metadata={
+        "help": "a Hugging Face NanoChat folder (model + tokenizer) to start from instead of -i/-c/--step"})
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.step >= -1, f"--step: expected a step >= 0 (or -1 = the last), got {self.step}")

@@ -40,14 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanochat import distributed
+
 from nanochat.common import get_base_dir, print0, read_jsonl
-from nanochat.download import download_file
+from nanochat.config import UserError
+from nanochat.download import download_file, file_lock, sha256_file
 
 DEFAULT_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+# sha256 of the zip at DEFAULT_URL; a different file there (the bundle rotated, a captive portal) is refused
+DEFAULT_SHA256 = "90a7c19e28ee7a52b4f6e1f87658deb9fde7f63deba2379045bdb1fe9ea5d200"
 URL_ENV = "NANOCHAT_EVAL_BUNDLE_URL"
+SHA256_ENV = "NANOCHAT_EVAL_BUNDLE_SHA256"
 BUNDLE_DIRNAME = "eval_bundle"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEED = 1234  # item i draws its few-shot examples with random.Random(FEWSHOT_SEED + i)
@@ -55,7 +60,7 @@ SHUFFLE_SEED = 1337  # the fixed order of a task's items (max_per_task takes a p
 EXAMPLE_SEPARATOR = "\n\n"  # after every few-shot example
 
 
-class EvalBundleError(ValueError):
+class EvalBundleError(UserError, ValueError):
     """A malformed eval bundle; the message names the file and the field."""
 
 
@@ -90,26 +95,37 @@ class PreparedItem:
 # ---------------------------------------------------------------------------------------------
 # the bundle: download, unpack, parse
 
+def bundle_sha256(url: str) -> str | None:
+    """The sha256 the zip at `url` must have: $NANOCHAT_EVAL_BUNDLE_SHA256 if set (empty: none),
+    else DEFAULT_SHA256 for DEFAULT_URL, else none (a mirror or a test server)."""
+    if SHA256_ENV in os.environ:
+        return os.environ[SHA256_ENV].strip().lower() or None
+    return DEFAULT_SHA256 if url == DEFAULT_URL else None
+
+
 def ensure_eval_bundle(url: str | None = None, base_dir: Path | None = None, retries: int = 5, backoff: float = 1.0) -> Path:
     """The unpacked bundle directory, base_dir/eval_bundle (default $NANOCHAT_BASE_DIR), downloading
     it first if it has no core.yaml. `url`: default $NANOCHAT_EVAL_BUNDLE_URL, else DEFAULT_URL.
 
-    The zip is verified (opens, every CRC matches, holds eval_bundle/core.yaml) before it is kept,
-    and retried by download_file when it is not; it is unpacked into a temp dir next to the target
-    and renamed into place, so the target is either absent or complete. Under torch.distributed,
-    rank 0 does the work while the other ranks wait at a barrier (every rank must call this).
+    The zip is verified (its sha256 per `bundle_sha256`, then: opens, every CRC matches, holds
+    eval_bundle/core.yaml) before it is kept, and fetched again by download_file when it is not;
+    it is unpacked into a temp dir next to the target and renamed into place, so the target is
+    either absent or complete. One process at a time does this (a file lock); under
+    torch.distributed, rank 0 does the work while the other ranks wait at a barrier (every rank
+    must call this).
     """
     base = Path(base_dir) if base_dir is not None else get_base_dir()
     target = base / BUNDLE_DIRNAME
     url = url or os.environ.get(URL_ENV) or DEFAULT_URL
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return _download_and_unpack(url, base, target, retries, backoff)
-    if dist.get_rank() == 0:
+    sha256 = bundle_sha256(url)
+    if not distributed.is_distributed():
+        return _download_and_unpack(url, sha256, base, target, retries, backoff)
+    if distributed.rank() == 0:
         try:
-            return _download_and_unpack(url, base, target, retries, backoff)
+            return _download_and_unpack(url, sha256, base, target, retries, backoff)
         finally:
-            dist.barrier()
-    dist.barrier()
+            distributed.barrier("eval bundle download")
+    distributed.barrier("eval bundle download")
     if not (target / "core.yaml").is_file():
         raise RuntimeError(f"rank 0 failed to prepare the eval bundle at {target} (see its error)")
     return target
@@ -125,18 +141,27 @@ def check_bundle_zip(path: Path) -> None:
             raise zipfile.BadZipFile(f"{path}: no {BUNDLE_DIRNAME}/core.yaml inside")
 
 
-def _download_and_unpack(url: str, base: Path, target: Path, retries: int, backoff: float) -> Path:
+def _download_and_unpack(url: str, sha256: str | None, base: Path, target: Path, retries: int, backoff: float) -> Path:
     if (target / "core.yaml").is_file():
         return target
     base.mkdir(parents=True, exist_ok=True)
+    with file_lock(base / f"{BUNDLE_DIRNAME}.lock"):
+        if (target / "core.yaml").is_file():  # another process unpacked it while we waited
+            return target
+        return _unpack_locked(url, sha256, base, target, retries, backoff)
+
+
+def _unpack_locked(url: str, sha256: str | None, base: Path, target: Path, retries: int, backoff: float) -> Path:
     zip_path = base / f"{BUNDLE_DIRNAME}.zip"
     if zip_path.exists():  # left by an interrupted unpack; trust it only if it still checks out
         try:
             check_bundle_zip(zip_path)
+            if sha256 is not None and sha256_file(zip_path) != sha256:
+                raise zipfile.BadZipFile(f"{zip_path}: sha256 is not {sha256}")
         except (zipfile.BadZipFile, OSError):
             zip_path.unlink()
     print0(f"downloading the CORE eval bundle from {url}")
-    download_file(url, zip_path, validate=check_bundle_zip, retries=retries, backoff=backoff, progress=True)
+    download_file(url, zip_path, validate=check_bundle_zip, retries=retries, backoff=backoff, progress=True, sha256=sha256)
     staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLE_DIRNAME}.", dir=base))
     try:
         with zipfile.ZipFile(zip_path) as zf:
@@ -374,8 +399,8 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: TaskSpec, device
     items = load_items(task)
     random.Random(SHUFFLE_SEED).shuffle(items)
     num_eval = len(items) if max_per_task == -1 else min(max_per_task, len(items))
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    several = distributed.is_distributed()
+    rank, world_size = (distributed.rank(), distributed.world_size()) if several else (0, 1)
     max_len = model.config.sequence_len
     correct = 0
     for idx in range(rank, num_eval, world_size):
@@ -384,9 +409,9 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: TaskSpec, device
         except ValueError as e:
             raise ValueError(f"task '{task.label}' ({task.data_path}), item {idx} in evaluation order: {e}") from None
         correct += score_item(model, item, task.task_type, device)
-    if distributed:
+    if several:
         total_correct = torch.tensor(correct, dtype=torch.long, device=device)
-        dist.all_reduce(total_correct)  # num_eval is known to every rank already
+        distributed.all_reduce(total_correct, "CORE counts").wait()  # num_eval is known to every rank already
         correct = int(total_correct.item())
     return correct / num_eval
 

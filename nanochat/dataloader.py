@@ -9,6 +9,9 @@ oldest row group still buffered, how many of that row group's tokens were alread
 the epoch; `DataLoader(..., state=saved)` re-reads that row group, re-tokenizes it (deterministic)
 and skips the consumed tokens, so the next batch equals the one an uninterrupted run would get.
 
+Checked first: the constructor runs nanochat.dataset.verify_shards (every footer; size and
+sha256 against the manifest), so a truncated or corrupted shard stops the run before step 1.
+
 Distributed: row groups are dealt round-robin to ranks by nanochat.dataset.iter_row_groups, so
 ranks read disjoint data and each rank keeps its own state.
 """
@@ -20,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from nanochat.dataset import iter_row_groups
+from nanochat.dataset import iter_row_groups, verify_shards
 
 
 class DataLoader:
@@ -40,6 +43,7 @@ class DataLoader:
     ) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        verify_shards(data_dir)
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
         self.B, self.T = batch_size, seq_len

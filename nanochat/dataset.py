@@ -1,5 +1,5 @@
-"""Pretraining shards: download them (online) or build them from text on this machine (offline),
-and iterate over their documents.
+"""Pretraining shards: list, check and read them; download them (online) or build them from text
+on this machine (offline, the text chosen by nanochat.local_corpus).
 
     python -m nanochat.dataset -n 8                  # FineWeb-Edu shards 0..7 + the val shard
     python -m nanochat.dataset --source=local        # offline corpus from this machine's text
@@ -10,59 +10,64 @@ document per row. The LAST shard (highest index) is the validation split, all ot
 online that is `shard_01822.parquet` (downloaded along with shards 0..N-1), offline the local
 corpus puts its held-out documents in its last shard too.
 
-Local corpus: documents are the pydoc topics, the docstrings and sources of the standard library,
-and the readable docs under /usr/share (READMEs, copyright files, licenses, English man pages).
-Candidate files are listed in sorted order, shuffled with a fixed seed and read until
-`--target_mb` of text is gathered; no "group" (a stdlib package, a Debian package's docs, the man
-pages of one command family such as gcloud-*) may take more than GROUP_SHARE of the total. Two
-builds on the same machine are byte-identical; the content differs between machines.
+Integrity: `manifest.json` records each shard's size and sha256 (online: the hub's LFS sha256
+from its listing API when the base URL is a hub repo, else the digest of the downloaded file;
+offline: at build). `verify_shards`, called when a loader starts, reads every shard's footer and
+compares size and sha256 with the manifest (digests cached per file size+mtime in
+`.verified.json`), so a truncated or bit-flipped shard is refused before step 1 with one line
+naming the command that rebuilds or re-fetches it; the online command re-fetches bad shards.
+Shards carry parquet page checksums (CRC32), verified on every read.
+
+Our own urllib code, not huggingface_hub: the shards and the eval bundle also come from non-hub
+URLs (mirrors, S3), and what the hub part needs (tree listing, resolve URLs, the HF_* variables,
+Range resume, a lock) is ~150 lines in nanochat/download.py, tested against a local server.
 """
 
 from __future__ import annotations
 
-import ast
-import gzip
-import hashlib
 import json
 import os
-import random
 import re
-import sysconfig
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import fail, get_base_dir, print0
-from nanochat.config import check, parse_args
-from nanochat.download import DownloadError, download_file, temp_path
+from nanochat.config import UserError, check, parse_args
+from nanochat.download import (
+    DownloadError,
+    download_file,
+    file_lock,
+    hf_endpoint,
+    hf_offline,
+    hub_headers,
+    hub_tree,
+    sha256_file,
+    temp_path,
+)
+from nanochat.local_corpus import LOCAL_SEED, MIN_VAL_DOCS, local_shards
 
-DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
 MAX_SHARD_INDEX = 1822  # FineWeb-Edu 100B shuffled: shards 0..1822, the last one is validation
 SHARD_GLOB = "shard_*.parquet"
 MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"  # {file: [size, mtime_ns, inode, sha256]}: digests already computed here
+RACY_S = 2.0
 NO_SHARDS_HINT = "run `python -m nanochat.dataset --source=local` (offline) or `python -m nanochat.dataset -n 8`"
-
-LOCAL_SEED = 1234
-DOC_CHARS = 16_000  # long files are cut into documents of at most this many chars, at paragraphs
-MIN_DOC_CHARS = 100  # shorter documents (`.so` man redirects, stubs) are dropped
-MIN_VAL_DOCS = 128  # the val shard gets at least this many documents, whatever --target_mb
-GROUP_SHARE = 0.05  # one group takes at most this share of the target ...
-MIN_GROUP_CHARS = 1_000_000  # ... or this many chars, whichever is larger
 ROW_GROUP_DOCS = 1024
-DOC_ROOT = Path("/usr/share/doc")
-MAN_ROOT = Path("/usr/share/man")
-LICENSE_ROOT = Path("/usr/share/common-licenses")
-STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+HUB_RESOLVE_URL = re.compile(r"^(?P<endpoint>https?://.+?)/datasets/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/?$")
 
 
-class CorruptShardError(ValueError):
-    """A shard that cannot be read; the message names the file and how to fix it."""
+class CorruptShardError(UserError, ValueError):
+    """A shard that cannot be read or does not match the manifest; the message names the file and
+    the command that fixes it."""
 
 
 def shard_name(index: int) -> str:
@@ -71,6 +76,146 @@ def shard_name(index: int) -> str:
 
 def default_data_dir() -> Path:
     return get_base_dir() / "base_data"
+
+
+def default_base_url() -> str:
+    """$NANOCHAT_DATA_URL, else FineWeb-Edu on the hub at hf_endpoint() ($HF_ENDPOINT)."""
+    return os.environ.get("NANOCHAT_DATA_URL") or f"{hf_endpoint()}/datasets/{FINEWEB_REPO}/resolve/main"
+
+
+# ---------------------------------------------------------------------------------------------
+# writing shards and the manifest
+
+def write_shard(texts: list[str], path: Path, row_group_docs: int = ROW_GROUP_DOCS) -> None:
+    """A parquet shard with one string column `text` and page checksums, written atomically."""
+    tmp = temp_path(path)
+    try:
+        table = pa.table({"text": pa.array(texts, type=pa.string())})
+        pq.write_table(table, tmp, row_group_size=row_group_docs, compression="zstd", write_page_checksum=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_manifest(data_dir: Path) -> dict | None:
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptShardError(f"{path} is not valid JSON ({e}); delete it and re-run `python -m nanochat.dataset`") from None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = temp_path(path)
+    try:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def record_shards(data_dir: Path, entries: list[dict], **header) -> None:
+    """Add or replace shard `entries` ({"file", "bytes", "sha256", ...}) in the manifest, setting
+    its top-level `header` keys; safe against concurrent writers (a file lock)."""
+    with file_lock(data_dir / f"{MANIFEST}.lock"):
+        manifest = read_manifest(data_dir) or {}
+        manifest.update(header)
+        by_file = {entry["file"]: entry for entry in manifest.get("shards", [])}
+        by_file.update({entry["file"]: entry for entry in entries})
+        manifest["shards"] = [by_file[name] for name in sorted(by_file)]
+        _write_json(data_dir / MANIFEST, manifest)
+
+
+def clear_shards(data_dir: Path) -> None:
+    """Remove the manifest first (an incomplete corpus must not look complete), then the shards."""
+    (data_dir / MANIFEST).unlink(missing_ok=True)
+    (data_dir / VERIFIED).unlink(missing_ok=True)
+    for path in data_dir.glob(SHARD_GLOB):
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# checking shards
+
+def rebuild_hint(manifest: dict | None) -> str:
+    """The command that replaces a bad shard, for the error message."""
+    if manifest is not None and manifest.get("source") == "local":
+        return "rebuild the corpus: python -m nanochat.dataset --source=local --force"
+    if manifest is not None and manifest.get("source") == "online":
+        train = sum(1 for entry in manifest.get("shards", [])) - 1
+        return f"re-fetch it: python -m nanochat.dataset --source=online -n {max(train, 0)}"
+    return "delete it and re-run `python -m nanochat.dataset`"
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of `path`, reusing the digest in its folder's .verified.json while its size, mtime
+    and inode are unchanged. A file modified in the last RACY_S seconds is not cached: a rewrite
+    within the same mtime tick would otherwise go unseen."""
+    cache_path = path.parent / VERIFIED
+    stat = path.stat()
+    key = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(path.name)
+    if isinstance(hit, list) and hit[:3] == key:
+        return hit[3]
+    digest = sha256_file(path)
+    if time.time_ns() - stat.st_mtime_ns < RACY_S * 1e9:
+        return digest
+    with file_lock(path.parent / f"{VERIFIED}.lock"):
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cache[path.name] = key + [digest]
+        _write_json(cache_path, cache)
+    return digest
+
+
+def check_footer(path: Path, hint: str) -> pq.FileMetaData:
+    """The shard's footer (row groups, schema), or CorruptShardError naming the file and `hint`."""
+    try:
+        shard = pq.ParquetFile(path)
+        metadata = shard.metadata
+        schema = shard.schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptShardError(f"corrupt parquet shard {path}: {e}; {hint}") from e
+    if "text" not in schema.names:
+        raise CorruptShardError(f"shard {path} has no 'text' column (columns: {schema.names}); {hint}")
+    return metadata
+
+
+def verify_shards(data_dir: Path | None = None, num_workers: int = 8) -> list[Path]:
+    """Check every shard before a run reads any: its footer, and against the manifest (when there
+    is one) its size and sha256. Returns the shards; raises CorruptShardError (one line: the file,
+    what is wrong, the command that fixes it) or FileNotFoundError."""
+    files = list_parquet_files(data_dir)
+    data_dir = files[0].parent
+    manifest = read_manifest(data_dir)
+    hint = rebuild_hint(manifest)
+    for path in files:
+        check_footer(path, hint)
+    if manifest is None:
+        return files
+    entries = {entry["file"]: entry for entry in manifest.get("shards", [])}
+    for path in files:
+        entry = entries.get(path.name)
+        if entry is None:
+            raise CorruptShardError(f"shard {path} is not in {data_dir / MANIFEST}; {hint}")
+        size = path.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            raise CorruptShardError(f"shard {path} has {size} bytes, {MANIFEST} says {entry['bytes']}; {hint}")
+    with ThreadPoolExecutor(max_workers=num_workers) as pool:  # hashlib releases the GIL
+        digests = dict(zip(files, pool.map(cached_sha256, files)))
+    for path in files:
+        expected = entries[path.name].get("sha256")
+        if expected is not None and digests[path] != expected:
+            raise CorruptShardError(f"shard {path} fails its checksum (sha256 {digests[path][:16]}..., {MANIFEST} says {expected[:16]}...); {hint}")
+    return files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,11 +242,13 @@ def split_files(split: str, data_dir: Path | None = None) -> list[Path]:
 
 
 def open_shard(path: Path) -> pq.ParquetFile:
-    """The shard as a ParquetFile with a `text` column, or an error naming the file."""
+    """The shard as a ParquetFile with a `text` column (page checksums verified on read), or an
+    error naming the file."""
+    hint = "delete it and re-run `python -m nanochat.dataset`"
     try:
-        shard = pq.ParquetFile(path)
+        shard = pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
-        raise CorruptShardError(f"corrupt parquet shard {path}: {e} (delete it and re-run `python -m nanochat.dataset`)") from e
+        raise CorruptShardError(f"corrupt parquet shard {path}: {e} ({hint})") from e
     if "text" not in shard.schema_arrow.names:
         raise CorruptShardError(f"shard {path} has no 'text' column (columns: {shard.schema_arrow.names})")
     return shard
@@ -145,8 +292,9 @@ def iter_row_groups(
 def iter_texts(
     split: str, max_chars: int | None = None, doc_cap: int | None = None, data_dir: Path | None = None
 ) -> Iterator[str]:
-    """Documents of the split in order (for the tokenizer trainer): each cut to `doc_cap` chars,
-    stopping once `max_chars` chars in total were yielded."""
+    """Documents of the split in order (for the tokenizer trainer), after verify_shards: each cut
+    to `doc_cap` chars, stopping once `max_chars` chars in total were yielded."""
+    verify_shards(data_dir)
     total = 0
     for texts, _ in iter_row_groups(split, data_dir=data_dir):
         for text in texts:
@@ -179,6 +327,24 @@ def shard_indices(num_files: int, val_index: int = MAX_SHARD_INDEX) -> list[int]
     return list(range(num_files)) + [val_index]
 
 
+def hub_shard_checksums(base_url: str) -> dict[str, str] | None:
+    """{shard file: sha256} from the hub's listing API when `base_url` is a hub repo's resolve URL
+    (…/datasets/<owner>/<name>/resolve/<revision>); None for any other server or no listing."""
+    match = HUB_RESOLVE_URL.match(base_url.rstrip("/"))
+    if match is None:
+        return None
+    try:
+        tree = hub_tree(match["repo"], match["revision"], endpoint=match["endpoint"])
+    except DownloadError as e:
+        print0(f"note: no file listing from the hub ({e.reason}): checksums come from the downloaded files")
+        return None
+    return {path: meta["sha256"] for path, meta in tree.items() if "/" not in path and meta.get("sha256")}
+
+
+def _shard_entry(path: Path, name: str, sha256: str, sha256_from: str) -> dict:
+    return {"file": name, "bytes": path.stat().st_size, "sha256": sha256, "sha256_from": sha256_from}
+
+
 def download_shards(
     indices: list[int],
     base_url: str,
@@ -187,22 +353,54 @@ def download_shards(
     retries: int = 5,
     backoff: float = 1.0,
 ) -> dict[int, str]:
-    """Download the missing shards in parallel; returns {index: reason} for the ones that failed."""
+    """Check the shards already here, then download the missing and bad ones in parallel, each
+    verified against the hub's sha256 where it lists one and recorded in the manifest. Returns
+    {index: reason} for the ones that failed."""
     from tqdm import tqdm
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    missing = [i for i in indices if not (data_dir / shard_name(i)).exists()]
+    base_url = base_url.rstrip("/")
+    hub = None if hf_offline() else hub_shard_checksums(base_url)
+    known = {entry["file"]: entry for entry in (read_manifest(data_dir) or {}).get("shards", [])}
+    missing, recorded = [], []
+    for i in indices:
+        name, path = shard_name(i), data_dir / shard_name(i)
+        if not path.exists():
+            missing.append(i)
+            continue
+        expected = (hub or {}).get(name) or known.get(name, {}).get("sha256")
+        digest = cached_sha256(path)
+        if expected is not None and digest != expected:
+            print0(f"{name}: sha256 {digest[:16]}... is not the expected {expected[:16]}...: fetching it again")
+            path.unlink()
+            missing.append(i)
+        elif name not in known or known[name].get("sha256") != digest:
+            recorded.append(_shard_entry(path, name, digest, "hub" if hub and name in hub else "file"))
+    if recorded:
+        record_shards(data_dir, recorded, source="online", base_url=base_url)
     print0(f"{len(indices) - len(missing)}/{len(indices)} shards in {data_dir}, downloading {len(missing)} from {base_url}")
     failed: dict[int, str] = {}
     if not missing:
         return failed
-    base_url = base_url.rstrip("/")
+    if hf_offline():
+        return {i: "HF_HUB_OFFLINE=1 forbids downloads" for i in missing}
+
+    def fetch(index: int) -> None:
+        name = shard_name(index)
+        expected = (hub or {}).get(name)
+        dest = data_dir / name
+
+        def check_and_record(tmp: Path) -> None:  # runs before `dest` appears: no shard without its entry
+            check_parquet(tmp)
+            entry = _shard_entry(tmp, name, expected or sha256_file(tmp), "hub" if expected else "download")
+            record_shards(data_dir, [entry], source="online", base_url=base_url)
+
+        url = f"{base_url}/{name}"
+        download_file(url, dest, check_and_record, retries, backoff, sha256=expected, headers=hub_headers(url))
+
     pool = ThreadPoolExecutor(max_workers=num_workers)
     try:
-        futures = {
-            pool.submit(download_file, f"{base_url}/{shard_name(i)}", data_dir / shard_name(i), check_parquet, retries, backoff): i
-            for i in missing
-        }
+        futures = {pool.submit(fetch, i): i for i in missing}
         for future in tqdm(as_completed(futures), total=len(futures), desc="shards", unit="shard"):
             try:
                 future.result()
@@ -214,7 +412,10 @@ def download_shards(
 
 
 def network_reachable(url: str, timeout: float = 5.0) -> bool:
-    """True if `url`'s server answers at all (any HTTP status counts as reachable)."""
+    """True if `url`'s server answers at all (any HTTP status counts as reachable); always False
+    under HF_HUB_OFFLINE=1, without a request."""
+    if hf_offline():
+        return False
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
             return True
@@ -225,248 +426,7 @@ def network_reachable(url: str, timeout: float = 5.0) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# offline: build a corpus from text on this machine
-
-@dataclass(frozen=True)
-class LocalFile:
-    """One candidate of the local corpus: a file (or a pydoc topic) that reads as 0+ documents."""
-
-    key: str  # "<kind>/<relative path or topic>": stable across machines, never an absolute path
-    group: str  # files of one group share a budget (GROUP_SHARE)
-    path: Path | None = None  # None for a pydoc topic
-
-    @property
-    def kind(self) -> str:
-        return self.key.split("/", 1)[0]
-
-    def read(self) -> list[str]:
-        name = self.key.split("/", 1)[1]
-        if self.path is None:
-            from pydoc_data.topics import topics
-
-            return [topics[name]]
-        text = _read_text(self.path)
-        if not text:
-            return []
-        if self.kind == "python_stdlib":  # its docstrings as prose, then the source itself
-            module = ".".join(PurePosixPath(name).with_suffix("").parts).removesuffix(".__init__")
-            return [t for t in (module_docstrings(text, module), text) if t]
-        if self.kind == "man":
-            return [roff_to_text(text)]
-        return [text]
-
-
-def _read_text(path: Path) -> str | None:
-    """A text file's content (gunzipped if .gz), or None if unreadable or not UTF-8 text."""
-    try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        text = data.decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError):
-        return None
-    return None if "\x00" in text else text.replace("\r\n", "\n")
-
-
-def _sorted_walk(root: Path, skip_dirs: frozenset[str] = frozenset()) -> Iterator[Path]:
-    """Regular files under `root` (no symlinks) in a sorted, machine-independent order."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if not path.is_symlink() and path.is_file():
-                yield path
-
-
-def module_docstrings(source: str, module: str) -> str:
-    """The module's docstring followed by those of its classes and functions, one per paragraph."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return ""
-    parts = []
-    doc = ast.get_docstring(tree)
-    if doc:
-        parts.append(f"Module {module}\n\n{doc}")
-
-    def visit(node: ast.AST, prefix: str) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                name = f"{prefix}{child.name}"
-                doc = ast.get_docstring(child)
-                if doc:
-                    kind = "class" if isinstance(child, ast.ClassDef) else "def"
-                    parts.append(f"{kind} {module}.{name}\n\n{doc}")
-                visit(child, name + ".")
-
-    visit(tree, "")
-    return "\n\n".join(parts)
-
-
-ROFF_SPECIALS = {
-    "aq": "'", "dq": '"', "em": "--", "en": "-", "bu": "*", "co": "(c)", "lq": '"', "rq": '"',
-    "oq": "'", "cq": "'", "rs": "\\", "ti": "~", "ha": "^", "mi": "-", "pl": "+", "mu": "x",
-    ">=": ">=", "<=": "<=", "->": "->", "<-": "<-", "hy": "-", "ga": "`", "tm": "(TM)", "rg": "(R)",
-}
-ROFF_CHARS = {"-": "-", "e": "\\", " ": " ", "~": " ", "\\": "\\", "'": "'", "`": "`", ".": "."}  # others: nothing
-# groups: 1 font, 2 string, 3 special "\(xx", 4 special "\[name]", 5 register, 6 any other char;
-# motions and drawing (\h'..', \v'..', \w'..', ...) and sizes carry no text
-ROFF_ESCAPE = re.compile(r"\\(?:f(\[[^\]]*\]|\(..|.)|s[+-]?\d+|[hvwolLDXZbxN]'[^']*'|\*(\[[^\]]*\]|\(..|.)|\((..)|\[([^\]]*)\]|n(\(..|.)|(.))")
-ROFF_HEADINGS = frozenset({"SH", "SS", "Sh", "Ss"})
-ROFF_PARAGRAPHS = frozenset({"PP", "P", "LP", "HP", "TP", "sp", "Pp", "Bl", "El", "Bd", "Ed"})
-ROFF_ALTERNATING = frozenset({"BR", "BI", "IB", "IR", "RB", "RI"})  # fonts alternate, no spaces
-ROFF_SILENT = frozenset({"TH", "RS", "RE", "PD", "UE", "ME", "EX", "EE", "YS", "TQ", "Dd", "Dt", "Os", "TS", "TE", "DT"})
-MDOC_TOKEN = re.compile(r"^[A-Z][a-z]$")  # mdoc inline macros (Fl, Ar, Op, ...) inside arguments
-
-
-def _roff_escape(match: re.Match) -> str:
-    if match.group(3) is not None or match.group(4) is not None:
-        return ROFF_SPECIALS.get(match.group(3) or match.group(4), "")
-    if match.group(6) is not None:
-        return ROFF_CHARS.get(match.group(6), "")
-    return ""  # font, size, string and register escapes carry no text
-
-
-def _roff_words(args: str) -> list[str]:
-    return [w[1:-1] if len(w) >= 2 and w[0] == w[-1] == '"' else w for w in re.findall(r'"[^"]*"|\S+', args)]
-
-
-def roff_to_text(source: str) -> str:
-    """Man page source (man/mdoc macros) to plain text: requests dropped, text arguments kept."""
-    out: list[str] = []
-    in_definition = False
-    for line in source.split("\n"):
-        if in_definition:  # .de/.ig blocks define macros: no text
-            in_definition = not line.startswith("..")
-            continue
-        line = line.split('\\"', 1)[0]  # comment to the end of the line
-        if not line.startswith((".", "'")):
-            out.append(ROFF_ESCAPE.sub(_roff_escape, line))
-            continue
-        macro, _, args = line[1:].strip().partition(" ")
-        words = _roff_words(args)
-        if macro in ("de", "de1", "ig", "am"):
-            in_definition = True
-        elif macro in ROFF_HEADINGS:
-            out += ["", ROFF_ESCAPE.sub(_roff_escape, " ".join(words)), ""]
-        elif macro in ROFF_PARAGRAPHS:
-            out.append("")
-        elif macro == "IP":
-            out += ["", ROFF_ESCAPE.sub(_roff_escape, words[0])] if words else [""]
-        elif macro in ROFF_ALTERNATING:
-            out.append(ROFF_ESCAPE.sub(_roff_escape, "".join(words)))
-        elif macro[:1].isupper() and macro not in ROFF_SILENT and words:
-            out.append(ROFF_ESCAPE.sub(_roff_escape, " ".join(w for w in words if not MDOC_TOKEN.match(w))))
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
-
-
-def local_candidates() -> list[LocalFile]:
-    """Every candidate file of the local corpus, in a sorted, machine-independent order."""
-    from pydoc_data.topics import topics
-
-    candidates = [LocalFile(f"pydoc_topics/{name}", "pydoc_topics") for name in sorted(topics)]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in _sorted_walk(stdlib, STDLIB_SKIP_DIRS):
-        if path.suffix == ".py":
-            rel = path.relative_to(stdlib)
-            candidates.append(LocalFile(f"python_stdlib/{rel.as_posix()}", f"python_stdlib/{rel.parts[0].removesuffix('.py')}", path))
-    for path in _sorted_walk(DOC_ROOT):
-        name = path.name.removesuffix(".gz")
-        if name.startswith("README") or name == "copyright" or name.endswith((".txt", ".md", ".rst")):
-            rel = path.relative_to(DOC_ROOT)
-            candidates.append(LocalFile(f"usr_share_doc/{rel.as_posix()}", f"usr_share_doc/{rel.parts[0]}", path))
-    for path in _sorted_walk(LICENSE_ROOT):
-        candidates.append(LocalFile(f"common_licenses/{path.name}", "common_licenses", path))
-    for section in sorted(MAN_ROOT.glob("man[0-9]*")):  # English pages only (no de/, fr/, ...)
-        for path in _sorted_walk(section):
-            command = re.split(r"[-_.]", path.name, maxsplit=1)[0]  # gcloud-alpha-... -> gcloud
-            candidates.append(LocalFile(f"man/{section.name}/{path.name}", f"man/{command}", path))
-    return candidates
-
-
-def split_document(text: str, max_chars: int = DOC_CHARS) -> list[str]:
-    """Cut `text` into pieces of at most `max_chars`, at paragraph (else line, else any) boundaries."""
-    text = text.strip()
-    if len(text) <= max_chars:
-        return [text] if text else []
-    pieces: list[str] = []
-    for paragraph in re.split(r"(?<=\n\n)", text):
-        if len(paragraph) <= max_chars:
-            pieces.append(paragraph)
-            continue
-        for line in paragraph.splitlines(keepends=True):
-            pieces += [line[i : i + max_chars] for i in range(0, len(line), max_chars)]
-    chunks, current = [], ""
-    for piece in pieces:
-        if current and len(current) + len(piece) > max_chars:
-            chunks.append(current)
-            current = ""
-        current += piece
-    chunks.append(current)
-    return [c.strip() for c in chunks if c.strip()]
-
-
-def gather_local_documents(
-    target_chars: int, seed: int = LOCAL_SEED, show_progress: bool = True
-) -> tuple[list[list[str]], dict[str, int]]:
-    """Documents of shuffled candidate files until `target_chars` (0: all), grouped per file.
-
-    Returns (documents of each chosen file, in the shuffled order; chars per source kind).
-    Identical files are kept once; no group exceeds its budget.
-    """
-    from tqdm import tqdm
-
-    candidates = local_candidates()
-    random.Random(seed).shuffle(candidates)
-    group_budget = max(GROUP_SHARE * target_chars, MIN_GROUP_CHARS) if target_chars > 0 else float("inf")
-    group_chars: dict[str, int] = {}
-    kind_chars: dict[str, int] = {}
-    seen: set[bytes] = set()
-    per_file: list[list[str]] = []
-    total = 0
-    bar = tqdm(total=target_chars or None, unit="char", unit_scale=True, desc="local corpus", disable=not show_progress)
-    for candidate in candidates:
-        if target_chars and total >= target_chars:
-            break
-        if group_chars.get(candidate.group, 0) >= group_budget:
-            continue
-        docs, chars = [], 0
-        for text in candidate.read():
-            digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-            if digest in seen:
-                continue
-            seen.add(digest)
-            for doc in split_document(text):
-                room = min(target_chars - total if target_chars else float("inf"), group_budget - group_chars.get(candidate.group, 0))
-                if len(doc) >= MIN_DOC_CHARS and chars < room:  # a huge file may not blow the budgets
-                    docs.append(doc)
-                    chars += len(doc)
-        if not docs:
-            continue
-        per_file.append(docs)
-        total += chars
-        group_chars[candidate.group] = group_chars.get(candidate.group, 0) + chars
-        kind_chars[candidate.kind] = kind_chars.get(candidate.kind, 0) + chars
-        bar.update(chars)
-    bar.close()
-    return per_file, dict(sorted(kind_chars.items()))
-
-
-def write_shard(texts: list[str], path: Path, row_group_docs: int = ROW_GROUP_DOCS) -> None:
-    """A parquet shard with one string column `text`, written atomically."""
-    tmp = temp_path(path)
-    try:
-        table = pa.table({"text": pa.array(texts, type=pa.string())})
-        pq.write_table(table, tmp, row_group_size=row_group_docs, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def clear_shards(data_dir: Path) -> None:
-    """Remove the manifest first (an incomplete corpus must not look complete), then the shards."""
-    (data_dir / MANIFEST).unlink(missing_ok=True)
-    for path in data_dir.glob(SHARD_GLOB):
-        path.unlink()
-
+# offline: the local corpus as shards
 
 def build_local_corpus(
     out_dir: Path,
@@ -477,47 +437,20 @@ def build_local_corpus(
     seed: int = LOCAL_SEED,
     show_progress: bool = True,
 ) -> dict:
-    """Write the local corpus into `out_dir` (shards, then manifest.json); returns the manifest.
-
-    The last shard holds the held-out files: ~`val_fraction` of the documents, at least
-    MIN_VAL_DOCS (at most half of them); train and val never share a file.
-    """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if target_mb < 0 or shard_mb <= 0:
-        raise ValueError(f"target_mb must be >= 0 and shard_mb > 0, got {target_mb} and {shard_mb}")
+    """Write the local corpus (nanochat.local_corpus.local_shards) into `out_dir`: the shards,
+    then manifest.json with each shard's size and sha256; returns the manifest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_file, kind_chars = gather_local_documents(int(target_mb * 1e6), seed, show_progress)
-    if len(per_file) < 2:
-        raise RuntimeError(f"found {len(per_file)} files of readable text on this machine; need at least 2 (train + val)")
-    num_docs = sum(len(docs) for docs in per_file)
-    val_docs_wanted = min(max(round(val_fraction * num_docs), MIN_VAL_DOCS), num_docs // 2)
-    val: list[str] = []
-    while len(val) < val_docs_wanted and len(per_file) > 1:
-        val += per_file.pop()  # held-out files come from the end of the shuffled order
-    train = [doc for docs in per_file for doc in docs]
-    rng = random.Random(seed + 1)  # documents of one long file should not sit side by side
-    rng.shuffle(train)
-    rng.shuffle(val)
-    shards: list[list[str]] = [[]]
-    shard_chars = 0
-    for doc in train:
-        if shard_chars >= shard_mb * 1e6:
-            shards.append([])
-            shard_chars = 0
-        shards[-1].append(doc)
-        shard_chars += len(doc)
-    shards.append(val)
-    manifest = {"source": "local", "seed": seed, "target_mb": target_mb, "num_docs": num_docs, "chars_by_source": kind_chars}
-    manifest["shards"] = []
+    shards, info = local_shards(target_mb, val_fraction, shard_mb, seed, show_progress)
+    manifest = {"source": "local", **info, "shards": []}
     for index, texts in enumerate(shards):
-        write_shard(texts, out_dir / shard_name(index), row_group_docs)
+        path = out_dir / shard_name(index)
+        write_shard(texts, path, row_group_docs)
         split = "val" if index == len(shards) - 1 else "train"
-        manifest["shards"].append({"file": shard_name(index), "split": split, "docs": len(texts), "chars": sum(map(len, texts))})
-    tmp = temp_path(out_dir / MANIFEST)
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
+        manifest["shards"].append(
+            {"file": path.name, "split": split, "docs": len(texts), "chars": sum(map(len, texts)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        )
+    _write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -531,8 +464,8 @@ class DatasetConfig:
     num_files: int = field(default=8, metadata={"short": "-n", "help": f"train shards to download (-1: all {MAX_SHARD_INDEX}); plus the val shard"})
     num_workers: int = field(default=4, metadata={"short": "-w", "help": "parallel downloads"})
     base_url: str = field(
-        default_factory=lambda: os.environ.get("NANOCHAT_DATA_URL", DEFAULT_BASE_URL),
-        metadata={"help": "where shard_XXXXX.parquet live (default from env NANOCHAT_DATA_URL if set)"},
+        default_factory=default_base_url,
+        metadata={"help": "where shard_XXXXX.parquet live (default: env NANOCHAT_DATA_URL, else FineWeb-Edu at $HF_ENDPOINT)"},
     )
     source: str = field(default="auto", metadata={"choices": ("auto", "online", "local"), "help": "auto: online if base_url answers, else local"})
     val_index: int = field(default=MAX_SHARD_INDEX, metadata={"help": "index of the val shard online (for mirrors and tests)"})
@@ -554,22 +487,23 @@ class DatasetConfig:
         check(0 < self.val_fraction < 1, f"--val_fraction: expected a number in (0, 1), got {self.val_fraction}")
 
 
-def read_manifest(data_dir: Path) -> dict | None:
-    path = data_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+def is_local_corpus(manifest: dict | None) -> bool:
+    return manifest is not None and manifest.get("source", "local") == "local"
 
 
 def run_online(cfg: DatasetConfig, data_dir: Path) -> None:
-    if read_manifest(data_dir) is not None:
+    if is_local_corpus(read_manifest(data_dir)):
         if not cfg.force:
             fail(f"{data_dir} holds the local corpus; --force replaces it with downloaded shards, --source=local keeps it")
         clear_shards(data_dir)
     indices = shard_indices(cfg.num_files, cfg.val_index)
     failed = download_shards(indices, cfg.base_url, data_dir, cfg.num_workers, cfg.retries, cfg.backoff)
+    names = ", ".join(shard_name(i) for i in sorted(failed))
+    if failed and hf_offline():
+        fail(f"HF_HUB_OFFLINE=1 and {len(failed)} of {len(indices)} shards are not in {data_dir} ({names}): unset it to download them")
     if failed:
         for index, reason in sorted(failed.items()):
             print0(f"  failed: {shard_name(index)}: {reason}")
-        names = ", ".join(shard_name(i) for i in sorted(failed))
         fail(f"{len(failed)} of {len(indices)} shards failed: {names}; re-run to resume")
     print0(f"{len(indices)} shards ready in {data_dir}")
 
@@ -578,10 +512,10 @@ def run_local(cfg: DatasetConfig, data_dir: Path) -> None:
     existing = sorted(data_dir.glob(SHARD_GLOB)) if data_dir.is_dir() else []
     manifest = read_manifest(data_dir)
     if existing and not cfg.force:
-        if manifest is not None:
+        if is_local_corpus(manifest):
             print0(f"local corpus already in {data_dir} ({manifest['num_docs']} docs); --force rebuilds it")
             return
-        fail(f"{data_dir} holds {len(existing)} shards but no {MANIFEST} (downloaded, or an interrupted local build); --force replaces them")
+        fail(f"{data_dir} holds {len(existing)} shards but no local-corpus {MANIFEST} (downloaded, or an interrupted local build); --force replaces them")
     if cfg.force:
         clear_shards(data_dir)
     manifest = build_local_corpus(data_dir, cfg.target_mb, cfg.val_fraction, cfg.shard_mb)
@@ -595,12 +529,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(DatasetConfig, argv, prog="python -m nanochat.dataset")
     data_dir = default_data_dir()
     source = cfg.source
-    if source == "auto" and read_manifest(data_dir) is not None:
-        source = "local"  # a local corpus is already here: keep it (--source=online replaces it)
+    manifest = read_manifest(data_dir)
+    if source == "auto" and manifest is not None:
+        source = "local" if is_local_corpus(manifest) else "online"  # keep what is here
     if source == "auto":
         source = "online" if network_reachable(cfg.base_url) else "local"
         if source == "local":
-            print0(f"{cfg.base_url} is unreachable: building the local corpus instead (--source=local)")
+            reason = "HF_HUB_OFFLINE=1" if hf_offline() else f"{cfg.base_url} is unreachable"
+            print0(f"{reason}: building the local corpus instead (--source=local)")
     if source == "online":
         run_online(cfg, data_dir)
     else:

@@ -8,7 +8,7 @@ close; after the timeout when the peer is alive but stuck).
 
 Failure. The training step's collectives go through the functions below. A backend error that
 says the group is broken (a closed connection, a timeout) becomes `PeerLost`, whose message is one
-line that trainer.run_training prints before exiting with status 1:
+line that common.run_main prints before exiting with status 1:
 
     error: rank 0 lost contact with the process group (a peer died?) during reduce of ...
 
@@ -39,6 +39,8 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from nanochat.config import UserError
 
 TIMEOUT_ENV = "NANOCHAT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -134,7 +136,7 @@ def _count(tag: str, op: str, tensor: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # collectives: asynchronous, counted, and one clear error when a peer is gone
 
-class PeerLost(RuntimeError):
+class PeerLost(UserError, RuntimeError):
     """A collective failed because another rank died or stopped answering; the message is one line."""
 
 

@@ -5,7 +5,8 @@
   (so a tiny model that cannot yet "talk" is still measured); batched with right padding.
 - generative (GSM8K, HumanEval, SpellingBee): `num_samples` completions per problem through the
   Engine (KV cache, calculator tool); a problem counts as solved if any sample passes (pass@k).
-ChatCORE = mean over tasks of accuracy centred on the task's random baseline.
+ChatCORE = mean over tasks of accuracy centred on the task's random baseline. The tasks by name
+are built by tasks/registry.py (the library does not import tasks/).
 """
 
 from __future__ import annotations
@@ -13,33 +14,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
+from nanochat import distributed
 from nanochat.engine import Engine
 
 # task name -> accuracy of random guessing (the ChatCORE baseline)
 RANDOM_BASELINE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
-
-
-def make_task(name: str, source: str = "auto") -> Any:
-    """The evaluation split of a task by its name on the command line."""
-    from tasks.arc import ARC
-    from tasks.gsm8k import GSM8K
-    from tasks.humaneval import HumanEval
-    from tasks.mmlu import MMLU
-    from tasks.spellingbee import SpellingBee
-
-    builders: dict[str, Callable[[], Any]] = {
-        "ARC-Easy": lambda: ARC("ARC-Easy", "test", source=source),
-        "ARC-Challenge": lambda: ARC("ARC-Challenge", "test", source=source),
-        "MMLU": lambda: MMLU("all", "test", source=source),
-        "GSM8K": lambda: GSM8K("main", "test", source=source),
-        "HumanEval": lambda: HumanEval(source=source),
-        "SpellingBee": lambda: SpellingBee(size=256, split="test"),
-    }
-    if name not in builders:
-        raise ValueError(f"unknown task {name!r}: expected some of {'|'.join(builders)}")
-    return builders[name]()
 
 
 def _rank_indices(n: int, rank: int, world_size: int) -> range:
@@ -47,9 +27,9 @@ def _rank_indices(n: int, rank: int, world_size: int) -> range:
 
 
 def _all_reduce_counts(passed: int, total: int, device: torch.device) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+    if distributed.is_distributed():
         counts = torch.tensor([passed, total], dtype=torch.long, device=device)
-        dist.all_reduce(counts)
+        distributed.all_reduce(counts, "eval counts").wait()
         passed, total = int(counts[0]), int(counts[1])
     return passed, total
 

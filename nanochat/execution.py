@@ -1,53 +1,42 @@
-"""The sandbox: run untrusted generated Python in a separate process and report what happened.
+"""The sandbox: run untrusted generated Python in an isolated process and report what happened.
 
-Used for HumanEval checks and for the chat model's Python/calculator tool.
+Used for HumanEval checks (tasks/humaneval.py). The chat model's calculator tool does not run
+here: it is a restricted in-process evaluator (nanochat/calculator.py).
 
     result = execute_code("print(1 + 1)")
     result.status, result.stdout   # ("passed", "2\\n")
 
-How a run is contained, outermost first:
-- A fresh interpreter (`python -I -S -B`: no environment variables, no site-packages, no
-  bytecode writes) in a new session, so the whole process group is SIGKILLed on timeout,
-  on an output flood, and once more after every run to reap anything left behind.
-- OS resource limits set between fork and exec: address space (RLIMIT_AS), CPU seconds,
-  file size, no core dumps, and a small RLIMIT_NPROC (per user, and not enforced for root).
-- A scrubbed environment (PATH, LANG, HOME and TMPDIR only) and a throwaway working directory
-  that is deleted afterwards.
-- A Python-level prelude that runs before the user code: fork/exec/spawn/subprocess (and so
-  multiprocessing), os.kill/os.killpg, new sessions, creating sockets, writes and deletes
-  outside the working directory, and `import ctypes` all raise.
+Two isolation modes, chosen by `isolation=` or else the NANOCHAT_SANDBOX variable:
+- "os" (the default): the operating system isolates the child. bubblewrap (`bwrap`, Debian
+  `bubblewrap`) puts it in new user, mount, PID, network, IPC and UTS namespaces: it sees
+  /usr and the Python install read-only, a private /proc and /dev, and a size-capped tmpfs as
+  its only writable directory; it has no network and no capabilities, is `nobody` in its own
+  user namespace, and every process in it dies with it. Where bwrap is missing or the kernel refuses, every call raises
+  SandboxUnavailable with one line; nothing falls back silently.
+- "python": the weaker mode, only when asked for: a plain child process on the host
+  filesystem, guarded by the layers below alone (docs/sandbox.md says what that leaves open).
+Both modes add, inside the child: rlimits (address space, CPU, file size, processes, core), a
+scrubbed environment, stdin from an unlinked file, a seccomp filter (no exec, fork, sockets,
+signals to other processes, ptrace, mount, namespaces, ...: see sandbox_child.seccomp_program) where the
+kernel and architecture allow it, and today's Python-level prelude as the innermost layer.
 
-Be honest about the last layer: a Python-level prelude is NOT a security boundary against
-a determined attacker. Code can dig the original functions back out (`_imp.create_builtin`,
-`io.FileIO`, C extensions such as sqlite3 that open files themselves, ...). It stops generated
-code that is merely careless or naive. Reads are not restricted at all, and as root the OS
-limits do not stop a process from touching other processes. The OS limits, the process-group
-kill, the scrubbed environment and the temp dir are the backstops; for hostile code, run this
-as an unprivileged user inside a container or VM. The result channel is forgeable the same
-way, so a "passed" from hostile code is only as trustworthy as the prelude.
+A HumanEval verdict never comes from the process running the generated code: the solution runs
+in one sandbox and answers calls with plain data (JSON), the tests run in a second sandbox that
+the solution cannot see, and only that one's report decides (run_humaneval_check).
 
-Protocol: this file is also the child's entry point (`python -I -S -B execution.py FD`), so
-both halves read in one place. The child reads the code from stdin, installs the prelude, runs
-the code, and writes one JSON report {"status", "error"} to pipe FD; the parent reads stdout,
-stderr and that pipe incrementally with caps. The child runs without site-packages, so this
-module must import only the standard library.
+The child half is nanochat/sandbox_child.py (`python -I -S -B sandbox_child.py CONFIG`,
+standard library only): it reads the code from stdin, hardens itself, installs the prelude,
+runs the code, and writes one JSON report {"status", "error"} to the report fd; the parent
+reads stdout, stderr and that fd incrementally with caps. Threat model: docs/sandbox.md.
 """
 
 from __future__ import annotations
 
-import _io
-import _posixsubprocess
-import _socket
-import builtins
-import errno
-import io
+import functools
 import json
-import linecache
 import math
 import os
-import posix
 import resource
-import secrets
 import selectors
 import shutil
 import signal
@@ -55,25 +44,36 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import types
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from nanochat import sandbox_child
+from nanochat.config import UserError
+
+ISOLATION_MODES = ("os", "python")
+ISOLATION_ENV = "NANOCHAT_SANDBOX"
 # Per user, so it also counts the user's other processes; as root it is not enforced at all,
-# which is why the prelude blocks process creation too.
+# which is why the seccomp filter and the prelude block process creation too.
 _MAX_USER_PROCESSES = 64
-_MAX_FILE_BYTES = 16 * 1024 * 1024
+# The "os" mode's writable work dir is a tmpfs of this size (memory, gone with the sandbox).
+_WORKDIR_BYTES = 64 * 1024 * 1024
 # The child's report is one short JSON line; anything bigger is garbage written to its pipe.
 _MAX_REPORT_BYTES = 64 * 1024
-_MAX_ERROR_CHARS = 2000
 # After a kill, how long to keep reading what the dying processes already wrote.
 _DRAIN_SECONDS = 1.0
 # How often to check whether the child exited while something it left behind holds the pipes.
 _POLL_SECONDS = 0.1
 _READ_CHUNK_BYTES = 64 * 1024
-# Freed when the user code hits the memory limit, so the child can still write its report.
-_RESERVE_BYTES = 4 * 1024 * 1024
+# Paths inside the "os" sandbox.
+_SANDBOX_WORKDIR = "/sandbox"
+_SANDBOX_RUNNER = "/run/nanochat/sandbox_child.py"
+_SANDBOX_UID = 65534  # nobody, inside the user namespace
+# What the parent waits for at most when it checks that the sandbox works at all.
+_PROBE_TIMEOUT = 30.0
+
+
+class SandboxUnavailable(UserError):
+    """The requested isolation cannot run here; the message is one line saying why and what to do."""
 
 
 @dataclass
@@ -94,71 +94,334 @@ class ExecutionResult:
         return self.status == "passed"
 
 
+@dataclass(frozen=True)
+class SandboxStatus:
+    """Whether `isolation` works on this machine, and whether its seccomp filter is in force.
+
+    reason says why not (available False), or why there is no seccomp filter (seccomp False).
+    """
+
+    isolation: str
+    available: bool
+    seccomp: bool
+    reason: str | None
+
+
 def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256,
-                 max_output_bytes: int = 64_000) -> ExecutionResult:
+                 max_output_bytes: int = 64_000, isolation: str | None = None) -> ExecutionResult:
     """Run `code` in a fresh sandboxed interpreter and return its status and output.
 
     timeout is wall-clock seconds, interpreter start included; memory_limit_mb caps the child's
     address space; max_output_bytes caps stdout and stderr each (the run is killed past it).
+    isolation is "os" or "python" (default: $NANOCHAT_SANDBOX, else "os"); raises
+    SandboxUnavailable if it cannot run here.
     """
-    if not (math.isfinite(timeout) and timeout > 0):
+    _check_limits(timeout, memory_limit_mb, max_output_bytes)
+    status = _require(isolation)
+    return _execute(code, timeout, memory_limit_mb, max_output_bytes, status.isolation,
+                    status.seccomp)
+
+
+def run_humaneval_check(problem: dict, completion: str, timeout: float = 5.0,
+                        memory_limit_mb: int = 256, isolation: str | None = None
+                        ) -> ExecutionResult:
+    """Run a HumanEval problem's tests against `completion` (the text that follows the prompt).
+
+    The solution (prompt + completion) runs in one sandbox and serves calls to entry_point; the
+    tests (prompt + test, then check(candidate)) run in another, where `candidate` sends the
+    arguments over a pipe and gets the result back as plain data. "passed" means check()
+    returned in the tests' sandbox, which the solution can neither see nor write to: printing
+    a marker, exiting early, patching check() or returning an object equal to everything
+    cannot pass. stdout/stderr are the solution's, then the tests'.
+    """
+    missing = [key for key in ("prompt", "test", "entry_point") if key not in problem]
+    if missing:
+        raise KeyError(f"HumanEval problem is missing {missing}; it has {sorted(problem)}")
+    entry_point = problem["entry_point"]
+    if not (isinstance(entry_point, str) and entry_point.isidentifier()):
+        raise ValueError(f"HumanEval entry_point must be a Python name, got {entry_point!r}")
+    _check_limits(timeout, memory_limit_mb, 64_000)
+    status = _require(isolation)
+    # Calls go tests -> solution on one pipe, results come back on the other.
+    call_read, call_write = os.pipe()
+    reply_read, reply_write = os.pipe()
+    solution_config = {"mode": "serve", "entry_point": entry_point,
+                       "calls": call_read, "replies": reply_write}
+    check_config = {"mode": "check", "entry_point": entry_point,
+                    "calls": call_write, "replies": reply_read}
+    children: list[_Child] = []
+    try:
+        for code, config, fds in (
+                (problem["prompt"] + completion + "\n", solution_config, (call_read, reply_write)),
+                (problem["prompt"] + "\n" + problem["test"] + "\n", check_config,
+                 (call_write, reply_read))):
+            children.append(_spawn(code, config, fds, timeout, memory_limit_mb, 64_000,
+                                   status.isolation, status.seccomp))
+    finally:
+        # The children have their copies; the parent must hold none, so each side sees EOF
+        # when the other one ends.
+        for fd in (call_read, call_write, reply_read, reply_write):
+            os.close(fd)
+    solution_child, check_child = children
+    _supervise(children, timeout, finisher=check_child)
+    solution, check = (child.result(timeout) for child in children)
+    stdout, stderr = solution.stdout + check.stdout, solution.stderr + check.stderr
+
+    def result(status: str, error: str | None) -> ExecutionResult:
+        return ExecutionResult(status=status, stdout=stdout, stderr=stderr, error=error)
+
+    if check.status == "passed":
+        return result("passed", None)
+    if "timeout" in (check.status, solution.status):
+        return result("timeout", f"timed out after {timeout} s")
+    # The solution's own failure (a syntax error, a limit) explains the checker's better than
+    # "program exited", unless the parent stopped it because the checker was done.
+    if solution_child.ended_by != "stopped" and solution.status in ("failed", "error"):
+        return result(solution.status, solution.error)
+    return result(check.status, check.error)
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_status(isolation: str | None = None) -> SandboxStatus:
+    """Probe (once per process) whether `isolation` runs here, with or without seccomp."""
+    isolation = _isolation(isolation)
+    if isolation == "os":
+        problem = _os_sandbox_problem()
+        if problem:
+            return SandboxStatus(isolation, False, False, problem)
+    seccomp_reason = None if sandbox_child.seccomp_arch() else (
+        f"no seccomp filter for the {os.uname().machine} architecture")
+    if seccomp_reason is None:
+        result = _execute("pass", _PROBE_TIMEOUT, 256, 64_000, isolation, seccomp=True)
+        if result.success:
+            return SandboxStatus(isolation, True, True, None)
+        if not (result.error or "").startswith(sandbox_child.SECCOMP_FAILED):
+            return SandboxStatus(isolation, False, False, _probe_failure(result))
+        seccomp_reason = result.error
+    result = _execute("pass", _PROBE_TIMEOUT, 256, 64_000, isolation, seccomp=False)
+    if not result.success:
+        return SandboxStatus(isolation, False, False, _probe_failure(result))
+    return SandboxStatus(isolation, True, False, seccomp_reason)
+
+
+# ------------------------------------------------------------------------------------------
+# Parent side
+
+
+def _check_limits(timeout: float, memory_limit_mb: int, max_output_bytes: int) -> None:
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if memory_limit_mb <= 0:
         raise ValueError(f"memory_limit_mb must be positive, got {memory_limit_mb!r}")
     if max_output_bytes <= 0:
         raise ValueError(f"max_output_bytes must be positive, got {max_output_bytes!r}")
 
-    workdir = tempfile.mkdtemp(prefix="nanochat-sandbox-")
-    report_read, report_write = os.pipe()
-    # An unlinked file as stdin: the code never sits anywhere the child could rewrite it.
-    with tempfile.TemporaryFile() as code_file:
-        code_file.write(code.encode("utf-8"))
-        code_file.seek(0)
-        try:
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__),
-                     str(report_write)],
-                    stdin=code_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    cwd=workdir, env=_child_environment(workdir),
-                    start_new_session=True, pass_fds=(report_write,),
-                    preexec_fn=_resource_limiter(memory_limit_mb, timeout),
-                )
-            finally:
-                # The child has its own copy; ours must go so the pipe reads EOF when it exits.
-                os.close(report_write)
-            with proc:
-                streams = _read_streams(proc, report_read, timeout, max_output_bytes)
-        finally:
-            os.close(report_read)
+
+def _isolation(isolation: str | None) -> str:
+    if isolation is None:
+        isolation = os.environ.get(ISOLATION_ENV) or "os"
+        if isolation not in ISOLATION_MODES:
+            raise ValueError(f"{ISOLATION_ENV}: expected one of {'|'.join(ISOLATION_MODES)}, "
+                             f"got {isolation!r}")
+    elif isolation not in ISOLATION_MODES:
+        raise ValueError(f"isolation: expected one of {'|'.join(ISOLATION_MODES)}, "
+                         f"got {isolation!r}")
+    return isolation
+
+
+def _require(isolation: str | None) -> SandboxStatus:
+    status = sandbox_status(_isolation(isolation))
+    if not status.available:
+        raise SandboxUnavailable(
+            f"sandbox: {status.isolation} isolation is unavailable here ({status.reason}); "
+            f"install bubblewrap (runs/setup_env.sh does), or set {ISOLATION_ENV}=python to "
+            "accept the weaker Python-level guard (docs/sandbox.md)")
+    return status
+
+
+def _probe_failure(result: ExecutionResult) -> str:
+    lines = [line for line in (result.stderr or "").splitlines() if line.strip()]
+    return lines[0].strip() if lines else f"a trivial run ended with {result.status}: {result.error}"
+
+
+def _bwrap() -> str | None:
+    return shutil.which("bwrap") or next(
+        (path for path in ("/usr/bin/bwrap", "/bin/bwrap") if os.access(path, os.X_OK)), None)
+
+
+def _python() -> str:
+    # The base interpreter: the child uses the standard library only, never the venv.
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _python_trees() -> list[str]:
+    """Host directories the "os" sandbox must see (read-only) for the interpreter to run."""
+    trees = ["/usr"]
+    for tree in (sys.base_prefix, sys.base_exec_prefix):
+        tree = os.path.realpath(tree)
+        if not any(tree == seen or tree.startswith(seen + os.sep) for seen in trees):
+            trees.append(tree)
+    return trees
+
+
+def _os_sandbox_problem() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return f"bubblewrap needs Linux, this is {sys.platform}"
+    if _bwrap() is None:
+        return "bwrap not found"
+    python = _python()
+    if not any(python.startswith(tree + os.sep) for tree in _python_trees()):
+        return f"the interpreter {python} lies outside {_python_trees()}"
+    return None
+
+
+def _bwrap_command(workdir: str) -> list[str]:
+    command = [
+        _bwrap() or "bwrap",
+        # New user (mapped to `nobody`, no capabilities), mount, PID, network, IPC, UTS and
+        # (where possible) cgroup namespaces; no further user namespaces inside.
+        "--unshare-all", "--unshare-user", "--disable-userns",
+        "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID), "--cap-drop", "ALL",
+        "--hostname", "sandbox",
+        # The whole sandbox is SIGKILLed when the parent dies; a new session blocks TIOCSTI.
+        "--die-with-parent", "--new-session",
+    ]
+    for tree in _python_trees():
+        command += ["--ro-bind", tree, tree]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):  # merged /usr: the usual symlinks into it
+            command += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top) and top not in _python_trees():
+            command += ["--ro-bind", top, top]
+    command += [
+        "--ro-bind", os.path.realpath(sandbox_child.__file__), _SANDBOX_RUNNER,
+        "--proc", "/proc", "--dev", "/dev",
+        "--perms", "0700", "--size", str(_WORKDIR_BYTES), "--tmpfs", workdir,
+        # Last: everything but the work dir (and the device nodes themselves) is read-only.
+        "--remount-ro", "/", "--remount-ro", "/dev",
+        "--chdir", workdir,
+    ]
+    return command
+
+
+@dataclass
+class _Child:
+    """One sandboxed child process and what the parent has read from it so far."""
+
+    proc: subprocess.Popen
+    report_fd: int
+    max_output_bytes: int
+    isolation: str
+    host_workdir: str | None
+    ended_by: str | None = None  # "exit", "timeout", "overflow" or "stopped" (by the parent)
+    overflowed: str | None = None  # which stream passed its cap
+
+    def __post_init__(self) -> None:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.names = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr",
+                      self.report_fd: "report"}
+        self.caps = {"stdout": self.max_output_bytes, "stderr": self.max_output_bytes,
+                     "report": _MAX_REPORT_BYTES}
+        self.buffers = {name: bytearray() for name in self.caps}
+        self.open_fds = set(self.names)
+        self.drain_deadline: float | None = None
+
+    def kill(self, reason: str) -> None:
+        if self.drain_deadline is None:
+            self.ended_by = reason
+            self.drain_deadline = time.monotonic() + _DRAIN_SECONDS
+        _kill_group(self.proc.pid)
+
+    def close(self) -> None:
+        _kill_group(self.proc.pid)
+        self.proc.__exit__(None, None, None)  # closes the pipes, waits for the process
+        os.close(self.report_fd)
+        if self.host_workdir is not None:
             # Leftovers in a private temp dir are not worth failing the run over.
-            shutil.rmtree(workdir, ignore_errors=True)
-    return _result(streams, proc.returncode, timeout, max_output_bytes)
+            shutil.rmtree(self.host_workdir, ignore_errors=True)
+
+    def result(self, timeout: float) -> ExecutionResult:
+        stdout = self.buffers["stdout"].decode("utf-8", errors="replace")
+        stderr = self.buffers["stderr"].decode("utf-8", errors="replace")
+
+        def result(status: str, error: str | None) -> ExecutionResult:
+            return ExecutionResult(status=status, stdout=stdout, stderr=stderr, error=error)
+
+        if self.ended_by == "timeout":
+            return result("timeout", f"timed out after {timeout} s")
+        if self.overflowed == "report":
+            return result("error", f"result channel overflow (over {_MAX_REPORT_BYTES} bytes)")
+        if self.overflowed:
+            return result("error", f"output limit exceeded ({self.overflowed} over "
+                                   f"{self.max_output_bytes} bytes)")
+        report = _parse_report(bytes(self.buffers["report"]))
+        if report is not None and self.ended_by != "stopped":
+            return result(report["status"], report["error"])
+        returncode = self.proc.returncode
+        # bwrap passes a signal death on as exit status 128 + the signal number.
+        signum = -returncode if returncode < 0 else (
+            returncode - 128 if self.isolation == "os" and 128 < returncode < 128 + 65 else 0)
+        if report is None and signum:
+            name = _signal_name(signum)
+            if signum == signal.SIGXCPU:
+                return result("error", f"CPU time limit exceeded (killed by {name})")
+            return result("error", f"killed by signal {name}")
+        if report is None:
+            return result("error", f"sandbox exited with code {returncode} without reporting "
+                                   "a result")
+        return result("error", "stopped by the sandbox")
 
 
-def run_humaneval_check(problem: dict, completion: str, timeout: float = 5.0) -> ExecutionResult:
-    """Run a HumanEval problem's tests against `completion` (the body that follows the prompt).
-
-    The program is prompt + completion + test + check(entry_point). "passed" also requires
-    check() to have returned: a completion that exits early (sys.exit(0)) is "failed".
-    """
-    missing = [key for key in ("prompt", "test", "entry_point") if key not in problem]
-    if missing:
-        raise KeyError(f"HumanEval problem is missing {missing}; it has {sorted(problem)}")
-    # Printed only after check() returns; random so the completion cannot print it by accident.
-    marker = f"humaneval-check-returned-{secrets.token_hex(8)}"
-    program = (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
-               + f"check({problem['entry_point']})\nprint({marker!r})\n")
-    result = execute_code(program, timeout=timeout)
-    if result.status != "passed":
-        return result
-    if marker not in result.stdout:
-        return replace(result, status="failed", error="program exited before check() returned")
-    return replace(result, stdout=result.stdout.replace(marker + "\n", ""))
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
-# ------------------------------------------------------------------------------------------
-# Parent side
+def _execute(code: str, timeout: float, memory_limit_mb: int, max_output_bytes: int,
+             isolation: str, seccomp: bool) -> ExecutionResult:
+    child = _spawn(code, {"mode": "run"}, (), timeout, memory_limit_mb, max_output_bytes,
+                   isolation, seccomp)
+    _supervise([child], timeout)
+    return child.result(timeout)
+
+
+def _spawn(code: str, config: dict[str, Any], fds: tuple[int, ...], timeout: float,
+           memory_limit_mb: int, max_output_bytes: int, isolation: str, seccomp: bool
+           ) -> _Child:
+    """Start one sandboxed child reading `code` from stdin; `fds` are passed to it as well."""
+    report_read, report_write = os.pipe()
+    host_workdir = None
+    try:
+        if isolation == "os":
+            workdir, cwd = _SANDBOX_WORKDIR, "/"
+            command = _bwrap_command(workdir) + ["--", _python(), "-I", "-S", "-B",
+                                                 _SANDBOX_RUNNER]
+        else:
+            host_workdir = workdir = cwd = tempfile.mkdtemp(prefix="nanochat-sandbox-")
+            command = [_python(), "-I", "-S", "-B", os.path.realpath(sandbox_child.__file__)]
+        config = {**config, "report": report_write, "seccomp": seccomp}
+        # An unlinked file as stdin: the code never sits anywhere the child could rewrite it.
+        with tempfile.TemporaryFile() as code_file:
+            code_file.write(code.encode("utf-8"))
+            code_file.seek(0)
+            proc = subprocess.Popen(
+                command + [json.dumps(config)],
+                stdin=code_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=cwd, env=_child_environment(workdir),
+                start_new_session=True, pass_fds=(report_write, *fds),
+                preexec_fn=_resource_limiter(memory_limit_mb, timeout),
+            )
+    except BaseException:
+        os.close(report_read)
+        if host_workdir is not None:
+            shutil.rmtree(host_workdir, ignore_errors=True)
+        raise
+    finally:
+        # The child has its own copy; ours must go so the pipe reads EOF when it exits.
+        os.close(report_write)
+    return _Child(proc, report_read, max_output_bytes, isolation, host_workdir)
 
 
 def _child_environment(workdir: str) -> dict[str, str]:
@@ -179,7 +442,7 @@ def _resource_limiter(memory_limit_mb: int, timeout: float) -> Callable[[], None
     limits = [
         (resource.RLIMIT_CPU, _lowered(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)),
         (resource.RLIMIT_NPROC, _lowered(resource.RLIMIT_NPROC, _MAX_USER_PROCESSES)),
-        (resource.RLIMIT_FSIZE, _lowered(resource.RLIMIT_FSIZE, _MAX_FILE_BYTES)),
+        (resource.RLIMIT_FSIZE, _lowered(resource.RLIMIT_FSIZE, sandbox_child.MAX_FILE_BYTES)),
         (resource.RLIMIT_CORE, _lowered(resource.RLIMIT_CORE, 0)),
         # Last: past this point the forked copy of a large parent may not be able to allocate.
         (resource.RLIMIT_AS, _lowered(resource.RLIMIT_AS, memory_bytes)),
@@ -201,60 +464,61 @@ def _lowered(which: int, soft: int, hard: int | None = None) -> tuple[int, int]:
     return soft, hard
 
 
-@dataclass
-class _Streams:
-    stdout: bytes
-    stderr: bytes
-    report: bytes
-    timed_out: bool
-    overflowed: str | None  # which stream passed its cap
-
-
-def _read_streams(proc: subprocess.Popen, report_fd: int, timeout: float,
-                  max_output_bytes: int) -> _Streams:
-    """Read the child's pipes until they close, the deadline passes, or a stream overflows.
+def _supervise(children: list[_Child], timeout: float, finisher: _Child | None = None) -> None:
+    """Read the children's pipes until they close, the deadline passes, or a stream overflows.
 
     Reads incrementally and keeps at most the cap per stream, so a flood cannot blow up the
-    parent's memory. Whatever ends the run, the process group is killed before returning.
+    parent's memory. Once `finisher` is done the others are stopped. Whatever ends the run,
+    every child's process group is killed and the child closed before returning.
     """
-    assert proc.stdout is not None and proc.stderr is not None
-    names = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr", report_fd: "report"}
-    caps = {"stdout": max_output_bytes, "stderr": max_output_bytes, "report": _MAX_REPORT_BYTES}
-    buffers = {name: bytearray() for name in caps}
-    timed_out, overflowed, killed = False, None, False
     deadline = time.monotonic() + timeout
+    owner = {fd: child for child in children for fd in child.names}
     try:
         with selectors.DefaultSelector() as selector:
-            for fd in names:
+            for fd in owner:
                 selector.register(fd, selectors.EVENT_READ)
             while selector.get_map():
-                remaining = deadline - time.monotonic()
-                if killed and remaining <= 0:
-                    break  # the drain after the kill is over
-                ready = selector.select(max(0.0, min(remaining, _POLL_SECONDS)))
+                now = time.monotonic()
+                waits = [(child.drain_deadline if child.drain_deadline is not None else deadline)
+                         - now for child in children if child.open_fds]
+                ready = selector.select(max(0.0, min([_POLL_SECONDS, *waits])))
+                readers = set()
                 for key, _ in ready:
+                    child = owner[key.fd]
+                    readers.add(id(child))
                     chunk = os.read(key.fd, _READ_CHUNK_BYTES)
                     if not chunk:
                         selector.unregister(key.fd)
+                        child.open_fds.discard(key.fd)
                         continue
-                    name = names[key.fd]
-                    kept = chunk[: caps[name] - len(buffers[name])]
-                    buffers[name] += kept
-                    if len(kept) < len(chunk) and not killed:
-                        overflowed = overflowed or name
-                if killed:
-                    continue
-                timed_out = remaining <= 0
-                # The child exited, but something it left behind still holds the pipes open.
-                straggling = not ready and _has_exited(proc.pid)
-                if timed_out or overflowed or straggling:
-                    _kill_group(proc.pid)
-                    killed = True
-                    deadline = time.monotonic() + _DRAIN_SECONDS
+                    name = child.names[key.fd]
+                    kept = chunk[: child.caps[name] - len(child.buffers[name])]
+                    child.buffers[name] += kept
+                    if len(kept) < len(chunk) and child.drain_deadline is None:
+                        child.overflowed = child.overflowed or name
+                now = time.monotonic()
+                for child in children:
+                    if not child.open_fds:
+                        child.ended_by = child.ended_by or "exit"
+                        continue
+                    if child.drain_deadline is not None:
+                        if now >= child.drain_deadline:  # the drain after the kill is over
+                            for fd in list(child.open_fds):
+                                selector.unregister(fd)
+                            child.open_fds.clear()
+                        continue
+                    if now >= deadline:
+                        child.kill("timeout")
+                    elif child.overflowed:
+                        child.kill("overflow")
+                    elif finisher is not None and child is not finisher and not finisher.open_fds:
+                        child.kill("stopped")
+                    # The child exited, but something it left behind still holds the pipes.
+                    elif id(child) not in readers and _has_exited(child.proc.pid):
+                        child.kill("exit")
     finally:
-        _kill_group(proc.pid)
-    return _Streams(bytes(buffers["stdout"]), bytes(buffers["stderr"]), bytes(buffers["report"]),
-                    timed_out, overflowed)
+        for child in children:
+            child.close()
 
 
 def _has_exited(pid: int) -> bool:
@@ -270,32 +534,6 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _result(streams: _Streams, returncode: int, timeout: float,
-            max_output_bytes: int) -> ExecutionResult:
-    stdout = streams.stdout.decode("utf-8", errors="replace")
-    stderr = streams.stderr.decode("utf-8", errors="replace")
-
-    def result(status: str, error: str | None) -> ExecutionResult:
-        return ExecutionResult(status=status, stdout=stdout, stderr=stderr, error=error)
-
-    if streams.timed_out:
-        return result("timeout", f"timed out after {timeout} s")
-    if streams.overflowed == "report":
-        return result("error", f"result channel overflow (over {_MAX_REPORT_BYTES} bytes)")
-    if streams.overflowed:
-        return result("error", f"output limit exceeded ({streams.overflowed} over "
-                               f"{max_output_bytes} bytes)")
-    if returncode < 0:
-        signal_name = signal.Signals(-returncode).name
-        if -returncode == signal.SIGXCPU:
-            return result("error", f"CPU time limit exceeded (killed by {signal_name})")
-        return result("error", f"killed by signal {signal_name}")
-    report = _parse_report(streams.report)
-    if report is None:
-        return result("error", f"sandbox exited with code {returncode} without reporting a result")
-    return result(report["status"], report["error"])
-
-
 def _parse_report(raw: bytes) -> dict[str, Any] | None:
     """The child's {"status", "error"} report, or None if missing or malformed."""
     try:
@@ -306,177 +544,3 @@ def _parse_report(raw: bytes) -> dict[str, Any] | None:
             or not isinstance(report.get("error"), (str, type(None)))):
         return None
     return report
-
-
-# ------------------------------------------------------------------------------------------
-# Child side: runs as __main__ in the sandboxed interpreter.
-
-# Process creation, signalling other processes, and leaving the process group.
-_BLOCKED_OS_FUNCTIONS = (
-    "fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp",
-    "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe",
-    "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-    "kill", "killpg", "pidfd_open", "setsid", "setpgid", "setpgrp",
-)
-# os function -> its (position, keyword) parameters naming a path it creates, changes or deletes.
-_WRITE_PATH_PARAMS: dict[str, tuple[tuple[int, str], ...]] = {
-    **{name: ((0, "path"),) for name in (
-        "remove", "unlink", "rmdir", "mkdir", "mkfifo", "mknod", "chmod", "chown", "lchown",
-        "utime", "truncate", "setxattr", "removexattr")},
-    **{name: ((0, "fd"),) for name in ("fchmod", "fchown")},
-    **{name: ((0, "src"), (1, "dst")) for name in ("rename", "replace", "link")},
-    "symlink": ((1, "dst"),),
-}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-# ctypes reaches any C function; the native modules the prelude patches must not be
-# re-imported fresh (del sys.modules[...]; import ...) to get the originals back.
-_BLOCKED_IMPORTS = frozenset({"ctypes", "_ctypes", "posix", "_posixsubprocess", "_socket", "_io"})
-
-
-def _child_main(report_fd: int) -> int:
-    """Read the code from stdin, install the prelude, run the code, write the report."""
-    code = sys.stdin.buffer.read().decode("utf-8")
-    _install_prelude(root=os.path.realpath(os.getcwd()))
-    # Tracebacks show the generated source lines.
-    linecache.cache["<generated>"] = (len(code), None, code.splitlines(True), "<generated>")
-    # A fresh __main__, so user classes pickle and dataclass/typing lookups find their module.
-    main_module = types.ModuleType("__main__")
-    sys.modules["__main__"] = main_module
-    reserve = bytearray(_RESERVE_BYTES)
-    try:
-        exec(compile(code, "<generated>", "exec"), main_module.__dict__)
-        status, error = "passed", None
-    except BaseException as exc:  # noqa: BLE001 - everything the user code raises is reported
-        del reserve
-        status, error = _classify(exc)
-        if isinstance(exc, SystemExit):
-            # Like the interpreter: sys.exit("message") prints the message, sys.exit(3) nothing.
-            if exc.code is not None and not isinstance(exc.code, int):
-                print(exc.code, file=sys.__stderr__)
-        else:
-            # Skip this frame: the user's traceback starts in <generated>.
-            traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next,
-                                      file=sys.__stderr__)
-    for stream in (sys.__stdout__, sys.__stderr__):
-        if stream is not None and not stream.closed:
-            stream.flush()
-    report = json.dumps({"status": status, "error": error}).encode()
-    while report:
-        report = report[os.write(report_fd, report):]
-    os.close(report_fd)
-    return 0 if status == "passed" else 1
-
-
-def _classify(exc: BaseException) -> tuple[str, str | None]:
-    if isinstance(exc, SystemExit) and exc.code in (None, 0):
-        return "passed", None
-    if isinstance(exc, MemoryError):
-        return "error", "memory limit exceeded"
-    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
-        return "error", f"file size limit exceeded ({_MAX_FILE_BYTES} bytes)"
-    try:
-        message = str(exc)
-    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the report
-        message = "<exception str() failed>"
-    name = type(exc).__name__
-    error = f"{name}: {message}" if message else name
-    return "failed", error[:_MAX_ERROR_CHARS]
-
-
-def _install_prelude(root: str) -> None:
-    """Best-effort Python-level guards; see the module docstring for what they do not stop."""
-
-    def blocked(what: str) -> Callable[..., Any]:
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise PermissionError(f"{what} is not allowed in the sandbox")
-        return refuse
-
-    for name in _BLOCKED_OS_FUNCTIONS:
-        for module in (os, posix):
-            if hasattr(module, name):
-                setattr(module, name, blocked(f"os.{name}"))
-    # subprocess is already imported (this file imports it), holding fork_exec as _fork_exec.
-    _posixsubprocess.fork_exec = subprocess._fork_exec = blocked("starting a process")
-    subprocess.Popen = blocked("subprocess.Popen")
-
-    allowed_outside = {os.devnull}
-
-    def check_write(path: Any, dir_fd: int | None = None) -> None:
-        if isinstance(path, int):  # an fd: resolve the file it refers to
-            path = f"/proc/self/fd/{path}"
-        path = os.fsdecode(os.fspath(path))
-        base = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else os.getcwd()
-        real = os.path.realpath(os.path.join(base, path))
-        if real in allowed_outside or real == root or real.startswith(root + os.sep):
-            return
-        raise PermissionError(errno.EACCES, "sandbox: writing outside the working directory "
-                              f"{root} is not allowed", path)
-
-    def guard_paths(function: Callable[..., Any], params: tuple[tuple[int, str], ...]
-                    ) -> Callable[..., Any]:
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            for position, keyword in params:
-                path = args[position] if position < len(args) else kwargs.get(keyword)
-                if path is not None:
-                    check_write(path, kwargs.get(f"{keyword}_dir_fd", kwargs.get("dir_fd")))
-            return function(*args, **kwargs)
-        return guarded
-
-    for name, params in _WRITE_PATH_PARAMS.items():
-        if hasattr(os, name):
-            guarded = guard_paths(getattr(os, name), params)
-            for module in (os, posix):
-                setattr(module, name, guarded)
-
-    original_os_open = os.open
-
-    def guarded_os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if flags & _WRITE_FLAGS:
-            check_write(path, kwargs.get("dir_fd"))
-        return original_os_open(path, flags, *args, **kwargs)
-
-    os.open = posix.open = guarded_os_open
-
-    original_open = builtins.open
-
-    def guarded_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        # An int is an fd this process already holds; opening it again creates nothing.
-        if not isinstance(file, int) and any(flag in mode for flag in "wax+"):
-            check_write(file)
-        return original_open(file, mode, *args, **kwargs)
-
-    builtins.open = io.open = _io.open = guarded_open
-
-    class NoNetworkSocket(_socket.socket):  # type: ignore[misc, valid-type]
-        """Wrapping an existing fd is allowed (socketpair, which asyncio needs); creating is not.
-
-        socket.socket.__init__ calls _socket.socket.__init__ by name, so this guards both.
-        """
-
-        __slots__ = ()  # socket.socket, subclassing this if imported later, adds __weakref__
-
-        def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
-                     fileno: int | None = None) -> None:
-            if fileno is None:
-                raise PermissionError("network access is not allowed in the sandbox")
-            super().__init__(family, type, proto, fileno)
-
-    _socket.socket = NoNetworkSocket
-
-    class ImportBlocker:
-        """Meta path finder refusing the modules in _BLOCKED_IMPORTS."""
-
-        def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
-            if fullname.partition(".")[0] in _BLOCKED_IMPORTS:
-                raise ImportError(f"import of {fullname!r} is blocked in the sandbox",
-                                  name=fullname)
-
-    for name in ("ctypes", "_ctypes"):
-        sys.modules.pop(name, None)
-    sys.meta_path.insert(0, ImportBlocker())
-    # -S skips site, which is what defines exit() and quit(); scripts call them.
-    builtins.exit = builtins.quit = sys.exit
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(report_fd=int(sys.argv[1])))

@@ -3,76 +3,53 @@
 Rotary embeddings, QK norm, grouped-query attention (`n_kv_head`), ReLU² MLP, RMSNorm without
 parameters (also right after the embedding and before the head), untied embedding and LM head,
 logit softcap, no biases. `config_from_depth` sizes width and heads from one knob, `--depth`.
-
-Memory: what autograd keeps for backward, per token, d = n_embd (measured with saved-tensor hooks
-by `python -m pytest tests/test_gpt.py -k saved_bytes`):
-- RMSNorm is an autograd Function that keeps its output in the compute dtype (the next Linear or
-  SDPA keeps that same tensor) instead of its fp32 input, and QK norm adds nothing beyond SDPA's q, k;
-- the MLP's ReLU² and down-projection are one Function that keeps only the pre-activation h (4d)
-  and recomputes relu(h)² in backward, instead of relu(h) and relu(h)² (8d);
-- `recompute="mlp"` / `"block"` rerun the MLP / the whole block in backward
-  (torch.utils.checkpoint), keeping only its fp32 input (d).
-  One block (d = 128), bytes per token:   none      mlp       block
-    bf16 autocast                        20.25 d   14.2 d    4 d
-    fp32                                 40.25 d   24.2 d    4 d
-  (none = normed x, q, k, v, attention out, MLP normed x, h: 10 values of d in the compute dtype.)
-- the LM head + softcap + cross-entropy runs over chunks of `loss_chunk_rows` tokens and never
-  holds all the (tokens, vocab) logits: it keeps one (tokens, d) tensor in the compute dtype
-  (2d bytes per token under bf16) where the plain head keeps 6 bytes per vocabulary entry per
-  token under bf16 autocast, 8 in fp32 (384 KiB per token at vocab 65,536).
-
-MoleGrad (`streaming_rank_k > 0`, nanochat/streaming_linear.py): every Linear of the blocks is
-created by `GPT._linear(in, out, layer_idx, name)`, which makes the Linears that
-`streaming_targets` names (STREAMING_TARGET_LINEARS) StreamingLinears of rank k, each with its
-own seed. An MLP whose two Linears stream runs as one `streaming_mlp`, which recomputes h in
-backward: ReLU² would otherwise keep the 4d-wide h alive and MoleGrad's compression of c_proj's
-input would save nothing. One block, d = 256, k = 32, bytes saved for backward per token
-(`python -m pytest tests/test_molegrad.py -k saved_bytes -s`):
-                      dense   recompute=mlp  recompute=block  ffn_only  attn_only   all
-    fp32              10296        6196           1024          6456      10808     6968
-    bf16 autocast      5176        3636           1024          3256       5432     3512
-i.e. dense 10d values, ffn_only 6d + 2k, attn_only 10d + 4k, all 6d + 6k (plus 56 bytes of norm
-scales and SDPA's logsumexp). The streaming MLP keeps its normed input (d values in the compute
-dtype, which its RMSNorm keeps anyway), x Q1 and relu²(h) Q2 (2k), and a 4-byte norm scale.
-Folding that RMSNorm into streaming_mlp (keep the fp32 residual, 4d bytes, and recompute the
-norm) would save those 4 bytes in fp32 and cost 2d - 4 bytes under bf16, so it is not done.
-The attention Linears' inputs are kept by their RMSNorm and by SDPA (q, k, v, out) anyway, so
-MoleGrad on attention adds its x Q (k per Linear) and saves no activation memory: its gains there
-are the dW FLOPs, the absent (out, in) gradients and the communication. Under recompute, a MoleGrad layer's forward statistics are taken twice per
-micro-batch (sums and token counts both double: the same subspace update, more FLOPs).
+The autograd pieces are in nanochat/ops.py; what each keeps for backward is in docs/memory.md.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from nanochat.optim import STREAMING_MOMENTA, AdamW, Muon
-from nanochat.streaming_linear import SUBSPACE_STATE, StreamingLinear, streaming_layers, streaming_mlp, zero_factor_grad
+from nanochat.ops import LOSS_CHUNK_ROWS, apply_rotary, chunked_softcap_cross_entropy, compute_dtype, norm, relu_squared_linear, rotary_tables
+from nanochat.sampling import sample_next_token
+from nanochat.streaming_linear import (
+    STREAMING_MOMENTA,
+    STREAMING_TARGET_LINEARS,
+    STREAMING_TARGETS,
+    StreamingLinear,
+    statistics_paused,
+    streaming_layers,
+    streaming_mlp,
+    zero_factor_grad,
+)
 
 if TYPE_CHECKING:
     from nanochat.engine import KVCache
 
 RECOMPUTE_MODES = ("none", "mlp", "block")
-# --streaming_target_layers -> the Linears of every block that MoleGrad compresses
-STREAMING_TARGET_LINEARS = {
-    "ffn_only": ("mlp.c_fc", "mlp.c_proj"),
-    "attn_only": ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj"),
-    "all": ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-}
-STREAMING_TARGETS = tuple(STREAMING_TARGET_LINEARS)
-BLOCK_LINEARS = STREAMING_TARGET_LINEARS["all"]
-ROTARY_BASE = 10000.0
+BLOCK_LINEARS = STREAMING_TARGET_LINEARS["all"]  # every Linear of a block, by name
 # The rotary table covers this many times sequence_len, so sampling can run past the training context.
 ROTARY_LENGTH_FACTOR = 10
-# Tokens per chunk of the LM head + cross-entropy: at vocab 65,536 one fp32 chunk of logits is 256 MiB.
-LOSS_CHUNK_ROWS = 1024
+# Named memory modes (--memory_mode): GPTConfig memory options, MoleGrad at the rank k the flags give.
+# lowest: the least memory per parameter (block recompute, every block Linear compressed, (out, k)
+#   momentum, h kept inside the recompute); keep_h: no recompute, every Linear compressed, h kept, so
+#   the MLP's backward does not recompute it and the dW matmuls shrink by in/k.
+MEMORY_MODES = {
+    "lowest": dict(recompute="block", streaming_targets="all", streaming_momentum="lowrank", streaming_keep_h=False),
+    "keep_h": dict(recompute="none", streaming_targets="all", streaming_momentum="lowrank", streaming_keep_h=True),
+}
+# Training attention on CUDA runs in one of these SDPA kernels or fails: the math kernel would keep
+# (B, H, T, T) per layer, which no memory plan counts.
+TRAINING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +71,7 @@ class GPTConfig:
     streaming_power_iters: int = 1
     streaming_warm_start_decay: float = 0.95
     streaming_momentum: str = "dense"  # dense | lowrank: Muon's momentum for MoleGrad matrices
+    streaming_keep_h: bool = False  # a MoleGrad MLP keeps h for backward instead of recomputing it
 
     def __post_init__(self) -> None:
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -129,6 +107,10 @@ class GPTConfig:
         if not 0.0 <= self.streaming_warm_start_decay < 1.0:
             raise ValueError(f"GPTConfig.streaming_warm_start_decay: expected a value in [0, 1), "
                              f"got {self.streaming_warm_start_decay}")
+        if self.streaming_keep_h and not (self.streaming_rank_k > 0 and "mlp.c_fc" in STREAMING_TARGET_LINEARS[self.streaming_targets]):
+            raise ValueError(f"--streaming_keep_h=True (GPTConfig.streaming_keep_h): needs MoleGrad on the MLP "
+                             f"(streaming_rank_k > 0, targets ffn_only|all), got rank {self.streaming_rank_k}, "
+                             f"targets {self.streaming_targets}")
 
     @property
     def head_dim(self) -> int:
@@ -176,242 +158,6 @@ def config_from_depth(
 
 
 # ---------------------------------------------------------------------------------------------
-# building blocks
-
-def compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
-    """The dtype matmuls run in: autocast's when it is on for `device_type`, else `default`."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return default
-
-
-class RMSNorm(torch.autograd.Function):
-    """y = x / sqrt(mean(x²) + eps) over the last dim, written in `dtype`; keeps only y and rstd.
-
-    Backward needs no x: dx = rstd * (g - y * mean(g * y)). Keeping the output in the compute
-    dtype (which the next Linear or SDPA keeps too, so it is stored once) instead of the fp32
-    input saves 4 bytes per element per norm under bf16; F.rms_norm on bf16 CPU tensors would
-    also upcast and keep fp32 copies. eps = finfo(x.dtype).eps, as F.rms_norm's default.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        acc_dtype = torch.promote_types(x.dtype, torch.float32)
-        sumsq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype).square_()  # (..., 1)
-        rstd = sumsq.div_(x.size(-1)).add_(torch.finfo(x.dtype).eps).rsqrt_()
-        y = torch.empty(x.shape, dtype=dtype, device=x.device)
-        torch.mul(x, rstd.to(x.dtype), out=y)  # computed in x's dtype, written in `dtype`: one pass
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(y, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        y, rstd = ctx.saved_tensors
-        x_dtype = ctx.x_dtype
-        mean_gy = (grad * y).sum(dim=-1, keepdim=True, dtype=rstd.dtype).div_(y.size(-1))  # (..., 1)
-        # (g - y * mean(g y)) * rstd, computed in the wider of x's and y's dtypes (mean_gy carries x's)
-        grad_x = torch.addcmul(grad, y, mean_gy.to(x_dtype), value=-1.0).mul_(rstd.to(x_dtype))
-        return grad_x.to(x_dtype), None
-
-
-def norm(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """RMSNorm without parameters over the last dimension, output in `dtype` (default x.dtype)."""
-    return RMSNorm.apply(x, x.dtype if dtype is None else dtype)
-
-
-def rotary_tables(seq_len: int, head_dim: int, base: float = ROTARY_BASE,
-                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (seq_len, 1, head_dim) in float32, laid out for `apply_rotary`:
-    cos = [c, c], sin = [s, -s] with c, s of shape (seq_len, head_dim/2) (frequencies in float64)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)  # (T, D/2)
-    cos, sin = angles.cos(), angles.sin()
-    cos = torch.cat((cos, cos), dim=-1).float()
-    sin = torch.cat((sin, -sin), dim=-1).float()
-    return cos.unsqueeze(1), sin.unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x (B, T, H, D) by position-dependent angles.
-
-    y1 = x1 c + x2 s, y2 = x2 c - x1 s, written as x * [c, c] + [x2, x1] * [s, -s]: three passes
-    (cat, mul, addcmul), and backward keeps only the constant tables, never x.
-    """
-    half = x.size(-1) // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, swapped, sin)
-
-
-class ReLUSquaredLinear(torch.autograd.Function):
-    """y = relu(h)² Wᵀ (the MLP's activation + down-projection), keeping only h (and W) for backward.
-
-    Backward recomputes relu(h)² for dW: two extra elementwise passes over h instead of keeping
-    4d values per token alive. Computes in h's dtype (the compute dtype: bf16 under autocast),
-    casting W explicitly, because autocast is not active during backward.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h, weight)
-        return F.linear(torch.relu(h).square_(), weight.to(h.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        h, weight = ctx.saved_tensors
-        grad = grad.to(h.dtype)
-        relu_h = torch.relu(h)  # (..., 4d)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            # dW = gᵀ relu(h)²: (d, N) @ (N, 4d)
-            grad_weight = (grad.reshape(-1, grad.size(-1)).t() @ relu_h.square().reshape(-1, h.size(-1))).to(weight.dtype)
-        grad_h = None
-        if ctx.needs_input_grad[0]:
-            grad_h = (grad @ weight.to(h.dtype)).mul_(relu_h.mul_(2))  # d relu(h)² / dh = 2 relu(h)
-        return grad_h, grad_weight
-
-
-def relu_squared_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return ReLUSquaredLinear.apply(h, weight)
-
-
-# ---------------------------------------------------------------------------------------------
-# LM head + softcap + cross-entropy, chunked over tokens
-
-def _softcap_cross_entropy_chunk(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-    acc_dtype: torch.dtype, row_scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row loss for one chunk, and d(sum_i row_scale_i * loss_i)/dz (z = hidden Wᵀ) if row_scale is given.
-
-    hidden (n, d) and weight (V, d) in the compute dtype; targets (n,) with -1 = ignored;
-    returns losses (n,) in acc_dtype (fp32, or fp64 for a fp64 model) and dz (n, V) in the
-    compute dtype.
-
-    Written for few passes over the (n, V) tensors (they dominate the cost on CPU):
-    softcap * tanh(z / softcap) = softcap * (2s - 1) with s = sigmoid(2z / softcap) (sigmoid is
-    ~6x faster than tanh on CPU), so logits - max = 2 softcap (s - max s);
-    d logits / dz = 1 - tanh² = 4 s (1 - s).
-    """
-    s = torch.empty(hidden.size(0), weight.size(0), dtype=acc_dtype, device=hidden.device)  # (n, V)
-    torch.mul(hidden @ weight.t(), 2.0 / softcap, out=s).sigmoid_()
-    shift = s.amax(dim=1, keepdim=True).mul_(-2.0 * softcap)  # (n, 1): -(max logit + softcap)
-    exp_logits = torch.add(shift, s, alpha=2.0 * softcap).exp_()  # exp(logits - max logit)
-    sum_exp = exp_logits.sum(dim=1)  # (n,)
-    lse = sum_exp.log() - shift.squeeze(1) - softcap  # logsumexp of the logits
-    index = targets.clamp(min=0).unsqueeze(1)  # (n, 1)
-    target_logit = softcap * (2.0 * s.gather(1, index).squeeze(1) - 1.0)
-    losses = (lse - target_logit).masked_fill_(targets < 0, 0.0)
-    if row_scale is None:
-        return losses, None
-    # dz = row_scale * (softmax - onehot(target)) * 4 s (1 - s); the factor 4 rides on the row scale
-    scale4 = 4.0 * row_scale
-    probs = exp_logits.mul_((scale4 / sum_exp).unsqueeze(1))
-    probs.scatter_add_(1, index, -scale4.unsqueeze(1))
-    dz = torch.empty(probs.shape, dtype=hidden.dtype, device=hidden.device)
-    torch.mul(probs, torch.addcmul(s, s, s, value=-1.0), out=dz)  # written in the compute dtype in one pass
-    return losses, dz
-
-
-def _accumulate_weight_grad(grad_weight: torch.Tensor, dz: torch.Tensor, hidden: torch.Tensor) -> None:
-    """grad_weight (V, d) += dzᵀ hidden, accumulating in grad_weight's dtype (the parameter's)."""
-    if dz.dtype == grad_weight.dtype:
-        grad_weight.addmm_(dz.t(), hidden)
-    else:  # bf16 matmul, fp32 accumulation across chunks
-        grad_weight.add_(dz.t() @ hidden)
-
-
-def _row_scale(targets: torch.Tensor, reduction: str, grad_output: torch.Tensor | None,
-               n_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """d(output)/d(loss_i) times the upstream gradient, per row; 0 for ignored rows. (N,)"""
-    scale = (targets >= 0).to(dtype)
-    if reduction == "mean":
-        scale = scale / n_valid
-    if grad_output is not None:
-        scale = scale * grad_output.to(dtype)
-    return scale
-
-
-class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
-    """cross_entropy(softcap * tanh(hidden Wᵀ / softcap), targets), never holding all the logits.
-
-    For a scalar loss (mean/sum) that will be differentiated, the gradients are computed during
-    forward, chunk by chunk while each chunk's logits are at hand (exact: the upstream gradient
-    of a scalar just scales them), so the head's matmul is not recomputed; what is kept for
-    backward is d loss / d hidden (N, d) and d loss / d W (V, d, like W.grad). For per-row losses
-    (reduction "none", e.g. RL) the upstream gradient is per row and only known in backward:
-    then forward keeps hidden (N, d) and backward recomputes each chunk's logits.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                reduction: str, chunk_rows: int, grads_in_forward: bool) -> torch.Tensor:
-        # hidden (N, d) in the compute dtype, weight (V, d), targets (N,) int64 with -1 = ignored
-        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
-        weight_c = weight.to(hidden.dtype)
-        n_valid = (targets >= 0).sum()
-        losses = torch.empty(hidden.size(0), dtype=acc_dtype, device=hidden.device)  # (N,)
-        row_scale = _row_scale(targets, reduction, None, n_valid, acc_dtype) if grads_in_forward else None
-        grad_hidden = torch.empty_like(hidden) if grads_in_forward else None
-        grad_weight = torch.zeros_like(weight) if grads_in_forward else None
-        for start in range(0, hidden.size(0), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            losses[rows], dz = _softcap_cross_entropy_chunk(
-                hidden[rows], weight_c, targets[rows], softcap, acc_dtype,
-                None if row_scale is None else row_scale[rows])
-            if dz is not None:
-                grad_hidden[rows] = dz @ weight_c
-                _accumulate_weight_grad(grad_weight, dz, hidden[rows])
-        ctx.grads_in_forward = grads_in_forward
-        ctx.softcap, ctx.reduction, ctx.chunk_rows = softcap, reduction, chunk_rows
-        if grads_in_forward:
-            ctx.save_for_backward(grad_hidden, grad_weight)
-        else:
-            ctx.save_for_backward(hidden, weight, targets, n_valid)
-        if reduction == "none":
-            return losses
-        total = losses.sum()
-        return total / n_valid if reduction == "mean" else total
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        if ctx.grads_in_forward:
-            grad_hidden, grad_weight = ctx.saved_tensors
-            return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output, None, None, None, None, None
-        hidden, weight, targets, n_valid = ctx.saved_tensors
-        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
-        weight_c = weight.to(hidden.dtype)
-        row_scale = _row_scale(targets, ctx.reduction, grad_output, n_valid, acc_dtype)  # (N,)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight)
-        for start in range(0, hidden.size(0), ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            _, dz = _softcap_cross_entropy_chunk(hidden[rows], weight_c, targets[rows], ctx.softcap,
-                                                 acc_dtype, row_scale[rows])
-            grad_hidden[rows] = dz @ weight_c
-            _accumulate_weight_grad(grad_weight, dz, hidden[rows])
-        return grad_hidden, grad_weight, None, None, None, None, None
-
-
-def chunked_softcap_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-    reduction: str = "mean", chunk_rows: int = LOSS_CHUNK_ROWS,
-) -> torch.Tensor:
-    """Loss of the softcapped LM head over hidden (N, d) with targets (N,) (-1 = ignored).
-
-    reduction: "mean" over non-ignored targets, "sum", or "none" (per-token (N,), 0 where ignored).
-    Computed in at least float32, whatever the compute dtype of `hidden`.
-    """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"loss_reduction: expected mean|sum|none, got {reduction!r}")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows: expected >= 1, got {chunk_rows}")
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return ChunkedSoftcapCrossEntropy.apply(hidden, weight, targets, softcap, reduction, chunk_rows,
-                                            needs_grad and reduction != "none")
-
-
-# ---------------------------------------------------------------------------------------------
 # the transformer
 
 LinearFactory = Callable[[int, int, int, str], nn.Module]  # (in_features, out_features, layer_idx, name)
@@ -440,7 +186,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = causal_attention(q, k, v, gqa)
         else:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T_past + T, D)
             prefix = k.size(2) - T
@@ -455,6 +201,23 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """Causal SDPA of q (B, H, T, D), k, v (B, H_kv, T, D); when training on CUDA, only in a flash or
+    memory-efficient kernel (TRAINING_SDPA_BACKENDS), else one line saying why."""
+    if not (q.is_cuda and torch.is_grad_enabled() and q.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if torch.compiler.is_compiling():
+        with sdpa_kernel(TRAINING_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    try:
+        with sdpa_kernel(TRAINING_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    except RuntimeError as e:
+        raise RuntimeError(f"attention: no flash/memory-efficient SDPA kernel for q {tuple(q.shape)} {q.dtype} "
+                           f"(head_dim {q.size(-1)}) in training; the math kernel would keep (B, H, T, T) per layer: "
+                           f"train with --dtype=bfloat16 and head_dim <= 256") from e
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int, linear: LinearFactory) -> None:
         super().__init__()
@@ -464,11 +227,13 @@ class MLP(nn.Module):
             raise ValueError("MLP: MoleGrad compresses both MLP Linears or neither (c_proj's input is relu²(h), "
                              "kept only if h is recomputed)")
         self.streaming = isinstance(self.c_fc, StreamingLinear)
+        # inside a recompute, h's saved copy lives only for that block's backward: keep it
+        self.keep_h = config.streaming_keep_h or config.recompute != "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xn = norm(x, compute_dtype(x.device.type, x.dtype))  # (B, T, d), kept by the norm for its backward
         if self.streaming:
-            return streaming_mlp(xn, self.c_fc, self.c_proj)  # keeps xn, xn Q1, relu²(h) Q2
+            return streaming_mlp(xn, self.c_fc, self.c_proj, self.keep_h)  # keeps xn (or h), xn Q1, relu²(h) Q2
         return relu_squared_linear(self.c_fc(xn), self.c_proj.weight)  # keeps xn, h
 
 
@@ -481,14 +246,23 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         if self.recompute == "block" and kv_cache is None:
-            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+            return self._recomputed(self, self._forward, x, cos, sin)
         return self._forward(x, cos, sin, kv_cache)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(x, cos, sin, kv_cache)
-        if self.recompute == "mlp":
-            return x + checkpoint(self.mlp, x, use_reentrant=False)
+        if self.recompute == "mlp" and kv_cache is None:
+            return x + self._recomputed(self.mlp, self.mlp, x)
         return x + self.mlp(x)
+
+    @staticmethod
+    def _recomputed(region: nn.Module, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+        """fn(*args) rerun in backward (torch.utils.checkpoint); the rerun takes no MoleGrad
+        statistics. Compiled, the partitioner recomputes only what backward needs, which never
+        includes the statistics, so the default context is right there."""
+        if torch.compiler.is_compiling():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), statistics_paused(region)))
 
 
 def _recompute_rotary_after_load(model: "GPT", incompatible_keys) -> None:
@@ -564,27 +338,6 @@ class GPT(nn.Module):
         super().zero_grad(set_to_none)
         zero_factor_grad(self)
 
-    def fit_streaming_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A checkpoint's model state made to fit this model's MoleGrad layers, when the run that
-        saved it had other MoleGrad settings (e.g. MoleGrad pretraining, then dense finetuning).
-
-        Weights pass unchanged. Each MoleGrad layer here keeps the checkpoint's subspace if the
-        checkpoint has one of the same rank, else its own seeded start; subspaces of layers that
-        are dense here are dropped. Not for resuming a run: that needs the same settings.
-        """
-        own = self.state_dict()
-        layers = {name for name, module in self.named_modules() if isinstance(module, StreamingLinear)}
-
-        def layer_of(key: str) -> str | None:
-            prefix, _, leaf = key.rpartition(".")
-            return prefix if leaf in SUBSPACE_STATE else None
-
-        fits = {name for name in layers
-                if all(k in state and state[k].shape == own[k].shape for k in (f"{name}.{leaf}" for leaf in SUBSPACE_STATE))}
-        fitted = {k: v for k, v in state.items() if layer_of(k) is None or layer_of(k) in fits}
-        fitted.update({k: v for k, v in own.items() if layer_of(k) in layers - fits})
-        return fitted
-
     def num_params(self) -> int:
         """All parameters, embedding included."""
         return sum(p.numel() for p in self.parameters())
@@ -628,8 +381,6 @@ class GPT(nn.Module):
                  seed: int = 42) -> list[int]:
         """The next `max_tokens` tokens after `tokens`, sampled one at a time with a full forward
         over the whole sequence (no KV cache): the slow, obvious reference for the Engine."""
-        from nanochat.engine import sample_next_token  # engine imports the model side, not the reverse
-
         device = self.lm_head.weight.device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
@@ -641,40 +392,3 @@ class GPT(nn.Module):
             ids = torch.cat((ids, next_id), dim=1)
             new_tokens.append(int(next_id.item()))
         return new_tokens
-
-    def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                         weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95)) -> list[torch.optim.Optimizer]:
-        """[AdamW(lm_head, wte), Muon(every matrix of the blocks)], each group with `initial_lr`.
-
-        AdamW LRs scale as (n_embd / 768)^-0.5 (tuned at width 768, as nanochat); Muon's update is
-        already normalised per matrix. weight_decay is decoupled and applies to the Muon matrices
-        only: the embedding and head rows are RMS-normed / softcapped and get none.
-
-        MoleGrad: every StreamingLinear is a block matrix, so Muon takes its factor gradients
-        (config.streaming_momentum picks dense or low-rank momentum). AdamW holds only wte and
-        lm_head, which are never compressed (an embedding's gradient is already sparse in rows,
-        and the head's input is kept by the chunked loss anyway), so AdamW needs no moments in a
-        subspace; a StreamingLinear reaching it is an error.
-        """
-        for name, p in self.transformer.h.named_parameters():
-            if p.ndim != 2:
-                raise ValueError(f"setup_optimizers: block parameter {name} has shape {tuple(p.shape)}; Muon takes "
-                                 f"only 2-D matrices, so give it an AdamW group here")
-        dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
-        adam_groups = [
-            {"params": [self.lm_head.weight], "lr": unembedding_lr * dmodel_lr_scale},
-            {"params": [self.transformer.wte.weight], "lr": embedding_lr * dmodel_lr_scale},
-        ]
-        streaming = streaming_layers(self)
-        adam_params = {id(p) for group in adam_groups for p in group["params"]}
-        if any(id(layer.weight) in adam_params for layer in streaming):
-            raise ValueError("setup_optimizers: a MoleGrad layer's weight is in an AdamW group; AdamW reads only p.grad")
-        fused = self.lm_head.weight.device.type == "cuda"
-        adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
-        muon = Muon(list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
-                    streaming=streaming, streaming_momentum=self.config.streaming_momentum)
-        optimizers: list[torch.optim.Optimizer] = [adamw, muon]
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"]
-        return optimizers

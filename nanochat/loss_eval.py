@@ -6,8 +6,8 @@ import math
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
+from nanochat import distributed
 from nanochat.common import RunContext
 
 
@@ -38,8 +38,7 @@ def evaluate_bpb(
         total_nats += (loss * (nbytes > 0)).sum()
         total_bytes += nbytes.sum()
     if ctx.ddp:
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
+        distributed.wait_all([distributed.all_reduce(total_nats, "val bpb"), distributed.all_reduce(total_bytes, "val bpb")])
     model.train(was_training)
     if total_bytes.item() == 0:
         raise ValueError("evaluate_bpb: the evaluated tokens decode to 0 bytes (no batches, or only special tokens)")

@@ -9,7 +9,8 @@ What a training step keeps alive (bytes; d = width, L = blocks, V = vocabulary, 
 micro-batch, T = sequence length, item = 2 under bf16 autocast, 4 in fp32):
 - always: fp32 parameters, the optimizer state (AdamW's two moments for the embedding and the head,
   Muon's momentum: (out, in) per matrix, or (out, k) for MoleGrad matrices with low-rank momentum),
-  MoleGrad's subspace buffers (Q, scouts, sketch, this step's sketch: 3(k+e) x in floats per layer),
+  MoleGrad's subspace buffers (Q, scouts, sketch, this step's sketch: 3(k+e) x in floats per layer,
+  and the (out, k) leaf whose gradient is the factor),
   the rotary tables (2 x 10T x head_dim floats) and the batch (int64).
 - gradients: fp32 p.grad of every dense parameter and MoleGrad's (out, k) factors. They exist from
   backward to the optimizer step; with gradient accumulation (--grad_accum_steps > 1) those of the
@@ -40,7 +41,7 @@ a fresh process whose glibc malloc returns freed blocks to the system at once (n
 its resident set before the model was built.
 
 Checked on CPU (tests/test_memory.py; e.g. `python -m nanochat.memory --depth=4 --max_seq_len=1024
---device_batch_size=4 --vocab_size=8192 --dtype=bf16 --grad_accum_steps=1 --measure=True`): within 1%
+--device_batch_size=4 --vocab_size=8192 --dtype=bfloat16 --grad_accum_steps=1 --measure=True`): within 1%
 of the measured peak for dense, recompute=mlp|block and MoleGrad ffn_only|all, fp32 and bf16.
 
 What fits (`python -m nanochat.memory --sweep_depths=True`): 8192 tokens x 1 sequence, vocab 65,536,
@@ -66,21 +67,14 @@ import torch
 
 from nanochat.common import RunContext, cpu_has_native_bf16, fail
 from nanochat.config import check, parse_args
-from nanochat.gpt import (
-    BLOCK_LINEARS,
-    GPT,
-    LOSS_CHUNK_ROWS,
-    RECOMPUTE_MODES,
-    ROTARY_LENGTH_FACTOR,
-    STREAMING_MOMENTA,
-    STREAMING_TARGET_LINEARS,
-    STREAMING_TARGETS,
-    GPTConfig,
-    config_from_depth,
-)
+from nanochat.gpt import BLOCK_LINEARS, GPT, RECOMPUTE_MODES, ROTARY_LENGTH_FACTOR, GPTConfig, config_from_depth
+from nanochat.ops import LOSS_CHUNK_ROWS
+from nanochat.optim import setup_optimizers
+from nanochat.streaming_linear import STREAMING_MOMENTA, STREAMING_TARGET_LINEARS, STREAMING_TARGETS
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-ITEMSIZE = {"bf16": 2, "fp32": 4}
+# --dtype: the compute dtype, spelled as every other entry point (master weights are fp32 either way)
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+ITEMSIZE = {"bfloat16": 2, "float32": 4}
 FP32 = 4    # master weights, gradients, optimizer moments, norm scales, SDPA's logsumexp
 INT64 = 8   # token ids
 GiB = 2**30
@@ -124,7 +118,7 @@ def measure_block_saved_bytes(config: GPTConfig, dtype: str, lengths: tuple[int,
     torch.manual_seed(0)
     model = GPT(replace(config, n_layer=1, sequence_len=max(lengths)))
     block, d = model.transformer.h[0], config.n_embd
-    autocast = dtype == "bf16"
+    autocast = dtype == "bfloat16"
     sizes = []
     for length in lengths:
         x = torch.randn(batch_size, length, d, requires_grad=True)
@@ -226,7 +220,7 @@ class MemoryPlan:
         return self.phases[self.peak_phase]
 
 
-def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bf16", grad_accum_steps: int = 2,
+def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", grad_accum_steps: int = 2,
                 device_type: str = "cuda") -> MemoryPlan:
     """Predicted peak memory of a training step of `config` with micro-batches of `batch_size`
     sequences of config.sequence_len tokens: fp32 parameters, `dtype` compute (bf16 = autocast),
@@ -248,7 +242,8 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bf16", grad_ac
     lowrank = config.streaming_momentum == "lowrank"
     momentum = dense_block + (factors if lowrank else sum(out * inp for name, (out, inp) in shapes.items()
                                                          if name in streaming))
-    subspace = sum(FP32 * 3 * (k + explore_k(inp, k)) * inp + 36 for name, (_, inp) in shapes.items() if name in streaming)
+    subspace = sum(FP32 * (3 * (k + explore_k(inp, k)) * inp + out * k) + 36
+                   for name, (out, inp) in shapes.items() if name in streaming)
     embedding = V * d
 
     c: dict[str, int] = {}
@@ -261,7 +256,7 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bf16", grad_ac
     add("AdamW moments", 2 * FP32 * 2 * embedding + 2 * FP32, "exp_avg, exp_avg_sq of embedding and head (fp32)")
     add("Muon momentum", FP32 * L * momentum,
         "(out, in) per block matrix" + (f"; MoleGrad matrices (out, {k})" if streaming and lowrank else ""))
-    add("MoleGrad buffers", L * subspace, "Q, scouts, sketch, step sketch: 3(k+e) x in fp32 per layer" if streaming else "-")
+    add("MoleGrad buffers", L * subspace, "Q, scouts, sketch, step sketch: 3(k+e) x in, gradient sink out x k, fp32 per layer" if streaming else "-")
     add("rotary tables", 2 * FP32 * ROTARY_LENGTH_FACTOR * T * config.head_dim, f"cos, sin: {ROTARY_LENGTH_FACTOR}T x head_dim fp32")
     add("batch", INT64 * batch_size * (T + 1), "token ids, int64")
     add("gradients", FP32 * (2 * embedding + L * dense_block + L * factors),
@@ -355,7 +350,7 @@ def run_training_steps(config: GPTConfig, batch_size: int, dtype: str, grad_accu
     ctx = RunContext(torch.device(device), device, DTYPES[dtype], False, 0, 0, 1)
     with torch.device(device):
         model = GPT(config)
-    optimizers = model.setup_optimizers()
+    optimizers = setup_optimizers(model)
     generator = torch.Generator().manual_seed(0)
 
     def batches():
@@ -441,7 +436,7 @@ class MemoryFlags:
     max_seq_len: int = field(default=8192, metadata={"help": "context length in tokens"})
     device_batch_size: int = field(default=1, metadata={"help": "sequences per forward/backward"})
     vocab_size: int = field(default=65536, metadata={"help": "vocabulary"})
-    dtype: str = field(default="bf16", metadata={"help": "compute dtype (fp32 master weights either way)",
+    dtype: str = field(default="bfloat16", metadata={"help": "compute dtype (fp32 master weights either way)",
                                                  "choices": tuple(ITEMSIZE)})
     grad_accum_steps: int = field(default=2, metadata={
         "help": "micro-batches per optimizer step; above 1 the earlier ones' gradients are alive during "
@@ -482,7 +477,7 @@ class MemoryFlags:
 def describe(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int) -> str:
     molegrad = (f"MoleGrad {config.streaming_targets} k={config.streaming_rank_k} ({config.streaming_momentum} momentum)"
                 if config.streaming_rank_k else "no MoleGrad")
-    compute = "bf16 autocast" if dtype == "bf16" else "fp32"
+    compute = "bf16 autocast" if dtype == "bfloat16" else "fp32"
     accum = "gradient accumulation" if grad_accum_steps > 1 else "one micro-batch per step"
     return (f"depth {config.n_layer} (width {config.n_embd}, {config.n_head} heads), {batch_size} x {config.sequence_len} "
             f"tokens, vocab {config.vocab_size:,}, {compute}, fp32 master weights, recompute {config.recompute}, "
@@ -535,7 +530,7 @@ def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, int]:
             break
     k = flags.streaming_rank_k
     print(f"peak training memory by depth: {flags.device_batch_size} x {flags.max_seq_len} tokens, vocab {flags.vocab_size:,}, "
-          f"{'bf16 autocast' if flags.dtype == 'bf16' else 'fp32'} compute, fp32 master weights, "
+          f"{'bf16 autocast' if flags.dtype == 'bfloat16' else 'fp32'} compute, fp32 master weights, "
           f"{'gradient accumulation' if flags.grad_accum_steps > 1 else 'one micro-batch per step'}; GiB, "
           f"x = does not fit in {flags.gpu_memory} with {flags.reserve} reserve")
     names = [arm.replace("k32", f"k{k}") for arm in SWEEP_ARMS]

@@ -1,7 +1,7 @@
 """Optimizers and the learning-rate schedule.
 
 Muon for the 2-D matrices of the blocks (momentum, then Newton–Schulz orthogonalisation), AdamW
-(torch.optim.AdamW's update) for the embedding and the LM head; see `GPT.setup_optimizers`. The
+(torch.optim.AdamW's update) for the embedding and the LM head; see `setup_optimizers`. The
 schedule functions here are the only ones the training scripts use.
 
 Muon reads each dense gradient through `Muon._gradient(p)` and applies it through
@@ -13,14 +13,20 @@ Muon reads each dense gradient through `Muon._gradient(p)` and applies it throug
                                update = μ buf + (1-μ) gq Qᵀ          one addmm (Nesterov), then
                                W ← W - lr s NS(update)               Newton–Schulz as for dense
     low-rank momentum          m ← μ m + (1-μ) gq                    (out, k): no (out, in) state
-                               W ← W - lr s NS(μ m + (1-μ) gq) Qᵀ    NS of an (out, k) matrix
+                               W ← W - lr s r NS(μ m + (1-μ) gq) Qᵀ  NS of an (out, k) matrix,
+                                                                     r = lowrank_step_scale
+
+Low-rank step size: NS(m) has min(out, k) singular values near 1 where a dense update has
+min(out, in), so at equal lr its Frobenius norm is √(min(out, k) / min(out, in)) of dense Muon's
+(0.16 at k = 32, in = out = 1280). r = √(min(out, in) / min(out, k)) restores the dense norm, so
+--matrix_lr means the same step length with and without low-rank momentum (r = 1 at k = in).
 
 NS is an odd matrix polynomial after a Frobenius normalisation, so NS(m Qᵀ) = NS(m) Qᵀ for Q
 with orthonormal columns: the low-rank update is the dense one of the momentum's image m Qᵀ.
 When Q moves (`update_subspaces`, after the step), m moves to m (Q_oldᵀ Q_new): its image
 becomes the projection of the old image onto the new subspace, the best a rank-k state can keep.
 The dense momentum needs no transport; it keeps what the old subspaces contributed. AdamW
-(torch's, plus sharding) never sees a MoleGrad weight: GPT.setup_optimizers gives it only wte and
+(torch's, plus sharding) never sees a MoleGrad weight: setup_optimizers gives it only wte and
 lm_head, which are never compressed, so no AdamW moments need to live in a subspace.
 
 Several processes (`sharded`, on by default when a process group of more than one rank is up):
@@ -45,10 +51,7 @@ import torch.nn as nn
 
 from nanochat import distributed
 from nanochat.common import resolve_dtype
-from nanochat.streaming_linear import StreamingLinear, streaming_layers
-
-# Muon's momentum for a MoleGrad matrix: dense (out, in), or (out, k) factors in Q's coordinates
-STREAMING_MOMENTA = ("dense", "lowrank")
+from nanochat.streaming_linear import STREAMING_MOMENTA, StreamingLinear, streaming_layers
 
 # Quintic Newton–Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so
 # small singular values grow fast; after 5 steps singular values land in roughly [0.7, 1.2]
@@ -74,6 +77,12 @@ def zeropower_via_newtonschulz5(grad: torch.Tensor, steps: int = 5, dtype: torch
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A²
         x = torch.addmm(x, poly, x, beta=a)  # a X + (b A + c A²) X
     return x.t() if tall else x
+
+
+def lowrank_step_scale(out_features: int, in_features: int, rank_k: int) -> float:
+    """√(min(out, in) / min(out, k)): the low-rank update's step multiplier that gives it the
+    Frobenius norm of a dense Muon update of the same matrix (module docstring)."""
+    return (min(out_features, in_features) / min(out_features, rank_k)) ** 0.5
 
 
 def assign_owners(params: list[torch.Tensor], world_size: int) -> list[int]:
@@ -226,8 +235,8 @@ class Muon(ShardedStep, torch.optim.Optimizer):
             buf.lerp_(factor, 1 - momentum)
             update = factor.lerp(buf, momentum) if group["nesterov"] else buf
             ortho = self._orthogonalise(update, group).to(p.dtype)                   # (out, k)
-            step_size = self._decay_and_step_size(p, group)
-            p.addmm_(ortho, layer.Q.to(p.dtype).T, alpha=step_size)                  # W += c NS(m) Qᵀ
+            step_size = self._decay_and_step_size(p, group) * lowrank_step_scale(*p.shape, layer.rank_k)
+            p.addmm_(ortho, layer.Q.to(p.dtype).T, alpha=step_size)                  # W += c s NS(m) Qᵀ
             return
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
@@ -303,6 +312,46 @@ class AdamW(ShardedStep, torch.optim.AdamW):
         super().step()  # torch skips parameters without a gradient: those other ranks own
         self._broadcast_updated()
         return loss
+
+
+def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_lr: float = 0.2,
+                     matrix_lr: float = 0.02, weight_decay: float = 0.0,
+                     adam_betas: tuple[float, float] = (0.8, 0.95)) -> list[torch.optim.Optimizer]:
+    """[AdamW(lm_head, wte), Muon(every matrix of the blocks)] for a GPT, each group with `initial_lr`.
+
+    AdamW LRs scale as (n_embd / 768)^-0.5 (tuned at width 768, as nanochat); Muon's update is
+    already normalised per matrix. weight_decay is decoupled and applies to the Muon matrices
+    only: the embedding and head rows are RMS-normed / softcapped and get none.
+
+    MoleGrad: every StreamingLinear is a block matrix, so Muon takes its factor gradients
+    (model.config.streaming_momentum picks dense or low-rank momentum). AdamW holds only wte and
+    lm_head, which are never compressed (an embedding's gradient is already sparse in rows,
+    and the head's input is kept by the chunked loss anyway), so AdamW needs no moments in a
+    subspace; a StreamingLinear reaching it is an error.
+    """
+    blocks, lm_head, wte = model.transformer.h, model.lm_head, model.transformer.wte
+    for name, p in blocks.named_parameters():
+        if p.ndim != 2:
+            raise ValueError(f"setup_optimizers: block parameter {name} has shape {tuple(p.shape)}; Muon takes "
+                             f"only 2-D matrices, so give it an AdamW group here")
+    dmodel_lr_scale = (model.config.n_embd / 768) ** -0.5
+    adam_groups = [
+        {"params": [lm_head.weight], "lr": unembedding_lr * dmodel_lr_scale},
+        {"params": [wte.weight], "lr": embedding_lr * dmodel_lr_scale},
+    ]
+    streaming = streaming_layers(model)
+    adam_params = {id(p) for group in adam_groups for p in group["params"]}
+    if any(id(layer.weight) in adam_params for layer in streaming):
+        raise ValueError("setup_optimizers: a MoleGrad layer's weight is in an AdamW group; AdamW reads only p.grad")
+    fused = lm_head.weight.device.type == "cuda"
+    adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
+    muon = Muon(list(blocks.parameters()), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
+                streaming=streaming, streaming_momentum=model.config.streaming_momentum)
+    optimizers: list[torch.optim.Optimizer] = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
 
 
 @torch.no_grad()

@@ -17,10 +17,12 @@ import platform
 import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanochat.common import get_base_dir, get_rank
+from nanochat.common import get_base_dir, get_rank, run_main
+from nanochat.config import Flags, UserError, parse_args
 
 # (slug, title) in pipeline order; sections with other titles are appended after these
 SECTIONS = (
@@ -199,12 +201,21 @@ def summary_table(sections: list[tuple[str, dict[str, Any], str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(sections: list[tuple[str, dict[str, Any], str]], directory: Path) -> list[Path]:
-    """One PNG per section with curves (x: step, y: the metric), labelled axes."""
-    import matplotlib
-
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; one line naming the extra when it is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("matplotlib is not installed: pip install -e '.[plot]' (the plot extra)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(sections: list[tuple[str, dict[str, Any], str]], directory: Path) -> list[Path]:
+    """One PNG per section with curves (x: step, y: the metric), labelled axes."""
+    plt = pyplot()
 
     paths = []
     for slug, data, _ in sections:
@@ -232,10 +243,7 @@ def plot_molegrad(directory: Path) -> Path | None:
     source = directory / "molegrad.json"
     if not source.exists():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     arms = json.loads(source.read_text())["arms"]
     names = [a["arm"] for a in arms]
@@ -292,12 +300,17 @@ def generate() -> Path:
     return path
 
 
+@dataclass
+class ReportConfig(Flags):
+    """Start a new report card (reset: drop the logged sections) or write it (generate)."""
+
+    action: str = field(default="generate", metadata={"positional": True, "choices": ("reset", "generate"),
+                                                      "help": "reset | generate"})
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] not in ("reset", "generate"):
-        print("usage: python -m nanochat.report reset|generate", file=sys.stderr)
-        raise SystemExit(2)
-    reset() if argv[0] == "reset" else generate()
+    cfg = parse_args(ReportConfig, argv, prog="python -m nanochat.report")
+    run_main(lambda cfg: reset() if cfg.action == "reset" else generate(), cfg)
 
 
 if __name__ == "__main__":

@@ -45,21 +45,26 @@ by storage (tests/test_streaming_linear.py::test_mlp_saved_values_per_token, fp3
 
     dense: nn.Linear, relu().square()         x, relu(h), relu²(h)       9d
     MoleGrad on both linears                  x Q1, relu(h), relu²(h) Q2  4d + 2k
-    ... with relu_squared()                   x Q1, h, relu²(h) Q2        4d + 2k
+    ... with a ReLU² that saves only h        x Q1, h, relu²(h) Q2        4d + 2k
     streaming_mlp(): h recomputed in backward x, x Q1, relu²(h) Q2        d + 2k
     (dense, MLP checkpointed: x only          x                           d, not measured)
 
 ReLU² needs h (or relu(h)) for an exact dX, so compressing W2's input saves nothing unless h is
-recomputed; eager relu().square() keeps relu(h) once (two saved tensors, one storage), so
-relu_squared() saves no bytes, only a tensor. streaming_mlp() saves about as much as checkpointing
+recomputed; eager relu().square() keeps relu(h) once (two saved tensors, one storage), so a ReLU²
+that saves only h saves no bytes, only a tensor. streaming_mlp() saves about as much as checkpointing
 and, counting matmuls of size N·d·4d, runs 2 forward + 3 backward (recompute h, dX through W2 and
 W1; the dW matmuls shrink to N·4d·k) against dense 2 + 4 and checkpointed 4 + 4.
 """
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from nanochat.ops import compute_dtype
 
 
 def diagonal_signs(matrix: Tensor) -> Tensor:
@@ -73,8 +78,15 @@ def orthonormalize(matrix: Tensor) -> Tensor:
     return q * diagonal_signs(r)
 
 
-# the persistent buffers of a StreamingLinear besides its weight: its subspace and statistics
-SUBSPACE_STATE = ("Q", "scouts", "sketch", "input_energy", "captured_energy", "counters")
+# Muon's momentum for a MoleGrad matrix: dense (out, in), or (out, k) factors in Q's coordinates
+STREAMING_MOMENTA = ("dense", "lowrank")
+# --streaming_target_layers -> the Linears of every block (GPT's names) that MoleGrad compresses
+STREAMING_TARGET_LINEARS = {
+    "ffn_only": ("mlp.c_fc", "mlp.c_proj"),
+    "attn_only": ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj"),
+    "all": ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+}
+STREAMING_TARGETS = tuple(STREAMING_TARGET_LINEARS)
 
 
 class StreamingLinear(nn.Module):
@@ -119,8 +131,13 @@ class StreamingLinear(nn.Module):
         self.register_buffer("sketch_step", torch.empty(in_features, tracked), persistent=False)
         self.register_buffer("energy_step", torch.empty(()), persistent=False)
         self.register_buffer("tokens_step", torch.empty((), dtype=torch.long), persistent=False)
-        self.num_updates = 0                     # Q's version, mirrored in counters[1]
-        self.grad_factor: Tensor | None = None   # (out, k): dW ≈ grad_factor @ Q.T
+        # the factor gradient's home: backward returns gq = Gᵀ x Q as this leaf's gradient, so
+        # autograd sums it over micro-batches into grad_sink.grad and no Python state changes
+        # inside forward or backward (torch.compile traces both). Its values are never read.
+        self.register_buffer("grad_sink", torch.zeros(out_features, rank_k, requires_grad=True), persistent=False)
+        self.num_updates = 0                     # Q's version, mirrored in counters[1]; read outside forward only
+        # False while a recompute reruns forward (Block's checkpoint): statistics are taken once
+        self.observing = True
         self.register_load_state_dict_post_hook(_read_counters_after_load)
         self.reset_parameters()
         self.reset_subspace()
@@ -150,7 +167,8 @@ class StreamingLinear(nn.Module):
 
         model.to(torch.bfloat16) (or .half()) casts only the weight; Q, the sketch and the energies
         stay float32 (float64 casts, as in tests, apply): power iteration and QR in bf16 would
-        lose the subspace within a few updates, and resume would not be exact.
+        lose the subspace within a few updates, and resume would not be exact. The gradient sink
+        stays a leaf that requires grad.
         """
         before = {name: buffer for name, buffer in self._buffers.items()
                   if buffer is not None and buffer.is_floating_point()}
@@ -159,38 +177,37 @@ class StreamingLinear(nn.Module):
             new = self._buffers[name]
             if new.dtype in (torch.float16, torch.bfloat16) and new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
+        sink = self._buffers["grad_sink"]
+        self._buffers["grad_sink"] = torch.zeros(sink.shape, dtype=sink.dtype, device=sink.device, requires_grad=True)
         return self
 
+    @property
+    def grad_factor(self) -> Tensor | None:
+        """(out, k), float32 (float64 for a float64 layer): dW ≈ grad_factor @ Q.T, summed over the
+        micro-batches since the last update; None before the first backward."""
+        return self.grad_sink.grad
+
+    @grad_factor.setter
+    def grad_factor(self, value: Tensor | None) -> None:
+        self.grad_sink.grad = value
+
     def forward(self, x: Tensor) -> Tensor:
+        dtype = compute_dtype(x.device.type, x.dtype)
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return F.linear(x, self.weight)
-        return StreamingLinearFunction.apply(x, self.weight, self)
+            return F.linear(x.to(dtype), self.weight.to(dtype))
+        x2d = x.reshape(-1, x.shape[-1]).to(dtype)                       # (N, in)
+        with torch.no_grad():
+            xq = x2d @ self.Q.to(dtype)                                  # (N, k)
+            if self.training and self.observing:
+                self.add_statistics(*subspace_statistics(x2d, xq, self.scouts, self.power_iters), x2d.shape[0])
+        return StreamingLinearFunction.apply(x, self.weight, xq, self.Q, self.grad_sink)
 
     @torch.no_grad()
-    def observe(self, x: Tensor, xq: Tensor) -> None:
-        """Adds this micro-batch's statistics; x: (N, in), xq = x Q: (N, k). Training mode only."""
-        if not self.training:
-            return
-        xb = torch.cat([xq, x @ self.scouts.to(x.dtype)], dim=1)        # (N, k+e) = x B
-        y = x.T @ xb                                                    # (in, k+e) = N · C B
-        for _ in range(self.power_iters - 1):
-            basis = orthonormalize(y.to(self.sketch.dtype)).to(x.dtype)
-            y = x.T @ (x @ basis)                                       # N · C orth(y)
-        self.sketch_step.add_(y)
-        self.energy_step.add_(torch.linalg.vector_norm(x).square())
-        self.tokens_step.add_(x.shape[0])
-
-    def accumulate_grad_factor(self, gq: Tensor, q_version: int) -> None:
-        """Adds gq = Gᵀ x Q: (out, k), computed with Q's version q_version, to grad_factor."""
-        if q_version != self.num_updates:
-            raise RuntimeError(f"backward uses Q version {q_version} but the layer is at version "
-                               f"{self.num_updates}: update_subspace() ran between forward and "
-                               f"backward; call it once per step, after optimizer.step()")
-        gq = gq.to(torch.promote_types(gq.dtype, torch.float32))
-        if self.grad_factor is None:
-            self.grad_factor = gq
-        else:
-            self.grad_factor.add_(gq)
+    def add_statistics(self, sketch: Tensor, energy: Tensor, tokens: int) -> None:
+        """Adds one micro-batch's statistics (subspace_statistics) to this step's."""
+        self.sketch_step.add_(sketch.to(self.sketch_step.dtype))
+        self.energy_step.add_(energy.to(self.energy_step.dtype))
+        self.tokens_step.add_(tokens)
 
     def step_statistics(self) -> tuple[Tensor, Tensor, Tensor]:
         """The tensors to all-reduce (sum) across processes before update_subspace()."""
@@ -257,115 +274,131 @@ def _read_counters_after_load(layer: StreamingLinear, incompatible_keys) -> None
     layer.grad_factor = None
 
 
+def subspace_statistics(x: Tensor, xq: Tensor, scouts: Tensor, power_iters: int) -> tuple[Tensor, Tensor]:
+    """One micro-batch's contribution to the sketch and the input energy: (xᵀ (x B), ‖x‖²) with
+    B = [Q | scouts], x: (N, in), xq = x Q: (N, k); power_iters > 1 applies xᵀx more times."""
+    xb = torch.cat([xq, x @ scouts.to(x.dtype)], dim=1)                  # (N, k+e) = x B
+    y = x.T @ xb                                                        # (in, k+e) = N · C B
+    for _ in range(power_iters - 1):
+        basis = orthonormalize(y.to(torch.promote_types(y.dtype, torch.float32))).to(x.dtype)
+        y = x.T @ (x @ basis)                                           # N · C orth(y)
+    return y, torch.linalg.vector_norm(x, dtype=torch.promote_types(x.dtype, torch.float32)).square()
+
+
+def _saved_tensors_q_unchanged(ctx) -> tuple[Tensor, ...]:
+    """The saved tensors; Q is among them, so autograd's in-place check catches a moved Q."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        raise RuntimeError("MoleGrad: Q changed between forward and backward (update_subspace() ran in "
+                           "between); call it once per step, after optimizer.step()") from e
+
+
 class StreamingLinearFunction(torch.autograd.Function):
-    """y = x Wᵀ saving x Q instead of x; backward gives dX exactly and adds Gᵀ x Q to the layer."""
+    """y = x Wᵀ saving x Q instead of x; backward gives dX exactly and Gᵀ x Q as the sink's gradient.
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, layer: StreamingLinear) -> Tensor:
-        x2d = x.reshape(-1, x.shape[-1])                                # (N, in)
-        xq = x2d @ layer.Q.to(x2d.dtype)                                # (N, k)
-        layer.observe(x2d, xq)
-        ctx.save_for_backward(xq, weight)
-        ctx.layer, ctx.q_version, ctx.x_dtype = layer, layer.num_updates, x.dtype
-        return F.linear(x, weight)                                      # (..., out)
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        xq, weight = ctx.saved_tensors
-        weight = weight.to(grad_y.dtype)   # under autocast the forward ran in grad_y's dtype
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_y @ weight).to(ctx.x_dtype)                  # (..., in), exact
-        g2d = grad_y.reshape(-1, grad_y.shape[-1])                      # (N, out)
-        ctx.layer.accumulate_grad_factor(g2d.T @ xq.to(g2d.dtype), ctx.q_version)   # (out, k)
-        return grad_x, None, None
-
-
-class ReluSquaredFunction(torch.autograd.Function):
-    """relu(h)², saving only h: (..., n)."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor) -> Tensor:
-        ctx.save_for_backward(h)
-        return F.relu(h).square()
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> Tensor:
-        (h,) = ctx.saved_tensors
-        return grad_out * 2 * F.relu(h)
-
-
-def relu_squared(h: Tensor) -> Tensor:
-    return ReluSquaredFunction.apply(h)
-
-
-class StreamingMLPFunction(torch.autograd.Function):
-    """y = relu²(x W1ᵀ) W2ᵀ with MoleGrad on W1 and W2, saving x, x Q1 and relu²(h) Q2.
-
-    Backward recomputes h = x W1ᵀ, so dX is exact; both weights get factor gradients.
+    x (..., in); weight (out, in); xq = x Q (N, k) in the compute dtype; Q (in, k), saved only so
+    that a Q moved before backward fails; sink (out, k), the leaf whose gradient is the factor.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, fc: StreamingLinear,
-                proj: StreamingLinear) -> Tensor:
-        x2d = x.reshape(-1, x.shape[-1])                                # (N, d)
-        h = F.linear(x2d, w_fc)                                         # (N, 4d)
-        a = F.relu(h).square()                                          # (N, 4d)
-        xq = x2d @ fc.Q.to(x2d.dtype)                                   # (N, k_fc)
-        aq = a @ proj.Q.to(a.dtype)                                     # (N, k_proj)
-        fc.observe(x2d, xq)
-        proj.observe(a, aq)
-        # x as h was computed from it: under autocast the low-precision copy, half the bytes
-        ctx.save_for_backward(x2d.to(h.dtype), xq, aq, w_fc, w_proj)
-        ctx.layers, ctx.q_versions = (fc, proj), (fc.num_updates, proj.num_updates)
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        y = F.linear(a, w_proj)                                         # (N, d_out)
-        return y.view(*x.shape[:-1], y.shape[-1])
+    def forward(ctx, x: Tensor, weight: Tensor, xq: Tensor, q: Tensor, sink: Tensor) -> Tensor:
+        ctx.save_for_backward(xq, weight, q)
+        ctx.x_dtype = x.dtype
+        return F.linear(x.to(xq.dtype), weight.to(xq.dtype))             # (..., out); cast here: no autocast cache
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x2d, xq, aq, w_fc, w_proj = ctx.saved_tensors                   # x2d: (N, d)
-        (fc, proj), (fc_version, proj_version) = ctx.layers, ctx.q_versions
-        dtype = grad_y.dtype               # under autocast the forward ran in grad_y's dtype
-        g = grad_y.reshape(-1, grad_y.shape[-1])                        # (N, d_out)
-        proj.accumulate_grad_factor(g.T @ aq.to(dtype), proj_version)   # (d_out, k_proj)
-        relu_h = F.relu(x2d.to(dtype) @ w_fc.to(dtype).T)               # (N, 4d), recomputed
-        grad_h = (g @ w_proj.to(dtype)).mul_(relu_h).mul_(2)            # (N, 4d)
-        fc.accumulate_grad_factor(grad_h.T @ xq.to(dtype), fc_version)  # (4d, k_fc)
+        xq, weight, _ = _saved_tensors_q_unchanged(ctx)
+        dtype = xq.dtype                    # the compute dtype of the forward
+        grad_y = grad_y.to(dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_h @ w_fc.to(dtype)).view(ctx.x_shape).to(ctx.x_dtype)   # (..., d)
-        return grad_x, None, None, None, None
+            grad_x = (grad_y @ weight.to(dtype)).to(ctx.x_dtype)        # (..., in), exact
+        g2d = grad_y.reshape(-1, grad_y.shape[-1])                      # (N, out)
+        grad_factor = (g2d.T @ xq).to(torch.promote_types(dtype, torch.float32))   # (out, k)
+        return grad_x, None, None, None, grad_factor
 
 
-def streaming_mlp(x: Tensor, fc: StreamingLinear, proj: StreamingLinear) -> Tensor:
-    """proj(relu²(fc(x))) saving d + 2k values per token instead of 9d; x: (..., d)."""
+class StreamingMLPFunction(torch.autograd.Function):
+    """y = relu²(x W1ᵀ) W2ᵀ with MoleGrad on W1 and W2, saving x Q1, relu²(h) Q2 and either x (h is
+    recomputed in backward) or h (keep_h: 4d values per token more, no recompute).
+
+    x (N, d) in the compute dtype; w_fc (4d, d), w_proj (d_out, 4d); xq = x Q1 (N, k1); q_fc, q_proj
+    saved only for the check that they did not move; the sinks (4d, k1), (d_out, k2) receive the
+    factor gradients. With observe, also returns proj's statistics (its input exists only here).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, xq: Tensor, q_fc: Tensor, q_proj: Tensor,
+                scouts_proj: Tensor, sink_fc: Tensor, sink_proj: Tensor, keep_h: bool, observe: bool,
+                power_iters: int):
+        dtype = x.dtype
+        h = x @ w_fc.to(dtype).T                                        # (N, 4d)
+        a = F.relu(h).square()                                          # (N, 4d)
+        aq = a @ q_proj.to(dtype)                                       # (N, k2)
+        if observe:
+            sketch, energy = subspace_statistics(a, aq, scouts_proj, power_iters)
+        else:
+            sketch, energy = x.new_zeros(0), x.new_zeros(0)
+        ctx.save_for_backward(h if keep_h else x, xq, aq, w_fc, w_proj, q_fc, q_proj)
+        ctx.keep_h = keep_h
+        ctx.mark_non_differentiable(sketch, energy)
+        return a @ w_proj.to(dtype).T, sketch, energy                   # (N, d_out)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_sketch, _grad_energy):
+        x_or_h, xq, aq, w_fc, w_proj, _, _ = _saved_tensors_q_unchanged(ctx)
+        dtype = xq.dtype
+        g = grad_y.to(dtype)                                            # (N, d_out)
+        acc = torch.promote_types(dtype, torch.float32)
+        grad_proj = (g.T @ aq).to(acc)                                  # (d_out, k2)
+        h = x_or_h if ctx.keep_h else x_or_h @ w_fc.to(dtype).T         # (N, 4d)
+        grad_h = (g @ w_proj.to(dtype)).mul_(F.relu(h)).mul_(2)         # (N, 4d)
+        grad_fc = (grad_h.T @ xq).to(acc)                               # (4d, k1)
+        grad_x = grad_h @ w_fc.to(dtype) if ctx.needs_input_grad[0] else None   # (N, d)
+        return grad_x, None, None, None, None, None, None, grad_fc, grad_proj, None, None, None
+
+
+def streaming_mlp(x: Tensor, fc: StreamingLinear, proj: StreamingLinear, keep_h: bool = False) -> Tensor:
+    """proj(relu²(fc(x))), x: (..., d), output in the compute dtype, saving d + 2k values per token
+    (keep_h: 5d + 2k, and backward does not recompute h) instead of dense's 5d."""
     if fc.out_features != proj.in_features:
         raise ValueError(f"fc.out_features={fc.out_features} must equal "
                          f"proj.in_features={proj.in_features}")
+    dtype = compute_dtype(x.device.type, x.dtype)
     if not (torch.is_grad_enabled() and fc.weight.requires_grad and proj.weight.requires_grad):
-        return F.linear(F.relu(F.linear(x, fc.weight)).square(), proj.weight)
-    return StreamingMLPFunction.apply(x, fc.weight, proj.weight, fc, proj)
+        return F.linear(F.relu(F.linear(x.to(dtype), fc.weight.to(dtype))).square(), proj.weight.to(dtype))
+    x2d = x.reshape(-1, x.shape[-1]).to(dtype)                          # (N, d)
+    observe = fc.training and fc.observing
+    with torch.no_grad():
+        xq = x2d @ fc.Q.to(dtype)                                       # (N, k1)
+        if observe:
+            fc.add_statistics(*subspace_statistics(x2d, xq, fc.scouts, fc.power_iters), x2d.shape[0])
+    y, sketch, energy = StreamingMLPFunction.apply(x2d, fc.weight, proj.weight, xq, fc.Q, proj.Q, proj.scouts,
+                                                   fc.grad_sink, proj.grad_sink, keep_h, observe, proj.power_iters)
+    if observe:
+        proj.add_statistics(sketch, energy, x2d.shape[0])
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def streaming_layers(model: nn.Module) -> list[StreamingLinear]:
     return [module for module in model.modules() if isinstance(module, StreamingLinear)]
 
 
-def dense_grad(layer: StreamingLinear) -> Tensor | None:
-    """grad_factor @ Qᵀ: (out, in). Materialises the dense gradient: for tests and references."""
-    if layer.grad_factor is None:
-        return None
-    return layer.grad_factor @ layer.Q.to(layer.grad_factor.dtype).T
-
-
-def factor_grad_norm_sq(layer: StreamingLinear) -> Tensor:
-    """‖grad_factor Qᵀ‖² = ‖grad_factor‖², since Q has orthonormal columns."""
-    if layer.grad_factor is None:
-        return torch.zeros((), device=layer.weight.device)
-    return layer.grad_factor.square().sum()
-
-
 def zero_factor_grad(model: nn.Module) -> None:
     for layer in streaming_layers(model):
         layer.grad_factor = None
+
+
+@contextmanager
+def statistics_paused(model: nn.Module) -> Iterator[None]:
+    """MoleGrad layers of `model` take no statistics inside (a recompute reruns their forward)."""
+    layers = streaming_layers(model)
+    for layer in layers:
+        layer.observing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.observing = True

@@ -1,4 +1,5 @@
-"""BPE tokenizer: trained with rustbpe, run with tiktoken; special tokens; conversation rendering.
+"""BPE tokenizer: trained with rustbpe, run with tiktoken; special tokens; conversation rendering;
+the text of a streamed reply (StreamDecoder, assistant_parts, chat_prompt).
 
 Ids: 0..255 are the raw bytes, then the learned merges in the order they were learned (rank =
 id), then the nine special tokens. `vocab_size` everywhere means the TOTAL (merges + bytes +
@@ -6,7 +7,8 @@ specials), so `--vocab_size=65536` gives an embedding table of exactly 65536 row
 
 Files in a tokenizer directory (default $NANOCHAT_BASE_DIR/tokenizer):
 
-    tokenizer.pkl     the encoding's pieces: split pattern, mergeable ranks, special tokens
+    tokenizer.json    split pattern, ranks (= ids), special tokens: Hugging Face tokenizers'
+                      format, so transformers reads it as is (`Tokenizer.to_hf_json`)
     token_bytes.pt    int32 (vocab_size,): UTF-8 bytes per token, 0 for specials (bits per byte)
     meta.json         how it was trained (written by scripts.tok_train, last)
 
@@ -17,9 +19,11 @@ through `prepend`/`append`, `encode_special` and the conversation renderer.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import itertools
-import pickle
+import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,10 +53,28 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
-TOKENIZER_FILE = "tokenizer.pkl"
+TOKENIZER_FILE = "tokenizer.json"
+LEGACY_TOKENIZER_FILE = "tokenizer.pkl"  # the format before tokenizer.json: never loaded (a pickle can run code)
 TOKEN_BYTES_FILE = "token_bytes.pt"
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+
+
+def _byte_chars() -> list[str]:
+    """Byte b -> the printable character that stands for it in byte-level BPE vocabularies (GPT-2's
+    table): printable Latin-1 bytes stand for themselves, the other 68 for chr(256), chr(257), ..."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+BYTE_CHARS = _byte_chars()
+CHAR_BYTES = {char: b for b, char in enumerate(BYTE_CHARS)}
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "python", "python_output")
@@ -103,39 +125,107 @@ class Tokenizer:
         return cls(ranks, trainer.get_pattern())
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.pkl and token_bytes.pt into `directory`, each atomically."""
+        """Write tokenizer.json and token_bytes.pt into `directory`, each atomically."""
         directory = Path(directory)
-        pieces = {
-            "format_version": FORMAT_VERSION,
-            "pattern": self.pattern,
-            "mergeable_ranks": self.mergeable_ranks,
-            "special_tokens": self.special_ids,
-        }
-        atomic_write(directory / TOKENIZER_FILE, lambda f: pickle.dump(pieces, f, protocol=pickle.HIGHEST_PROTOCOL))
+        text = json.dumps(self.to_hf_json(), ensure_ascii=False).encode("utf-8")
+        atomic_write(directory / TOKENIZER_FILE, lambda f: f.write(text))
         atomic_write(directory / TOKEN_BYTES_FILE, lambda f: torch.save(self.token_bytes(), f))
+
+    def to_hf_json(self) -> dict[str, Any]:
+        """This tokenizer as a Hugging Face `tokenizer.json` that encodes as tiktoken does (the same
+        ids on 1 MB of the local corpus: tests/test_hf.py).
+
+        Byte-level BPE whose vocabulary ids are our ids. tiktoken merges, within each pre-token,
+        the adjacent pair whose concatenation has the lowest rank; the merge list says the same:
+        every split of every token into two vocabulary tokens, ordered by the rank of the token it
+        makes. `ignore_merges`: a pre-token that is itself a token is that token (tiktoken's
+        shortcut). The specials follow as added tokens.
+        """
+
+        def chars(token: bytes) -> str:
+            return "".join(BYTE_CHARS[b] for b in token)
+
+        splits = []  # (rank made, left rank, right rank, left, right)
+        for token, rank in self.mergeable_ranks.items():
+            for i in range(1, len(token)):
+                left, right = self.mergeable_ranks.get(token[:i]), self.mergeable_ranks.get(token[i:])
+                if left is not None and right is not None:
+                    splits.append((rank, left, right, token[:i], token[i:]))
+        splits.sort(key=lambda split: split[:3])
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [{"id": token_id, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for name, token_id in self.special_ids.items()],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            ]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            "model": {
+                "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                "vocab": {chars(token): rank for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])},
+                "merges": [[chars(left), chars(right)] for *_, left, right in splits],
+            },
+        }
+
+    @classmethod
+    def from_hf_json(cls, data: Any, source: str) -> Tokenizer:
+        """The tokenizer a parsed `tokenizer.json` describes: ours (`to_hf_json`) or any Hugging Face
+        byte-level BPE of that shape (Split regex + ByteLevel pre-tokenizer, vocabulary ids = ranks,
+        our nine special tokens right after the ranks). Raises ValueError naming `source` and the part."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or data["model"].get("type") != "BPE":
+            raise ValueError(f"tokenizer file {source}: expected a Hugging Face tokenizer.json with a BPE model")
+        pre = data.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        kinds = [step.get("type") for step in steps if isinstance(step, dict)]
+        if kinds != ["Split", "ByteLevel"] or not isinstance(steps[0].get("pattern"), dict) or "Regex" not in steps[0]["pattern"]:
+            raise ValueError(f"tokenizer file {source}: pre_tokenizer {kinds} is not supported; expected a Split regex "
+                             f"then ByteLevel (a byte-level BPE like nanochat's)")
+        added = data.get("added_tokens") or []
+        if not isinstance(added, list) or not all(isinstance(token, dict) for token in added):
+            raise ValueError(f"tokenizer file {source}: added_tokens is not a list of {{id, content}} objects")
+        specials = {token.get("content"): token.get("id") for token in added}
+        ranks: dict[bytes, int] = {}
+        vocab = data["model"].get("vocab")
+        if not isinstance(vocab, dict):
+            raise ValueError(f"tokenizer file {source}: model.vocab is not a token -> id mapping")
+        for piece, token_id in vocab.items():
+            if piece in specials:
+                continue
+            try:
+                ranks[bytes(CHAR_BYTES[char] for char in piece)] = token_id
+            except KeyError:
+                raise ValueError(f"tokenizer file {source}: vocabulary entry {piece!r} (id {token_id}) is not "
+                                 f"byte-level (a character outside the 256-byte table)") from None
+        try:
+            tokenizer = cls(ranks, steps[0]["pattern"]["Regex"])
+        except ValueError as e:
+            raise ValueError(f"tokenizer file {source}: {e}") from e
+        if specials != tokenizer.special_ids:
+            raise ValueError(f"tokenizer file {source}: special tokens {specials} differ from nanochat's "
+                             f"{tokenizer.special_ids} (the nine names, in order, right after the {len(ranks)} ranks)")
+        return tokenizer
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> Tokenizer:
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
+            legacy = path.with_name(LEGACY_TOKENIZER_FILE)
+            if legacy.is_file():
+                raise ValueError(f"{legacy} is the old pickle format, which is no longer loaded (a pickle can run code): "
+                                 f"convert it once with `python -m scripts.tok_train --convert_legacy`, or retrain "
+                                 f"with `python -m scripts.tok_train --force`")
             raise FileNotFoundError(f"no tokenizer file at {path}")
         try:
-            with open(path, "rb") as f:
-                pieces = pickle.load(f)
-        except Exception as e:  # pickle raises a zoo of types on a damaged file
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
             raise ValueError(f"cannot read tokenizer file {path}: {type(e).__name__}: {e} (retrain: python -m scripts.tok_train --force)") from e
-        expected = {"format_version", "pattern", "mergeable_ranks", "special_tokens"}
-        if not isinstance(pieces, dict) or set(pieces) != expected:
-            raise ValueError(f"tokenizer file {path} is not a nanochat tokenizer: expected a dict with keys {sorted(expected)}")
-        if pieces["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"tokenizer file {path} has format_version {pieces['format_version']!r}, expected {FORMAT_VERSION}")
-        try:
-            tokenizer = cls(pieces["mergeable_ranks"], pieces["pattern"])
-        except ValueError as e:
-            raise ValueError(f"tokenizer file {path}: {e}") from e
-        if pieces["special_tokens"] != tokenizer.special_ids:
-            raise ValueError(f"tokenizer file {path}: special tokens {pieces['special_tokens']} differ from {tokenizer.special_ids}")
-        return tokenizer
+        return cls.from_hf_json(data, str(path))
 
     # -------------------------------------------------------------------------------------
     # vocabulary
@@ -302,7 +392,7 @@ class Tokenizer:
 def get_tokenizer(directory: str | Path | None = None) -> Tokenizer:
     """The trained tokenizer (default $NANOCHAT_BASE_DIR/tokenizer)."""
     directory = Path(directory) if directory is not None else default_tokenizer_dir()
-    if not (directory / TOKENIZER_FILE).is_file():
+    if not (directory / TOKENIZER_FILE).is_file() and not (directory / LEGACY_TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"no tokenizer at {directory / TOKENIZER_FILE}: train one first with `python -m scripts.tok_train`")
     return Tokenizer.from_directory(directory)
 
@@ -319,3 +409,63 @@ def get_token_bytes(device: str | torch.device = "cpu", directory: str | Path | 
     except Exception as e:
         raise ValueError(f"cannot read token bytes file {path}: {type(e).__name__}: {e} (retrain: python -m scripts.tok_train --force)") from e
     return token_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# text of a reply: streaming decode, tool-call markers, the chat prompt
+
+class StreamDecoder:
+    """Text of a token stream, piece by piece, emitting only complete UTF-8 characters.
+
+    A byte-level BPE token can end in the middle of a multi-byte character (an emoji is 4 bytes,
+    a CJK character 3); its bytes wait in an incremental UTF-8 decoder until the character is
+    complete. Special tokens come out as their names ("<|python_start|>"), which is how tool
+    calls appear in a reply's text (`assistant_parts` reads them back). Invalid bytes become
+    U+FFFD, never an exception.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.special_names = {tokenizer.encode_special(name): name for name in tokenizer.get_special_tokens()}
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """The text completed by `token` (possibly "")."""
+        name = self.special_names.get(token)
+        if name is not None:
+            return self.flush() + name
+        return self._utf8.decode(self.tokenizer.enc.decode_single_token_bytes(token))
+
+    def flush(self) -> str:
+        """Whatever is still buffered (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+_MARKER_PART = {"<|python_start|>": "python", "<|output_start|>": "python_output",
+                "<|python_end|>": "text", "<|output_end|>": "text"}
+_MARKERS = re.compile("(" + "|".join(re.escape(marker) for marker in _MARKER_PART) + ")")
+
+
+def assistant_parts(text: str) -> str | list[dict[str, str]]:
+    """An assistant reply's text (tool calls written as their special tokens, as StreamDecoder
+    gives them) as conversation content: the text itself when it has no tool call, else parts
+    [{"type": "text"|"python"|"python_output", "text": ...}] for Tokenizer.render_conversation.
+    An unclosed call (an interrupted reply) keeps its type up to the end."""
+    pieces = _MARKERS.split(text)
+    if len(pieces) == 1:
+        return text
+    parts, kind = [], "text"
+    for i, piece in enumerate(pieces):
+        if i % 2 == 1:  # a marker: the part type of what follows
+            kind = _MARKER_PART[piece]
+        elif piece or kind != "text":  # keep empty calls/outputs, drop empty text between markers
+            parts.append({"type": kind, "text": piece})
+    return parts
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+    """Prompt ids for the assistant's next reply after `messages` ({"role", "content": str});
+    assistant messages may carry tool calls as marker text (see `assistant_parts`)."""
+    converted = [{"role": m["role"], "content": assistant_parts(m["content"]) if m["role"] == "assistant" else m["content"]}
+                 for m in messages]
+    return tokenizer.render_for_completion({"messages": converted})

@@ -14,30 +14,25 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
 from nanochat import distributed
 from nanochat.checkpoint import CheckpointError, load_checkpoint, load_meta, load_model_state_strict, rng_state, save_checkpoint, set_rng_state
 from nanochat.common import RunContext
-from nanochat.config import check
+from nanochat.config import RuntimeFlags, UserError, check
 from nanochat.distributed import AVG, all_reduce, wait_all
-from nanochat.gpt import RECOMPUTE_MODES, STREAMING_MOMENTA, STREAMING_TARGETS
+from nanochat.gpt import RECOMPUTE_MODES
 from nanochat.optim import apply_lr, get_lr_multiplier, get_muon_momentum, update_subspaces
-from nanochat.streaming_linear import streaming_layers, zero_factor_grad
+from nanochat.streaming_linear import STREAMING_MOMENTA, STREAMING_TARGETS, streaming_layers, zero_factor_grad
 
 
 @dataclass
-class TrainFlags:
-    """Flags shared by every training stage."""
+class TrainFlags(RuntimeFlags):
+    """Flags shared by every training stage (with the runtime flags)."""
 
     run: str = field(default="dummy", metadata={"help": "wandb run name (dummy = no wandb; WANDB_RUN also works)"})
-    device: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": ("auto", "float32", "bfloat16")})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = auto)"})
-    seed: int = field(default=42, metadata={"help": "random seed"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
     device_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward on one device"})
     embedding_lr: float = field(default=0.2, metadata={"help": "AdamW LR for the token embedding"})
     unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW LR for the LM head"})
@@ -50,7 +45,7 @@ class TrainFlags:
     save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many complete checkpoints to keep (0 = all)"})
     resume_from_step: int = field(default=-1, metadata={"help": "resume the run from this saved step (-1 = fresh start)"})
-    model_tag: str = field(default="", metadata={"help": "checkpoint directory name (default d<depth>)"})
+    model_tag: str = field(default="", metadata={"short": "-c", "help": "checkpoint directory to write (default: d<depth>, or the source's)"})
     recompute: str = field(default="none", metadata={"help": "exact activation recompute", "choices": RECOMPUTE_MODES})
     enable_streaming: bool = field(default=False, metadata={"help": "MoleGrad: low-rank weight gradients"})
     streaming_rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k (1 <= k <= layer input width)"})
@@ -62,6 +57,7 @@ class TrainFlags:
                 "(out x k factors, moved with the subspace)", "choices": STREAMING_MOMENTA})
 
     def validate(self) -> None:
+        super().validate()
         check(self.device_batch_size >= 1, f"--device_batch_size: expected >= 1, got {self.device_batch_size}")
         check(self.streaming_rank_k >= 1, f"--streaming_rank_k: expected >= 1, got {self.streaming_rank_k}")
         check(self.streaming_power_iters >= 1, f"--streaming_power_iters: expected >= 1, got {self.streaming_power_iters}")
@@ -212,8 +208,8 @@ def schedule(step: int, num_iterations: int, flags: TrainFlags) -> tuple[float, 
     return lrm, get_muon_momentum(step)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(UserError, RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
 def check_finite(loss: float, step: int, checkpoint_dir: Path) -> None:
@@ -313,35 +309,3 @@ def resume_training_state(
         opt.load_state_dict(state)
     set_rng_state(rank_state["rng"])
     return rank_state, meta
-
-
-def matmul_peak_flops(device_type: str, dtype: torch.dtype, seconds: float = 0.5, size: int = 1024) -> float:
-    """Measured dense matmul FLOP/s on this device (the MFU denominator on CPU)."""
-    a = torch.randn(size, size, dtype=dtype, device=device_type)
-    b = torch.randn(size, size, dtype=dtype, device=device_type)
-    for _ in range(3):
-        a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * n / (time.perf_counter() - t0)
-
-
-def run_training(cfg: TrainFlags, train: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """The body of every training script's main(): set up the run, call train(cfg, *args, ctx),
-    turn any expected failure (a lost peer under torchrun included) into one line on stderr and a
-    non-zero exit, always clean up."""
-    from nanochat.checkpoint import CheckpointError
-    from nanochat.common import compute_cleanup, compute_init, fail
-
-    try:
-        ctx = compute_init(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-        return train(cfg, *args, ctx)
-    except (CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError, distributed.PeerLost) as e:
-        fail(str(e))
-        raise  # unreachable: fail() exits
-    finally:
-        compute_cleanup()

@@ -13,16 +13,15 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     else
         .venv/bin/pip install -q torch==2.13.0
     fi
-    .venv/bin/pip install -q -e ".[dev]"
+    .venv/bin/pip install -q -e ".[dev,hf,plot,bench]"
     touch "$STAMP"
 fi
-# tcmalloc: 5-10x faster small tensor ops on CPU than glibc malloc (README, CPU notes).
+# tcmalloc: 5-10x faster small tensor ops on CPU than glibc malloc; installed here, loaded by
+# nanochat/tcmalloc.py (entry points and the test suite re-exec themselves with it preloaded).
 if ! ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4) >/dev/null 2>&1 || echo "note: could not install libtcmalloc-minimal4; CPU runs will be slower"
 fi
 source .venv/bin/activate
-TCMALLOC=$(ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null | head -n1 || true)
-if [ -n "$TCMALLOC" ]; then export LD_PRELOAD="$TCMALLOC${LD_PRELOAD:+ $LD_PRELOAD}"; fi
 # Debian chromium: the headless browser of the web UI test (playwright cannot download its own here).
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "note: could not install chromium; the browser test will be skipped"

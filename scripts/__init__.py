@@ -1,4 +1,4 @@
 """Entry points: `python -m scripts.<name>`. Started that way, re-exec with tcmalloc first."""
-from nanochat.common import fast_malloc_reexec
+from nanochat.tcmalloc import reexec_with_tcmalloc
 
-fast_malloc_reexec("scripts")
+reexec_with_tcmalloc("scripts")

@@ -16,28 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import atomic_write, compute_cleanup, compute_init, fail, print0
-from nanochat.config import check, parse_args
-from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core
+import torch
+
+from nanochat.checkpoint import load_model
+from nanochat.common import RunContext, atomic_write, print0, run_main
+from nanochat.config import CheckpointFlags, RuntimeFlags, check, parse_args, source_field
+from nanochat.core_eval import ensure_eval_bundle, evaluate_core
 from nanochat.download import DownloadError
 from nanochat.report import log_section
 from nanochat.tokenizer import get_tokenizer
 
 
 @dataclass
-class BaseEvalConfig:
+class BaseEvalConfig(RuntimeFlags, CheckpointFlags):
     """Evaluate the CORE metric of a checkpoint."""
 
-    source: str = field(default="base", metadata={"short": "-i", "help": "checkpoint kind", "choices": ("base", "mid", "sft", "rl")})
-    model_tag: str = field(default="", metadata={"help": "checkpoint directory name (default: newest)"})
-    step: int = field(default=-1, metadata={"help": "checkpoint step (-1 = last)"})
+    source: str = source_field("base")
     max_per_task: int = field(default=-1, metadata={"help": "items evaluated per task (-1 = all)"})
-    device: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})
     bundle_url: str = field(default="", metadata={"help": "eval bundle zip URL (empty = $NANOCHAT_EVAL_BUNDLE_URL or the DCLM bundle)"})
 
     def validate(self) -> None:
+        super().validate()
         check(self.max_per_task == -1 or self.max_per_task >= 1, f"--max_per_task: expected -1 (all) or >= 1, got {self.max_per_task}")
 
 
@@ -53,19 +52,20 @@ def results_csv(out: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(BaseEvalConfig, argv, prog="python -m scripts.base_eval")
-    ctx = compute_init(cfg.device, cfg.dtype)
+    return run_main(evaluate, cfg)
+
+
+def evaluate(cfg: BaseEvalConfig, ctx: RunContext) -> dict[str, Any]:
+    model, meta = load_model(cfg.source, cfg.model_tag, cfg.step, ctx.device)
+    tokenizer = get_tokenizer()
     try:
-        model, meta = load_model(cfg.source, cfg.model_tag, cfg.step, ctx.device)
-        tokenizer = get_tokenizer()
-        try:
-            bundle_dir = ensure_eval_bundle(cfg.bundle_url or None)
-        except DownloadError as e:  # offline: say so in the report card too, then fail
-            log_section("Base model evaluation", {"CORE": f"not measured: the eval bundle could not be downloaded ({e.reason})"})
-            raise
-        with ctx.autocast():
-            out = evaluate_core(model, tokenizer, bundle_dir, ctx.device, cfg.max_per_task, verbose=True)
-    except (CheckpointError, FileNotFoundError, EvalBundleError, DownloadError) as e:
-        fail(str(e))
+        bundle_dir = ensure_eval_bundle(cfg.bundle_url or None)
+    except DownloadError as e:  # offline: say so in the report card too, then fail
+        log_section("Base model evaluation", {"CORE": f"not measured: the eval bundle could not be downloaded ({e.reason})"})
+        raise
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    with ctx.autocast():
+        out = evaluate_core(forward, tokenizer, bundle_dir, ctx.device, cfg.max_per_task, verbose=True)
     results = {"source": cfg.source, "checkpoint": meta["checkpoint_dir"], "step": meta["step"], "max_per_task": cfg.max_per_task, **out}
     print0(f"\n{'task':<35} {'accuracy':>9} {'centered':>9}")
     for label, accuracy in out["results"].items():
@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table = Path(meta["checkpoint_dir"]) / f"core_{meta['step']:06d}.csv"
         atomic_write(table, lambda f: f.write(results_csv(out).encode()))
         print0(f"wrote {table}")
-    compute_cleanup()
     return results
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import compute_cleanup, compute_init, fail, print0
-from nanochat.config import check, parse_args
+import torch
+
+from nanochat.checkpoint import load_model
+from nanochat.common import RunContext, print0, run_main
+from nanochat.config import CheckpointFlags, RuntimeFlags, check, parse_args, source_field
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import log_section
@@ -20,38 +22,36 @@ SAMPLE_PROMPTS = ("The capital of France is", "import os\n", "If 5*x + 3 = 13, t
 
 
 @dataclass
-class BaseLossConfig:
+class BaseLossConfig(RuntimeFlags, CheckpointFlags):
     """Evaluate bits per byte of a checkpoint."""
 
-    source: str = field(default="base", metadata={"short": "-i", "help": "checkpoint kind", "choices": ("base", "mid", "sft", "rl")})
-    model_tag: str = field(default="", metadata={"help": "checkpoint directory name (default: newest)"})
-    step: int = field(default=-1, metadata={"help": "checkpoint step (-1 = last)"})
+    source: str = source_field("base")
     device_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
     split_tokens: int = field(default=65536, metadata={"help": "tokens evaluated per split"})
     sample_tokens: int = field(default=24, metadata={"help": "tokens generated per sample (0 = no samples)"})
-    device: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})
 
     def validate(self) -> None:
+        super().validate()
         check(self.device_batch_size >= 1, f"--device_batch_size: expected >= 1, got {self.device_batch_size}")
         check(self.split_tokens >= 1, f"--split_tokens: expected >= 1, got {self.split_tokens}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(BaseLossConfig, argv, prog="python -m scripts.base_loss")
-    ctx = compute_init(cfg.device, cfg.dtype)
-    try:
-        model, meta = load_model(cfg.source, cfg.model_tag, cfg.step, ctx.device)
-        tokenizer = get_tokenizer()
-        token_bytes = get_token_bytes(device=ctx.device)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    return run_main(evaluate, cfg)
+
+
+def evaluate(cfg: BaseLossConfig, ctx: RunContext) -> dict[str, Any]:
+    model, meta = load_model(cfg.source, cfg.model_tag, cfg.step, ctx.device)
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=ctx.device)
+    forward = torch.compile(model, dynamic=False) if cfg.compile else model
     seq_len = model.config.sequence_len
     steps = max(1, cfg.split_tokens // (cfg.device_batch_size * seq_len * ctx.world_size))
     results: dict[str, Any] = {"checkpoint": meta["checkpoint_dir"], "step": meta["step"]}
     for split in ("train", "val"):
         loader = DataLoader(tokenizer, cfg.device_batch_size, seq_len, split, ctx.device, ctx.rank, ctx.world_size, loop=True)
-        results[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes, ctx)
+        results[f"{split}_bpb"] = evaluate_bpb(forward, loader, steps, token_bytes, ctx)
         print0(f"{split} bpb: {results[f'{split}_bpb']:.4f}  ({steps * cfg.device_batch_size * seq_len:,} tokens)")
     samples = []
     if ctx.master and cfg.sample_tokens > 0:
@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log_section("Base model loss", {"checkpoint": results["checkpoint"], "step": results["step"],
                                     "train_bpb": results["train_bpb"], "val_bpb": results["val_bpb"],
                                     "samples": {f"{i}": s for i, s in enumerate(samples)}})
-    compute_cleanup()
     return results
 
 

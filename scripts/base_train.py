@@ -16,22 +16,21 @@ from typing import Any
 import torch
 
 from nanochat.checkpoint import checkpoint_dir
-from nanochat.common import init_wandb, print0
+from nanochat.common import init_wandb, peak_flops, print0, run_main
 from nanochat.config import check, parse_args, to_dict
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import setup_optimizers
 from nanochat.report import log_section
 from nanochat.streaming_linear import streaming_layers
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.trainer import (
-    run_training,
     Progress,
     TrainFlags,
     check_finite,
     format_duration,
     grad_accum_steps,
-    matmul_peak_flops,
     resume_training_state,
     save_training_state,
     schedule,
@@ -66,7 +65,7 @@ class BaseTrainConfig(TrainFlags):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(BaseTrainConfig, argv, prog="python -m scripts.base_train")
-    return run_training(cfg, train)
+    return run_main(train, cfg)
 
 
 def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
@@ -77,7 +76,7 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
     model_config = config_from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len, **cfg.memory_options())
     model = GPT(model_config).to(ctx.device)
     model.init_weights()
-    optimizers = model.setup_optimizers(cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    optimizers = setup_optimizers(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
     forward = torch.compile(model, dynamic=False) if cfg.compile else model
 
     num_params = model.num_params()
@@ -109,9 +108,8 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * ctx.world_size))
         return evaluate_bpb(model, loader, steps, token_bytes, ctx)
 
-    peak = matmul_peak_flops(ctx.device_type, ctx.dtype) if ctx.device_type == "cpu" else cuda_peak_flops(ctx)
-    progress = Progress(num_iterations, cfg.total_batch_size, flops_per_token, peak * ctx.world_size, start_step)
-    wandb_run = init_wandb("nanochat", to_dict(cfg), ctx.master)
+    progress = Progress(num_iterations, cfg.total_batch_size, flops_per_token, peak_flops(ctx) * ctx.world_size, start_step)
+    wandb_run = init_wandb("nanochat", cfg.run, to_dict(cfg), ctx.master)
     losses: list[float] = []
     history: list[dict[str, float]] = []
 
@@ -121,7 +119,7 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         if cfg.eval_every != 0 and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             val_bpb = val_bpb_now()
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            wandb_run.log({"step": step, "val/bpb": val_bpb})
+            wandb_run.log({"val/bpb": val_bpb}, step=step)
             history.append({"step": step, "val_bpb": val_bpb})
         if ctx.master and cfg.sample_every > 0 and step > 0 and (last or step % cfg.sample_every == 0):
             for prompt in SAMPLE_PROMPTS:
@@ -147,9 +145,9 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         print0(f"step {step + 1:05d}/{num_iterations} | loss {loss:.4f} | grad norm {grad_norm:.3f} | lrm {lrm:.2f} | "
                f"{stats['dt'] * 1000:.0f} ms | {stats['tok_per_s']:,.0f} tok/s | MFU {stats['mfu']:.1f}% | "
                f"ETA {format_duration(stats['eta_s'])}" + (f" | Q captures {captured:.2f}" if captured is not None else ""))
-        wandb_run.log({"step": step + 1, "train/loss": loss, "train/grad_norm": grad_norm, "train/lrm": lrm,
+        wandb_run.log({"train/loss": loss, "train/grad_norm": grad_norm, "train/lrm": lrm,
                        "train/tok_per_s": stats["tok_per_s"], "train/mfu": stats["mfu"],
-                       **({"train/captured_energy": captured} if captured is not None else {})})
+                       **({"train/captured_energy": captured} if captured is not None else {})}, step=step + 1)
         step += 1
 
     wandb_run.finish()
@@ -162,16 +160,6 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
     })
     return {"losses": losses, "val_bpb": val_bpb, "history": history, "num_iterations": num_iterations,
             "tok_per_s": tok_per_s, "checkpoint_dir": str(ckpt_dir), "num_params": num_params}
-
-
-def cuda_peak_flops(ctx) -> float:
-    """bf16 dense peak of the GPU, from its name (for MFU); measured when unknown."""
-    name = torch.cuda.get_device_name(ctx.device).lower()
-    known = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "5090": 209.5e12, "4090": 165.2e12, "l4": 121e12}
-    for key, flops in known.items():
-        if key in name:
-            return flops
-    return matmul_peak_flops("cuda", ctx.dtype, size=4096)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from nanochat.common import fail, print0
-from nanochat.config import check, parse_args
-from nanochat.engine import Engine, ModelFlags, StreamDecoder, chat_prompt, open_chat_engine
+from nanochat.checkpoint import load_chat_model
+from nanochat.common import RunContext, print0, run_main
+from nanochat.config import CheckpointFlags, RuntimeFlags, check, parse_args
+from nanochat.engine import Engine
+from nanochat.tokenizer import StreamDecoder, chat_prompt
 
 
 @dataclass
-class ChatCliConfig(ModelFlags):
+class ChatCliConfig(RuntimeFlags, CheckpointFlags):
     """Chat with a checkpoint in the terminal."""
 
     prompt: str = field(default="", metadata={"short": "-p", "help": "answer this one message and exit"})
@@ -32,6 +34,7 @@ class ChatCliConfig(ModelFlags):
     seed: int = field(default=-1, metadata={"help": "sampling seed of the first reply, +1 per reply (-1 = random)"})
 
     def validate(self) -> None:
+        super().validate()
         check(self.temperature >= 0, f"--temperature: expected >= 0, got {self.temperature}")
         check(self.top_k >= 0, f"--top_k: expected >= 0 (0 = off), got {self.top_k}")
         check(self.max_tokens >= 1, f"--max_tokens: expected >= 1, got {self.max_tokens}")
@@ -66,7 +69,12 @@ def stream_reply(engine: Engine, messages: list[dict[str, Any]], cfg: ChatCliCon
 def main(argv: list[str] | None = None) -> str:
     """Returns the reply with -p (for tests), else "" after the interactive session."""
     cfg = parse_args(ChatCliConfig, argv, prog="python -m scripts.chat_cli")
-    engine, tokenizer, meta, ctx = open_chat_engine(cfg)
+    return run_main(chat, cfg)
+
+
+def chat(cfg: ChatCliConfig, ctx: RunContext) -> str:
+    model, tokenizer, meta = load_chat_model(cfg, ctx.device, cfg.dtype)
+    engine = Engine(model, tokenizer)
     seed = cfg.seed if cfg.seed >= 0 else random.randrange(2**31)
 
     def write(text: str) -> None:
@@ -74,10 +82,7 @@ def main(argv: list[str] | None = None) -> str:
         sys.stdout.flush()
 
     if cfg.prompt:
-        try:
-            reply = stream_reply(engine, [{"role": "user", "content": cfg.prompt}], cfg, seed, write)
-        except ValueError as e:
-            fail(str(e))
+        reply = stream_reply(engine, [{"role": "user", "content": cfg.prompt}], cfg, seed, write)
         write("\n")
         return reply
 

@@ -15,19 +15,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
-from nanochat.common import compute_cleanup, fail, print0
-from nanochat.config import check, parse_args
-from nanochat.engine import ModelFlags, open_chat_engine
-from nanochat.evaluation import RANDOM_BASELINE, chatcore, make_task, run_categorical, run_generative
+from nanochat.checkpoint import load_chat_model
+from nanochat.common import RunContext, print0, run_main
+from nanochat.config import TASK_SOURCES, CheckpointFlags, RuntimeFlags, check, parse_args
+from nanochat.engine import Engine
+from nanochat.evaluation import RANDOM_BASELINE, chatcore, run_categorical, run_generative
 from nanochat.report import log_section
+from tasks.registry import make_task
 
 ALL_TASKS = ",".join(RANDOM_BASELINE)
 
 
 @dataclass
-class ChatEvalConfig(ModelFlags):
+class ChatEvalConfig(RuntimeFlags, CheckpointFlags):
     """Evaluate a chat checkpoint on the chat tasks."""
 
     tasks: str = field(default=ALL_TASKS, metadata={"short": "-a", "help": "comma-separated task names"})
@@ -38,9 +41,10 @@ class ChatEvalConfig(ModelFlags):
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
     top_k: int = field(default=50, metadata={"help": "top-k sampling (0 = off)"})
     task_source: str = field(default="auto", metadata={"help": "hub tasks: online, offline stand-ins, or auto",
-                                                       "choices": ("auto", "online", "offline")})
+                                                       "choices": TASK_SOURCES})
 
     def validate(self) -> None:
+        super().validate()
         for name in self.tasks.split(","):
             check(name in RANDOM_BASELINE, f"-a/--tasks: unknown task {name!r}, expected some of {ALL_TASKS.replace(',', '|')}")
         check(self.batch_size >= 1, f"--batch_size: expected >= 1, got {self.batch_size}")
@@ -51,17 +55,22 @@ class ChatEvalConfig(ModelFlags):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(ChatEvalConfig, argv, prog="python -m scripts.chat_eval")
-    engine, tokenizer, meta, ctx = open_chat_engine(cfg, "float32")
-    model = engine.model
+    return run_main(evaluate, cfg)
+
+
+def evaluate(cfg: ChatEvalConfig, ctx: RunContext) -> dict[str, Any]:
+    model, tokenizer, meta = load_chat_model(cfg, ctx.device, "float32")
+    engine = Engine(model, tokenizer)
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
     accuracies: dict[str, float] = {}
     for name in cfg.tasks.split(","):
         t0 = time.perf_counter()
         try:
             task = make_task(name, cfg.task_source)
         except (FileNotFoundError, ValueError) as e:
-            fail(f"{name}: {e}")
+            raise type(e)(f"{name}: {e}") from None
         if task.eval_type == "categorical":
-            accuracies[name] = run_categorical(model, tokenizer, task, cfg.max_problems, cfg.batch_size, ctx.device,
+            accuracies[name] = run_categorical(forward, tokenizer, task, cfg.max_problems, cfg.batch_size, ctx.device,
                                                ctx.rank, ctx.world_size)
         else:
             total = min(len(task), cfg.max_problems) if cfg.max_problems > 0 else len(task)
@@ -76,7 +85,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print0(f"{'ChatCORE':<14} {results['ChatCORE']:.4f}")
     log_section(f"Chat evaluation {cfg.source}", {"checkpoint": meta["checkpoint_dir"], "step": meta["step"],
                                                   "max_problems": cfg.max_problems, "num_samples": cfg.num_samples, **results})
-    compute_cleanup()
     return results
 
 

@@ -32,17 +32,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from nanochat.chat_data import ChatTrainFlags, model_from_checkpoint, rows_to_batch
-from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_model_dir, last_step
-from nanochat.common import RunContext, init_wandb, print0
-from nanochat.config import check, parse_args, to_dict
+from nanochat import distributed
+from nanochat.chat_data import rows_to_batch
+from nanochat.chat_train import ChatTrainFlags, start_chat_stage
+from nanochat.common import RunContext, init_wandb, print0, run_main
+from nanochat.config import check, parse_args, source_field, to_dict
 from nanochat.engine import Engine
 from nanochat.evaluation import run_generative
 from nanochat.report import log_section
 from nanochat.tokenizer import Tokenizer, get_tokenizer
-from nanochat.trainer import check_finite, format_duration, resume_training_state, save_training_state, run_training, schedule, train_step
+from nanochat.trainer import check_finite, format_duration, save_training_state, schedule, train_step
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
 from tasks.gsm8k import GSM8K
@@ -56,7 +56,7 @@ ARITHMETIC_TEST_SIZE = 1000
 class ChatRLConfig(ChatTrainFlags):
     """On-policy RL on math word problems with the calculator tool."""
 
-    source: str = field(default="sft", metadata={"help": "checkpoint kind to start from", "choices": ("base", "mid", "sft")})
+    source: str = source_field("sft", ("base", "mid", "sft"))
     num_iterations: int = field(default=200, metadata={"help": "optimizer steps"})
     task: str = field(default="auto", metadata={"help": "training problems: gsm8k, arithmetic, or auto (both)", "choices": TASKS})
     examples_per_step: int = field(default=16, metadata={"help": "questions per optimizer step (all ranks)"})
@@ -184,13 +184,13 @@ def rollouts(engine: Engine, tokenizer: Tokenizer, task: Task, step: int, cfg: C
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(ChatRLConfig, argv, prog="python -m scripts.chat_rl")
-    return run_training(cfg, train)
+    return run_main(train, cfg)
 
 
 def mean_over_ranks(values: list[float], ctx: RunContext) -> float:
     total = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=ctx.device)
     if ctx.ddp:
-        dist.all_reduce(total)
+        distributed.all_reduce(total, "rl rewards").wait()
     return float(total[0] / total[1].clamp(min=1))
 
 
@@ -198,25 +198,10 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
     check(cfg.examples_per_step % ctx.world_size == 0,
           f"--examples_per_step: expected a multiple of the world size {ctx.world_size}, got {cfg.examples_per_step}")
     tokenizer = get_tokenizer()
-    try:
-        src_dir = find_model_dir(cfg.source, cfg.source_tag or cfg.model_tag)
-    except CheckpointError as e:
-        raise CheckpointError(f"rl: {e} (start from another stage with --source=mid|base)") from None
-    src_step = cfg.step if cfg.step >= 0 else last_step(src_dir)
-    ckpt_dir = checkpoint_dir("rl", cfg.model_tag or src_dir.name)
-    resuming = cfg.resume_from_step >= 0
-    model, _ = model_from_checkpoint(ckpt_dir if resuming else src_dir, cfg.resume_from_step if resuming else src_step,
-                                     cfg, cfg.max_seq_len, ctx.device, load=not resuming)
-    lr = cfg.init_lr_frac
-    optimizers = model.setup_optimizers(cfg.unembedding_lr * lr, cfg.embedding_lr * lr, cfg.matrix_lr * lr, cfg.weight_decay)
+    start = start_chat_stage(cfg, "rl", ctx)
+    model, optimizers, src_dir, src_step, ckpt_dir = start.model, start.optimizers, start.source_dir, start.source_step, start.checkpoint_dir
     objective = PolicyGradientLoss(torch.compile(model, dynamic=True) if cfg.compile else model)
-    start_step = 0
-    if resuming:
-        resume_training_state(ckpt_dir, cfg.resume_from_step, model, optimizers, ctx)
-        start_step = cfg.resume_from_step
-        print0(f"resumed from {ckpt_dir} step {start_step}")
-    else:
-        print0(f"rl: starting from {src_dir} step {src_step}")
+    start_step = start.start_step
 
     task = train_task(cfg.task, cfg.task_source)
     held_out = eval_tasks(cfg.task, cfg.task_source)
@@ -234,7 +219,7 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
         model.train()
         return scores
 
-    wandb_run = init_wandb("nanochat-rl", to_dict(cfg), ctx.master)
+    wandb_run = init_wandb("nanochat-rl", cfg.run, to_dict(cfg), ctx.master)
     losses: list[float] = []
     mean_rewards: list[float] = []
     history: list[dict[str, float]] = []
@@ -247,7 +232,7 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
         if cfg.eval_every != 0 and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             scores = pass_at_k()
             print0(f"step {step:05d} | " + " | ".join(f"{name} {value:.4f}" for name, value in scores.items()))
-            wandb_run.log({"step": step, **{f"val/{name}": value for name, value in scores.items()}})
+            wandb_run.log({f"val/{name}": value for name, value in scores.items()}, step=step)
             history.append({"step": step, **scores})
         if step > start_step and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             meta = {"stage": "rl", "flags": to_dict(cfg), "model_config": asdict(model.config), "scores": scores,
@@ -275,8 +260,8 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
         eta = (cfg.num_iterations - step - 1) * sum(step_times[-10:]) / len(step_times[-10:])
         print0(f"step {step + 1:05d}/{cfg.num_iterations} | reward {mean_reward:.3f} | loss {loss:+.5f} | grad norm "
                f"{grad_norm:.3f} | lrm {lrm:.2f} | {num_tokens / len(rows):.0f} sampled tok/row | {dt:.1f} s | ETA {format_duration(eta)}")
-        wandb_run.log({"step": step + 1, "train/reward": mean_reward, "train/loss": loss, "train/grad_norm": grad_norm,
-                       "train/lrm": lrm, "train/sampled_tokens": num_tokens})
+        wandb_run.log({"train/reward": mean_reward, "train/loss": loss, "train/grad_norm": grad_norm,
+                       "train/lrm": lrm, "train/sampled_tokens": num_tokens}, step=step + 1)
         step += 1
 
     wandb_run.finish()

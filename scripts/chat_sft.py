@@ -17,16 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from nanochat.chat_data import PADDED, ChatStage, ChatTrainFlags, run_chat_training
+from nanochat.chat_data import PADDED
+from nanochat.chat_train import ChatStage, ChatTrainFlags, run_chat_training
 from nanochat.common import RunContext
-from nanochat.config import check, parse_args
-from nanochat.evaluation import make_task, run_categorical
+from nanochat.config import check, parse_args, source_field
+from nanochat.evaluation import run_categorical
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from tasks.arc import ARC
 from tasks.common import Task, TaskMixture
 from tasks.gsm8k import GSM8K
 from tasks.identity import Identity
+from tasks.registry import make_task
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
@@ -37,7 +39,7 @@ METRIC_TASKS = ("MMLU", "ARC-Easy")
 class ChatSFTConfig(ChatTrainFlags):
     """Finetune a midtrained (or base) model on conversations."""
 
-    source: str = field(default="mid", metadata={"help": "checkpoint kind to start from", "choices": ("base", "mid")})
+    source: str = source_field("mid", ("base", "mid"))
     device_batch_size: int = field(default=4, metadata={"help": "conversations per forward/backward on one device"})
     examples_per_step: int = field(default=32, metadata={"help": "conversations per optimizer step (all ranks)"})
     init_lr_frac: float = field(default=0.02, metadata={"help": "LRs as a fraction of --matrix_lr/--embedding_lr/--unembedding_lr"})
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(ChatSFTConfig, argv, prog="python -m scripts.chat_sft")
     hook = categorical_metrics() if cfg.eval_metrics_max_problems > 0 else None
     return run_chat_training(cfg, ChatStage(name="sft", title="Chat SFT", mode=PADDED, train_mixture=train_mixture,
-                                            val_mixture=val_mixture, eval_hook=hook))
+                                            val_mixture=val_mixture, grad_accum=ChatSFTConfig.grad_accum,
+                                            val_rows=ChatSFTConfig.val_rows, eval_hook=hook))
 
 
 if __name__ == "__main__":

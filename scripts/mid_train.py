@@ -7,7 +7,7 @@ Starts from the last base checkpoint of --source_tag (default --model_tag, else 
 saves to mid_checkpoints/<--model_tag, default the source's tag>. Rows are PACKED: T + 1 tokens
 of whole conversations, BOS-separated; the loss is on assistant tokens only (tool outputs are
 never trained). Val: bits per byte of the assistant tokens of held-out conversations (test
-splits). The loop is nanochat.chat_data.run_chat_training, shared with chat_sft. Flags: `--help`.
+splits). The loop is nanochat.chat_train.run_chat_training, shared with chat_sft. Flags: `--help`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanochat.chat_data import PACKED, ChatStage, ChatTrainFlags, run_chat_training
-from nanochat.config import check, parse_args
+from nanochat.chat_data import PACKED
+from nanochat.chat_train import ChatStage, ChatTrainFlags, run_chat_training
+from nanochat.config import check, parse_args, source_field
 from nanochat.trainer import grad_accum_steps
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
@@ -31,7 +32,7 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee
 class MidTrainConfig(ChatTrainFlags):
     """Midtrain a base model on conversations, multiple choice and tool use."""
 
-    source: str = field(default="base", metadata={"help": "checkpoint kind to start from", "choices": ("base",)})
+    source: str = source_field("base", ("base",))
     total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step (all ranks)"})
     eval_tokens: int = field(default=20 * 524288, metadata={"help": "tokens per val bpb evaluation"})
 
@@ -70,7 +71,8 @@ def val_mixture(source: str) -> Task:
     ])
 
 
-STAGE = ChatStage(name="mid", title="Midtraining", mode=PACKED, train_mixture=train_mixture, val_mixture=val_mixture)
+STAGE = ChatStage(name="mid", title="Midtraining", mode=PACKED, train_mixture=train_mixture, val_mixture=val_mixture,
+                  grad_accum=MidTrainConfig.grad_accum, val_rows=MidTrainConfig.val_rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from typing import Any
 
 import tiktoken
 
-from nanochat.common import fail, print0
-from nanochat.config import check, parse_args
+from nanochat.common import print0, run_main
+from nanochat.config import Flags, check, parse_args
 from nanochat.dataset import iter_texts
 from nanochat.report import log_section
 from nanochat.tokenizer import get_tokenizer
@@ -78,12 +78,13 @@ SAMPLE_TEXTS = {"news": NEWS_TEXT, "korean_cjk": KOREAN_CJK_TEXT, "code": CODE_T
 
 
 @dataclass
-class TokEvalConfig:
+class TokEvalConfig(Flags):
     """Bytes per token of our tokenizer vs GPT-2 and GPT-4 on sample texts and the local shards."""
 
     num_docs: int = field(default=100, metadata={"help": "documents from each of the train and val splits"})
 
     def validate(self) -> None:
+        super().validate()
         check(self.num_docs >= 0, f"--num_docs: expected >= 0, got {self.num_docs}")
 
 
@@ -138,10 +139,11 @@ def format_table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(TokEvalConfig, argv, prog="python -m scripts.tok_eval")
-    try:
-        ours = get_tokenizer()
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    return run_main(evaluate, cfg)
+
+
+def evaluate(cfg: TokEvalConfig) -> dict[str, Any]:
+    ours = get_tokenizer()
     encoders = {"ours": ours.encode}
     vocab_sizes = {"ours": ours.get_vocab_size()}
     unavailable = {}

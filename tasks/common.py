@@ -10,10 +10,11 @@ problem fields). The last assistant message is the reference answer. `evaluate(c
 response)` scores a sampled reply against it; `reward` is the same as a float, for RL.
 
 Tasks built on hub datasets take `source`: "online" downloads the hub's auto-converted parquet
-files (cached under $NANOCHAT_BASE_DIR/hf_datasets, validated before use); "offline" uses the
-small handwritten stand-ins in tasks/fixtures.py (same schema as the hub); "auto" is online when
-the files are already cached or the hub answers, else offline. The hub base URL is
-$NANOCHAT_HF_URL (default https://huggingface.co), so tests and mirrors can point it elsewhere.
+files (listed by the hub's API, checked against its sha256, cached under $HF_HOME/nanochat_datasets
+or else $NANOCHAT_BASE_DIR/hf_datasets); "offline" uses the small handwritten stand-ins in
+tasks/fixtures.py (same schema as the hub); "auto" is online when the files are already cached or
+the hub answers, else offline. The hub is $HF_ENDPOINT (alias $NANOCHAT_HF_URL, default
+https://huggingface.co), HF_TOKEN is sent to it, and HF_HUB_OFFLINE=1 makes no network call.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import random
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from bisect import bisect_right
 from decimal import Decimal
@@ -32,12 +34,21 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, print0
-from nanochat.download import USER_AGENT, DownloadError, download_file
+from nanochat.download import (
+    USER_AGENT,
+    DownloadError,
+    download_file,
+    file_lock,
+    hf_endpoint,
+    hf_offline,
+    hub_headers,
+    hub_tree,
+    sha256_file,
+)
 from tasks.fixtures import offline_rows
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SOURCES = ("auto", "online", "offline")
-DEFAULT_HF_URL = "https://huggingface.co"
 REACHABLE_TIMEOUT_S = 3.0
 
 Conversation = dict[str, Any]
@@ -270,17 +281,23 @@ def validate_messages(messages: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # the Hugging Face hub: auto-converted parquet files
 
-def hf_base_url() -> str:
-    return os.environ.get("NANOCHAT_HF_URL", DEFAULT_HF_URL).rstrip("/")
+PARQUET_REVISION = "refs/convert/parquet"  # the branch holding the hub's parquet conversion
+# Written last, once every file of the split is on disk: its presence means "complete". It lists
+# the files with their sha256 (the hub's, else that of the file downloaded), checked at each load.
+FILE_COUNT_NAME = "num_files.json"
 
 
 def hf_parquet_url(dataset_id: str, config: str, split: str, file_index: int = 0) -> str:
     """URL of one file of the hub's parquet conversion (branch refs/convert/parquet)."""
-    return f"{hf_base_url()}/datasets/{dataset_id}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{file_index:04d}.parquet"
+    revision = urllib.parse.quote(PARQUET_REVISION, safe="")
+    return f"{hf_endpoint()}/datasets/{dataset_id}/resolve/{revision}/{config}/{split}/{file_index:04d}.parquet"
 
 
 def hf_cache_dir(dataset_id: str, config: str, split: str) -> Path:
-    return get_base_dir() / "hf_datasets" / dataset_id.replace("/", "__") / config / split
+    """$HF_HOME/nanochat_datasets/... when HF_HOME is set, else $NANOCHAT_BASE_DIR/hf_datasets/..."""
+    home = os.environ.get("HF_HOME")
+    root = Path(home) / "nanochat_datasets" if home else get_base_dir() / "hf_datasets"
+    return root / dataset_id.replace("/", "__") / config / split
 
 
 def check_parquet_readable(path: Path) -> None:
@@ -288,56 +305,100 @@ def check_parquet_readable(path: Path) -> None:
     pq.read_table(path)
 
 
-# Written last, once every file of the split is on disk: its presence means "complete".
-FILE_COUNT_NAME = "num_files.json"
-
-
 def is_hf_cached(dataset_id: str, config: str, split: str) -> bool:
     return (hf_cache_dir(dataset_id, config, split) / FILE_COUNT_NAME).is_file()
 
 
-def load_hf_rows(dataset_id: str, config: str, split: str, retries: int = 5, backoff: float = 1.0) -> list[dict]:
-    """Every row of a hub split, downloading its parquet files 0000, 0001, ... on first use.
+def list_hf_files(dataset_id: str, config: str, split: str, retries: int = 3, backoff: float = 1.0) -> list[dict] | None:
+    """The split's parquet files from the hub's listing API, in order: [{"index", "sha256"}]; None
+    when the hub answers 404 (no such dataset, or a mirror without the API)."""
+    try:
+        tree = hub_tree(dataset_id, PARQUET_REVISION, f"{config}/{split}", retries=retries, backoff=backoff)
+    except DownloadError as e:
+        if e.reason.startswith("HTTP 404"):
+            return None
+        raise
+    pattern = re.compile(rf"^{re.escape(config)}/{re.escape(split)}/(\d+)\.parquet$")
+    found = sorted((int(m.group(1)), meta.get("sha256")) for path, meta in tree.items() if (m := pattern.match(path)))
+    return [{"index": index, "sha256": sha256} for index, sha256 in found]
 
-    The hub does not say how many files a split has in this URL layout, so files are fetched in
-    order until the first 404 (a 404 on file 0000 means no such dataset/config/split). Each file
-    is validated (fully decoded) before it is kept; a bad one is fetched again.
+
+def load_hf_rows(dataset_id: str, config: str, split: str, retries: int = 5, backoff: float = 1.0) -> list[dict]:
+    """Every row of a hub split, downloading its parquet files on first use (one process at a
+    time: a file lock per split).
+
+    The files come from the hub's listing API, each checked against the hub's sha256; a hub
+    without that API (404) is probed 0000, 0001, ... until the first 404 (a 404 on 0000 means no
+    such dataset/config/split). Each file is fully decoded before it is kept; a bad one is fetched
+    again, and a cached one whose sha256 changed since is fetched again too. Under
+    HF_HUB_OFFLINE=1 only the cache is read, without a network call.
     """
     cache = hf_cache_dir(dataset_id, config, split)
     count_file = cache / FILE_COUNT_NAME
-    if count_file.is_file():
-        num_files = json.loads(count_file.read_text())["num_files"]
-        paths = [_download_hf_file(dataset_id, config, split, i, retries, backoff) for i in range(num_files)]
-    else:
-        paths = []
-        while True:
-            try:
-                paths.append(_download_hf_file(dataset_id, config, split, len(paths), retries, backoff))
-            except DownloadError as e:
-                if not e.reason.startswith("HTTP 404"):
-                    raise
-                if not paths:
-                    raise FileNotFoundError(
-                        f"no parquet files for dataset {dataset_id!r} config {config!r} split {split!r} at {e.url} (HTTP 404): check the names"
-                    ) from None
-                break
+    with file_lock(cache.parent / f"{split}.lock"):
+        if count_file.is_file():
+            listed = json.loads(count_file.read_text())
+            files = listed.get("files") or [{"index": i, "sha256": None} for i in range(listed["num_files"])]
+            paths = [_cached_hf_file(dataset_id, config, split, f["index"], f["sha256"], retries, backoff) for f in files]
+            return [row for path in paths for row in pq.read_table(path).to_pylist()]
+        if hf_offline():
+            raise FileNotFoundError(f"HF_HUB_OFFLINE=1 and {dataset_id} {config}/{split} is not cached in {cache}: unset it once to download")
+        files = list_hf_files(dataset_id, config, split, retries, backoff)
+        if files is None:
+            paths = _probe_hf_files(dataset_id, config, split, retries, backoff)
+        elif not files:
+            raise FileNotFoundError(f"the hub lists no parquet files for dataset {dataset_id!r} config {config!r} split {split!r}: check the names")
+        else:
+            paths = [_download_hf_file(dataset_id, config, split, f["index"], f["sha256"], retries, backoff) for f in files]
+        entries = [{"index": int(p.stem), "sha256": sha256_file(p)} for p in paths]
         tmp = count_file.with_name(f"{FILE_COUNT_NAME}.{os.getpid()}.part")
-        tmp.write_text(json.dumps({"num_files": len(paths)}))
+        tmp.write_text(json.dumps({"num_files": len(paths), "files": entries}))
         os.replace(tmp, count_file)
     return [row for path in paths for row in pq.read_table(path).to_pylist()]
 
 
-def _download_hf_file(dataset_id: str, config: str, split: str, index: int, retries: int, backoff: float) -> Path:
+def _probe_hf_files(dataset_id: str, config: str, split: str, retries: int, backoff: float) -> list[Path]:
+    paths: list[Path] = []
+    while True:
+        try:
+            paths.append(_download_hf_file(dataset_id, config, split, len(paths), None, retries, backoff))
+        except DownloadError as e:
+            if not e.reason.startswith("HTTP 404"):
+                raise
+            if not paths:
+                raise FileNotFoundError(
+                    f"no parquet files for dataset {dataset_id!r} config {config!r} split {split!r} at {e.url} (HTTP 404): check the names"
+                ) from None
+            return paths
+
+
+def _cached_hf_file(dataset_id: str, config: str, split: str, index: int, sha256: str | None, retries: int, backoff: float) -> Path:
+    """A file of a cached split, fetched again when missing or no longer matching its sha256."""
+    dest = hf_cache_dir(dataset_id, config, split) / f"{index:04d}.parquet"
+    if dest.exists() and sha256 is not None and sha256_file(dest) != sha256:
+        if hf_offline():
+            raise FileNotFoundError(f"{dest} fails its sha256 check and HF_HUB_OFFLINE=1 forbids fetching it again")
+        print0(f"{dest} fails its sha256 check: fetching it again")
+        dest.unlink()
+    if not dest.exists() and hf_offline():
+        raise FileNotFoundError(f"{dest} is missing and HF_HUB_OFFLINE=1 forbids fetching it")
+    return _download_hf_file(dataset_id, config, split, index, sha256, retries, backoff)
+
+
+def _download_hf_file(dataset_id: str, config: str, split: str, index: int, sha256: str | None, retries: int, backoff: float) -> Path:
     url = hf_parquet_url(dataset_id, config, split, index)
     dest = hf_cache_dir(dataset_id, config, split) / f"{index:04d}.parquet"
     if not dest.exists():
         print0(f"downloading {url}")
-    return download_file(url, dest, validate=check_parquet_readable, retries=retries, backoff=backoff)
+    return download_file(url, dest, validate=check_parquet_readable, retries=retries, backoff=backoff, sha256=sha256, headers=hub_headers(url))
 
 
 def hub_reachable(timeout: float = REACHABLE_TIMEOUT_S) -> bool:
-    """Whether the hub base URL answers at all (any HTTP status counts)."""
-    request = urllib.request.Request(hf_base_url(), method="HEAD", headers={"User-Agent": USER_AGENT})
+    """Whether the hub answers at all (any HTTP status counts); False under HF_HUB_OFFLINE=1,
+    without a request."""
+    if hf_offline():
+        return False
+    request = urllib.request.Request(hf_endpoint(), method="HEAD", headers={"User-Agent": USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             return True
@@ -355,7 +416,8 @@ def resolve_source(source: str, dataset_id: str, config: str, split: str) -> str
         return source
     if is_hf_cached(dataset_id, config, split) or hub_reachable():
         return "online"
-    print0(f"{hf_base_url()} is unreachable: using offline data for {dataset_id} {config}/{split}")
+    reason = "HF_HUB_OFFLINE=1" if hf_offline() else f"{hf_endpoint()} is unreachable"
+    print0(f"{reason}: using offline data for {dataset_id} {config}/{split}")
     return "offline"
 
 

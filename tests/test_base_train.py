@@ -3,21 +3,9 @@
 import pytest
 
 from scripts import base_loss, base_train
-from tests.helpers import build_tiny_base_dir
 
 TINY = ["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256", "--eval_tokens=512",
         "--sample_every=-1", "--threads=1", "--dtype=float32"]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return build_tiny_base_dir(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture
-def base_dir(tiny_base, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base))
-    return tiny_base
 
 
 def test_training_lowers_val_bpb_and_base_loss_reads_it(base_dir):

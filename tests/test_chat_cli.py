@@ -1,4 +1,5 @@
-"""chat_cli on a tiny trained model: one-shot -p, the interactive loop, Ctrl-C, bad checkpoints."""
+"""chat_cli on a tiny trained model (conftest's tiny_base): one-shot -p, the interactive loop, Ctrl-C,
+bad checkpoints and devices."""
 
 from __future__ import annotations
 
@@ -11,32 +12,19 @@ from pathlib import Path
 import pytest
 
 from scripts import chat_cli
-from tests.test_chat_web import train_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["-i", "base", "-c", "tiny", "--max_tokens=12", "--threads=1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("cli_base")
-    train_tiny_chat_model(base)
-    return base
-
-
-@pytest.fixture
-def base_dir(tiny_base, monkeypatch) -> Path:
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base))
-    return tiny_base
-
-
 def test_one_shot_prompt_prints_a_reply_and_exits_0(base_dir):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
-    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", *TINY, "-p", "hello", "-t", "0"],
+    # (the tiny model's greedy reply to "hello" is empty; to this prompt it is not)
+    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", *TINY, "-p", "the gradient", "-t", "0"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    assert result.stdout.strip() == chat_cli.main(TINY + ["-p", "hello", "-t", "0"]).strip()  # greedy: the same reply
+    assert result.stdout.strip() == chat_cli.main(TINY + ["-p", "the gradient", "-t", "0"]).strip()  # greedy: the same reply
 
 
 def scripted_input(monkeypatch, answers: list) -> None:
@@ -84,3 +72,20 @@ def test_missing_checkpoint_is_one_clear_line(base_dir, capsys):
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no sft checkpoints" in err[0], err
+
+
+@pytest.mark.parametrize("device,message", [
+    ("tpu", "--device: expected one of cuda|mps|cpu"),
+    ("cuda", "--device=cuda: no CUDA device is available here"),
+])
+def test_bad_device_is_one_line_before_any_model_loads(base_dir, capsys, monkeypatch, device, message):
+    if device == "cuda":
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    monkeypatch.setattr(chat_cli, "load_chat_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        chat_cli.main([*TINY, f"--device={device}", "-p", "hi"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -11,23 +11,10 @@ from scripts.chat_rl import PolicyGradientLoss, group_advantages, policy_gradien
 from tasks.arithmetic import Arithmetic
 from tasks.common import TaskMixture
 from tasks.gsm8k import GSM8K
-from tests.helpers import train_tiny_base
 
 RL = ["--source=base", "--source_tag=tiny", "--model_tag=tiny", "--task=arithmetic", "--max_seq_len=96",
       "--examples_per_step=2", "--num_samples=3", "--max_new_tokens=12", "--device_batch_size=4", "--eval_every=0",
       "--threads=1", "--dtype=float32", "--init_lr_frac=0.5"]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A tokenizer and a tiny base model (tag "tiny"), trained once for the module."""
-    return train_tiny_base(tmp_path_factory.mktemp("rl"), steps=4)
-
-
-@pytest.fixture
-def base_dir(tiny_base, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base))
-    return tiny_base
 
 
 @pytest.mark.parametrize("task", [GSM8K("main", "train", source="offline"), Arithmetic(size=10, split="train")])

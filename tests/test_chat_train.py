@@ -15,23 +15,10 @@ from tasks.common import TaskMixture
 from tasks.gsm8k import math_conversation
 from tasks.identity import Identity
 from tasks.spellingbee import SimpleSpelling
-from tests.helpers import train_tiny_base
 
 COMMON = ["--max_seq_len=128", "--device_batch_size=4", "--task_source=offline", "--threads=1", "--dtype=float32"]
 MID = COMMON + ["--total_batch_size=1024", "--eval_tokens=512"]
 SFT = COMMON + ["--examples_per_step=8", "--eval_examples=8", "--eval_metrics_max_problems=0", "--init_lr_frac=0.5"]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A tokenizer and a tiny base model (tag "tiny"), trained once for the module."""
-    return train_tiny_base(tmp_path_factory.mktemp("chat"), steps=10)
-
-
-@pytest.fixture
-def base_dir(tiny_base, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base))
-    return tiny_base
 
 
 def assistant_tokens(ids, tokenizer):
@@ -201,7 +188,7 @@ def test_chat_sft_reports_categorical_accuracy(base_dir):
     "script,argv,message",
     [
         (mid_train, ["--source_tag=nothing"], "no complete base checkpoint in"),
-        (chat_sft, ["--model_tag=nothing"], "(or start from the base model with --source=base)"),
+        (chat_sft, ["--model_tag=nothing"], "(or start from an earlier stage with --source=base)"),
         (chat_sft, ["--examples_per_step=6"], "--examples_per_step: expected a positive multiple of"),
         (mid_train, ["--total_batch_size=1000"], "--total_batch_size: expected a positive multiple of"),
         (mid_train, ["--source=mid"], "--source: expected one of base"),

@@ -1,6 +1,7 @@
 """chat_web against a tiny trained model served by uvicorn on 127.0.0.1: input limits, the SSE
-and OpenAI APIs (with the official client), stats, disconnects, a full queue, load, and the UI
-in headless Chromium."""
+and OpenAI APIs (with the official client), stats, disconnects, a full queue, load, the UI in
+headless Chromium, and the one-line failures of the script (bad device, host, port).
+The newer API surface (stop, logprobs, completions, fuzzing, bursts) is tests/test_serving.py."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import openai
 import pytest
 import uvicorn
 
+from nanochat import serving
 from nanochat.engine import Engine
-from scripts import base_train, chat_web
-from tests.helpers import build_tiny_base_dir
+from scripts import chat_web
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -28,21 +29,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-def train_tiny_chat_model(base: Path) -> None:
-    """A depth-1 model trained a few steps: base_checkpoints/tiny under `base` (its NANOCHAT_BASE_DIR)."""
-    build_tiny_base_dir(base)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(base))
-        base_train.main(["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256",
-                         "--num_iterations=5", "--eval_every=-1", "--sample_every=-1", "--threads=1",
-                         "--dtype=float32", "--model_tag=tiny"])
-
-
 class SlowEngine(Engine):
-    """The real engine, 30 ms per token: long enough to disconnect mid-reply and to watch streaming."""
+    """The real engine, 30 ms per token and no stop tokens (every reply runs to max_tokens): long
+    enough to disconnect mid-reply and to watch streaming, whatever the tiny model samples."""
 
-    def generate(self, *args, **kwargs):
-        for step in super().generate(*args, **kwargs):
+    def __init__(self, model, tokenizer) -> None:
+        super().__init__(model, tokenizer)
+        self.stop_ids = frozenset()
+
+    def steps(self, *args, **kwargs):
+        for step in super().steps(*args, **kwargs):
             time.sleep(0.03)
             yield step
 
@@ -73,14 +69,7 @@ def make_app(base: Path, engine_class: type[Engine] = Engine, **flags):
         mp.setenv("NANOCHAT_BASE_DIR", str(base))
         engines, model_name = chat_web.load_engines(cfg, "cpu")
     engines = [engine_class(engine.model, engine.tokenizer) for engine in engines]
-    return chat_web.build_app(engines, model_name, cfg)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("chat_base")
-    train_tiny_chat_model(base)
-    return base
+    return serving.build_app(engines, model_name, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -115,39 +104,52 @@ def wait_until_idle(client: httpx.Client, timeout: float = 5.0) -> dict:
 
 LONG = "x" * 8001
 BAD_REQUESTS = [
-    ({"messages": []}, "messages: expected at least one message"),
+    ({"messages": []}, "messages: expected at least 1 item(s), got 0"),
     ({"messages": "hi"}, "messages: expected a list"),
-    ({"messages": HELLO * 501}, "messages: at most 500 messages, got 501"),
+    ({"messages": HELLO * 501}, "messages: at most 500 items, got 501"),
     ({"messages": [{"role": "user", "content": LONG}]}, "messages[0].content: at most 8000 characters, got 8001"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": LONG}]}]},
+     "messages[0].content: at most 8000 characters, got 8001"),
     ({"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": "y" * 7000} for i in range(5)]},
      "messages: at most 32000 characters in all, got 35000"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role: expected one of user|assistant|system"),
-    ({"messages": [{"role": "user"}]}, "messages[0].content: expected a string"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content: expected a string"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role: expected 'system', 'user' or 'assistant'"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content: required"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: expected a string or a list of"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type: expected 'text'"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
      "the last message must be from the user"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "expected role 'assistant'"),
-    ({"messages": HELLO, "temperature": 2.5}, "temperature: expected a value in [0.0, 2.0], got 2.5"),
-    ({"messages": HELLO, "temperature": -0.1}, "temperature: expected a value in [0.0, 2.0]"),
-    ({"messages": HELLO, "temperature": "hot"}, "temperature: expected a number"),
-    ({"messages": HELLO, "top_k": 201}, "top_k: expected an integer in [0, 200], got 201"),
-    ({"messages": HELLO, "top_k": -1}, "top_k: expected an integer in [0, 200]"),
+    ({"messages": HELLO, "temperature": 2.5}, "temperature: expected a value <= 2.0, got 2.5"),
+    ({"messages": HELLO, "temperature": -0.1}, "temperature: expected a value >= 0"),
+    ({"messages": HELLO, "temperature": "hot"}, "temperature: expected a number, got \"hot\""),
+    ({"messages": HELLO, "temperature": "0.5"}, "temperature: expected a number"),  # strict: no strings for numbers
+    ({"messages": HELLO, "top_k": 201}, "top_k: expected a value <= 200, got 201"),
+    ({"messages": HELLO, "top_k": -1}, "top_k: expected a value >= 0"),
     ({"messages": HELLO, "top_k": 1.5}, "top_k: expected an integer"),
-    ({"messages": HELLO, "top_p": 0}, "top_p: expected a value in (0.0, 1.0]"),
-    ({"messages": HELLO, "max_tokens": 0}, "max_tokens: expected an integer in [1, 4096], got 0"),
-    ({"messages": HELLO, "max_tokens": 4097}, "max_tokens: expected an integer in [1, 4096], got 4097"),
-    ({"messages": HELLO, "max_completion_tokens": 5000}, "max_completion_tokens: expected an integer in [1, 4096]"),
-    ({"messages": HELLO, "n": 2}, "n: only 1 completion per request is supported"),
-    ({"messages": HELLO, "stream": "yes"}, "stream: expected true or false"),
+    ({"messages": HELLO, "top_k": True}, "top_k: expected an integer"),
+    ({"messages": HELLO, "top_p": 0}, "top_p: expected a value > 0"),
+    ({"messages": HELLO, "max_tokens": 0}, "max_tokens: expected a value >= 1, got 0"),
+    ({"messages": HELLO, "max_tokens": 4097}, "max_tokens: expected a value <= 4096, got 4097"),
+    ({"messages": HELLO, "seed": -1}, "seed: expected a value >= 0"),
+    ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop: at most 4 items, got 5"),
+    ({"messages": HELLO, "stop": [""]}, "stop[0]: expected at least 1 character(s)"),
+    ({"messages": HELLO, "stop": 7}, "stop: expected a string or a list of at most 4 strings, got 7"),
     ([HELLO], "request body: expected a JSON object, got list"),
     ({"messages": [{"role": "user", "content": "word " * 1500}]}, "the model takes at most"),
+]
+OPENAI_ONLY_BAD_REQUESTS = [  # /v1/chat/completions has these fields; /chat/completions refuses them as unknown
+    ({"messages": HELLO, "max_completion_tokens": 5000}, "max_completion_tokens: expected a value <= 4096"),
+    ({"messages": HELLO, "n": 2}, "n: expected a value <= 1, got 2"),
+    ({"messages": HELLO, "stream": "yes"}, "stream: expected true or false"),
+    ({"messages": HELLO, "top_logprobs": 3}, "top_logprobs: needs logprobs=true"),
+    ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs: expected a value <= 20"),
 ]
 
 
 @pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
 def test_limits_are_400_with_a_message_naming_the_field(server, path):
     with httpx.Client(base_url=server, timeout=30) as client:
-        for body, message in BAD_REQUESTS:
+        for body, message in BAD_REQUESTS + (OPENAI_ONLY_BAD_REQUESTS if path.startswith("/v1") else []):
             response = client.post(path, json=body)
             assert response.status_code == 400, (body if len(json.dumps(body)) < 200 else message, response.text[:200])
             assert message in response.json()["error"]["message"], response.json()
@@ -179,7 +181,7 @@ def test_nanochat_sse_streams_tokens_then_done(server):
 
 def test_openai_client_works_unchanged(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(model="anything", messages=HELLO, max_tokens=10, seed=3, temperature=0.9)
+    reply = client.chat.completions.create(model="anything", messages=HELLO, max_tokens=10, seed=4, temperature=0.9)
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.created > 0
     assert reply.model == "nanochat-base-tiny"
     choice = reply.choices[0]
@@ -188,7 +190,7 @@ def test_openai_client_works_unchanged(server):
     assert reply.usage.completion_tokens <= 10
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
-    chunks = list(client.chat.completions.create(model="anything", messages=HELLO, max_tokens=10, seed=3, temperature=0.9,
+    chunks = list(client.chat.completions.create(model="anything", messages=HELLO, max_tokens=10, seed=4, temperature=0.9,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
@@ -196,7 +198,7 @@ def test_openai_client_works_unchanged(server):
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     assert {c.id for c in chunks} == {chunks[0].id}
 
-    with pytest.raises(openai.BadRequestError, match="top_k: expected an integer in"):
+    with pytest.raises(openai.BadRequestError, match="top_k: expected a value <= 200, got 500"):
         client.chat.completions.create(model="anything", messages=HELLO, extra_body={"top_k": 500})
     assert [m.id for m in client.models.list()] == ["nanochat-base-tiny"]
 
@@ -307,3 +309,65 @@ def test_ui_streams_regenerates_edits_in_chromium(slow_server):
         finally:
             browser.close()
             stats.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the script: one line, before the model loads
+
+@pytest.fixture
+def occupied_port() -> Iterator[int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def script_error(monkeypatch, capsys, argv: list[str]) -> str:
+    """chat_web.main's one error line; fails the test if a model was loaded first."""
+    monkeypatch.setattr(chat_web, "load_engines", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        chat_web.main(["-i", "base", "-c", "tiny", "--threads=1", *argv])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_script_fails_on_a_busy_port_with_one_line(base_dir, monkeypatch, capsys, occupied_port):
+    assert f"--port: {occupied_port} is already in use on 127.0.0.1" in script_error(monkeypatch, capsys, [f"--port={occupied_port}"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--host=no-such-host.invalid"], "--host: cannot resolve 'no-such-host.invalid'"),
+    (["--host=203.0.113.7"], "--host: cannot listen on 203.0.113.7:"),  # TEST-NET-3: not an address of this machine
+    (["--port=70000"], "--port: expected 1..65535, got 70000"),
+    (["--device=tpu"], "--device: expected one of cuda|mps|cpu"),
+])
+def test_script_fails_on_a_bad_host_port_or_device_with_one_line(base_dir, monkeypatch, capsys, argv, message):
+    assert message in script_error(monkeypatch, capsys, argv)
+
+
+def test_script_device_cuda_without_a_gpu_is_one_line(base_dir, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device=cuda: no CUDA device is available" in script_error(monkeypatch, capsys, ["--device=cuda"])
+
+
+def test_script_serves_on_the_socket_it_bound(base_dir, monkeypatch):
+    """main binds, loads, and hands the bound socket to uvicorn (which is stubbed here)."""
+    served = {}
+
+    def fake_run(self, sockets):
+        served["port"] = sockets[0].getsockname()[1]
+        served["routes"] = {route.path for route in self.config.app.routes}
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    chat_web.main(["-i", "base", "-c", "tiny", "--threads=1", f"--port={port}"])
+    assert served["port"] == port and "/v1/completions" in served["routes"]

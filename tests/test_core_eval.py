@@ -8,6 +8,7 @@ option 0 (the tie-break) and language modelling scores 0.
 """
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -16,8 +17,6 @@ import subprocess
 import sys
 import threading
 import zipfile
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +25,10 @@ import torch
 import torch.nn as nn
 
 from nanochat.core_eval import (
+    DEFAULT_SHA256,
+    DEFAULT_URL,
+    SHA256_ENV,
+    bundle_sha256,
     EvalBundleError,
     centered_accuracy,
     continuation_span,
@@ -420,48 +423,21 @@ def test_model_mode_is_restored(tok, bundle_dir):
 # ---------------------------------------------------------------------------------------------
 # download and unpack, from a local server
 
-class BundleServer:
-    """Serves `bodies[i]` to the i-th GET (the last one from then on), with a true Content-Length."""
+class BundleSite:
+    """The bundle at `url` on the shared test server: the i-th GET gets `bodies[i]` (the last one
+    from then on), each with a true Content-Length; `count()` counts the GETs."""
 
-    def __init__(self, bodies: list[bytes]) -> None:
-        self.bodies = bodies
-        self.requests = Counter()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server.requests[self.path] += 1
-                body = server.bodies[min(server.requests[self.path], len(server.bodies)) - 1]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/eval_bundle.zip"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def __init__(self, server, bodies: list[bytes]) -> None:
+        server.files["/eval_bundle.zip"] = bodies[-1]
+        server.failures["/eval_bundle.zip"] = list(bodies[:-1])
+        self.url = f"{server.url}/eval_bundle.zip"
+        self.count = server.count
 
 
 @pytest.fixture
-def serve(monkeypatch):
-    monkeypatch.setenv("no_proxy", "*")  # a proxy from the environment must not see 127.0.0.1
-    monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE_URL", raising=False)
-    servers = []
-
-    def start(bodies):
-        servers.append(BundleServer(bodies))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
+def serve(http_server, monkeypatch):
+    monkeypatch.delenv(SHA256_ENV, raising=False)
+    return lambda bodies: BundleSite(http_server, bodies)
 
 
 def base_dir() -> Path:
@@ -480,11 +456,11 @@ def test_truncated_zip_is_retried_then_unpacked(serve, monkeypatch):
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", server.url)
     target = ensure_eval_bundle(backoff=0)
     assert target == base_dir() / "eval_bundle"
-    assert sum(server.requests.values()) == 2
+    assert server.count() == 2
     assert_unpacked_complete(target)
     assert sorted(p.name for p in base_dir().iterdir()) == ["eval_bundle"]  # no zip, no staging dir
     assert ensure_eval_bundle(server.url) == target  # present: no new request
-    assert sum(server.requests.values()) == 2
+    assert server.count() == 2
 
 
 @pytest.mark.parametrize("kind", ["crc", "not_a_zip", "no_core_yaml"])
@@ -498,8 +474,51 @@ def test_corrupt_zip_fails_cleanly(serve, kind):
     server = serve([body])
     with pytest.raises(DownloadError, match="validation failed"):
         ensure_eval_bundle(server.url, retries=2, backoff=0)
-    assert sum(server.requests.values()) == 3
+    assert server.count() == 3
     assert list(base_dir().iterdir()) == []  # no eval_bundle dir, no zip, no temp file
+
+
+def test_bundle_pinned_by_sha256(serve, monkeypatch):
+    good = bundle_zip()
+    assert bundle_sha256(DEFAULT_URL) == DEFAULT_SHA256 and len(DEFAULT_SHA256) == 64
+    server = serve([good])
+    assert bundle_sha256(server.url) is None  # a mirror or test server: no pin unless given
+    monkeypatch.setenv(SHA256_ENV, "0" * 64)  # a valid zip, but not the pinned one
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        ensure_eval_bundle(server.url, retries=1, backoff=0)
+    assert server.count() == 2 and list(base_dir().iterdir()) == []
+    monkeypatch.setenv(SHA256_ENV, hashlib.sha256(good).hexdigest().upper())
+    assert_unpacked_complete(ensure_eval_bundle(server.url, backoff=0))
+
+
+def test_pinned_bundle_mismatch_is_fetched_again(serve, monkeypatch):
+    good = bundle_zip()
+    other = zipfile_bytes({"eval_bundle/core.yaml": "icl_tasks: []\n"})  # a valid bundle zip, not the pinned one
+    server = serve([other, good])
+    monkeypatch.setenv(SHA256_ENV, hashlib.sha256(good).hexdigest())
+    assert_unpacked_complete(ensure_eval_bundle(server.url, backoff=0))
+    assert server.count() == 2
+
+
+def test_concurrent_callers_download_once(serve):
+    server = serve([bundle_zip()])
+    barrier = threading.Barrier(3)
+    results, errors = [], []
+
+    def caller() -> None:
+        barrier.wait()
+        try:
+            results.append(ensure_eval_bundle(server.url, backoff=0))
+        except Exception as e:  # surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(results)) == 1 and server.count() == 1
+    assert_unpacked_complete(results[0])
 
 
 def zipfile_bytes(files: dict[str, str]) -> bytes:
@@ -524,7 +543,7 @@ def test_interrupted_unpack_leaves_no_bundle_dir(serve, monkeypatch):
     assert sorted(p.name for p in base_dir().iterdir()) == ["eval_bundle.zip"]  # verified zip kept for next time
     monkeypatch.setattr(zipfile.ZipFile, "extractall", original)
     assert_unpacked_complete(ensure_eval_bundle(server.url, backoff=0))
-    assert sum(server.requests.values()) == 1  # the kept zip was reused
+    assert server.count() == 1  # the kept zip was reused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,7 +582,7 @@ def test_two_processes_match_one(tok, bundle_dir, serve, tmp_path):
     for p, (stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr
         assert json.loads(stdout.strip().splitlines()[-1]) == single
-    assert sum(server.requests.values()) == 1
+    assert server.count() == 1
 
 
 # ---------------------------------------------------------------------------------------------

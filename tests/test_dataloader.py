@@ -1,4 +1,6 @@
-"""Dataloader: exact resume, rank disjointness, contiguous token stream, epochs."""
+"""Dataloader: exact resume, rank disjointness, contiguous token stream, epochs, shard checks."""
+
+import hashlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -6,6 +8,7 @@ import pytest
 import torch
 
 from nanochat.dataloader import DataLoader
+from nanochat.dataset import CorruptShardError, record_shards
 
 
 class ByteTokenizer:
@@ -100,3 +103,28 @@ def test_two_ranks_read_disjoint_documents(tmp_path):
 def test_bad_batch_shape(tmp_path):
     with pytest.raises(ValueError, match="batch_size and seq_len must be >= 1"):
         DataLoader(ByteTokenizer(), 0, 8, "train", data_dir=make_shards(tmp_path / "d"))
+
+
+def with_manifest(data_dir, source="local"):
+    """Record every shard's size and sha256, as the local build and the downloader do."""
+    entries = [{"file": p.name, "bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+               for p in sorted(data_dir.glob("shard_*.parquet"))]
+    record_shards(data_dir, entries, source=source)
+    return data_dir
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+@pytest.mark.parametrize("source, command", [("local", "--source=local --force"), ("online", "--source=online -n 2")])
+def test_a_bad_later_shard_is_refused_before_the_first_batch(tmp_path, damage, source, command):
+    data_dir = with_manifest(make_shards(tmp_path / "data", n_train_files=2), source)
+    DataLoader(ByteTokenizer(), 2, 16, "train", data_dir=data_dir)  # intact: fine
+    path = data_dir / "shard_00001.parquet"  # the second train shard: a run would reach it late
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=f"shard_00001.parquet.*{command}") as info:
+        DataLoader(ByteTokenizer(), 2, 16, "train", data_dir=data_dir)
+    assert "\n" not in str(info.value)

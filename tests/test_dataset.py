@@ -1,27 +1,29 @@
-"""Shard iteration (splits, ranks, resume, corrupt files) and the offline local corpus."""
+"""Shard iteration (splits, ranks, resume, corrupt files), shard checks and the local corpus."""
 
 import hashlib
 import json
+import os
+import shutil
 import socket
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from nanochat.dataset import (
-    MIN_VAL_DOCS,
     CorruptShardError,
     build_local_corpus,
     iter_row_groups,
     iter_texts,
     list_parquet_files,
     main,
-    roff_to_text,
     shard_name,
-    split_document,
     split_files,
+    verify_shards,
     write_shard,
 )
+from nanochat.local_corpus import MIN_VAL_DOCS, roff_to_text, split_document
 
 # docs per train file; with 3 docs per row group: 4 + 3 + 2 row groups
 TRAIN_DOCS = (10, 7, 5)
@@ -100,6 +102,26 @@ def test_corrupt_shard_names_the_file(shards, damage):
         list(iter_row_groups("train", data_dir=shards))
 
 
+def flip_bit_in_data_page(path: Path, row_group: int = 0) -> None:
+    """Flip one bit near the end of the first column chunk of `row_group`: compressed page data,
+    not a page header or the footer."""
+    column = pq.ParquetFile(path).metadata.row_group(row_group).column(0)
+    start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+    position = start + column.total_compressed_size - 4
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_page_checksums_catch_a_flipped_bit_when_read(shards):
+    flip_bit_in_data_page(shards / shard_name(1), row_group=1)
+    groups = iter_row_groups("train", data_dir=shards)
+    for _ in range(5):  # shard 0's 4 row groups and shard 1's first are intact
+        next(groups)
+    with pytest.raises(CorruptShardError, match=f"{shard_name(1)}: row group 1: .*(CRC|checksum)"):
+        next(groups)
+
+
 def test_iter_texts_caps(shards):
     assert list(iter_texts("train", data_dir=shards)) == all_train_docs()
     capped = list(iter_texts("train", doc_cap=6, max_chars=20, data_dir=shards))
@@ -151,6 +173,77 @@ def test_local_corpus_layout_and_val_split(corpus):
     assert len(val) >= MIN_VAL_DOCS and len(train) > len(val)
     assert not set(train) & set(val)
     assert all(100 <= len(t) <= 16_000 for t in train + val)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify_shards: footers, and sizes and sha256 against the manifest
+
+@pytest.fixture
+def corpus_copy(corpus, tmp_path) -> Path:
+    return Path(shutil.copytree(corpus, tmp_path / "corpus"))
+
+
+def test_manifest_records_size_and_sha256(corpus):
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        data = (corpus / entry["file"]).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert verify_shards(corpus) == list_parquet_files(corpus)
+
+
+def test_verify_refuses_a_truncated_later_shard(corpus_copy):
+    path = list_parquet_files(corpus_copy)[-2]  # the last train shard: read last
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CorruptShardError, match=f"{path.name}.*--source=local --force") as info:
+        verify_shards(corpus_copy)
+    assert "\n" not in str(info.value)
+
+
+def test_verify_refuses_a_flipped_bit_in_a_later_shard(corpus_copy):
+    verify_shards(corpus_copy)  # digests cached now: the change must still be seen
+    path = list_parquet_files(corpus_copy)[1]
+    flip_bit_in_data_page(path)
+    with pytest.raises(CorruptShardError, match=f"{path.name} fails its checksum.*--source=local --force"):
+        verify_shards(corpus_copy)
+
+
+def test_digest_cache_is_used_and_skips_fresh_files(corpus_copy, monkeypatch):
+    import nanochat.dataset as dataset
+
+    for shard in list_parquet_files(corpus_copy):  # as if built a minute ago
+        os.utime(shard, (time.time() - 60, time.time() - 60))
+    path = list_parquet_files(corpus_copy)[0]
+    verify_shards(corpus_copy)
+    cache = json.loads((corpus_copy / ".verified.json").read_text())
+    assert cache[path.name][3] == hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setattr(dataset, "sha256_file", lambda p: pytest.fail(f"{p} hashed again"))
+    verify_shards(corpus_copy)  # unchanged files: digests from the cache
+    monkeypatch.undo()
+    fresh = corpus_copy / shard_name(99)
+    write_shard(["a just-written shard"], fresh)
+    dataset.cached_sha256(fresh)
+    assert fresh.name not in json.loads((corpus_copy / ".verified.json").read_text())  # too new to trust its mtime
+
+
+def test_verify_refuses_a_shard_the_manifest_does_not_know(corpus_copy):
+    write_shard(["stray document"], corpus_copy / shard_name(99))
+    with pytest.raises(CorruptShardError, match=f"{shard_name(99)} is not in .*manifest.json"):
+        verify_shards(corpus_copy)
+
+
+def test_verify_without_manifest_checks_footers(shards):
+    assert len(verify_shards(shards)) == 4
+    path = shards / shard_name(2)
+    path.write_bytes(path.read_bytes()[:-20])  # the footer is gone
+    with pytest.raises(CorruptShardError, match=f"corrupt parquet shard .*{shard_name(2)}"):
+        verify_shards(shards)
+
+
+def test_iter_texts_verifies_first(corpus_copy):
+    path = list_parquet_files(corpus_copy)[-1]  # val: iter_texts("train") never reads it
+    flip_bit_in_data_page(path)
+    with pytest.raises(CorruptShardError, match="fails its checksum"):
+        next(iter_texts("train", data_dir=corpus_copy))
 
 
 def closed_port_url() -> str:

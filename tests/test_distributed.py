@@ -22,7 +22,7 @@ from bench.ddp import BenchConfig, run_all, summarize
 from nanochat.distributed import TIMEOUT_ENV, timeout_seconds
 from nanochat.optim import assign_owners
 from scripts import base_train
-from tests.test_base_train import TINY, base_dir, tiny_base  # noqa: F401 (fixtures: a tiny corpus and tokenizer)
+from tests.test_base_train import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("dense", "molegrad", "molegrad_lowrank")

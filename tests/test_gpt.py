@@ -6,16 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.engine import KVCache, sample_next_token
-from nanochat.gpt import (
-    GPT,
-    GPTConfig,
-    chunked_softcap_cross_entropy,
-    config_from_depth,
-    norm,
-    relu_squared_linear,
-)
-from nanochat.streaming_linear import relu_squared
+from nanochat.engine import KVCache
+from nanochat.sampling import sample_next_token
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.ops import chunked_softcap_cross_entropy, norm, relu_squared_linear
+from nanochat.optim import setup_optimizers
 
 torch.set_num_threads(1)
 
@@ -232,7 +227,6 @@ def test_loss_on_bf16_autocast_is_close_to_float32():
 def test_custom_functions_gradcheck():
     h = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(relu_squared, (h,))
     assert torch.autograd.gradcheck(relu_squared_linear, (h, w))
     assert torch.autograd.gradcheck(lambda x: norm(x), (h,))
     torch.testing.assert_close(relu_squared_linear(h, w), F.linear(F.relu(h).square(), w))
@@ -300,7 +294,7 @@ def test_recompute_modes_give_identical_gradients():
 def test_few_optimizer_steps_reduce_the_loss():
     torch.manual_seed(0)
     model = GPT(tiny_config())
-    optimizers = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.02)
+    optimizers = setup_optimizers(model, unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.02)
     idx, targets = random_tokens(4, 32), random_tokens(4, 32, seed=2)
     losses = []
     for _ in range(25):

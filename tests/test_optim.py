@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import Muon, apply_lr, get_lr_multiplier, get_muon_momentum, zeropower_via_newtonschulz5
+from nanochat.optim import Muon, apply_lr, setup_optimizers, get_lr_multiplier, get_muon_momentum, zeropower_via_newtonschulz5
 
 torch.set_num_threads(1)
 
@@ -79,7 +79,7 @@ def test_muon_rejects_bad_arguments():
 
 def test_setup_optimizers_partitions_parameters_exactly_once():
     model = GPT(GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
-    adamw, muon = model.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.1)
+    adamw, muon = setup_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.1)
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
     grouped = [id(p) for opt in (adamw, muon) for group in opt.param_groups for p in group["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())

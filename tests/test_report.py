@@ -49,4 +49,7 @@ def test_curve_plots_have_labelled_axes(tmp_path, monkeypatch):
 def test_cli_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         report.main(["publish"])
-    assert e.value.code == 2 and "usage: python -m nanochat.report reset|generate" in capsys.readouterr().err
+    assert e.value.code == 2 and capsys.readouterr().err == "error: action: expected one of reset|generate, got 'publish'\n"
+    with pytest.raises(SystemExit) as e:
+        report.main(["--help"])
+    assert e.value.code == 0 and "usage: python -m nanochat.report ACTION" in capsys.readouterr().out

@@ -4,10 +4,8 @@ The CORE eval bundle is a small generated one served from 127.0.0.1; pretraining
 offline local corpus. Marked slow: it runs every stage of the pipeline.
 """
 
-import http.server
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,28 +24,12 @@ TINY = {
 
 
 @pytest.mark.slow
-def test_run10_commands_with_tiny_sizes(tmp_path):
-    payload = bundle_zip()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_run10_commands_with_tiny_sizes(tmp_path, http_server):
+    http_server.files["/eval_bundle.zip"] = bundle_zip()
     env = {**os.environ, **TINY, "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
-           "NANOCHAT_EVAL_BUNDLE_URL": f"http://127.0.0.1:{server.server_port}/eval_bundle.zip",
+           "NANOCHAT_EVAL_BUNDLE_URL": f"{http_server.url}/eval_bundle.zip",
            "NANOCHAT_HF_URL": "http://127.0.0.1:9", "WANDB_RUN": "dummy"}
-    try:
-        proc = subprocess.run(["bash", str(REPO / "run10.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    finally:
-        server.shutdown()
+    proc = subprocess.run(["bash", str(REPO / "run10.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "base" / "report" / "report.md").read_text()
     for heading in ("## Tokenizer training", "## Base model training", "## Base model loss", "## Base model evaluation",

@@ -6,12 +6,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.streaming_linear import (
-    StreamingLinear, dense_grad, factor_grad_norm_sq, orthonormalize, relu_squared,
-    streaming_layers, streaming_mlp, zero_factor_grad,
-)
+from nanochat.streaming_linear import StreamingLinear, orthonormalize, streaming_layers, streaming_mlp, zero_factor_grad
 
 torch.set_num_threads(1)
+
+
+def dense_grad(layer: StreamingLinear) -> torch.Tensor | None:
+    """grad_factor @ Qᵀ: (out, in), the dense gradient the factor stands for (a reference only)."""
+    if layer.grad_factor is None:
+        return None
+    return layer.grad_factor @ layer.Q.to(layer.grad_factor.dtype).T
+
+
+class ReluSquared(torch.autograd.Function):
+    """relu(h)², saving only h: the fused activation, without the down-projection, for the memory table."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        return F.relu(h).square()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        return grad_out * 2 * F.relu(h)
+
+
+relu_squared = ReluSquared.apply
 
 
 def low_rank_inputs(basis: torch.Tensor, n: int, noise: float, generator: torch.Generator):
@@ -135,12 +156,13 @@ def test_full_width_input_is_not_saved():
     shapes = []
 
     def pack(tensor):
-        shapes.append((tuple(tensor.shape), tensor is layer.weight))
+        shapes.append((tuple(tensor.shape), tensor is layer.weight or tensor is layer.Q))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         layer(x)
-    assert sorted(shapes) == [((n_tokens, 8), False), ((d_out, d_in), True)]
+    # x Q, the weight and Q itself (a buffer, saved so that a Q moved before backward fails)
+    assert sorted(shapes) == sorted([((n_tokens, 8), False), ((d_in, 8), True), ((d_out, d_in), True)])
 
 
 @pytest.mark.parametrize("power_iters", [1, 2])
@@ -234,10 +256,10 @@ def test_gradient_helpers():
     layers = streaming_layers(model)
     assert len(layers) == 2
     for layer in layers:
-        torch.testing.assert_close(factor_grad_norm_sq(layer), dense_grad(layer).square().sum())
+        # ‖grad_factor Qᵀ‖ = ‖grad_factor‖ (Q orthonormal): what clipping relies on
+        torch.testing.assert_close(layer.grad_factor.square().sum(), dense_grad(layer).square().sum())
     zero_factor_grad(model)
     assert all(layer.grad_factor is None for layer in layers)
-    assert factor_grad_norm_sq(layers[0]).item() == 0.0 and dense_grad(layers[0]) is None
 
 
 def test_relu_squared_matches_eager_and_saves_only_its_input():
@@ -269,7 +291,7 @@ def test_mlp_saved_values_per_token():
     d, k, tokens = 32, 4, 16
     fc, proj = StreamingLinear(d, 4 * d, rank_k=k), StreamingLinear(4 * d, d, rank_k=k)
     dense_fc, dense_proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
-    params = [fc.weight, proj.weight, dense_fc.weight, dense_proj.weight]
+    params = [fc.weight, proj.weight, dense_fc.weight, dense_proj.weight, fc.Q, proj.Q]  # Q: a buffer, no memory
     x = torch.randn(tokens, d, requires_grad=True)
     modes = {
         "dense": (lambda: dense_proj(F.relu(dense_fc(x)).square()), 9 * d),
@@ -291,7 +313,7 @@ def test_bf16_autocast_runs_and_accumulates_in_fp32():
     saved_dtypes = set()
 
     def pack(tensor):
-        if not isinstance(tensor, nn.Parameter):
+        if not isinstance(tensor, nn.Parameter) and not any(tensor is m.Q for m in (layer, fc, proj)):
             saved_dtypes.add(tensor.dtype)
         return tensor
 

@@ -5,13 +5,12 @@ served under the hub's URL layout, so URL building, download, validation, cachin
 all run, including a corrupt file served first and a split spread over several files.
 """
 
+import hashlib
 import io
 import json
 import re
 import socket
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,48 +43,20 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee, load_words
 
 
 # ---------------------------------------------------------------------------------------------
-# a hub look-alike
+# a hub look-alike (the shared http_server fixture, conftest.py)
 
-class HubServer:
-    """Serves `files` ({url path: bytes}); paths in `corrupt_first` get a truncated body (with a
-    matching Content-Length, so only validation can tell) on their first request. Others: 404."""
+class Hub:
+    """The hub's parquet conversion served by `server`: the files under their resolve URLs and
+    the tree API listing them with their sha256 (unless `listing=False`: a mirror without the API)."""
 
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.corrupt_first: set[str] = set()
-        self.requests: Counter[str] = Counter()
-        server = self
+    def __init__(self, server) -> None:
+        self.server = server
+        self.url = server.url
+        self.files = server.files
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def do_GET(self) -> None:
-                server.requests[self.path] += 1
-                if self.path not in server.files:
-                    self.send_error(404)
-                    return
-                body = server.files[self.path]
-                if self.path in server.corrupt_first and server.requests[self.path] == 1:
-                    body = body[: len(body) // 2]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def serve(self, dataset_id: str, config: str, split: str, rows: list[dict], num_files: int = 1) -> list[str]:
+    def serve(self, dataset_id: str, config: str, split: str, rows: list[dict], num_files: int = 1, listing: bool = True) -> list[str]:
         """Serve `rows` as `num_files` parquet files of the split; returns their URL paths."""
-        paths = []
+        paths, entries = [], []
         per_file = -(-len(rows) // num_files)
         for i in range(num_files):
             buffer = io.BytesIO()
@@ -93,11 +64,18 @@ class HubServer:
             path = hf_parquet_url(dataset_id, config, split, i).removeprefix(self.url)
             self.files[path] = buffer.getvalue()
             paths.append(path)
+            entries.append({"type": "file", "path": f"{config}/{split}/{i:04d}.parquet", "size": len(buffer.getvalue()),
+                            "lfs": {"oid": hashlib.sha256(buffer.getvalue()).hexdigest()}})
+        if listing:
+            self.files[listing_path(dataset_id, config, split)] = json.dumps(entries).encode()
         return paths
 
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def requests(self, path: str) -> int:
+        return self.server.count(path)
+
+
+def listing_path(dataset_id: str, config: str, split: str) -> str:
+    return f"/api/datasets/{dataset_id}/tree/refs%2Fconvert%2Fparquet/{config}/{split}?recursive=true"
 
 
 def closed_port_url() -> str:
@@ -110,15 +88,15 @@ def closed_port_url() -> str:
 def _no_real_hub(monkeypatch):
     """Nothing here may reach the real hub: by default the hub URL is a closed local port."""
     monkeypatch.setenv("no_proxy", "*")
+    for name in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NANOCHAT_HF_URL", closed_port_url())
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    server = HubServer()
-    monkeypatch.setenv("NANOCHAT_HF_URL", server.url)
-    yield server
-    server.close()
+def hub(http_server, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_HF_URL", http_server.url)
+    return Hub(http_server)
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +144,14 @@ def test_online_equals_offline_and_is_cached(hub, make, dataset_id, config, spli
     offline = make("offline")
     assert len(online) == len(offline) == len(rows)
     assert [online[i] for i in range(len(online))] == [offline[i] for i in range(len(offline))]
-    assert hub.requests[paths[0]] == 1
+    assert hub.requests(paths[0]) == 1
+    assert hub.requests(paths[0].replace("0000.parquet", "0001.parquet")) == 0  # listed: no probing for a 404
     assert (hf_cache_dir(dataset_id, config, split) / FILE_COUNT_NAME).is_file()
     # cached: "auto" is online without asking the server again, even when it is gone
     hub.files.clear()
     again = make("auto")
     assert [again[i] for i in range(len(again))] == [online[i] for i in range(len(online))]
-    assert hub.requests[paths[0]] == 1
+    assert hub.requests(paths[0]) == 1
 
 
 def test_humaneval_online_from_hub(hub):
@@ -184,33 +163,74 @@ def test_humaneval_online_from_hub(hub):
 
 
 def test_corrupt_file_is_detected_and_downloaded_again(hub):
-    (path,) = hub.serve("openai/gsm8k", "main", "test", fixtures.GSM8K_MAIN)
-    hub.corrupt_first.add(path)
+    (path,) = hub.serve("openai/gsm8k", "main", "test", fixtures.GSM8K_MAIN, listing=False)
+    hub.server.failures[path] = [hub.files[path][: len(hub.files[path]) // 2]]  # a matching Content-Length: only validation can tell
     rows = load_hf_rows("openai/gsm8k", "main", "test", backoff=0.01)
     assert rows == fixtures.GSM8K_MAIN
-    assert hub.requests[path] == 2
+    assert hub.requests(path) == 2
     assert not list(hf_cache_dir("openai/gsm8k", "main", "test").glob("*.part"))
 
 
 def test_always_corrupt_file_is_never_used(hub):
-    (path,) = hub.serve("openai/gsm8k", "main", "test", fixtures.GSM8K_MAIN)
+    (path,) = hub.serve("openai/gsm8k", "main", "test", fixtures.GSM8K_MAIN, listing=False)
     hub.files[path] = hub.files[path][:-100]  # truncated, with a Content-Length to match
     with pytest.raises(DownloadError, match="validation failed"):
         load_hf_rows("openai/gsm8k", "main", "test", retries=2, backoff=0.01)
-    assert hub.requests[path] == 3
+    assert hub.requests(path) == 3
     assert not list(hf_cache_dir("openai/gsm8k", "main", "test").iterdir())  # no file, no marker, no .part
 
 
-def test_split_over_several_files(hub):
-    paths = hub.serve("cais/mmlu", "all", "test", fixtures.MMLU_ALL, num_files=3)
+@pytest.mark.parametrize("listing", [True, False], ids=["listed", "probed"])
+def test_split_over_several_files(hub, listing):
+    paths = hub.serve("cais/mmlu", "all", "test", fixtures.MMLU_ALL, num_files=3, listing=listing)
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["0000.parquet", "0001.parquet", "0002.parquet"]
     assert load_hf_rows("cais/mmlu", "all", "test") == fixtures.MMLU_ALL
+    after_listing = paths[0].replace("0000.parquet", "0003.parquet")
+    assert hub.requests(after_listing) == (0 if listing else 1)  # a mirror without the API is probed to a 404
     cache = hf_cache_dir("cais/mmlu", "all", "test")
-    assert json.loads((cache / FILE_COUNT_NAME).read_text()) == {"num_files": 3}
+    marker = json.loads((cache / FILE_COUNT_NAME).read_text())
+    assert marker["num_files"] == 3
+    assert [f["sha256"] for f in marker["files"]] == [hashlib.sha256(hub.files[p]).hexdigest() for p in paths]
     # a deleted cache file is fetched again; the others are not
     (cache / "0001.parquet").unlink()
     assert load_hf_rows("cais/mmlu", "all", "test") == fixtures.MMLU_ALL
-    assert [hub.requests[p] for p in paths] == [1, 2, 1]
+    assert [hub.requests(p) for p in paths] == [1, 2, 1]
+    # so is one changed on disk since (its sha256 no longer matches)
+    (cache / "0002.parquet").write_bytes(hub.files[paths[1]])
+    assert load_hf_rows("cais/mmlu", "all", "test") == fixtures.MMLU_ALL
+    assert [hub.requests(p) for p in paths] == [1, 2, 2]
+
+
+def test_hub_sha256_mismatch_is_fetched_again(hub):
+    (path,) = hub.serve("openai/gsm8k", "main", "test", fixtures.GSM8K_MAIN)
+    other = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(fixtures.GSM8K_MAIN[:1]), other)  # valid parquet, wrong content
+    hub.server.failures[path] = [other.getvalue()]
+    assert load_hf_rows("openai/gsm8k", "main", "test", backoff=0.01) == fixtures.GSM8K_MAIN
+    assert hub.requests(path) == 2
+
+
+def test_hf_token_and_hf_home(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    hub.serve("openai/gsm8k", "main", "test", fixtures.GSM8K_MAIN)
+    assert load_hf_rows("openai/gsm8k", "main", "test") == fixtures.GSM8K_MAIN
+    assert hf_cache_dir("openai/gsm8k", "main", "test") == tmp_path / "hf_home" / "nanochat_datasets" / "openai__gsm8k" / "main" / "test"
+    assert (hf_cache_dir("openai/gsm8k", "main", "test") / FILE_COUNT_NAME).is_file()
+    assert hub.server.requests and all(h.get("Authorization") == "Bearer hf_secret" for _, _, h in hub.server.requests)
+
+
+def test_hf_hub_offline_makes_no_network_call(hub, monkeypatch):
+    hub.serve("openai/gsm8k", "main", "test", fixtures.GSM8K_MAIN)
+    hub.serve("allenai/ai2_arc", "ARC-Easy", "test", fixtures.ARC_EASY[:2])
+    assert len(GSM8K("main", "test", source="online")) == len(fixtures.GSM8K_MAIN)  # cached now
+    before = len(hub.server.requests)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert len(ARC("ARC-Easy", "test", source="auto")) == len(fixtures.ARC_EASY)  # not cached: offline stand-in
+    assert len(GSM8K("main", "test", source="auto")) == len(fixtures.GSM8K_MAIN)  # cached: read from disk
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1 and allenai/ai2_arc ARC-Easy/test is not cached"):
+        ARC("ARC-Easy", "test", source="online")
+    assert len(hub.server.requests) == before
 
 
 def test_unknown_split_is_a_clear_error(hub):
@@ -221,13 +241,13 @@ def test_unknown_split_is_a_clear_error(hub):
 def test_auto_source(hub, monkeypatch):
     (path,) = hub.serve("allenai/ai2_arc", "ARC-Easy", "train", fixtures.ARC_EASY[:2])
     assert len(ARC("ARC-Easy", "train", source="auto")) == 2  # reachable: online (2 rows, not the 6 offline)
-    assert hub.requests[path] == 1
+    assert hub.requests(path) == 1
     monkeypatch.setenv("NANOCHAT_HF_URL", closed_port_url())
     assert len(ARC("ARC-Easy", "test", source="auto")) == len(fixtures.ARC_EASY)  # unreachable: offline
 
 
 def test_online_without_network_fails_clearly():
-    with pytest.raises(DownloadError, match="0000.parquet"):
+    with pytest.raises(DownloadError, match="openai/gsm8k.*failed"):
         load_hf_rows("openai/gsm8k", "main", "test", retries=0)
 
 

@@ -4,7 +4,9 @@ conversation rendering and masks, files, and the tok_train / tok_eval scripts.""
 import glob
 import json
 import os
+import pickle
 import random
+import re
 import sysconfig
 import time
 from collections import Counter
@@ -13,7 +15,8 @@ import pytest
 import regex
 import torch
 
-from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_FILE, Tokenizer, get_token_bytes, get_tokenizer
+from nanochat.tokenizer import (LEGACY_TOKENIZER_FILE, SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_FILE, Tokenizer,
+                                default_tokenizer_dir, get_token_bytes, get_tokenizer)
 
 CORPUS = """The quick brown fox jumps over the lazy dog. The dog sleeps; the fox doesn't.
 In 2024 the town counted 12,345 foxes and 678 dogs -- roughly 18 foxes per dog!
@@ -270,12 +273,61 @@ def test_save_load_round_trip(tok, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["token_bytes.pt", TOKENIZER_FILE]  # no temp files left
 
 
-@pytest.mark.parametrize("content", [b"", b"not a pickle at all", b"\x80\x04\x95garbage"])
+@pytest.mark.parametrize("content", [b"", b"{not json", b"\x80\x04\x95garbage"])
 def test_corrupt_tokenizer_file_names_the_file(tok, tmp_path, content):
     tok.save(tmp_path)
     (tmp_path / TOKENIZER_FILE).write_bytes(content)
     with pytest.raises(ValueError, match=f"cannot read tokenizer file {tmp_path / TOKENIZER_FILE}"):
         Tokenizer.from_directory(tmp_path)
+
+
+def test_saved_file_is_plain_json_with_ranks_as_ids(tok, tmp_path):
+    tok.save(tmp_path)
+    data = json.loads((tmp_path / TOKENIZER_FILE).read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    assert sorted(vocab.values()) == list(range(len(tok.mergeable_ranks)))
+    assert vocab["Ġ"] == tok.mergeable_ranks[b" "] and vocab["a"] == tok.mergeable_ranks[b"a"]
+    assert [t["content"] for t in data["added_tokens"]] == SPECIAL_TOKENS
+    assert [t["id"] for t in data["added_tokens"]] == [tok.encode_special(name) for name in SPECIAL_TOKENS]
+
+
+def edited(data: dict, path: str, value) -> dict:
+    data = json.loads(json.dumps(data))
+    *parents, leaf = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key] if not isinstance(node, list) else node[int(key)]
+    node[leaf if not isinstance(node, list) else int(leaf)] = value
+    return data
+
+
+@pytest.mark.parametrize("path, value, error", [
+    ("model.type", "WordPiece", "expected a Hugging Face tokenizer.json with a BPE model"),
+    ("pre_tokenizer", {"type": "Whitespace"}, r"pre_tokenizer \['Whitespace'\] is not supported"),
+    ("added_tokens.0.content", "<s>", "special tokens .* differ from nanochat's"),
+    ("model.vocab", {"€uro": 0}, "vocabulary entry .€uro. \\(id 0\\) is not byte-level"),
+    ("model.vocab", {}, "mergeable ranks lack 256 of the 256 single-byte tokens"),
+])
+def test_foreign_tokenizer_json_says_what_differs(tok, tmp_path, path, value, error):
+    tok.save(tmp_path)
+    data = json.loads((tmp_path / TOKENIZER_FILE).read_text(encoding="utf-8"))
+    (tmp_path / TOKENIZER_FILE).write_text(json.dumps(edited(data, path, value)), encoding="utf-8")
+    with pytest.raises(ValueError, match=f"tokenizer file {re.escape(str(tmp_path / TOKENIZER_FILE))}: {error}"):
+        Tokenizer.from_directory(tmp_path)
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_old_pickle_is_refused_unread_with_how_to_convert(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / LEGACY_TOKENIZER_FILE).write_bytes(pickle.dumps(Boom()))
+    for load in (Tokenizer.from_directory, get_tokenizer):
+        with pytest.raises(ValueError, match="old pickle format, which is no longer loaded.*--convert_legacy.*--force"):
+            load(tmp_path)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_missing_tokenizer_says_how_to_train():
@@ -449,3 +501,31 @@ def test_encode_throughput():
     print(f"\ntrain {sum(map(len, docs[:200])) / train_s / 1e6:.1f}M chars/s; encode {n_bytes / 1e6:.1f} MB in {median:.2f}s "
           f"(median of 3) = {n_bytes / median / 1e6:.1f} MB/s on {os.cpu_count()} cores, {sum(map(len, ids)) / 1e6:.1f}M tokens")
     assert n_bytes / median > 1e6  # a guard against pathological slowdowns; the figure is printed with -s
+
+
+def test_tok_train_convert_legacy_keeps_the_ids(tok, monkeypatch, capsys):
+    from scripts import tok_train
+
+    directory = default_tokenizer_dir()
+    directory.mkdir(parents=True)
+    pieces = {"format_version": 1, "pattern": tok.pattern, "mergeable_ranks": tok.mergeable_ranks, "special_tokens": tok.special_ids}
+    (directory / LEGACY_TOKENIZER_FILE).write_bytes(pickle.dumps(pieces))
+    result = tok_train.main(["--convert_legacy"])
+    assert result["vocab_size"] == tok.get_vocab_size()
+    converted = get_tokenizer()
+    assert converted.encode([CORPUS, "🦊 fox"]) == tok.encode([CORPUS, "🦊 fox"]) and converted.special_ids == tok.special_ids
+    assert torch.equal(get_token_bytes(), tok.token_bytes())
+
+
+def test_tok_train_convert_legacy_runs_no_code(tmp_path, monkeypatch, capsys):
+    from scripts import tok_train
+
+    monkeypatch.chdir(tmp_path)
+    directory = default_tokenizer_dir()
+    directory.mkdir(parents=True)
+    (directory / LEGACY_TOKENIZER_FILE).write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(SystemExit) as e:
+        tok_train.main(["--convert_legacy"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: tokenizer.pkl refers to posix.system") and err.count("\n") == 1
+    assert not (tmp_path / "pwned").exists() and not (directory / TOKENIZER_FILE).exists()

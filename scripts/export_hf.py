@@ -1,0 +1,46 @@
+"""Export a checkpoint as a Hugging Face transformers NanoChat folder: python -m scripts.export_hf -i sft -c d12 --out DIR
+
+Writes config.json, model.safetensors (weights only), generation_config.json, tokenizer.json and
+tokenizer_config.json (with the chat template) into --out; `AutoModelForCausalLM.from_pretrained(DIR)`
+and `AutoTokenizer.from_pretrained(DIR)` then run it (nanochat/hf.py). Needs `pip install -e .[hf]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanochat.checkpoint import load_chat_model
+from nanochat.common import print0, run_main
+from nanochat.config import CheckpointFlags, check, parse_args
+from nanochat.hf import export_hf
+
+
+@dataclass
+class ExportConfig(CheckpointFlags):
+    """Export a checkpoint (-i/-c/--step) and the tokenizer to an HF NanoChat folder."""
+
+    out: str = field(default="", metadata={"help": "output folder (created; existing files of the same names are replaced)"})
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.out != "", "--out: expected the output folder, e.g. --out=hf/d12")
+
+
+def export(cfg: ExportConfig) -> dict[str, Any]:
+    model, tokenizer, meta = load_chat_model(cfg, torch.device("cpu"), "float32")
+    out = export_hf(model, tokenizer, Path(cfg.out))
+    print0(f"exported {meta['checkpoint_dir']} step {meta['step']} ({model.num_params():,} parameters) to {out}")
+    return {"out": str(out), "checkpoint": meta["checkpoint_dir"], "step": meta["step"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(ExportConfig, argv, prog="python -m scripts.export_hf")
+    return run_main(export, cfg)
+
+
+if __name__ == "__main__":
+    main()
