@@ -43,7 +43,7 @@ class BenchConfig:
     new_tokens: int = field(default=256, metadata={"help": "tokens generated per sample"})
     batch_sizes: str = field(default="1,8", metadata={"help": "comma-separated samples per KV-cache call"})
     dtypes: str = field(default="float32", metadata={"help": "comma-separated, from float32|bfloat16"})
-    threads: str = field(default="2", metadata={"help": "comma-separated CPU thread counts (CPU notes: 2 decodes fastest)"})
+    threads: str = field(default="2", metadata={"help": "comma-separated CPU thread counts (docs/cpu_notes.md: 2 decodes fastest)"})
     repeats: int = field(default=3, metadata={"help": "measured runs per KV-cache arm"})
     full_repeats: int = field(default=1, metadata={"help": "measured runs of the full-recompute arm (0 = skip it)"})
     device: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})

@@ -102,7 +102,7 @@ class MoleGradBenchConfig:
     energy_every: int = field(default=9, metadata={"help": "dense shadow pass every N steps for the energy (0 = never)"})
     measure_peak: bool = field(default=False, metadata={"help": "also measure each arm's peak on CPU (~10 s per arm)"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": ("auto", "float32", "bfloat16")})
-    threads: int = field(default=1, metadata={"help": "CPU threads (1: bf16 with 2 threads stalls, CPU_NOTES.md)"})
+    threads: int = field(default=1, metadata={"help": "CPU threads (1: bf16 with 2 threads stalls, docs/cpu_notes.md)"})
     seed: int = field(default=42, metadata={"help": "model init seed (the same for every run)"})
     synthetic_vocab: int = field(default=4096, metadata={"help": "vocabulary of the synthetic stream (no corpus)"})
     out_dir: str = field(default="", metadata={"help": "where molegrad.json and plot-molegrad.png go "

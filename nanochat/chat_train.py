@@ -22,7 +22,7 @@ from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import setup_optimizers
 from nanochat.report import log_section
-from nanochat.tokenizer import Tokenizer, get_token_bytes, get_tokenizer
+from nanochat.tokenizer import Tokenizer, get_tokenizer
 from nanochat.trainer import (
     Progress,
     TrainFlags,
@@ -76,35 +76,46 @@ def run_chat_training(cfg: ChatTrainFlags, stage: ChatStage) -> dict[str, Any]:
 
 @dataclass
 class StartingPoint:
-    """Where a chat stage (mid, sft, rl) starts: its model and optimizers, from the source
-    checkpoint or, when resuming, from its own last saved state."""
+    """Where a chat stage (mid, sft, rl) starts: its model, optimizers and tokenizer, from the
+    source checkpoint (or an HF folder, --init_from_hf) or, when resuming, from its own saved state."""
 
     model: GPT
     optimizers: list[torch.optim.Optimizer]
+    tokenizer: Tokenizer
+    tokenizer_dir: str | None  # where the tokenizer came from when not the default one (meta records it)
     source_dir: Path
     source_step: int
     checkpoint_dir: Path  # where this stage writes
     start_step: int
-    resumed: dict[str, Any] | None  # (rank state, meta) of the resumed checkpoint
+    resumed: tuple[dict[str, Any], dict[str, Any]] | None  # (rank state, meta) of the resumed checkpoint
 
 
 def start_chat_stage(cfg: ChatTrainFlags, stage_name: str, ctx: RunContext) -> StartingPoint:
-    """The model of -i/--source (--source_tag or -c, --step) with this run's memory options and
-    context, and its optimizers at --init_lr_frac; with --resume_from_step, the stage's own saved
-    model, optimizers and RNG instead."""
-    try:
-        src_dir = find_model_dir(cfg.source, cfg.source_tag or cfg.model_tag)
-    except CheckpointError as e:
-        earlier = [kind for kind in CHECKPOINT_KINDS[:CHECKPOINT_KINDS.index(stage_name)] if kind != cfg.source]
-        hint = f" (or start from an earlier stage with --source={'|'.join(earlier)})" if earlier else ""
-        raise CheckpointError(f"{stage_name}: {e}{hint}") from None
-    src_step = cfg.step if cfg.step >= 0 else last_step(src_dir)
+    """The model of -i/--source (--source_tag or -c, --step), or of --init_from_hf, with this run's
+    memory options and context, its tokenizer, and its optimizers at --init_lr_frac; with
+    --resume_from_step, the stage's own saved model, optimizers and RNG instead."""
+    if cfg.init_from_hf:
+        src_dir, src_step = Path(cfg.init_from_hf), 0
+    else:
+        try:
+            src_dir = find_model_dir(cfg.source, cfg.source_tag or cfg.model_tag)
+        except CheckpointError as e:
+            earlier = [kind for kind in CHECKPOINT_KINDS[:CHECKPOINT_KINDS.index(stage_name)] if kind != cfg.source]
+            hint = f" (or start from an earlier stage with --source={'|'.join(earlier)})" if earlier else ""
+            raise CheckpointError(f"{stage_name}: {e}{hint}") from None
+        src_step = cfg.step if cfg.step >= 0 else last_step(src_dir)
     ckpt_dir = checkpoint_dir(stage_name, cfg.model_tag or src_dir.name)
     resuming = cfg.resume_from_step >= 0
-    model, _ = load_model(directory=ckpt_dir if resuming else src_dir, step=cfg.resume_from_step if resuming else src_step,
-                          device=ctx.device, overrides={**cfg.memory_options(), "sequence_len": cfg.max_seq_len},
-                          weights=not resuming)
+    overrides = {**cfg.memory_options(), "sequence_len": cfg.max_seq_len}
+    if resuming:
+        model, meta = load_model(directory=ckpt_dir, step=cfg.resume_from_step, device=ctx.device, overrides=overrides, weights=False)
+    elif cfg.init_from_hf:
+        model, meta = load_model(hf_dir=cfg.init_from_hf, device=ctx.device, overrides=overrides)
+    else:
+        model, meta = load_model(directory=src_dir, step=src_step, device=ctx.device, overrides=overrides)
     model.train()
+    tokenizer_dir = meta.get("tokenizer_dir")
+    tokenizer = get_tokenizer(tokenizer_dir)
     lr = cfg.init_lr_frac
     optimizers = setup_optimizers(model, cfg.unembedding_lr * lr, cfg.embedding_lr * lr, cfg.matrix_lr * lr, cfg.weight_decay)
     resumed = None
@@ -113,17 +124,18 @@ def start_chat_stage(cfg: ChatTrainFlags, stage_name: str, ctx: RunContext) -> S
         print0(f"resumed from {ckpt_dir} step {cfg.resume_from_step}")
     else:
         print0(f"{stage_name}: starting from {src_dir} step {src_step}")
-    return StartingPoint(model, optimizers, src_dir, src_step, ckpt_dir, max(0, cfg.resume_from_step), resumed)
+    return StartingPoint(model, optimizers, tokenizer, tokenizer_dir, src_dir, src_step, ckpt_dir,
+                         max(0, cfg.resume_from_step), resumed)
 
 
 def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, Any]:
-    tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(device=ctx.device)
     grad_accum = stage.grad_accum(cfg, ctx.world_size)
     rows_per_step = cfg.device_batch_size * ctx.world_size * grad_accum
 
     start = start_chat_stage(cfg, stage.name, ctx)
     model, optimizers, src_dir, src_step, ckpt_dir = start.model, start.optimizers, start.source_dir, start.source_step, start.checkpoint_dir
+    tokenizer = start.tokenizer
+    token_bytes = tokenizer.token_bytes().to(ctx.device)
     forward = torch.compile(model, dynamic=stage.mode == PADDED) if cfg.compile else model
     start_step, loader_state, val_bpb = start.start_step, None, None
     if start.resumed is not None:
@@ -178,7 +190,8 @@ def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, A
             history.append({"step": step, "val_bpb": val_bpb, **metrics})
         if step > start_step and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             meta = {"stage": stage.name, "flags": to_dict(cfg), "model_config": asdict(model_config), "val_bpb": val_bpb,
-                    "num_iterations": num_iterations, "source": {"kind": cfg.source, "dir": str(src_dir), "step": src_step}}
+                    "num_iterations": num_iterations, "source": {"kind": cfg.source, "dir": str(src_dir), "step": src_step},
+                    **({"tokenizer_dir": start.tokenizer_dir} if start.tokenizer_dir else {})}
             save_training_state(ckpt_dir, step, model, optimizers, train_loader.state_dict(), meta, ctx, cfg.keep_checkpoints)
             print0(f"saved checkpoint {ckpt_dir} step {step}")
         if last:

@@ -31,6 +31,7 @@ import torch
 from nanochat.common import atomic_write, get_base_dir, resolve_dtype
 from nanochat.config import CheckpointFlags, UserError
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.hf import load_hf
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 META_RE = re.compile(r"^meta_(\d{6})\.json$")
@@ -213,11 +214,11 @@ def load_model(
     options, sequence_len). weights=False builds the architecture only (a resumed run loads its
     own weights)."""
     if hf_dir:
-        from nanochat.hf import load_hf
-
         model, _ = load_hf(hf_dir, **(overrides or {}))
         model.to(device)
-        return model, {"checkpoint_dir": str(hf_dir), "step": 0, "model_config": dataclasses.asdict(model.config)}
+        model.eval()
+        return model, {"checkpoint_dir": str(hf_dir), "step": 0, "model_config": dataclasses.asdict(model.config),
+                       "tokenizer_dir": str(hf_dir)}
     directory = Path(directory) if directory is not None else find_model_dir(source, model_tag)
     if step < 0:
         step = last_step(directory)
@@ -247,10 +248,11 @@ def inference_dtype(device_type: str, override: str) -> torch.dtype:
 
 def load_chat_model(flags: CheckpointFlags, device: torch.device, dtype: str = "auto") -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """(model in eval mode with weights in the inference dtype, tokenizer, checkpoint meta) of the
-    checkpoint `flags` name; raises CheckpointError / FileNotFoundError naming what is missing
-    or mismatched. With --init_from_hf, the model and tokenizer of that folder."""
+    checkpoint `flags` name, for every entry point that reads one; raises CheckpointError /
+    FileNotFoundError naming what is missing or mismatched. With --init_from_hf, the model and
+    tokenizer of that folder; a checkpoint trained from one keeps using its tokenizer."""
     model, meta = load_model(flags.source, flags.model_tag, flags.step, device, hf_dir=flags.init_from_hf)
-    tokenizer = get_tokenizer(flags.init_from_hf or None)
+    tokenizer = get_tokenizer(meta.get("tokenizer_dir") or None)
     if model.config.vocab_size != tokenizer.get_vocab_size():
         raise CheckpointError(f"checkpoint {meta['checkpoint_dir']} has vocab_size {model.config.vocab_size} but the "
                               f"tokenizer has {tokenizer.get_vocab_size()}: was the tokenizer retrained after this model?")

@@ -6,7 +6,7 @@ and `model.config.sequence_len` (its max length) is all it needs.
     out = evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=500)
     out["core_metric"], out["results"][label], out["centered_results"][label]
 
-Bundle layout (DATA_FORMATS.md): eval_bundle/core.yaml (`icl_tasks`), eval_bundle/eval_data/**.jsonl,
+Bundle layout: eval_bundle/core.yaml (`icl_tasks`), eval_bundle/eval_data/**.jsonl,
 eval_bundle/eval_meta_data.csv (`Eval Task`, `Random baseline` in percent).
 
 How one item becomes token sequences (one per option):

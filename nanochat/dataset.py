@@ -12,11 +12,12 @@ corpus puts its held-out documents in its last shard too.
 
 Integrity: `manifest.json` records each shard's size and sha256 (online: the hub's LFS sha256
 from its listing API when the base URL is a hub repo, else the digest of the downloaded file;
-offline: at build). `verify_shards`, called when a loader starts, reads every shard's footer and
-compares size and sha256 with the manifest (digests cached per file size+mtime in
-`.verified.json`), so a truncated or bit-flipped shard is refused before step 1 with one line
-naming the command that rebuilds or re-fetches it; the online command re-fetches bad shards.
-Shards carry parquet page checksums (CRC32), verified on every read.
+offline: at build). `verify_shards`, called when a loader starts, compares every shard's size and
+sha256 with the manifest (digests cached per file size+mtime+inode in `.verified.json`) and reads
+its footer, so a truncated or bit-flipped shard never reaches step 1: a downloaded one is fetched
+again, a local one is named in one line with the command that rebuilds it. The online command
+checks the shards already there the same way. Shards carry parquet page checksums (CRC32),
+verified on every read.
 
 Our own urllib code, not huggingface_hub: the shards and the eval bundle also come from non-hub
 URLs (mirrors, S3), and what the hub part needs (tree listing, resolve URLs, the HF_* variables,
@@ -29,8 +30,6 @@ import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from nanochat.download import (
     hf_offline,
     hub_headers,
     hub_tree,
+    reachable,
     sha256_file,
     temp_path,
 )
@@ -144,7 +144,7 @@ def rebuild_hint(manifest: dict | None) -> str:
     if manifest is not None and manifest.get("source") == "local":
         return "rebuild the corpus: python -m nanochat.dataset --source=local --force"
     if manifest is not None and manifest.get("source") == "online":
-        train = sum(1 for entry in manifest.get("shards", [])) - 1
+        train = len(manifest.get("shards", [])) - 1
         return f"re-fetch it: python -m nanochat.dataset --source=online -n {max(train, 0)}"
     return "delete it and re-run `python -m nanochat.dataset`"
 
@@ -189,32 +189,46 @@ def check_footer(path: Path, hint: str) -> pq.FileMetaData:
     return metadata
 
 
+def can_refetch(manifest: dict | None) -> bool:
+    """Whether bad shards of this manifest are fetched again (downloaded ones, network allowed)."""
+    return manifest is not None and manifest.get("source") == "online" and bool(manifest.get("base_url")) and not hf_offline()
+
+
 def verify_shards(data_dir: Path | None = None, num_workers: int = 8) -> list[Path]:
-    """Check every shard before a run reads any: its footer, and against the manifest (when there
-    is one) its size and sha256. Returns the shards; raises CorruptShardError (one line: the file,
-    what is wrong, the command that fixes it) or FileNotFoundError."""
+    """Check every shard before a run reads any: against the manifest (when there is one) its size
+    and sha256, then its footer. A downloaded shard that fails is fetched again from the manifest's
+    base_url (once, whatever the number of ranks); any other failure raises CorruptShardError (one
+    line: the file, what is wrong, the command that fixes it). Returns the shards."""
     files = list_parquet_files(data_dir)
     data_dir = files[0].parent
     manifest = read_manifest(data_dir)
     hint = rebuild_hint(manifest)
+    if manifest is not None:
+        entries = {entry["file"]: entry for entry in manifest.get("shards", [])}
+        for path in files:
+            if path.name not in entries:
+                raise CorruptShardError(f"shard {path} is not in {data_dir / MANIFEST}; {hint}")
+        with ThreadPoolExecutor(max_workers=num_workers) as pool:  # hashlib releases the GIL
+            digests = dict(zip(files, pool.map(cached_sha256, files)))
+        for path in files:
+            entry = entries[path.name]
+            size = path.stat().st_size
+            if "bytes" in entry and size != entry["bytes"]:
+                problem = f"has {size} bytes, {MANIFEST} says {entry['bytes']}"
+            elif entry.get("sha256") is not None and digests[path] != entry["sha256"]:
+                problem = f"fails its checksum (sha256 {digests[path][:16]}..., {MANIFEST} says {entry['sha256'][:16]}...)"
+            else:
+                continue
+            if not (can_refetch(manifest) and entry.get("sha256")):
+                raise CorruptShardError(f"shard {path} {problem}; {hint}")
+            url = f"{manifest['base_url']}/{path.name}"
+            print0(f"shard {path} {problem}: fetching it again from {url}")
+            try:
+                download_file(url, path, check_parquet, sha256=entry["sha256"], headers=hub_headers(url), replace_mismatch=True)
+            except DownloadError as e:
+                raise CorruptShardError(f"shard {path} {problem} and fetching it again failed ({e.reason}); {hint}") from None
     for path in files:
         check_footer(path, hint)
-    if manifest is None:
-        return files
-    entries = {entry["file"]: entry for entry in manifest.get("shards", [])}
-    for path in files:
-        entry = entries.get(path.name)
-        if entry is None:
-            raise CorruptShardError(f"shard {path} is not in {data_dir / MANIFEST}; {hint}")
-        size = path.stat().st_size
-        if "bytes" in entry and size != entry["bytes"]:
-            raise CorruptShardError(f"shard {path} has {size} bytes, {MANIFEST} says {entry['bytes']}; {hint}")
-    with ThreadPoolExecutor(max_workers=num_workers) as pool:  # hashlib releases the GIL
-        digests = dict(zip(files, pool.map(cached_sha256, files)))
-    for path in files:
-        expected = entries[path.name].get("sha256")
-        if expected is not None and digests[path] != expected:
-            raise CorruptShardError(f"shard {path} fails its checksum (sha256 {digests[path][:16]}..., {MANIFEST} says {expected[:16]}...); {hint}")
     return files
 
 
@@ -411,20 +425,6 @@ def download_shards(
     return failed
 
 
-def network_reachable(url: str, timeout: float = 5.0) -> bool:
-    """True if `url`'s server answers at all (any HTTP status counts as reachable); always False
-    under HF_HUB_OFFLINE=1, without a request."""
-    if hf_offline():
-        return False
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
 # ---------------------------------------------------------------------------------------------
 # offline: the local corpus as shards
 
@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     if source == "auto" and manifest is not None:
         source = "local" if is_local_corpus(manifest) else "online"  # keep what is here
     if source == "auto":
-        source = "online" if network_reachable(cfg.base_url) else "local"
+        source = "online" if reachable(cfg.base_url) else "local"
         if source == "local":
             reason = "HF_HUB_OFFLINE=1" if hf_offline() else f"{cfg.base_url} is unreachable"
             print0(f"{reason}: building the local corpus instead (--source=local)")

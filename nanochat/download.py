@@ -17,7 +17,8 @@ http(s)_proxy / no_proxy from the environment.
 
 Hub conventions (as huggingface_hub reads them): HF_ENDPOINT (alias NANOCHAT_HF_URL) is the hub's
 base URL, HF_HUB_OFFLINE=1 forbids every network call, HF_TOKEN (else the file $HF_HOME/token when
-HF_HOME is set) is sent as a bearer token to the hub only, and HF_HOME holds the hub cache.
+HF_HOME is set) is sent as a bearer token to the hub only (not along a redirect to another
+host), and HF_HOME holds the hub cache.
 """
 
 from __future__ import annotations
@@ -144,9 +145,37 @@ def hub_headers(url: str) -> dict[str, str]:
     return {}
 
 
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """True if `url`'s server answers a HEAD at all (any HTTP status counts); always False under
+    HF_HUB_OFFLINE=1, without a request."""
+    if hf_offline():
+        return False
+    try:
+        with _open(url, {}, timeout, method="HEAD"):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class _NoAuthAcrossHosts(urllib.request.HTTPRedirectHandler):
+    """Follows redirects like urllib, but the token does not follow one to another host (the hub
+    sends its files from a CDN)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(_NoAuthAcrossHosts)  # + urllib's defaults, proxies from the environment
+
+
 def _open(url: str, headers: dict[str, str], timeout: float, method: str = "GET"):
     request = urllib.request.Request(url, method=method, headers={"User-Agent": USER_AGENT, **headers})
-    return urllib.request.urlopen(request, timeout=timeout)
+    return _OPENER.open(request, timeout=timeout)
 
 
 def fetch_json(url: str, retries: int = 3, backoff: float = 1.0, timeout: float = 30) -> tuple[object, str | None]:
@@ -267,16 +296,20 @@ def download_file(
     progress: bool = False,
     sha256: str | None = None,
     headers: dict[str, str] | None = None,
+    replace_mismatch: bool = False,
 ) -> Path:
     """Download `url` to `dest` (skipped if `dest` exists) and return `dest`.
 
-    `sha256`: the expected hex digest (a mismatch is fetched again). `validate(tmp)` raises on a
-    bad file (checked before `dest` appears). Up to `retries` retries after the first attempt,
-    waiting `backoff * 2**attempt` seconds between them. Raises DownloadError naming the url and
-    the last reason; under HF_HUB_OFFLINE=1 it makes no request and raises at once.
+    `sha256`: the expected hex digest (a mismatch is fetched again); with `replace_mismatch`, an
+    existing `dest` that does not match it is replaced (checked under the lock, so concurrent
+    callers replace it once). `validate(tmp)` raises on a bad file (checked before `dest`
+    appears). Up to `retries` retries after the first attempt, waiting `backoff * 2**attempt`
+    seconds between them. Raises DownloadError naming the url and the last reason; under
+    HF_HUB_OFFLINE=1 it makes no request and raises at once.
     """
     dest = Path(dest)
-    if dest.exists():
+    check_existing = replace_mismatch and sha256 is not None
+    if dest.exists() and not check_existing:
         return dest
     if retries < 0 or backoff < 0:
         raise ValueError(f"retries and backoff must be >= 0, got {retries} and {backoff}")
@@ -285,7 +318,9 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = partial_path(dest)
     with file_lock(dest.with_name(f"{dest.name}.lock")):
-        if dest.exists():  # another process downloaded it while we waited
+        if dest.exists() and check_existing and sha256_file(dest) != sha256.lower():
+            dest.unlink()
+        if dest.exists():  # another process downloaded (or replaced) it while we waited
             return dest
         attempt = 0
         try:

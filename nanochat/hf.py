@@ -196,8 +196,8 @@ def gpt_config_from_hf(hf: dict[str, Any], source: str, **options: Any) -> GPTCo
         raise HFFormatError(f"{source}: model_type {hf.get('model_type')!r}, expected 'nanochat' "
                             f"(transformers' {ARCHITECTURE}); other architectures cannot be imported")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(hf.get(key), int):
-            raise HFFormatError(f"{source}: {key} is missing or not an integer")
+        if not isinstance(hf.get(key), int) or hf[key] < 1:
+            raise HFFormatError(f"{source}: {key} is missing or not a positive integer")
     width, n_head = hf["hidden_size"], hf["num_attention_heads"]
     n_kv_head = hf.get("num_key_value_heads") or n_head
     rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", ROTARY_BASE)}
@@ -208,13 +208,14 @@ def gpt_config_from_hf(hf: dict[str, Any], source: str, **options: Any) -> GPTCo
         lacks.append(f"hidden_act={hf['hidden_act']!r} (ours: relu2)")
     if hf.get("intermediate_size", 4 * width) != 4 * width:
         lacks.append(f"intermediate_size={hf['intermediate_size']} (ours: 4 x hidden_size = {4 * width})")
-    if width % n_head or hf.get("head_dim", width // n_head) != width // n_head:
+    if width % n_head or (hf.get("head_dim") or width // n_head) != width // n_head:
         lacks.append(f"head_dim={hf.get('head_dim')} with hidden_size={width}, {n_head} heads (ours: hidden_size / heads)")
     if hf.get("attention_bias"):
         lacks.append("attention_bias=true (ours: no biases)")
     if hf.get("attention_dropout"):
         lacks.append(f"attention_dropout={hf['attention_dropout']} (ours: none)")
-    if rope.get("rope_type", "default") != "default" or rope.get("rope_theta") != ROTARY_BASE or hf.get("rope_scaling"):
+    if (rope.get("rope_type", "default") != "default" or rope.get("rope_theta") != ROTARY_BASE
+            or set(rope) - {"rope_type", "rope_theta"} or hf.get("rope_scaling")):
         lacks.append(f"rope {rope} (ours: default rotary, theta {ROTARY_BASE:g})")
     if not isinstance(softcap, (int, float)) or softcap <= 0:
         lacks.append(f"final_logit_softcapping={softcap} (ours: a positive logit softcap)")

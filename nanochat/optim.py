@@ -153,7 +153,7 @@ class Muon(ShardedStep, torch.optim.Optimizer):
     tall matrices.
 
     Newton–Schulz runs in bf16 on CUDA and on CPUs with native bf16 (4x the fp32 matmul rate on
-    the AVX-512 BF16 machines measured in CPU_NOTES.md; the iteration is insensitive to rounding)
+    the AVX-512 BF16 machines measured in docs/cpu_notes.md; the iteration is insensitive to rounding)
     and in float32 elsewhere: `common.resolve_dtype(device_type)`. `ns_dtype` overrides.
 
     streaming: MoleGrad layers whose weights are among `params`; their updates come from the

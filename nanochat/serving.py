@@ -423,7 +423,7 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """`body` (JSON bytes) validated as `model`; RequestError for the first problem, an
     unsupported field before any other."""
     try:
-        return model.model_validate_json(body)
+        return model.model_validate(json.loads(body))
     except ValidationError as e:
         errors = sorted(e.errors(include_url=False), key=lambda error: error["type"] != "extra_forbidden")
         raise describe_error(errors[0]) from None

@@ -129,8 +129,9 @@ class StreamingLinear(nn.Module):
         self.register_buffer("counters", torch.zeros(2, dtype=torch.long))
         # this step's statistics: what several processes all-reduce (sum) before an update
         self.register_buffer("sketch_step", torch.empty(in_features, tracked), persistent=False)
-        self.register_buffer("energy_step", torch.empty(()), persistent=False)
-        self.register_buffer("tokens_step", torch.empty((), dtype=torch.long), persistent=False)
+        # (1,), not 0-dim: torch.compile (2.13) drops in-place updates of 0-dim buffers made in a graph
+        self.register_buffer("energy_step", torch.empty(1), persistent=False)
+        self.register_buffer("tokens_step", torch.empty(1, dtype=torch.long), persistent=False)
         # the factor gradient's home: backward returns gq = Gᵀ x Q as this leaf's gradient, so
         # autograd sums it over micro-batches into grad_sink.grad and no Python state changes
         # inside forward or backward (torch.compile traces both). Its values are never read.
@@ -230,9 +231,9 @@ class StreamingLinear(nn.Module):
             return q_old, q_old
         k, beta = self.rank_k, self.warm_start_decay
         basis = torch.cat([self.Q, self.scouts], dim=1)                 # B: (in, k+e)
-        tokens = self.tokens_step.to(self.sketch.dtype)
+        tokens = self.tokens_step[0].to(self.sketch.dtype)
         sketch = beta * self.sketch + (1 - beta) * self.sketch_step / tokens       # ≈ C̄ B
-        self.input_energy.mul_(beta).add_((1 - beta) * self.energy_step / tokens)
+        self.input_energy.mul_(beta).add_((1 - beta) * self.energy_step[0] / tokens)
         ritz = basis.T @ sketch                                         # (k+e, k+e) ≈ Bᵀ C̄ B
         energies, rotation = torch.linalg.eigh((ritz + ritz.T) / 2)
         energies, rotation = energies.flip(0), rotation.flip(1)         # strongest first

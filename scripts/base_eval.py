@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import load_chat_model
 from nanochat.common import RunContext, atomic_write, print0, run_main
 from nanochat.config import CheckpointFlags, RuntimeFlags, check, parse_args, source_field
 from nanochat.core_eval import ensure_eval_bundle, evaluate_core
 from nanochat.download import DownloadError
 from nanochat.report import log_section
-from nanochat.tokenizer import get_tokenizer
 
 
 @dataclass
@@ -56,8 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def evaluate(cfg: BaseEvalConfig, ctx: RunContext) -> dict[str, Any]:
-    model, meta = load_model(cfg.source, cfg.model_tag, cfg.step, ctx.device)
-    tokenizer = get_tokenizer()
+    model, tokenizer, meta = load_chat_model(cfg, ctx.device, "float32")  # float32 weights; autocast computes in --dtype
     try:
         bundle_dir = ensure_eval_bundle(cfg.bundle_url or None)
     except DownloadError as e:  # offline: say so in the report card too, then fail

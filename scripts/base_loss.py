@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import load_chat_model
 from nanochat.common import RunContext, print0, run_main
 from nanochat.config import CheckpointFlags, RuntimeFlags, check, parse_args, source_field
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import log_section
-from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 SAMPLE_PROMPTS = ("The capital of France is", "import os\n", "If 5*x + 3 = 13, then x is", "The opposite of hot is")
 
@@ -42,9 +41,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def evaluate(cfg: BaseLossConfig, ctx: RunContext) -> dict[str, Any]:
-    model, meta = load_model(cfg.source, cfg.model_tag, cfg.step, ctx.device)
-    tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(device=ctx.device)
+    model, tokenizer, meta = load_chat_model(cfg, ctx.device, "float32")  # float32 weights; autocast computes in --dtype
+    token_bytes = tokenizer.token_bytes().to(ctx.device)
     forward = torch.compile(model, dynamic=False) if cfg.compile else model
     seq_len = model.config.sequence_len
     steps = max(1, cfg.split_tokens // (cfg.device_batch_size * seq_len * ctx.world_size))

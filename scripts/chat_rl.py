@@ -41,7 +41,7 @@ from nanochat.config import check, parse_args, source_field, to_dict
 from nanochat.engine import Engine
 from nanochat.evaluation import run_generative
 from nanochat.report import log_section
-from nanochat.tokenizer import Tokenizer, get_tokenizer
+from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import check_finite, format_duration, save_training_state, schedule, train_step
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
@@ -197,8 +197,8 @@ def mean_over_ranks(values: list[float], ctx: RunContext) -> float:
 def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
     check(cfg.examples_per_step % ctx.world_size == 0,
           f"--examples_per_step: expected a multiple of the world size {ctx.world_size}, got {cfg.examples_per_step}")
-    tokenizer = get_tokenizer()
     start = start_chat_stage(cfg, "rl", ctx)
+    tokenizer = start.tokenizer
     model, optimizers, src_dir, src_step, ckpt_dir = start.model, start.optimizers, start.source_dir, start.source_step, start.checkpoint_dir
     objective = PolicyGradientLoss(torch.compile(model, dynamic=True) if cfg.compile else model)
     start_step = start.start_step
@@ -236,7 +236,8 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
             history.append({"step": step, **scores})
         if step > start_step and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             meta = {"stage": "rl", "flags": to_dict(cfg), "model_config": asdict(model.config), "scores": scores,
-                    "num_iterations": cfg.num_iterations, "source": {"kind": cfg.source, "dir": str(src_dir), "step": src_step}}
+                    "num_iterations": cfg.num_iterations, "source": {"kind": cfg.source, "dir": str(src_dir), "step": src_step},
+                    **({"tokenizer_dir": start.tokenizer_dir} if start.tokenizer_dir else {})}
             save_training_state(ckpt_dir, step, model, optimizers, {}, meta, ctx, cfg.keep_checkpoints)
             print0(f"saved checkpoint {ckpt_dir} step {step}")
         if last:

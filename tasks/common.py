@@ -23,9 +23,7 @@ import json
 import os
 import random
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 from bisect import bisect_right
 from decimal import Decimal
 from pathlib import Path
@@ -35,7 +33,6 @@ import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, print0
 from nanochat.download import (
-    USER_AGENT,
     DownloadError,
     download_file,
     file_lock,
@@ -43,6 +40,7 @@ from nanochat.download import (
     hf_offline,
     hub_headers,
     hub_tree,
+    reachable,
     sha256_file,
 )
 from tasks.fixtures import offline_rows
@@ -393,28 +391,13 @@ def _download_hf_file(dataset_id: str, config: str, split: str, index: int, sha2
     return download_file(url, dest, validate=check_parquet_readable, retries=retries, backoff=backoff, sha256=sha256, headers=hub_headers(url))
 
 
-def hub_reachable(timeout: float = REACHABLE_TIMEOUT_S) -> bool:
-    """Whether the hub answers at all (any HTTP status counts); False under HF_HUB_OFFLINE=1,
-    without a request."""
-    if hf_offline():
-        return False
-    request = urllib.request.Request(hf_endpoint(), method="HEAD", headers={"User-Agent": USER_AGENT})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def resolve_source(source: str, dataset_id: str, config: str, split: str) -> str:
     """"online" or "offline" for a task's `source` ("auto" | "online" | "offline")."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {'|'.join(SOURCES)}, got {source!r}")
     if source != "auto":
         return source
-    if is_hf_cached(dataset_id, config, split) or hub_reachable():
+    if is_hf_cached(dataset_id, config, split) or reachable(hf_endpoint(), REACHABLE_TIMEOUT_S):
         return "online"
     reason = "HF_HUB_OFFLINE=1" if hf_offline() else f"{hf_endpoint()} is unreachable"
     print0(f"{reason}: using offline data for {dataset_id} {config}/{split}")

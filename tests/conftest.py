@@ -45,8 +45,9 @@ class LocalServer:
     misbehave: `failures[path]` is a list used up one per request, `always[path]` applies to every
     request; a mode is an HTTP status (int), replacement bytes (served with their true length), or
     "drop" (full Content-Length, half the body, then the connection closes). `headers[path]` adds
-    response headers. `requests` lists every (method, path, headers) seen, `statuses` the status of
-    each GET answered; `count(path)` counts GETs.
+    response headers; `redirects[path]` answers 302 to that URL. `requests` lists every
+    (method, path, headers) seen, with the Host header telling 127.0.0.1 from localhost;
+    `statuses` the status of each GET answered; `count(path)` counts GETs.
     """
 
     def __init__(self) -> None:
@@ -58,6 +59,7 @@ class LocalServer:
         self.failures: dict[str, list] = {}
         self.always: dict[str, object] = {}
         self.headers: dict[str, dict[str, str]] = {}
+        self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.statuses: list[int] = []
         self._lock = threading.Lock()
@@ -75,6 +77,13 @@ class LocalServer:
 
             def do_GET(self) -> None:
                 server._record(self)
+                if self.path in server.redirects:
+                    server.statuses.append(302)
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 key = server._lookup(self.path)
                 if key is None:
                     server.statuses.append(404)

@@ -500,6 +500,14 @@ def test_pinned_bundle_mismatch_is_fetched_again(serve, monkeypatch):
     assert server.count() == 2
 
 
+def test_hf_hub_offline_makes_no_request(serve, monkeypatch):
+    server = serve([bundle_zip()])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
+        ensure_eval_bundle(server.url, backoff=0)
+    assert server.count() == 0
+
+
 def test_concurrent_callers_download_once(serve):
     server = serve([bundle_zip()])
     barrier = threading.Barrier(3)

@@ -1,6 +1,7 @@
 """Dataloader: exact resume, rank disjointness, contiguous token stream, epochs, shard checks."""
 
 import hashlib
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -128,3 +129,49 @@ def test_a_bad_later_shard_is_refused_before_the_first_batch(tmp_path, damage, s
     with pytest.raises(CorruptShardError, match=f"shard_00001.parquet.*{command}") as info:
         DataLoader(ByteTokenizer(), 2, 16, "train", data_dir=data_dir)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_base_train_refuses_a_bad_later_shard_before_step_1(tiny_base, tmp_path, monkeypatch, capsys, damage):
+    import shutil
+
+    from scripts import base_train
+
+    base = Path(shutil.copytree(tiny_base, tmp_path / "copy"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    with_manifest(base / "base_data")
+    path = base / "base_data" / "shard_00001.parquet"  # the second train shard
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 3000]
+    else:
+        data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as info:
+        base_train.main(["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--total_batch_size=256", "--num_iterations=2",
+                         "--eval_every=-1", "--sample_every=-1", "--threads=1", "--dtype=float32", "--model_tag=bad"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert info.value.code != 0 and len(err) == 1 and "shard_00001.parquet" in err[0] and "--source=local --force" in err[0], err
+    assert not (base / "base_checkpoints" / "bad").exists() or not list((base / "base_checkpoints" / "bad").iterdir())
+    assert "step 00001" not in captured.out and "step 1/" not in captured.out
+
+
+def test_a_bad_downloaded_shard_is_fetched_again_when_the_loader_starts(tmp_path, http_server, monkeypatch):
+    data_dir = make_shards(tmp_path / "data", n_train_files=2)
+    for path in data_dir.glob("shard_*.parquet"):
+        http_server.files[f"/data/{path.name}"] = path.read_bytes()
+    with_manifest(data_dir, "online")
+    record_shards(data_dir, [], base_url=f"{http_server.url}/data")
+    ref = stream_reference(data_dir)
+    path = data_dir / "shard_00001.parquet"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])  # truncated on disk
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: refused in one line, no request
+    with pytest.raises(CorruptShardError, match="shard_00001.parquet has .* bytes.*--source=online -n 2"):
+        DataLoader(ByteTokenizer(), 2, 16, "train", data_dir=data_dir)
+    assert http_server.requests == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    loaders = [DataLoader(ByteTokenizer(), 2, 16, "train", data_dir=data_dir) for _ in range(2)]  # the second finds it good
+    assert path.read_bytes() == good and http_server.count("/data/shard_00001.parquet") == 1
+    assert loaders[1].next_batch()[0].flatten().tolist() == ref[:32]

@@ -156,6 +156,27 @@ def test_concurrent_downloads_of_one_file_fetch_it_once(http_server, tmp_path):
     assert dest.read_bytes() == body and no_partials(tmp_path)
 
 
+def test_a_bad_existing_file_is_replaced_once(http_server, tmp_path):
+    body = b"z" * 20_000_000
+    http_server.files["/shared.bin"] = body
+    dest = tmp_path / "shared.bin"
+    dest.write_bytes(body[:-1] + b"!")  # a flipped last byte on disk
+    barrier = threading.Barrier(3)
+
+    def rank() -> None:
+        barrier.wait()
+        download_file(f"{http_server.url}/shared.bin", dest, sha256=hashlib.sha256(body).hexdigest(), replace_mismatch=True)
+
+    threads = [threading.Thread(target=rank) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert dest.read_bytes() == body and http_server.count("/shared.bin") == 1
+    download_file(f"{http_server.url}/shared.bin", dest, sha256=hashlib.sha256(body).hexdigest(), replace_mismatch=True)
+    assert http_server.count("/shared.bin") == 1  # intact: kept
+
+
 def test_file_lock_excludes_and_cleans_up(tmp_path):
     lock = tmp_path / "x.lock"
     inside = []
@@ -186,6 +207,23 @@ def test_hf_token_is_sent_to_the_hub_only(http_server, tmp_path, monkeypatch):
     download_file(url, tmp_path / "a.bin", headers=hub_headers(url))
     assert http_server.requests[0][2]["Authorization"] == "Bearer hf_secret"
     assert hub_headers("https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip") == {}
+
+
+def test_hf_token_does_not_follow_a_redirect_to_another_host(http_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", http_server.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    port = http_server.url.rsplit(":", 1)[1]
+    http_server.files["/cdn/a.bin"] = b"from the cdn"
+    http_server.redirects["/resolve/a.bin"] = f"http://localhost:{port}/cdn/a.bin"  # another host name
+    http_server.redirects["/resolve/b.bin"] = "/cdn/a.bin"  # the same host
+    url = f"{http_server.url}/resolve/a.bin"
+    download_file(url, tmp_path / "a.bin", headers=hub_headers(url))
+    url = f"{http_server.url}/resolve/b.bin"
+    download_file(url, tmp_path / "b.bin", headers=hub_headers(url))
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes() == b"from the cdn"
+    auth = [(path, headers.get("Authorization")) for _, path, headers in http_server.requests]
+    assert auth == [("/resolve/a.bin", "Bearer hf_secret"), ("/cdn/a.bin", None),
+                    ("/resolve/b.bin", "Bearer hf_secret"), ("/cdn/a.bin", "Bearer hf_secret")]
 
 
 def test_hf_token_from_hf_home(tmp_path, monkeypatch):

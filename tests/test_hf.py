@@ -280,6 +280,9 @@ def broken_copy(folder, tmp_path, **changes):
     ({"attention_bias": True, "final_logit_softcapping": None},
      r"our GPT lacks attention_bias=true \(ours: no biases\); final_logit_softcapping=None"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}, r"our GPT lacks rope .*linear"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+     r"our GPT lacks rope .*partial_rotary_factor"),
+    ({"num_attention_heads": 0}, r"num_attention_heads is missing or not a positive integer"),
     ({"rms_norm_eps": 1e-3}, r"our GPT lacks rms_norm_eps=0.001"),
     ({"intermediate_size": 100}, r"our GPT lacks intermediate_size=100"),
     ({"vocab_size": 400}, r"config.json vocab_size 400 differs from tokenizer.json's 320 tokens"),
@@ -330,19 +333,34 @@ def test_export_refuses_a_tokenizer_of_another_vocab(tok, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # entry points
 
-def test_export_script_writes_a_folder_transformers_runs(tmp_path, monkeypatch):
+def test_export_script_writes_a_folder_transformers_runs(base_dir, tmp_path):
     from nanochat.checkpoint import load_model
     from scripts import export_hf as export_script
-    from tests.helpers import train_tiny_base
 
-    train_tiny_base(tmp_path / "base", steps=1)
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     result = export_script.main(["-i", "base", "-c", "tiny", f"--out={tmp_path / 'out'}"])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == HF_FILES and result["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == HF_FILES and result["step"] == 10
     model, _ = load_model("base", "tiny")
     idx = torch.randint(0, model.config.vocab_size, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(hf_model(tmp_path / "out")(idx).logits, model(idx), rtol=0, atol=1e-4)
+
+
+def test_chat_sft_from_an_exported_folder_trains_exactly_like_the_checkpoint(base_dir, tmp_path):
+    import json
+
+    from nanochat.checkpoint import last_step
+    from scripts import chat_sft, export_hf as export_script
+
+    export_script.main(["-i", "base", "-c", "tiny", f"--out={tmp_path / 'hf'}"])
+    sft = ["--max_seq_len=128", "--device_batch_size=4", "--task_source=offline", "--threads=1", "--dtype=float32",
+           "--examples_per_step=8", "--eval_every=-1", "--eval_examples=8", "--eval_metrics_max_problems=0",
+           "--num_iterations=3"]
+    original = chat_sft.main(sft + ["-i", "base", "--source_tag=tiny", "--model_tag=from_checkpoint"])
+    imported = chat_sft.main(sft + [f"--init_from_hf={tmp_path / 'hf'}", "--model_tag=from_hf"])
+    assert imported["losses"] == original["losses"]  # same weights, same tokenizer ids, same batches
+    directory = base_dir / "sft_checkpoints" / "from_hf"
+    meta = json.loads((directory / f"meta_{last_step(directory):06d}.json").read_text())
+    assert meta["tokenizer_dir"] == str(tmp_path / "hf")  # later readers of this checkpoint use that tokenizer
 
 
 def test_export_script_needs_out(capsys):
@@ -402,3 +420,17 @@ def test_chat_cli_answers_from_an_hf_folder(exported):
     stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     kept = list(itertools.takewhile(lambda t: t not in stops, expected))
     assert kept and reply == tokenizer.decode(kept)
+
+
+def test_hub_style_config_is_accepted(exported, tmp_path):
+    """transformers 4.x keys (rope_theta at the top, torch_dtype), eps 1e-6, no head_dim: still ours."""
+    model, folder = exported
+    target = broken_copy(folder, tmp_path)
+    config = json.loads((target / CONFIG_FILE).read_text())
+    for key in ("rope_parameters", "head_dim", "dtype"):
+        del config[key]
+    config.update(rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, torch_dtype="bfloat16")
+    (target / CONFIG_FILE).write_text(json.dumps(config))
+    imported, _ = load_hf(target)
+    assert imported.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), imported.state_dict().values()))

@@ -287,7 +287,8 @@ def test_two_processes_equal_one_and_communicate_only_factors(tmp_path):
     reduced = {tuple(shape) for shape in json.loads(outputs[0][0].strip().splitlines()[-1])}
     weights = {tuple(m.weight.shape) for m in streaming_layers(single)}
     factors = {(m.out_features, m.rank_k) for m in streaming_layers(single)}
-    statistics = {(m.in_features, m.rank_k + m.explore_k) for m in streaming_layers(single)} | {()}
+    # sketch (in, k+e), energy and tokens (1,); () is the loss and the clipping norm
+    statistics = {(m.in_features, m.rank_k + m.explore_k) for m in streaming_layers(single)} | {(1,), ()}
     dense = {tuple(single.transformer.wte.weight.shape)}
     assert reduced == factors | statistics | dense and not reduced & weights
 
@@ -360,9 +361,9 @@ def test_lowrank_step_has_the_dense_step_length(out_features, in_features):
 # ---------------------------------------------------------------------------------------------
 # the named memory modes and torch.compile
 
-def mode_gpt(mode: str, rank_k: int = 4) -> GPT:
+def mode_gpt(mode: str, rank_k: int = 4, **overrides) -> GPT:
     """tiny_gpt in a MEMORY_MODES preset."""
-    return tiny_gpt(rank_k=rank_k, **{"targets": MEMORY_MODES[mode]["streaming_targets"],
+    return tiny_gpt(rank_k=rank_k, **overrides, **{"targets": MEMORY_MODES[mode]["streaming_targets"],
                                       "momentum": MEMORY_MODES[mode]["streaming_momentum"],
                                       **{k: v for k, v in MEMORY_MODES[mode].items()
                                          if k not in ("streaming_targets", "streaming_momentum")}})
@@ -399,8 +400,8 @@ def test_memory_modes_at_full_rank_equal_dense(mode, compile):
 def test_ten_compiled_steps_compile_once_and_match_eager(mode):
     """MoleGrad at k < in with subspace updates every step: one graph, no recompile (Q's version is
     no Python int in the graph), and the weights, subspaces and sketches of eager training."""
-    eager = tiny_gpt(rank_k=4, targets="ffn_only") if mode == "default" else mode_gpt(mode)
-    twin = tiny_gpt(rank_k=4, targets="ffn_only") if mode == "default" else mode_gpt(mode)
+    eager, twin = (tiny_gpt(rank_k=4, targets="ffn_only", n_layer=1) if mode == "default" else mode_gpt(mode, n_layer=1)
+                   for _ in range(2))
     model = compiled(twin)
     for runner, target in ((eager, eager), (model, twin)):
         optimizers = optimizers_of(target)
