@@ -24,9 +24,9 @@ from nanochat.optim import setup_optimizers
 from nanochat.report import log_section
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 from nanochat.trainer import (
+    Guard,
     Progress,
     TrainFlags,
-    check_finite,
     format_duration,
     resume_training_state,
     save_training_state,
@@ -53,6 +53,8 @@ class ChatTrainFlags(TrainFlags, CheckpointFlags):
         super().validate()
         check(self.max_seq_len >= 2, f"--max_seq_len: expected >= 2, got {self.max_seq_len}")
         check(self.init_lr_frac > 0, f"--init_lr_frac: expected > 0, got {self.init_lr_frac}")
+        check(self.num_iterations >= -1, f"--num_iterations: expected >= 1 (or -1 = about one epoch), got {self.num_iterations}")
+        check(self.eval_every >= -1, f"--eval_every: expected >= -1, got {self.eval_every}")
 
 
 @dataclass
@@ -120,7 +122,7 @@ def start_chat_stage(cfg: ChatTrainFlags, stage_name: str, ctx: RunContext) -> S
     optimizers = setup_optimizers(model, cfg.unembedding_lr * lr, cfg.embedding_lr * lr, cfg.matrix_lr * lr, cfg.weight_decay)
     resumed = None
     if resuming:
-        resumed = resume_training_state(ckpt_dir, cfg.resume_from_step, model, optimizers, ctx)
+        resumed = resume_training_state(ckpt_dir, cfg.resume_from_step, model, optimizers, ctx, cfg)
         print0(f"resumed from {ckpt_dir} step {cfg.resume_from_step}")
     else:
         print0(f"{stage_name}: starting from {src_dir} step {src_step}")
@@ -149,6 +151,9 @@ def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, A
     num_iterations = cfg.num_iterations
     if num_iterations <= 0:
         num_iterations = epoch_steps(tokenizer, train_mixture, stage.mode, cfg.max_seq_len, rows_per_step)
+    check(num_iterations >= start_step, f"--num_iterations={num_iterations}: the run resumes at step {start_step}; "
+          f"expected at least that many steps")
+    guard = Guard(cfg, ckpt_dir, ctx, model.config.vocab_size, start_step if start.resumed is not None else None)
     val_steps = max(1, stage.val_rows(cfg) // (cfg.device_batch_size * ctx.world_size))
     model_config = model.config
     flops_per_token = model.estimate_flops()
@@ -193,6 +198,7 @@ def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, A
                     "num_iterations": num_iterations, "source": {"kind": cfg.source, "dir": str(src_dir), "step": src_step},
                     **({"tokenizer_dir": start.tokenizer_dir} if start.tokenizer_dir else {})}
             save_training_state(ckpt_dir, step, model, optimizers, train_loader.state_dict(), meta, ctx, cfg.keep_checkpoints)
+            guard.saved(step)
             print0(f"saved checkpoint {ckpt_dir} step {step}")
         if last:
             break
@@ -202,7 +208,6 @@ def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, A
         progress.start()
         loss, grad_norm = train_step(forward, optimizers, train_loader, grad_accum, ctx, lrm, momentum, cfg.grad_clip)
         ctx.synchronize()
-        check_finite(loss, step, ckpt_dir)
         stats = progress.stop(step)
         tokens = (train_loader.tokens_served - tokens_before) * ctx.world_size
         tok_per_s = tokens / stats["dt"]
@@ -215,6 +220,7 @@ def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, A
                f"ETA {format_duration(stats['eta_s'])}")
         wandb_run.log({"train/loss": loss, "train/grad_norm": grad_norm, "train/lrm": lrm,
                        "train/tok_per_s": tok_per_s, "train/mfu": mfu}, step=step + 1)
+        guard.check(step, loss, grad_norm, model)
         step += 1
 
     wandb_run.finish()

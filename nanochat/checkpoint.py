@@ -8,8 +8,14 @@ Layout of one checkpoint directory (e.g. $NANOCHAT_BASE_DIR/base_checkpoints/d6)
 
 Every file is written to a temporary name and renamed into place, and the meta file is written
 only after the others are complete: a checkpoint "exists" iff its meta file exists, so a save
-interrupted half-way leaves the previous checkpoint as the last good one. Loading uses
-`torch.load(weights_only=True)`: checkpoints hold tensors and plain containers only.
+interrupted half-way leaves the previous checkpoint as the last good one; the temp files a killed
+save leaves (`.model_000200.pt.*.tmp`) are removed by the next save and by a resume. Loading uses
+`torch.load(weights_only=True)`: checkpoints hold tensors and plain containers only, and weights
+that are not finite are refused.
+
+Health: a training run records in each meta, once it is known, the `loss` of the checkpoint's
+weights (the next training batch's loss: a resumed run computes exactly this loss first) and
+whether it was `healthy` (nanochat.trainer.Guard). Pruning never deletes the newest healthy one.
 
 How a checkpoint becomes a model, for every entry point: `load_model` (a stage's checkpoint by
 kind/tag/step, or a directory) builds the GPT from the saved model_config, with `overrides` for
@@ -23,6 +29,7 @@ import dataclasses
 import json
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,7 @@ from nanochat.hf import load_hf
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 META_RE = re.compile(r"^meta_(\d{6})\.json$")
+STALE_TMP_RE = re.compile(r"^\.(model|state|meta)_\d{6}.*\.tmp$")  # common.atomic_write's temp names
 TRAIN_SCRIPT = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
 
 
@@ -71,22 +79,38 @@ def save_checkpoint(
     directory: Path,
     step: int,
     model_state: dict[str, torch.Tensor] | None,
-    rank_state: dict[str, Any],
+    rank_state: dict[str, Any] | None,
     meta: dict[str, Any] | None,
     rank: int = 0,
     keep_last: int = 2,
 ) -> None:
     """Save one checkpoint. Every rank calls this with its own `rank_state` (optimizer shards,
     dataloader position, RNG); rank 0 also passes `model_state` and `meta`. With several ranks,
-    the caller must barrier between the rank-state writes and rank 0's meta write."""
+    the caller must barrier between the rank-state writes and rank 0's meta write: then no temp
+    file in the directory is being written, and stale ones are removed before the meta file."""
     directory = Path(directory)
     if model_state is not None:
         atomic_write(directory / f"model_{step:06d}.pt", lambda f: torch.save(model_state, f))
-    atomic_write(directory / f"state_{step:06d}_rank{rank}.pt", lambda f: torch.save(rank_state, f))
+    if rank_state is not None:
+        atomic_write(directory / f"state_{step:06d}_rank{rank}.pt", lambda f: torch.save(rank_state, f))
     if meta is not None:
-        text = json.dumps({**meta, "step": step}, indent=2, default=str).encode()
-        atomic_write(directory / f"meta_{step:06d}.json", lambda f: f.write(text))
+        remove_stale_temp_files(directory)
+        write_meta(directory, step, meta)
         prune_checkpoints(directory, keep_last)
+
+
+def write_meta(directory: Path, step: int, meta: dict[str, Any]) -> None:
+    text = json.dumps({**meta, "step": step}, indent=2, default=str).encode()
+    atomic_write(Path(directory) / f"meta_{step:06d}.json", lambda f: f.write(text))
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete the temp files of interrupted checkpoint writes; call only while no save is running."""
+    directory = Path(directory)
+    stale = [p for p in directory.iterdir() if STALE_TMP_RE.match(p.name)] if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def complete_steps(directory: Path) -> list[int]:
@@ -97,11 +121,29 @@ def complete_steps(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in directory.iterdir() if (m := META_RE.match(p.name)))
 
 
+def healthy_steps(directory: Path) -> list[int]:
+    """Complete checkpoints whose meta records a healthy loss (nanochat.trainer.Guard), ascending."""
+    healthy = []
+    for step in complete_steps(directory):
+        try:
+            meta = load_meta(directory, step)
+        except CheckpointError:
+            continue
+        if meta.get("healthy") is True:
+            healthy.append(step)
+    return healthy
+
+
 def prune_checkpoints(directory: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (0 keeps everything)."""
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps everything) and the
+    newest one whose loss was healthy: a diverging run never prunes its last good state away."""
     if keep_last <= 0:
         return
-    for step in complete_steps(directory)[:-keep_last]:
+    steps = complete_steps(directory)
+    healthy = healthy_steps(directory) if len(steps) > keep_last else []
+    for step in steps[:-keep_last]:
+        if healthy and step == healthy[-1]:
+            continue
         # meta first: the checkpoint stops existing before its pieces disappear
         (directory / f"meta_{step:06d}.json").unlink(missing_ok=True)
         for p in directory.glob(f"*_{step:06d}*.pt"):
@@ -113,13 +155,22 @@ def last_step(directory: Path) -> int | None:
     return steps[-1] if steps else None
 
 
+def load_failure(e: BaseException) -> str:
+    """A torch.load failure as a short line: its type and first sentence, without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e)).strip()
+    first = text.splitlines()[0].split(". ")[0].rstrip(". ") if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def _load(path: Path) -> Any:
     if not path.exists():
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the weights-only unpickler's notes on pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt files
-        raise CheckpointError(f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise CheckpointError(f"cannot read checkpoint file {path}: {load_failure(e)}") from e
 
 
 def load_meta(directory: Path, step: int) -> dict[str, Any]:
@@ -128,9 +179,11 @@ def load_meta(directory: Path, step: int) -> dict[str, Any]:
         have = complete_steps(directory)
         raise CheckpointError(f"no complete checkpoint at step {step} in {directory} (available steps: {have or 'none'})")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"corrupt checkpoint metadata {path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt checkpoint metadata {path}: {e}") from e
+        raise CheckpointError(f"corrupt checkpoint metadata {path}: {e}") from None
 
 
 def load_checkpoint(directory: Path, step: int, rank: int = 0, load_rank_state: bool = True) -> tuple[dict, dict | None, dict]:
@@ -148,8 +201,18 @@ def load_checkpoint(directory: Path, step: int, rank: int = 0, load_rank_state: 
     return model_state, rank_state, meta
 
 
+def check_finite_state(state: dict[str, Any], source: str) -> None:
+    """CheckpointError naming the first floating tensor of `state` with a NaN or an infinity."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"checkpoint {source} has non-finite values in {name}: it was saved after the run "
+                                  f"diverged; use an earlier checkpoint")
+
+
 def load_model_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with a one-line explanation when the checkpoint does not fit the model."""
+    """load_state_dict with a one-line explanation when the checkpoint does not fit the model or
+    holds non-finite weights."""
+    check_finite_state(state, source)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -182,6 +245,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], source: str) -> 
     Buffers (MoleGrad's tracked subspace) are taken where the checkpoint has them with the same
     shape and keep their fresh values otherwise, so a model trained dense can continue with
     MoleGrad and the other way round. (Resuming a run uses load_model_state_strict instead.)"""
+    check_finite_state(state, source)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state))
     if missing:

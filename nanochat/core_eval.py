@@ -46,7 +46,7 @@ from nanochat import distributed
 
 from nanochat.common import get_base_dir, print0, read_jsonl
 from nanochat.config import UserError
-from nanochat.download import download_file, file_lock, sha256_file
+from nanochat.download import DownloadError, download_file, file_lock, sha256_file
 
 DEFAULT_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 # sha256 of the zip at DEFAULT_URL; a different file there (the bundle rotated, a captive portal) is refused
@@ -161,7 +161,12 @@ def _unpack_locked(url: str, sha256: str | None, base: Path, target: Path, retri
         except (zipfile.BadZipFile, OSError):
             zip_path.unlink()
     print0(f"downloading the CORE eval bundle from {url}")
-    download_file(url, zip_path, validate=check_bundle_zip, retries=retries, backoff=backoff, progress=True, sha256=sha256)
+    try:
+        download_file(url, zip_path, validate=check_bundle_zip, retries=retries, backoff=backoff, progress=True, sha256=sha256)
+    except DownloadError as e:
+        if e.reason.startswith("checksum mismatch"):  # the bundle there changed: say how to accept another
+            raise DownloadError(url, f"{e.reason}; {SHA256_ENV}=<sha256> pins another bundle, {SHA256_ENV}= accepts any") from None
+        raise
     staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLE_DIRNAME}.", dir=base))
     try:
         with zipfile.ZipFile(zip_path) as zf:

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -313,6 +314,7 @@ class _Child:
     max_output_bytes: int
     isolation: str
     host_workdir: str | None
+    info_fd: int | None = None  # "os" mode: bwrap's --info-fd (the namespace's init)
     ended_by: str | None = None  # "exit", "timeout", "overflow" or "stopped" (by the parent)
     overflowed: str | None = None  # which stream passed its cap
 
@@ -321,10 +323,39 @@ class _Child:
         self.names = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr",
                       self.report_fd: "report"}
         self.caps = {"stdout": self.max_output_bytes, "stderr": self.max_output_bytes,
-                     "report": _MAX_REPORT_BYTES}
+                     "report": _MAX_REPORT_BYTES, "info": _MAX_REPORT_BYTES}
+        if self.info_fd is not None:
+            self.names[self.info_fd] = "info"
         self.buffers = {name: bytearray() for name in self.caps}
         self.open_fds = set(self.names)
         self.drain_deadline: float | None = None
+        self.init_pidfd: int | None = None
+
+    def watch_init(self) -> None:
+        """Once bwrap has said which host process is the namespace's init, hold a pidfd on it.
+
+        The kernel lets that init exit only after every other process of the namespace has
+        exited, so waiting for it (close) means nothing of the run is left when we return.
+        """
+        if self.init_pidfd is not None or not hasattr(os, "pidfd_open"):
+            return
+        try:
+            info = json.loads(self.buffers["info"])
+            pid, namespace = int(info["child-pid"]), int(info["pid-namespace"])
+        except (ValueError, KeyError, TypeError):
+            return  # not complete yet
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return  # already reaped: nothing of the namespace is left
+        try:
+            same = os.readlink(f"/proc/{pid}/ns/pid") == f"pid:[{namespace}]"
+        except OSError:
+            same = True  # exited (a zombie has no namespace links): the pidfd is readable
+        if same:
+            self.init_pidfd = pidfd
+        else:
+            os.close(pidfd)  # the pid was reused: not ours
 
     def kill(self, reason: str) -> None:
         if self.drain_deadline is None:
@@ -336,6 +367,20 @@ class _Child:
         _kill_group(self.proc.pid)
         self.proc.__exit__(None, None, None)  # closes the pipes, waits for the process
         os.close(self.report_fd)
+        if self.info_fd is not None:
+            self.watch_init()
+            os.close(self.info_fd)
+        if self.init_pidfd is not None:
+            # bwrap's outer process exits as soon as the command does; the namespace's init
+            # is then still killing the rest. --die-with-parent ends it at once anyway.
+            for _ in range(2):
+                if select.select([self.init_pidfd], [], [], _DRAIN_SECONDS)[0]:
+                    break
+                try:
+                    signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+            os.close(self.init_pidfd)
         if self.host_workdir is not None:
             # Leftovers in a private temp dir are not worth failing the run over.
             shutil.rmtree(self.host_workdir, ignore_errors=True)
@@ -392,12 +437,14 @@ def _spawn(code: str, config: dict[str, Any], fds: tuple[int, ...], timeout: flo
            ) -> _Child:
     """Start one sandboxed child reading `code` from stdin; `fds` are passed to it as well."""
     report_read, report_write = os.pipe()
-    host_workdir = None
+    info_read = info_write = host_workdir = None
     try:
         if isolation == "os":
             workdir, cwd = _SANDBOX_WORKDIR, "/"
-            command = _bwrap_command(workdir) + ["--", _python(), "-I", "-S", "-B",
-                                                 _SANDBOX_RUNNER]
+            info_read, info_write = os.pipe()
+            fds = (*fds, info_write)
+            command = _bwrap_command(workdir) + ["--info-fd", str(info_write), "--",
+                                                 _python(), "-I", "-S", "-B", _SANDBOX_RUNNER]
         else:
             host_workdir = workdir = cwd = tempfile.mkdtemp(prefix="nanochat-sandbox-")
             command = [_python(), "-I", "-S", "-B", os.path.realpath(sandbox_child.__file__)]
@@ -414,14 +461,18 @@ def _spawn(code: str, config: dict[str, Any], fds: tuple[int, ...], timeout: flo
                 preexec_fn=_resource_limiter(memory_limit_mb, timeout),
             )
     except BaseException:
-        os.close(report_read)
+        for fd in (report_read, info_read):
+            if fd is not None:
+                os.close(fd)
         if host_workdir is not None:
             shutil.rmtree(host_workdir, ignore_errors=True)
         raise
     finally:
-        # The child has its own copy; ours must go so the pipe reads EOF when it exits.
-        os.close(report_write)
-    return _Child(proc, report_read, max_output_bytes, isolation, host_workdir)
+        # The child has its own copies; ours must go so the pipes read EOF when it exits.
+        for fd in (report_write, info_write):
+            if fd is not None:
+                os.close(fd)
+    return _Child(proc, report_read, max_output_bytes, isolation, host_workdir, info_read)
 
 
 def _child_environment(workdir: str) -> dict[str, str]:
@@ -494,6 +545,8 @@ def _supervise(children: list[_Child], timeout: float, finisher: _Child | None =
                     name = child.names[key.fd]
                     kept = chunk[: child.caps[name] - len(child.buffers[name])]
                     child.buffers[name] += kept
+                    if name == "info":
+                        child.watch_init()
                     if len(kept) < len(chunk) and child.drain_deadline is None:
                         child.overflowed = child.overflowed or name
                 now = time.monotonic()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
@@ -155,6 +155,33 @@ def config_from_depth(
         n_embd=n_head * head_dim,
         **options,
     )
+
+
+# GPTConfig memory fields whose command-line flag has another name
+MEMORY_FLAG_NAMES = {"streaming_targets": "streaming_target_layers", "streaming_rank_k": "enable_streaming"}
+
+
+def apply_memory_mode(mode: str, options: dict[str, Any]) -> dict[str, Any]:
+    """GPTConfig memory options from flags (`options`: recompute, streaming_*) with the named mode
+    (MEMORY_MODES, or "custom" = as given) applied. One-line ValueErrors name the flag: a value the
+    mode contradicts (a flag left at its default never does), low-rank momentum without MoleGrad."""
+    options = dict(options)
+    if mode != "custom":
+        if mode not in MEMORY_MODES:
+            raise ValueError(f"--memory_mode: expected custom|{'|'.join(MEMORY_MODES)}, got {mode!r}")
+        if options.get("streaming_rank_k", 0) == 0:
+            raise ValueError(f"--memory_mode={mode}: needs MoleGrad's rank k (streaming_rank_k >= 1), got 0")
+        defaults = GPTConfig.__dataclass_fields__
+        for name, value in MEMORY_MODES[mode].items():
+            given = options.get(name, defaults[name].default)
+            if given not in (defaults[name].default, value):
+                raise ValueError(f"--{MEMORY_FLAG_NAMES.get(name, name)}={given}: contradicts --memory_mode={mode}, "
+                                 f"which sets {MEMORY_FLAG_NAMES.get(name, name)}={value}")
+            options[name] = value
+    if options.get("streaming_rank_k", 0) == 0 and options.get("streaming_momentum", "dense") != "dense":
+        raise ValueError(f"--streaming_momentum={options['streaming_momentum']}: low-rank momentum needs MoleGrad "
+                         f"(--enable_streaming=True)")
+    return options
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ micro-batch, T = sequence length, item = 2 under bf16 autocast, 4 in fp32):
   `saved_bytes` and checked against these formulas by tests/test_memory.py): per block and token
       attention  item (3d + 2 n_kv_head head_dim) [+ 4k item with MoleGrad]
                  + 4 (1 + n_head + n_kv_head) norm scales + 4 n_head (SDPA's logsumexp)
-      MLP        dense 5d item + 4; MoleGrad (d + 2k) item + 4; recompute=mlp 4d (its fp32 input)
+      MLP        dense 5d item + 4; MoleGrad (d + 2k) item + 4, keep_h + 4d item; recompute=mlp 4d (its fp32 input)
       recompute=block: 4d (the block's fp32 input) in place of both
   plus, under autocast, the bf16 copies of the dense Linears' weights that their backward keeps;
   the embedding's normed output (4d + 4 per token), the final norm (item d + 4), the chunked loss's
@@ -175,16 +175,19 @@ def block_saved_bytes_per_token(config: GPTConfig, itemsize: int) -> int:
         mlp = FP32 * d  # the MLP's input, kept by the checkpoint
     elif "mlp.c_fc" in streaming:
         mlp = itemsize * (d + 2 * k) + FP32  # normed x, x Q1, relu²(h) Q2, the norm's scale
+        if config.streaming_keep_h:
+            mlp += itemsize * 4 * d  # h, kept instead of recomputed
     else:
         mlp = itemsize * 5 * d + FP32  # normed x and h (4d), the norm's scale
     return attention + mlp
 
 
 def autocast_weight_names(config: GPTConfig) -> tuple[str, ...]:
-    """Linears whose weight F.linear casts to bf16 under autocast (cached until forward ends); the
-    dense MLP's c_proj is cast inside ReLUSquaredLinear instead, transiently."""
+    """Dense Linears whose weight F.linear casts to bf16 under autocast (cached until forward ends);
+    the dense MLP's c_proj is cast inside ReLUSquaredLinear instead, and MoleGrad layers cast their
+    weight where they use it: both transiently."""
     streaming = streaming_names(config)
-    return tuple(name for name in BLOCK_LINEARS if name != "mlp.c_proj" or name in streaming)
+    return tuple(name for name in BLOCK_LINEARS if name != "mlp.c_proj" and name not in streaming)
 
 
 def block_saved_weight_bytes(config: GPTConfig, itemsize: int) -> int:
@@ -286,8 +289,9 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     # what a recomputed region saves again, the block's dense weight gradients in bf16 and fp32
     recomputed = 0
     if config.recompute != "none":
-        recomputed = N * block_saved_bytes_per_token(replace(config, recompute="none"), item) \
-            + block_saved_weight_bytes(replace(config, recompute="none"), item)
+        # what the rerun saves: a MoleGrad MLP keeps h inside a recompute (gpt.MLP.keep_h)
+        rerun = replace(config, recompute="none", streaming_keep_h="mlp.c_fc" in streaming)
+        recomputed = N * block_saved_bytes_per_token(rerun, item) + block_saved_weight_bytes(rerun, item)
         if config.recompute == "mlp":
             recomputed -= N * block_saved_bytes_per_token(replace(config, recompute="mlp"), item)
     add("transient: backward workspace", N * (8 * d * item + 2 * FP32 * d) + recomputed + (FP32 + item) * dense_block,
@@ -315,6 +319,21 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     head_grad = FP32 * embedding
     phases["backward"] += max(head_grad + N * item * d, 0 if grad_accum_steps > 1 else head_grad)
     return MemoryPlan(c, notes, phases, parts)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a training step on `device` can still use: free GPU memory (CUDA), MemAvailable of
+    /proc/meminfo (CPU), MPS's recommended working set less what is allocated; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ starts), and gives it back when its generation has finished; at most `workers + 
 slots, beyond that HTTP 503 with Retry-After. A client that disconnects stops its generation at
 the next token. `stop` strings are cut from the text (streaming included: text that could begin
 a stop string is held back until it cannot); logprobs are the engine's (see nanochat.engine).
+The choices behind the contract: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import asyncio
 import contextlib
 import errno
 import json
-import logging
 import random
 import socket
 import threading
@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
+from nanochat.common import get_logger
 from nanochat.config import Flags, UserError, check
 from nanochat.engine import Engine, TokenLogprobs
 from nanochat.tokenizer import StreamDecoder, Tokenizer, chat_prompt
@@ -66,7 +67,7 @@ MAX_BODY_BYTES = 1 << 20  # JSON escapes can make 32,000 characters ~6x longer; 
 HEARTBEAT_S = 1.0  # while waiting for a worker, an SSE comment this often (and a disconnect check)
 UI_PATH = Path(__file__).parent / "ui.html"
 
-log = logging.getLogger("nanochat.serving")
+log = get_logger("serving")
 
 
 @dataclass
@@ -423,7 +424,7 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """`body` (JSON bytes) validated as `model`; RequestError for the first problem, an
     unsupported field before any other."""
     try:
-        return model.model_validate(json.loads(body))
+        return model.model_validate_json(body)
     except ValidationError as e:
         errors = sorted(e.errors(include_url=False), key=lambda error: error["type"] != "extra_forbidden")
         raise describe_error(errors[0]) from None
@@ -754,8 +755,9 @@ def build_app(engines: list[Engine], model_name: str, flags: ServingFlags) -> Fa
                    top_logprobs: int | None = None) -> Generation:
         room = max_len - len(tokens)
         if room < 1:
-            raise RequestError(f"the prompt is {len(tokens)} tokens; the model takes at most {max_len - 1} "
-                               "before its reply", "messages" if isinstance(params, ChatRequest) else "prompt")
+            param = "messages" if isinstance(params, ChatRequest) else "prompt"
+            raise RequestError(f"{param}: the prompt is {len(tokens)} tokens; the model takes at most {max_len - 1} "
+                               "before its reply", param)
         top_k = params.top_k if "top_k" in params.model_fields_set else flags.top_k
         return Generation(
             tokens=tokens, max_tokens=min(max_tokens or flags.max_tokens, room),
@@ -793,14 +795,15 @@ def build_app(engines: list[Engine], model_name: str, flags: ServingFlags) -> Fa
         raw = name.encode() if name is not None else tokenizer.enc.decode_single_token_bytes(token)
         return raw.decode("utf-8", errors="replace"), list(raw)
 
+    def top_logprob(token: int, logprob: float) -> TopLogprob:
+        text, raw = token_text(token)
+        return TopLogprob(token=text, logprob=logprob, bytes=raw)
+
     def chat_logprobs(piece: Piece) -> ChoiceLogprobs:
-        content = []
-        for _, token, lp in piece.tokens:
-            text, raw = token_text(token)
-            top = [TopLogprob(token=t, logprob=v, bytes=b) for t, b, v in
-                   ((*token_text(i), v) for i, v in zip(lp.top_ids, lp.top_logprobs))]
-            content.append(TokenLogprob(token=text, logprob=lp.logprob, bytes=raw, top_logprobs=top))
-        return ChoiceLogprobs(content=content)
+        return ChoiceLogprobs(content=[
+            TokenLogprob(**top_logprob(token, lp.logprob).model_dump(),
+                         top_logprobs=[top_logprob(i, v) for i, v in zip(lp.top_ids, lp.top_logprobs)])
+            for _, token, lp in piece.tokens])
 
     def completion_logprobs(pieces: list[Piece]) -> CompletionLogprobs:
         entries = [entry for piece in pieces for entry in piece.tokens]

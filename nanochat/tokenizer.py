@@ -24,6 +24,7 @@ import copy
 import itertools
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -403,11 +404,15 @@ def get_token_bytes(device: str | torch.device = "cpu", directory: str | Path | 
     path = directory / TOKEN_BYTES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no token bytes at {path}: train the tokenizer first with `python -m scripts.tok_train`")
+    retrain = "retrain: python -m scripts.tok_train --force"
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the weights-only unpickler's notes on pickle protocols
             token_bytes = torch.load(f, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read token bytes file {path}: {type(e).__name__}: {e} (retrain: python -m scripts.tok_train --force)") from e
+    except Exception as e:  # torch's own message spans lines, with terminal escapes: its type says enough
+        raise ValueError(f"cannot read token bytes file {path}: not a tensor file ({type(e).__name__}); {retrain}") from None
+    if not (isinstance(token_bytes, torch.Tensor) and token_bytes.ndim == 1 and not token_bytes.is_floating_point()):
+        raise ValueError(f"token bytes file {path}: expected a 1-D integer tensor, got {type(token_bytes).__name__}; {retrain}")
     return token_bytes
 
 

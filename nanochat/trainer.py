@@ -3,12 +3,20 @@
 Each script owns its loop (read it top to bottom); what they have in common lives here once:
 the flags every stage takes (`TrainFlags`, including MoleGrad and recompute), building the model
 from flags, one optimisation step with gradient accumulation and clipping, the LR schedule
-application, progress/ETA/MFU reporting, and checkpoint save/resume of the whole training state.
+application, progress/ETA/MFU reporting, checkpoint save/resume of the whole training state, and
+the guards: a memory plan checked before the model is built, and `Guard`, which stops a run whose
+loss, gradients or weights went non-finite or whose loss diverged, before anything bad is saved.
+
+A resumed run trains with the LRs, schedule and options of its command line (the optimizer
+state keeps its moments, not its old hyperparameters); what cannot change on resume (the shapes of
+weights and optimizer state, the world size) is refused in one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
 import time
 from collections import deque
@@ -19,11 +27,23 @@ from typing import Any, Iterable
 import torch
 
 from nanochat import distributed
-from nanochat.checkpoint import CheckpointError, load_checkpoint, load_meta, load_model_state_strict, rng_state, save_checkpoint, set_rng_state
-from nanochat.common import RunContext
-from nanochat.config import RuntimeFlags, UserError, check
+from nanochat.checkpoint import (
+    CheckpointError,
+    healthy_steps,
+    load_checkpoint,
+    load_meta,
+    load_model_state_strict,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_meta,
+)
+from nanochat.common import RunContext, print0
+from nanochat.config import RuntimeFlags, UserError, check, to_dict
 from nanochat.distributed import AVG, all_reduce, wait_all
-from nanochat.gpt import RECOMPUTE_MODES
+from nanochat.gpt import MEMORY_MODES, RECOMPUTE_MODES, GPTConfig, apply_memory_mode
+from nanochat.memory import GiB, available_memory, plan_memory
 from nanochat.optim import apply_lr, get_lr_multiplier, get_muon_momentum, update_subspaces
 from nanochat.streaming_linear import STREAMING_MOMENTA, STREAMING_TARGETS, streaming_layers, zero_factor_grad
 
@@ -43,7 +63,12 @@ class TrainFlags(RuntimeFlags):
     warmdown_ratio: float = field(default=0.2, metadata={"help": "fraction of steps with linear LR warmdown"})
     final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end, as a fraction of the initial LR"})
     save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many complete checkpoints to keep (0 = all)"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "how many of the newest complete checkpoints to keep, besides the newest healthy one (0 = all)"})
+    divergence_patience: int = field(default=100, metadata={
+        "help": "stop after this many steps in a row with the loss above --divergence_factor x its best so far, "
+                "or at ln(vocab) (a uniform guess) (0 = never)"})
+    divergence_factor: float = field(default=3.0, metadata={"help": "a loss above this times its best so far has diverged (> 1)"})
     resume_from_step: int = field(default=-1, metadata={"help": "resume the run from this saved step (-1 = fresh start)"})
     model_tag: str = field(default="", metadata={"short": "-c", "help": "checkpoint directory to write (default: d<depth>, or the source's)"})
     recompute: str = field(default="none", metadata={"help": "exact activation recompute", "choices": RECOMPUTE_MODES})
@@ -55,6 +80,13 @@ class TrainFlags(RuntimeFlags):
     streaming_momentum: str = field(default="dense", metadata={
         "help": "Muon momentum of MoleGrad matrices: dense (out x in, fed by the factors) or lowrank "
                 "(out x k factors, moved with the subspace)", "choices": STREAMING_MOMENTA})
+    streaming_keep_h: bool = field(default=False, metadata={
+        "help": "MoleGrad MLP keeps h for backward instead of recomputing it (faster; 4d values per token more)"})
+    memory_mode: str = field(default="custom", metadata={
+        "help": "custom = the flags above; lowest = recompute=block + MoleGrad on all Linears + lowrank momentum "
+                "(h kept inside the recompute); keep_h = MoleGrad on all Linears + lowrank momentum + keep h, no "
+                "recompute (either turns MoleGrad on, at --streaming_rank_k)",
+        "choices": ("custom", *MEMORY_MODES)})
 
     def validate(self) -> None:
         super().validate()
@@ -67,17 +99,28 @@ class TrainFlags(RuntimeFlags):
               f"--warmup_ratio + --warmdown_ratio: expected a sum in [0, 1], got {self.warmup_ratio + self.warmdown_ratio}")
         check(self.grad_clip >= 0, f"--grad_clip: expected >= 0, got {self.grad_clip}")
         check(self.resume_from_step >= -1, f"--resume_from_step: expected a step >= 0 (or -1), got {self.resume_from_step}")
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "final_lr_frac"):
+            check(getattr(self, name) >= 0, f"--{name}: expected a number >= 0, got {getattr(self, name)}")
+        check(self.save_every >= -1, f"--save_every: expected a step count >= 1 (or -1 = only at the end), got {self.save_every}")
+        check(self.keep_checkpoints >= 0, f"--keep_checkpoints: expected >= 0 (0 = all), got {self.keep_checkpoints}")
+        check(self.divergence_patience >= 0, f"--divergence_patience: expected >= 0 (0 = never), got {self.divergence_patience}")
+        check(self.divergence_factor > 1, f"--divergence_factor: expected a number > 1, got {self.divergence_factor}")
+        try:
+            GPTConfig(n_embd=2 * self.streaming_rank_k, n_head=1, n_kv_head=1, **self.memory_options())  # width: any >= k
+        except ValueError as e:  # a contradicting or incomplete memory mode, low-rank momentum without MoleGrad
+            check(False, str(e))
 
     def memory_options(self) -> dict[str, Any]:
-        """The GPTConfig fields these flags set."""
-        return {
+        """The GPTConfig fields these flags set (--memory_mode applied)."""
+        return apply_memory_mode(self.memory_mode, {
             "recompute": self.recompute,
-            "streaming_rank_k": self.streaming_rank_k if self.enable_streaming else 0,
+            "streaming_rank_k": self.streaming_rank_k if self.enable_streaming or self.memory_mode != "custom" else 0,
             "streaming_targets": self.streaming_target_layers,
             "streaming_power_iters": self.streaming_power_iters,
             "streaming_warm_start_decay": self.streaming_warm_start_decay,
             "streaming_momentum": self.streaming_momentum,
-        }
+            "streaming_keep_h": self.streaming_keep_h,
+        })
 
 
 def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
@@ -208,16 +251,116 @@ def schedule(step: int, num_iterations: int, flags: TrainFlags) -> tuple[float, 
     return lrm, get_muon_momentum(step)
 
 
-class NonFiniteLoss(UserError, RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+# ---------------------------------------------------------------------------------------------
+# guards
+
+def check_memory_fits(config: GPTConfig, device_batch_size: int, grad_accum: int, ctx: RunContext) -> None:
+    """ConfigError when nanochat.memory's plan of one training step exceeds the memory this device
+    has available (free GPU memory, MemAvailable on CPU); nothing is checked where that is unknown."""
+    available = available_memory(ctx.device)
+    if available is None:
+        return
+    dtype = "bfloat16" if ctx.dtype == torch.bfloat16 else "float32"
+    peak = plan_memory(config, device_batch_size, dtype, grad_accum, "cuda" if ctx.device_type == "cuda" else "cpu").peak
+    check(peak <= available,
+          f"--depth={config.n_layer} (width {config.n_embd}) with --device_batch_size={device_batch_size} x "
+          f"{config.sequence_len} tokens: the memory plan of a training step needs {peak / GiB:.1f} GiB, "
+          f"{ctx.device} has {available / GiB:.1f} GiB available (python -m nanochat.memory shows the plan); "
+          f"lower --depth, --device_batch_size or --max_seq_len, or try --memory_mode=lowest")
 
 
-def check_finite(loss: float, step: int, checkpoint_dir: Path) -> None:
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(
-            f"loss became {loss} at step {step}; stopping without saving. The last good checkpoint in "
-            f"{checkpoint_dir} is untouched: resume from it with a lower --matrix_lr/--embedding_lr"
-        )
+class RunDiverged(UserError, RuntimeError):
+    """The run stopped itself (a non-finite loss, gradient or weight, or a diverged loss); the
+    message names the step and the last healthy checkpoint."""
+
+
+STUCK_TOLERANCE = 0.01  # a loss within 1% of ln(vocab) is that of a uniform guess
+
+
+def first_non_finite(model: torch.nn.Module) -> str | None:
+    """The name of the first floating parameter or buffer holding a NaN or an infinity, else None
+    (one device sync for the whole model)."""
+    tensors = [(name, t) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_floating_point()]
+    if not tensors:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    return None if bool(finite.all()) else tensors[int((~finite).nonzero()[0])][0]
+
+
+class Guard:
+    """Checked after every optimizer step, so that nothing non-finite is ever saved: stops the run
+    (RunDiverged, one line) when the loss, the gradient norm or a weight is not finite, and when
+    the loss has diverged for --divergence_patience steps in a row: above --divergence_factor x its
+    best so far, or within 1% of ln(vocab), the loss of a uniform guess.
+
+    It also records each checkpoint's health. The loss of the step right after a save (or a
+    resume) is the loss of that checkpoint's weights; rank 0 writes it into the checkpoint's meta
+    ("loss", "healthy"), which pruning and the "last healthy checkpoint" of the message go by.
+    vocab_size=None (a loss that is not a cross-entropy, chat_rl): finiteness only.
+    """
+
+    def __init__(self, flags: TrainFlags, directory: Path, ctx: RunContext, vocab_size: int | None,
+                 resumed_step: int | None = None) -> None:
+        self.directory, self.ctx = Path(directory), ctx
+        self.cross_entropy = vocab_size is not None
+        self.patience = flags.divergence_patience if self.cross_entropy else 0
+        self.factor = flags.divergence_factor
+        self.uniform_loss = math.log(vocab_size) if vocab_size else math.nan
+        self.best = math.inf
+        self.far_steps = self.stuck_steps = 0
+        self.unmeasured = resumed_step  # the checkpoint whose weights the next step's loss measures
+
+    def saved(self, step: int) -> None:
+        self.unmeasured = step
+
+    def check(self, step: int, loss: float, grad_norm: float, model: torch.nn.Module) -> None:
+        """After train_step `step` (0-based; logged and saved as step + 1)."""
+        finite = math.isfinite(loss)
+        far = stuck = False
+        if finite and self.cross_entropy:
+            self.best = min(self.best, loss)
+            far = loss > self.factor * self.best
+            stuck = abs(loss - self.uniform_loss) < STUCK_TOLERANCE * self.uniform_loss
+        self.far_steps = self.far_steps + 1 if far else 0
+        self.stuck_steps = self.stuck_steps + 1 if stuck else 0
+        if self.unmeasured == step:
+            self._record(step, loss if finite else None, finite and not (far or stuck))
+            self.unmeasured = None
+        n = step + 1
+        if not finite:
+            self._stop(f"loss became {loss} at step {n}: stopping before anything non-finite is saved")
+        if not math.isfinite(grad_norm):
+            self._stop(f"gradient norm became {grad_norm} at step {n} (loss {loss:.4f}): stopping without saving")
+        bad = first_non_finite(model)
+        if bad is not None:
+            self._stop(f"{bad} became non-finite in the update of step {n} (loss {loss:.4f}, grad norm {grad_norm:.3g}): "
+                       f"stopping without saving it")
+        if self.patience and self.far_steps >= self.patience:
+            self._stop(f"the loss diverged: {self.far_steps} steps in a row above --divergence_factor={self.factor:g} x its "
+                       f"best {self.best:.4f} (step {n}: {loss:.4f}; --divergence_patience={self.patience})")
+        if self.patience and self.stuck_steps >= self.patience:
+            self._stop(f"the loss diverged: {self.stuck_steps} steps in a row at ln(vocab) = {self.uniform_loss:.4f}, a "
+                       f"uniform guess (step {n}: {loss:.4f}; --divergence_patience={self.patience})")
+
+    def _record(self, step: int, loss: float | None, healthy: bool) -> None:
+        if not self.ctx.master:
+            return
+        try:
+            meta = load_meta(self.directory, step)
+        except CheckpointError:
+            return  # deleted under us: nothing to record
+        write_meta(self.directory, step, {**meta, "loss": loss, "healthy": healthy})
+
+    def _stop(self, what: str) -> None:
+        steps = healthy_steps(self.directory)
+        lrs = "--matrix_lr/--embedding_lr/--unembedding_lr"
+        if steps:
+            loss = load_meta(self.directory, steps[-1]).get("loss")
+            advice = (f"the last healthy checkpoint is {self.directory} step {steps[-1]} (loss {loss:.4f}): resume from it "
+                      f"with --resume_from_step={steps[-1]} and a lower {lrs}")
+        else:
+            advice = f"no healthy checkpoint in {self.directory}: start again with a lower {lrs}"
+        raise RunDiverged(f"{what}; {advice}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,28 +427,67 @@ def save_training_state(
     if ctx.ddp:
         distributed.barrier("checkpoint save")  # every rank's state is on disk before the meta file marks it complete
     if ctx.master:
-        save_checkpoint(directory, step, None, rank_state, {**meta, "world_size": ctx.world_size}, rank=ctx.rank, keep_last=keep_last)
+        save_checkpoint(directory, step, None, None, {**meta, "world_size": ctx.world_size}, rank=ctx.rank, keep_last=keep_last)
     if ctx.ddp:
         distributed.barrier("checkpoint save")
 
 
+# GPTConfig fields that fix the shapes of weights and optimizer state, and the flags that set them
+SHAPE_FIELDS = {"vocab_size": "the tokenizer's vocabulary", "n_layer": "--depth", "n_embd": "--depth", "n_head": "--depth",
+                "n_kv_head": "--depth", "streaming_rank_k": "--enable_streaming/--streaming_rank_k/--memory_mode",
+                "streaming_targets": "--streaming_target_layers/--memory_mode",
+                "streaming_momentum": "--streaming_momentum/--memory_mode"}
+
+
+def check_resumable(meta: dict[str, Any], config: GPTConfig, directory: Path, step: int) -> None:
+    """CheckpointError naming the flag when this run's model differs from the checkpoint's in a
+    shape of its weights or optimizer state (MoleGrad settings count only with MoleGrad on)."""
+    saved = meta.get("model_config", {})
+    now = dataclasses.asdict(config)
+    for name, flag in SHAPE_FIELDS.items():
+        if name.startswith("streaming_") and name != "streaming_rank_k" and not (saved.get("streaming_rank_k") or now["streaming_rank_k"]):
+            continue
+        if name in saved and saved[name] != now[name]:
+            raise CheckpointError(
+                f"{flag}: the checkpoint at step {step} in {directory} has {name}={saved[name]}, this run {name}={now[name]}; "
+                f"a resumed run keeps the shapes of its weights and optimizer state: resume with the flags it was saved with")
+
+
 def resume_training_state(
-    directory: Path, step: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], ctx: RunContext
+    directory: Path, step: int, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], ctx: RunContext,
+    flags: TrainFlags,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load model, optimizers and RNG saved at `step`; returns (rank_state, meta).
 
-    Optimizer state is per rank (sharded optimizers keep only what their rank owns), so a run
-    resumes only on the world size it was saved with; another one is a one-line CheckpointError."""
-    saved_world_size = load_meta(directory, step).get("world_size", 1)
+    The optimizers keep their saved state (moments, momentum buffers) but take every
+    hyperparameter (LRs, weight decay) from `optimizers` as built from this run's flags, so a
+    resume with another LR trains at that LR; the changed flags are printed and the new
+    checkpoints' meta records the flags in use. Optimizer state is per rank (sharded optimizers
+    keep only what their rank owns), so a run resumes only on the world size it was saved with;
+    that, and a change of shapes (check_resumable), is a one-line CheckpointError. Temp files of
+    a save that was killed are removed."""
+    saved_meta = load_meta(directory, step)
+    saved_world_size = saved_meta.get("world_size", 1)
     if saved_world_size != ctx.world_size:
         raise CheckpointError(
             f"checkpoint at step {step} in {directory} was saved with world size {saved_world_size}, "
             f"this run has world size {ctx.world_size}: resume with the same number of processes"
         )
+    check_resumable(saved_meta, model.config, directory, step)
+    if ctx.master:
+        remove_stale_temp_files(directory)
     model_state, rank_state, meta = load_checkpoint(directory, step, rank=ctx.rank)
     load_model_state_strict(model, model_state, f"{directory} step {step}")
     assert rank_state is not None
     for opt, state in zip(optimizers, rank_state["optimizers"]):
+        hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
         opt.load_state_dict(state)
+        for group, now in zip(opt.param_groups, hyperparameters):
+            group.update(now)
     set_rng_state(rank_state["rng"])
+    before, now = meta.get("flags", {}), to_dict(flags)
+    changed = [f"--{name} {before[name]} -> {value}" for name, value in now.items()
+               if name in before and before[name] != value and name != "resume_from_step"]
+    if changed:
+        print0(f"flags changed since step {step}: {', '.join(changed)}")
     return rank_state, meta

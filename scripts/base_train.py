@@ -26,9 +26,10 @@ from nanochat.report import log_section
 from nanochat.streaming_linear import streaming_layers
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.trainer import (
+    Guard,
     Progress,
     TrainFlags,
-    check_finite,
+    check_memory_fits,
     format_duration,
     grad_accum_steps,
     resume_training_state,
@@ -59,8 +60,13 @@ class BaseTrainConfig(TrainFlags):
         super().validate()
         check(self.depth >= 1, f"--depth: expected >= 1, got {self.depth}")
         check(self.max_seq_len >= 2, f"--max_seq_len: expected >= 2, got {self.max_seq_len}")
+        check(self.num_iterations >= -1, f"--num_iterations: expected >= 1 (or -1 = from --target_param_data_ratio), got {self.num_iterations}")
         check(self.num_iterations > 0 or self.target_param_data_ratio > 0,
               "--num_iterations: expected > 0 when --target_param_data_ratio <= 0")
+        check(self.eval_tokens >= 1, f"--eval_tokens: expected >= 1, got {self.eval_tokens}")
+        for name in ("eval_every", "core_metric_every", "sample_every"):
+            check(getattr(self, name) >= -1, f"--{name}: expected >= -1, got {getattr(self, name)}")
+        check(self.core_metric_max_per_task >= 1, f"--core_metric_max_per_task: expected >= 1, got {self.core_metric_max_per_task}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -74,6 +80,7 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
     grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, ctx.world_size)
 
     model_config = config_from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len, **cfg.memory_options())
+    check_memory_fits(model_config, cfg.device_batch_size, grad_accum, ctx)
     model = GPT(model_config).to(ctx.device)
     model.init_weights()
     optimizers = setup_optimizers(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
@@ -97,9 +104,12 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
     ckpt_dir = checkpoint_dir("base", cfg.model_tag or f"d{cfg.depth}")
     start_step, loader_state, val_bpb = 0, None, None
     if cfg.resume_from_step >= 0:
-        rank_state, meta = resume_training_state(ckpt_dir, cfg.resume_from_step, model, optimizers, ctx)
+        check(num_iterations >= cfg.resume_from_step, f"--num_iterations={num_iterations}: the run resumes at step "
+              f"{cfg.resume_from_step}; expected at least that many steps")
+        rank_state, meta = resume_training_state(ckpt_dir, cfg.resume_from_step, model, optimizers, ctx, cfg)
         start_step, loader_state, val_bpb = cfg.resume_from_step, rank_state["loader"], meta.get("val_bpb")
         print0(f"resumed from {ckpt_dir} step {start_step}")
+    guard = Guard(cfg, ckpt_dir, ctx, model_config.vocab_size, start_step if cfg.resume_from_step >= 0 else None)
     train_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", ctx.device,
                               ctx.rank, ctx.world_size, state=loader_state)
 
@@ -129,6 +139,7 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
             meta = {"stage": "base", "flags": to_dict(cfg), "model_config": asdict(model_config), "val_bpb": val_bpb,
                     "num_iterations": num_iterations}
             save_training_state(ckpt_dir, step, model, optimizers, train_loader.state_dict(), meta, ctx, cfg.keep_checkpoints)
+            guard.saved(step)
             print0(f"saved checkpoint {ckpt_dir} step {step}")
         if last:
             break
@@ -137,7 +148,6 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         progress.start()
         loss, grad_norm = train_step(forward, optimizers, train_loader, grad_accum, ctx, lrm, momentum, cfg.grad_clip)
         ctx.synchronize()
-        check_finite(loss, step, ckpt_dir)
         stats = progress.stop(step)
         losses.append(loss)
         # MoleGrad: the share of the layers' input energy that their subspaces Q capture (mean over layers)
@@ -148,6 +158,7 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         wandb_run.log({"train/loss": loss, "train/grad_norm": grad_norm, "train/lrm": lrm,
                        "train/tok_per_s": stats["tok_per_s"], "train/mfu": stats["mfu"],
                        **({"train/captured_energy": captured} if captured is not None else {})}, step=step + 1)
+        guard.check(step, loss, grad_norm, model)
         step += 1
 
     wandb_run.finish()

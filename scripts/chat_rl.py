@@ -42,7 +42,7 @@ from nanochat.engine import Engine
 from nanochat.evaluation import run_generative
 from nanochat.report import log_section
 from nanochat.tokenizer import Tokenizer
-from nanochat.trainer import check_finite, format_duration, save_training_state, schedule, train_step
+from nanochat.trainer import Guard, format_duration, save_training_state, schedule, train_step
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
 from tasks.gsm8k import GSM8K
@@ -202,6 +202,9 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
     model, optimizers, src_dir, src_step, ckpt_dir = start.model, start.optimizers, start.source_dir, start.source_step, start.checkpoint_dir
     objective = PolicyGradientLoss(torch.compile(model, dynamic=True) if cfg.compile else model)
     start_step = start.start_step
+    check(cfg.num_iterations >= start_step, f"--num_iterations={cfg.num_iterations}: the run resumes at step {start_step}; "
+          f"expected at least that many steps")
+    guard = Guard(cfg, ckpt_dir, ctx, None, start_step if start.resumed is not None else None)  # not a cross-entropy
 
     task = train_task(cfg.task, cfg.task_source)
     held_out = eval_tasks(cfg.task, cfg.task_source)
@@ -239,6 +242,7 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
                     "num_iterations": cfg.num_iterations, "source": {"kind": cfg.source, "dir": str(src_dir), "step": src_step},
                     **({"tokenizer_dir": start.tokenizer_dir} if start.tokenizer_dir else {})}
             save_training_state(ckpt_dir, step, model, optimizers, {}, meta, ctx, cfg.keep_checkpoints)
+            guard.saved(step)
             print0(f"saved checkpoint {ckpt_dir} step {step}")
         if last:
             break
@@ -252,7 +256,6 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
         lrm, momentum = schedule(step, cfg.num_iterations, cfg)
         loss, grad_norm = train_step(objective, optimizers, batches, len(batches), ctx, lrm, momentum, cfg.grad_clip)
         ctx.synchronize()
-        check_finite(loss, step, ckpt_dir)
         dt = time.perf_counter() - started
         mean_reward = mean_over_ranks(rewards, ctx)
         losses.append(loss)
@@ -263,6 +266,7 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
                f"{grad_norm:.3f} | lrm {lrm:.2f} | {num_tokens / len(rows):.0f} sampled tok/row | {dt:.1f} s | ETA {format_duration(eta)}")
         wandb_run.log({"train/reward": mean_reward, "train/loss": loss, "train/grad_norm": grad_norm,
                        "train/lrm": lrm, "train/sampled_tokens": num_tokens}, step=step + 1)
+        guard.check(step, loss, grad_norm, model)
         step += 1
 
     wandb_run.finish()

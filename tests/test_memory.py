@@ -13,7 +13,7 @@ import torch
 from bench import molegrad as molegrad_bench
 from nanochat import memory
 from nanochat.common import RunContext
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, MEMORY_MODES, GPTConfig
 from nanochat.optim import setup_optimizers
 from nanochat.memory import (
     block_saved_bytes_per_token,
@@ -84,6 +84,8 @@ MODES = {
     "attn_only": dict(streaming_rank_k=8, streaming_targets="attn_only"),
     "all": dict(streaming_rank_k=8, streaming_targets="all"),
     "all+recompute=mlp": dict(streaming_rank_k=8, streaming_targets="all", recompute="mlp"),
+    "keep_h": dict(streaming_rank_k=8, **MEMORY_MODES["keep_h"]),
+    "lowest": dict(streaming_rank_k=8, **MEMORY_MODES["lowest"]),
 }
 
 
@@ -102,7 +104,7 @@ def test_block_saved_bytes_formula_matches_hooks_at_two_widths(mode, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", ["dense", "recompute=block", "all+recompute=mlp", "ffn_only"])
+@pytest.mark.parametrize("mode", ["dense", "recompute=block", "all+recompute=mlp", "ffn_only", "keep_h", "lowest"])
 def test_whole_model_saved_bytes_equal_planned_activations(mode, dtype):
     """Everything a training forward saves (loss included), parameters, buffers and the batch excluded."""
     config = GPTConfig(**TINY, **MODES[mode])

@@ -1,0 +1,624 @@
+"""Does MoleGrad cost quality? Gap to dense vs training tokens, at the ranks a GPU run uses.
+
+    python -m bench.molegrad_quality                      # ~2 h on 2 CPU cores (2 runs at a time, 1 thread each)
+    python -m bench.molegrad_quality --jobs=1 --arms=dense_muon,flagship_k6 --budget_fractions=0.1
+
+The model: one block of width 256 (786k block parameters), 4 heads of 64, context 256, its own
+BPE tokenizer of --vocab_size 2048 trained on the corpus (a small vocabulary keeps the LM head
+from dominating the step on CPU). MoleGrad rank k = 6 is k/in = 1/43 for c_q, c_k, c_v, c_fc and
+1/171 for the MLP's c_proj: the ratios of k = 32 on a d20 GPU model (1/40 and 1/160); k = 24 is
+the larger ratio (1/11, 1/43).
+
+Arms (--arms): dense_muon (base_train's recipe), dense_adamw (AdamW on the block matrices, to
+separate optimizer from projection), galore_k{6,24} (GaLoreAdamW on the block matrices at the
+same rank, refresh gap = 1/8 of the run, projector built from the first non-zero gradient: c_proj
+starts at zero, so the other matrices' first gradients are exactly 0 and are skipped, not
+projected), molegrad_k{6,24} (today's default: MoleGrad on the MLP Linears, dense momentum),
+flagship_k{6,24} (--memory_mode=lowest's optimizer: every Linear compressed, low-rank momentum
+with its step-size rule; recompute and keep-h are exact, so they do not change quality).
+No arm clips gradients (a compressed gradient's norm is only its captured part, so clipping
+would fire differently per arm).
+
+Budgets: the largest is --tokens_per_param tokens per block parameter (default 10), the others
+--budget_fractions of it. LR: each arm sweeps --lr_multipliers (8x range) around its base LR at
+the smallest budget; the LR with the best bits per byte on the SELECTION split (val shard, first
+--eval_tokens tokens) is used for the larger budgets; every reported number is on the HELD-OUT
+split (the next --eval_tokens tokens, disjoint). Seeds (model init): --seeds at the largest
+budget, one at the others; mean and spread (max - min) are reported.
+
+Per arm: held-out val bpb, gap to dense Muon (%), captured gradient energy (share of the dense
+dW's energy the compressed update sees; bench/molegrad.py's probe), median step time, training
+FLOPs per token (6N + attention for dense layers; for a compressed (out, in) layer 4·out·in for
+forward and dX plus 2k(in + out) for x Q and the factor and 2·in·(k + scouts) for its sketch),
+optimizer-state bytes of the block matrices, and val bpb at equal FLOPs: dense Muon's curve
+(log FLOPs, bpb), interpolated at the arm's largest-budget FLOPs.
+
+Resumable: every finished run is appended to --out (default bench/results/molegrad_quality.json)
+at once; a rerun with the same config skips what is there. The JSON also holds the exact command,
+git revision and diff stat, machine, load averages and versions; a PNG (gap vs tokens, one line
+per arm) goes next to it. Table, goals, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.molegrad import captured_energy
+from nanochat.common import RunContext, compute_init, print0, run_main
+from nanochat.config import ConfigError, Flags, UserError, check, parse_args
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import iter_texts
+from nanochat.gpt import BLOCK_LINEARS, GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.memory import explore_k
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, setup_optimizers
+from nanochat.report import git_info, hardware_info, software_info
+from nanochat.tokenizer import Tokenizer
+from nanochat.trainer import train_step
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "bench" / "results" / "molegrad_quality.json"
+# arm -> (optimizer family, GPTConfig memory options without the rank)
+FAMILIES = {
+    "dense_muon": ("muon", {}),
+    "dense_adamw": ("adamw", {}),
+    "galore": ("galore", {}),
+    "molegrad": ("muon", {"streaming_targets": "ffn_only", "streaming_momentum": "dense"}),
+    "flagship": ("muon", {"streaming_targets": "all", "streaming_momentum": "lowrank"}),
+}
+BASE_LR = {"muon": 0.02, "adamw": 0.002, "galore": 0.01}  # the sweep's centre per optimizer family
+
+
+@dataclass
+class QualityConfig(Flags):
+    """MoleGrad's quality against dense Muon, dense AdamW and GaLore, vs tokens, at GPU-like k/in."""
+
+    arms: str = field(default="dense_muon,dense_adamw,galore_k6,molegrad_k6,flagship_k6,flagship_k24", metadata={
+        "help": "comma-separated: dense_muon, dense_adamw, or galore|molegrad|flagship_k<rank>"})
+    n_embd: int = field(default=256, metadata={"help": "model width"})
+    n_layer: int = field(default=1, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per row"})
+    batch_size: int = field(default=16, metadata={"help": "rows per optimizer step"})
+    vocab_size: int = field(default=2048, metadata={"help": "the bench's own tokenizer, trained on the corpus"})
+    tokenizer_chars: int = field(default=5_000_000, metadata={"help": "corpus characters its tokenizer trains on"})
+    tokens_per_param: float = field(default=10.0, metadata={"help": "largest budget: tokens per block parameter"})
+    budget_fractions: str = field(default="0.111,0.333", metadata={"help": "the smaller budgets, as fractions of the largest"})
+    lr_multipliers: str = field(default="0.5,1,2,4", metadata={"help": "the LR sweep around each family's base LR"})
+    seeds: int = field(default=2, metadata={"help": "model-init seeds at the largest budget"})
+    eval_tokens: int = field(default=131072, metadata={"help": "tokens of the selection split, and of the held-out split"})
+    energy_probes: int = field(default=4, metadata={"help": "captured-energy probes per run (0 = none)"})
+    galore_gap_fraction: float = field(default=0.125, metadata={"help": "GaLore's refresh gap as a fraction of the run"})
+    galore_scale: float = field(default=0.25, metadata={"help": "GaLore's update scale"})
+    jobs: int = field(default=2, metadata={"help": "runs at a time (each in its own process, 1 thread)"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": ("auto", "float32", "bfloat16")})
+    out: str = field(default=str(DEFAULT_OUT), metadata={"help": "results JSON (resumed when it exists); PNG beside it"})
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("n_embd", "n_layer", "n_head", "seq_len", "batch_size", "seeds", "eval_tokens", "jobs"):
+            check(getattr(self, name) >= 1, f"--{name}: expected >= 1, got {getattr(self, name)}")
+        check(self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0,
+              f"--n_head: expected a divisor of --n_embd={self.n_embd} giving an even head size, got {self.n_head}")
+        check(self.tokens_per_param > 0, f"--tokens_per_param: expected > 0, got {self.tokens_per_param}")
+        check(all(0 < f < 1 for f in self.fractions()), f"--budget_fractions: expected values in (0, 1), got {self.budget_fractions}")
+        check(len(self.multipliers()) >= 2 and max(self.multipliers()) / min(self.multipliers()) >= 8,
+              f"--lr_multipliers: expected at least 2 values spanning >= 8x, got {self.lr_multipliers}")
+        check(0 < self.galore_gap_fraction <= 1, f"--galore_gap_fraction: expected a value in (0, 1], got {self.galore_gap_fraction}")
+        for arm in self.arm_names():
+            family, rank = parse_arm(arm)
+            check(rank <= self.n_embd, f"--arms: {arm} needs rank {rank} <= --n_embd={self.n_embd}")
+
+    def arm_names(self) -> list[str]:
+        return [arm for arm in self.arms.split(",") if arm]
+
+    def fractions(self) -> list[float]:
+        return sorted(float(f) for f in self.budget_fractions.split(",") if f)
+
+    def multipliers(self) -> list[float]:
+        return sorted(float(m) for m in self.lr_multipliers.split(",") if m)
+
+
+def parse_arm(arm: str) -> tuple[str, int]:
+    """'flagship_k6' -> ('flagship', 6); 'dense_muon' -> ('dense_muon', 0). Unknown: UserError."""
+    if arm in ("dense_muon", "dense_adamw"):
+        return arm, 0
+    family, _, rank = arm.rpartition("_k")
+    if family not in FAMILIES or not rank.isdigit() or int(rank) < 1:
+        raise ConfigError(f"--arms: unknown arm {arm!r}; expected dense_muon, dense_adamw or "
+                        f"galore|molegrad|flagship_k<rank>")
+    return family, int(rank)
+
+
+def model_config(cfg: QualityConfig, arm: str, vocab_size: int) -> GPTConfig:
+    family, rank = parse_arm(arm)
+    options = {"streaming_rank_k": rank, **FAMILIES[family][1]} if family in ("molegrad", "flagship") else {}
+    return GPTConfig(sequence_len=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_kv_head=cfg.n_head, n_embd=cfg.n_embd, **options)
+
+
+def block_params(config: GPTConfig) -> int:
+    return config.n_layer * 12 * config.n_embd ** 2
+
+
+def budgets(cfg: QualityConfig) -> list[int]:
+    """Optimizer steps of each budget, smallest first."""
+    largest = max(2, round(cfg.tokens_per_param * block_params(model_config(cfg, "dense_muon", 2)) / (cfg.batch_size * cfg.seq_len)))
+    return [max(2, round(f * largest)) for f in cfg.fractions()] + [largest]
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and optimizer state
+
+def linear_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each Linear of a block."""
+    d, kv = config.n_embd, config.n_kv_head * config.head_dim
+    return {"attn.c_q": (d, d), "attn.c_k": (kv, d), "attn.c_v": (kv, d), "attn.c_proj": (d, d),
+            "mlp.c_fc": (4 * d, d), "mlp.c_proj": (d, 4 * d)}
+
+
+def compressed(config: GPTConfig) -> tuple[str, ...]:
+    if config.streaming_rank_k == 0:
+        return ()
+    return BLOCK_LINEARS if config.streaming_targets == "all" else ("mlp.c_fc", "mlp.c_proj")
+
+
+def training_flops_per_token(config: GPTConfig) -> float:
+    """Forward + backward FLOPs per token (module docstring): GPT.estimate_flops' 6N + attention,
+    with each compressed Linear's dense dW (2·out·in) replaced by MoleGrad's work."""
+    d, vocab, k = config.n_embd, config.vocab_size, config.streaming_rank_k
+    shapes = linear_shapes(config)
+    dense_linears = 6 * sum(o * i for o, i in shapes.values()) * config.n_layer
+    attention = 12 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
+    total = dense_linears + 6 * d * vocab + attention
+    for name in compressed(config):
+        out, inp = shapes[name]
+        total += config.n_layer * (-2 * out * inp + 2 * k * (inp + out) + 2 * inp * (k + explore_k(inp, k)))
+    return float(total)
+
+
+def state_bytes(config: GPTConfig, family: str, rank: int) -> int:
+    """fp32 optimizer state of the block matrices: Muon momentum (out, in), or (out, k) low-rank
+    momentum; MoleGrad's Q (in, k) and sketch (in, k + scouts); AdamW's two moments; GaLore's two
+    moments of the projected gradient (rank r) and its projector."""
+    k = rank
+    total = 0
+    for name, (out, inp) in linear_shapes(config).items():
+        if family == "adamw":
+            total += 2 * out * inp
+        elif family == "galore":  # proj_type "std": the smaller side is projected
+            r = min(k, out, inp)
+            total += 2 * out * r + r * inp if out >= inp else 2 * r * inp + out * r
+        elif name in compressed(config):
+            momentum = out * k if config.streaming_momentum == "lowrank" else out * inp
+            total += momentum + inp * k + inp * (k + explore_k(inp, k))
+        else:
+            total += out * inp
+    return 4 * config.n_layer * total
+
+
+# ---------------------------------------------------------------------------------------------
+# data: tokenized once, shared by every run (and every worker process) through a cache file
+
+@dataclass
+class QualityData:
+    train: torch.Tensor  # (steps, batch, seq_len + 1) int32: the training stream of the largest budget
+    selection: torch.Tensor  # (batches, batch, seq_len + 1): where the LR is chosen
+    heldout: torch.Tensor  # (batches, batch, seq_len + 1): where every number is reported
+    token_bytes: torch.Tensor  # (vocab,) bytes per token id
+    vocab_size: int
+
+    def batches(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(b[:, :-1].long(), b[:, 1:].long()) for b in rows]
+
+
+def stack_batches(loader: DataLoader, count: int) -> torch.Tensor:
+    rows = []
+    for _ in range(count):
+        inputs, targets = loader.next_batch()
+        rows.append(torch.cat((inputs, targets[:, -1:]), dim=1).to(torch.int32))  # targets = inputs shifted by one
+    return torch.stack(rows)
+
+
+def prepare_data(cfg: QualityConfig, cache: Path) -> QualityData:
+    """Train the bench's tokenizer, tokenize the train stream and the two val splits; cached."""
+    key = {"vocab_size": cfg.vocab_size, "tokenizer_chars": cfg.tokenizer_chars, "seq_len": cfg.seq_len,
+           "batch_size": cfg.batch_size, "steps": budgets(cfg)[-1], "eval_tokens": cfg.eval_tokens}
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] == json.dumps(key, sort_keys=True):
+            return QualityData(saved["train"], saved["selection"], saved["heldout"], saved["token_bytes"], int(saved["vocab_size"]))
+    tokenizer = Tokenizer.train_from_iterator(iter_texts("train", cfg.tokenizer_chars, 10_000), cfg.vocab_size)
+    train = DataLoader(tokenizer, cfg.batch_size, cfg.seq_len, "train")
+    val = DataLoader(tokenizer, cfg.batch_size, cfg.seq_len, "val")
+    eval_batches = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len))
+    data = QualityData(stack_batches(train, budgets(cfg)[-1]), stack_batches(val, eval_batches),
+                       stack_batches(val, eval_batches), tokenizer.token_bytes(), tokenizer.get_vocab_size())
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": json.dumps(key, sort_keys=True), **{k: v for k, v in asdict(data).items()}}, cache)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers
+
+def make_galore(model: GPT, lr: float, rank: int, gap: int, scale: float) -> torch.optim.Optimizer:
+    """GaLoreAdamW over the block matrices whose projector is built from the first non-zero
+    gradient of each matrix: an all-zero gradient (c_q, c_k, c_v, c_fc before c_proj has moved
+    from its zero init) is dropped before the step, so GaLore neither steps nor projects it."""
+    try:
+        from galore_torch import GaLoreAdamW
+    except ImportError:
+        raise UserError("galore-torch is not installed: pip install -e '.[bench]' (the bench extra)") from None
+
+    class GaLoreFromFirstGradient(GaLoreAdamW):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and not bool(p.grad.any()):
+                        p.grad = None
+            return super().step(closure)
+
+    matrices = [p for p in model.transformer.h.parameters()]
+    return GaLoreFromFirstGradient([{"params": matrices, "rank": rank, "update_proj_gap": gap, "scale": scale,
+                                     "proj_type": "std"}], lr=lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                                   no_deprecation_warning=True)
+
+
+def make_optimizers(model: GPT, arm: str, lr: float, steps: int, cfg: QualityConfig) -> list[torch.optim.Optimizer]:
+    """base_train's AdamW for the embedding and head in every arm; the block matrices get Muon at
+    matrix_lr = lr (dense and MoleGrad arms), AdamW at lr, or GaLore at lr."""
+    family, rank = parse_arm(arm)
+    optimizers = setup_optimizers(model, matrix_lr=lr)
+    kind = FAMILIES.get(family, ("muon", {}))[0] if family != "dense_adamw" else "adamw"
+    if kind == "muon":
+        return optimizers
+    if kind == "adamw":
+        blocks = torch.optim.AdamW(model.transformer.h.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+    else:
+        blocks = make_galore(model, lr, rank, max(1, round(cfg.galore_gap_fraction * steps)), cfg.galore_scale)
+    for group in blocks.param_groups:
+        group["initial_lr"] = group["lr"]
+    return [optimizers[0], blocks]
+
+
+def family_kind(arm: str) -> str:
+    family, _ = parse_arm(arm)
+    return "adamw" if family == "dense_adamw" else FAMILIES.get(family, ("muon", {}))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+
+@dataclass(frozen=True)
+class RunSpec:
+    arm: str
+    steps: int
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}|{self.steps}|{self.lr:.6g}|{self.seed}"
+
+
+def train_run(spec: RunSpec, data: QualityData, cfg: QualityConfig, ctx: RunContext) -> dict[str, Any]:
+    """spec.steps optimizer steps from the seeded init; bpb on both splits, step times, energy."""
+    config = model_config(cfg, spec.arm, data.vocab_size)
+    torch.manual_seed(spec.seed)
+    model = GPT(config)
+    optimizers = make_optimizers(model, spec.arm, spec.lr, spec.steps, cfg)
+    probed = config.streaming_rank_k > 0 or spec.arm.startswith("galore")
+    twin = GPT(GPTConfig(**{**asdict(config), "streaming_rank_k": 0})) if probed and cfg.energy_probes else None
+    probe_every = max(1, spec.steps // cfg.energy_probes) if cfg.energy_probes else 0
+    train = data.batches(data.train[:spec.steps])
+    times, energies, finite = [], [], True
+    t_start = time.perf_counter()
+    for step, batch in enumerate(train):
+        if twin is not None and step % probe_every == probe_every - 1:
+            energy = captured_energy(model, twin, optimizers, batch, ctx)
+            if energy is not None:
+                energies.append(energy)
+        t0 = time.perf_counter()
+        loss, _ = train_step(model, optimizers, iter([batch]), 1, ctx, get_lr_multiplier(step, spec.steps),
+                             get_muon_momentum(step), grad_clip=0.0)
+        times.append(time.perf_counter() - t0)
+        if not math.isfinite(loss):
+            finite = False
+            break
+
+    def bpb(rows: torch.Tensor) -> float:
+        batches = data.batches(rows)
+        return evaluate_bpb(model, iter(batches), len(batches), data.token_bytes, ctx) if finite else math.inf
+
+    return {"key": spec.key, **asdict(spec), "tokens": spec.steps * cfg.batch_size * cfg.seq_len,
+            "selection_bpb": bpb(data.selection), "heldout_bpb": bpb(data.heldout),
+            "step_s": statistics.median(times[1:] or times), "energy": statistics.mean(energies) if energies else None,
+            "seconds": time.perf_counter() - t_start}
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(cfg_dict: dict[str, Any], cache: str) -> None:
+    cfg = QualityConfig(**cfg_dict)
+    _WORKER["cfg"] = cfg
+    _WORKER["ctx"] = compute_init(device="cpu", dtype=cfg.dtype, threads=1)
+    _WORKER["data"] = prepare_data(cfg, Path(cache))
+
+
+def _worker_run(spec: RunSpec) -> dict[str, Any]:
+    return train_run(spec, _WORKER["data"], _WORKER["cfg"], _WORKER["ctx"])
+
+
+class InlinePool:
+    """--jobs=1: each run in this process, when submitted."""
+
+    def __enter__(self) -> InlinePool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def submit(self, fn: Any, spec: RunSpec) -> Future:
+        future: Future = Future()
+        future.set_result(fn(spec))
+        return future
+
+
+def make_pool(cfg: QualityConfig, cache: Path) -> Any:
+    if cfg.jobs == 1:
+        _worker_init(asdict(cfg), str(cache))
+        return InlinePool()
+    return ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                               initargs=(asdict(cfg), str(cache)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: LR sweep at the smallest budget, then the chosen LR at every budget
+
+def sweep_specs(cfg: QualityConfig, arm: str) -> list[RunSpec]:
+    base = BASE_LR[family_kind(arm)]
+    return [RunSpec(arm, budgets(cfg)[0], base * m, 0) for m in cfg.multipliers()]
+
+
+def chosen_lr(runs: dict[str, dict[str, Any]], cfg: QualityConfig, arm: str) -> float | None:
+    """The LR of the arm's sweep with the lowest SELECTION-split bpb (None until the sweep is done)."""
+    sweep = [runs.get(spec.key) for spec in sweep_specs(cfg, arm)]
+    if any(run is None for run in sweep):
+        return None
+    return min(sweep, key=lambda run: run["selection_bpb"])["lr"]
+
+
+def final_specs(cfg: QualityConfig, arm: str, lr: float) -> list[RunSpec]:
+    steps = budgets(cfg)
+    return [RunSpec(arm, s, lr, 0) for s in steps[:-1]] + [RunSpec(arm, steps[-1], lr, seed) for seed in range(cfg.seeds)]
+
+
+def load_results(path: Path, cfg: QualityConfig) -> dict[str, dict[str, Any]]:
+    """Finished runs of a previous invocation with the same model and data settings."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    same = {k: v for k, v in saved.get("config", {}).items() if k not in ("arms", "jobs", "out")} == \
+        {k: v for k, v in asdict(cfg).items() if k not in ("arms", "jobs", "out")}
+    if not same:
+        raise UserError(f"{path} holds results of other settings: pass another --out, or delete it to start over")
+    return {run["key"]: run for run in saved.get("runs", [])}
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of y at x on points sorted by x (log FLOPs vs bpb); None outside."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y0
+    return None
+
+
+def summarize(runs: dict[str, dict[str, Any]], cfg: QualityConfig, vocab_size: int) -> dict[str, Any]:
+    """Per arm: chosen LR, per-budget held-out bpb (mean, spread over seeds), gap to dense Muon,
+    energy, step time, FLOPs per token, state bytes, bpb at dense Muon's FLOPs."""
+    arms: dict[str, Any] = {}
+    for arm in cfg.arm_names():
+        lr = chosen_lr(runs, cfg, arm)
+        config = model_config(cfg, arm, vocab_size)
+        flops = training_flops_per_token(config)
+        entry: dict[str, Any] = {"lr": lr, "lr_sweep": {}, "flops_per_token": flops,
+                                 "state_bytes": state_bytes(config, family_kind(arm), parse_arm(arm)[1]), "budgets": {}}
+        for spec in sweep_specs(cfg, arm):
+            if spec.key in runs:
+                entry["lr_sweep"][f"{spec.lr:.6g}"] = {"selection_bpb": runs[spec.key]["selection_bpb"],
+                                                       "heldout_bpb": runs[spec.key]["heldout_bpb"]}
+        if lr is not None:
+            multipliers = cfg.multipliers()
+            entry["lr_at_edge_of_sweep"] = lr in (BASE_LR[family_kind(arm)] * multipliers[0], BASE_LR[family_kind(arm)] * multipliers[-1])
+            done = [runs[s.key] for s in final_specs(cfg, arm, lr) if s.key in runs]
+            for steps in budgets(cfg):
+                seeds = [r["heldout_bpb"] for r in done if r["steps"] == steps]
+                if seeds:
+                    entry["budgets"][str(steps)] = {"tokens": steps * cfg.batch_size * cfg.seq_len, "seeds": seeds,
+                                                    "heldout_bpb": statistics.mean(seeds), "spread": max(seeds) - min(seeds)}
+            energies = [r["energy"] for r in done if r["energy"] is not None]
+            entry["energy"] = statistics.mean(energies) if energies else None
+            entry["step_s"] = statistics.median([r["step_s"] for r in done]) if done else None
+        arms[arm] = entry
+    dense = arms.get("dense_muon")
+    for arm, entry in arms.items():
+        for steps, point in entry["budgets"].items():
+            reference = dense["budgets"].get(steps) if dense else None
+            point["gap_pct"] = 100 * (point["heldout_bpb"] / reference["heldout_bpb"] - 1) if reference else None
+        entry["bpb_vs_dense_at_equal_flops_pct"] = None
+        if dense and entry["budgets"] and len(dense["budgets"]) >= 2:
+            curve = [(math.log(p["tokens"] * dense["flops_per_token"]), p["heldout_bpb"]) for p in dense["budgets"].values()]
+            largest = entry["budgets"][max(entry["budgets"], key=int)]
+            at = interpolate(curve, math.log(largest["tokens"] * entry["flops_per_token"]))
+            if at is not None:
+                entry["bpb_vs_dense_at_equal_flops_pct"] = 100 * (largest["heldout_bpb"] / at - 1)
+    return arms
+
+
+def goals(arms: dict[str, Any], cfg: QualityConfig) -> dict[str, bool | None]:
+    """The issue's goals on these numbers (None: an arm or budget they need is missing)."""
+    steps = [str(s) for s in budgets(cfg)]
+    flagship = next((a for a in cfg.arm_names() if a.startswith("flagship_")), None)
+    galore = next((a for a in cfg.arm_names() if a.startswith("galore_")), None)
+
+    def gap(arm: str | None, budget: str) -> float | None:
+        point = arms.get(arm, {}).get("budgets", {}).get(budget) if arm else None
+        return point.get("gap_pct") if point else None
+
+    def heldout(arm: str | None) -> float | None:
+        point = arms.get(arm, {}).get("budgets", {}).get(steps[-1]) if arm else None
+        return point["heldout_bpb"] if point else None
+
+    largest, middle = gap(flagship, steps[-1]), gap(flagship, steps[-2]) if len(steps) > 1 else None
+    equal_flops = arms.get(flagship, {}).get("bpb_vs_dense_at_equal_flops_pct") if flagship else None
+    same_rank_galore = f"galore_k{parse_arm(flagship)[1]}" if flagship else None
+    galore = same_rank_galore if same_rank_galore in arms else galore
+    return {
+        f"{flagship} within +2% of dense Muon at the largest budget": None if largest is None else largest <= 2.0,
+        f"{flagship}'s gap not growing from the middle to the largest budget": None if largest is None or middle is None else largest <= middle,
+        f"{flagship} at least as good as dense Muon at equal FLOPs": None if equal_flops is None else equal_flops <= 0.0,
+        f"{flagship} better than {galore} at the largest budget": None if heldout(flagship) is None or heldout(galore) is None
+        else heldout(flagship) < heldout(galore),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+def provenance(argv: list[str]) -> dict[str, Any]:
+    def run(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    try:
+        galore = version("galore-torch")
+    except PackageNotFoundError:
+        galore = "not installed"
+    return {"command": "python -m bench.molegrad_quality " + shlex.join(argv), "git": git_info(),
+            "git_revision": run(["git", "rev-parse", "HEAD"]), "git_diff_stat": run(["git", "diff", "--stat", "HEAD"]),
+            "machine": hardware_info(), "software": {**software_info(), "galore_torch": galore}}
+
+
+def plot(arms: dict[str, Any], path: Path) -> Path | None:
+    from nanochat.report import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, entry in arms.items():
+        points = sorted((p["tokens"], p["gap_pct"], p["spread"]) for p in entry["budgets"].values() if p.get("gap_pct") is not None)
+        if arm == "dense_muon" or not points:
+            continue
+        tokens, gaps, spreads = zip(*points)
+        ax.errorbar(tokens, gaps, yerr=[100 * s / max(1e-9, entry["budgets"][max(entry["budgets"], key=int)]["heldout_bpb"]) / 2
+                                        for s in spreads], marker="o", capsize=3, label=arm)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out val bpb gap to dense Muon (%)")
+    ax.set_title("MoleGrad quality vs tokens (CPU bench, 1 block, width 256)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def tokens_text(tokens: int) -> str:
+    return f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}k" if tokens >= 1e3 else str(tokens)
+
+
+def print_table(arms: dict[str, Any], cfg: QualityConfig) -> None:
+    steps = [str(s) for s in budgets(cfg)]
+    header = f"{'arm':<14}{'lr':>8}{'GFLOP/tok':>10}{'state MB':>9}{'step s':>8}{'energy':>7}"
+    header += "".join(f"{'bpb@' + tokens_text(int(s) * cfg.batch_size * cfg.seq_len):>13}{'gap':>7}" for s in steps)
+    print0(header + f"{'eqFLOPs':>9}")
+    for arm, e in arms.items():
+        line = f"{arm:<14}{(e['lr'] or float('nan')):>8.4f}{e['flops_per_token'] / 1e9:>10.4f}{e['state_bytes'] / 1e6:>9.2f}"
+        line += f"{(e.get('step_s') or float('nan')):>8.3f}" + (f"{e['energy']:>7.2f}" if e.get("energy") is not None else f"{'-':>7}")
+        for s in steps:
+            p = e["budgets"].get(s)
+            line += (f"{p['heldout_bpb']:>8.4f}±{p['spread'] / 2:<4.3f}" + (f"{p['gap_pct']:>+6.1f}%" if p.get("gap_pct") is not None else f"{'-':>7}")) if p else f"{'-':>13}{'-':>7}"
+        eq = e.get("bpb_vs_dense_at_equal_flops_pct")
+        print0(line + (f"{eq:>+8.1f}%" if eq is not None else f"{'-':>9}"))
+
+
+def run(cfg: QualityConfig, argv: list[str]) -> dict[str, Any]:
+    out = Path(cfg.out)
+    cache = out.with_suffix(".tokens.pt")
+    runs = load_results(out, cfg)
+    started, load_before = time.strftime("%Y-%m-%dT%H:%M:%S"), os.getloadavg()
+    data = prepare_data(cfg, cache)
+    info = provenance(argv)
+
+    def save() -> dict[str, Any]:
+        arms = summarize(runs, cfg, data.vocab_size)
+        result = {**info, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "load_average_at_start": load_before, "load_average_now": os.getloadavg(), "config": asdict(cfg),
+                  "budgets_steps": budgets(cfg), "block_params": block_params(model_config(cfg, "dense_muon", data.vocab_size)),
+                  "vocab_size": data.vocab_size, "runs": sorted(runs.values(), key=lambda r: r["key"]), "arms": arms,
+                  "goals": goals(arms, cfg)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
+        return result
+
+    todo = [spec for arm in cfg.arm_names() for spec in sweep_specs(cfg, arm) if spec.key not in runs]
+    print0(f"{len(runs)} runs found in {out}; budgets {budgets(cfg)} steps of {cfg.batch_size} x {cfg.seq_len} tokens; "
+           f"{cfg.jobs} at a time")
+    with make_pool(cfg, cache) as pool:
+        pending = {pool.submit(_worker_run, spec): spec for spec in todo}
+        queued = set(runs) | {spec.key for spec in todo}
+        while pending:
+            for future in as_completed(list(pending)):
+                spec = pending.pop(future)
+                result = future.result()
+                runs[result["key"]] = result
+                print0(f"  {spec.arm:<14} steps {spec.steps:>5} lr {spec.lr:<8.4g} seed {spec.seed}: held-out bpb "
+                       f"{result['heldout_bpb']:.4f} (selection {result['selection_bpb']:.4f}), {result['seconds']:.0f} s")
+                save()
+                for arm in cfg.arm_names():  # an arm's sweep done: queue its budgets at the chosen LR
+                    lr = chosen_lr(runs, cfg, arm)
+                    for final in final_specs(cfg, arm, lr) if lr is not None else []:
+                        if final.key not in queued:
+                            queued.add(final.key)
+                            pending[pool.submit(_worker_run, final)] = final
+                break
+    result = save()
+    print_table(result["arms"], cfg)
+    for goal, passed in result["goals"].items():
+        print0(f"  {'n/a ' if passed is None else 'PASS' if passed else 'FAIL'}  {goal}")
+    picture = plot(result["arms"], out.with_suffix(".png"))
+    print0(f"wrote {out} and {picture}")
+    print0(json.dumps({"bench": "molegrad_quality", "out": str(out), "arms": result["arms"], "goals": result["goals"]}))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_args(QualityConfig, argv, prog="python -m bench.molegrad_quality")
+    return run_main(lambda cfg: run(cfg, argv), cfg)
+
+
+if __name__ == "__main__":
+    main()
