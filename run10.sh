@@ -5,9 +5,17 @@
 #   WANDB_RUN=myrun bash run10.sh       # with wandb logging
 #
 # Sizing (why these numbers): depth 12 (~140M params with the 65,536-token embedding and head),
-# 8192-token context at device_batch_size=1, MoleGrad rank 32 on the MLPs so activations fit in
-# 32 GB (the memory plan below is printed first and the run stops if it does not fit), about
-# 10 tokens per parameter of pretraining. Every size is an environment variable, so the same
+# 8192-token context at device_batch_size=1, about 10 tokens per parameter of pretraining. d12 at
+# 8192 tokens needs no memory saving on a 32 GB card (planned peak ~6 GiB dense), so the default is
+# plain dense training (MEMORY_MODE=custom). Which mode for which card and size, from the planner
+# (python -m nanochat.memory --sweep_depths=True --gpu_memory=16GB|24GB|32GB; 8192 x 1, vocab 65,536):
+#   deepest depth        16 GB   24 GB   32 GB
+#   dense                 20      26      29      fastest; pick it whenever it fits
+#   recompute=block       24      28      32
+#   MEMORY_MODE=keep_h    24      32      36      MoleGrad on all Linears, h kept: fewer dW FLOPs
+#   MEMORY_MODE=lowest    32      40      45      block recompute + MoleGrad on all + low-rank momentum
+# e.g. MEMORY_MODE=lowest DEPTH=40 GPU_MEMORY=24GB bash run10.sh. The memory plan below is printed
+# first and the run stops if it does not fit. Every size is an environment variable, so the same
 # command lines run tiny on CPU (tests/test_run10.py runs exactly this file with tiny values).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,7 +28,8 @@ DEPTH=${DEPTH:-12}
 SEQ=${SEQ:-8192}
 DEVICE_BATCH=${DEVICE_BATCH:-1}
 TOTAL_BATCH=${TOTAL_BATCH:-262144}          # tokens per optimizer step (32 x 8192)
-RANK_K=${RANK_K:-32}
+RANK_K=${RANK_K:-32}                         # MoleGrad rank, for MEMORY_MODE=lowest|keep_h
+MEMORY_MODE=${MEMORY_MODE:-custom}           # custom (dense) | lowest | keep_h
 DATA_RATIO=${DATA_RATIO:-10}                 # tokens per parameter
 NUM_SHARDS=${NUM_SHARDS:-60}                 # ~250M chars each: enough text for DATA_RATIO
 DATA_SOURCE=${DATA_SOURCE:-auto}             # auto: FineWeb-Edu online, the local corpus offline
@@ -43,9 +52,9 @@ if [ -z "${NANOCHAT_SKIP_SETUP:-}" ]; then
 fi
 
 # 0. the memory plan for these settings, first: stop here if it does not fit the GPU
-python -m nanochat.memory --depth="$DEPTH" --max_seq_len="$SEQ" --device_batch_size="$DEVICE_BATCH" \
-    --enable_streaming=True --streaming_rank_k="$RANK_K" --streaming_target_layers=ffn_only \
-    --vocab_size="$VOCAB" --gpu_memory="$GPU_MEMORY" --require_fit=True
+MEMORY_FLAGS="--memory_mode=$MEMORY_MODE --streaming_rank_k=$RANK_K"
+python -m nanochat.memory --depth="$DEPTH" --max_seq_len="$SEQ" --device_batch_size="$DEVICE_BATCH" $MEMORY_FLAGS \
+    --vocab_size="$VOCAB" --gpu_memory="$GPU_MEMORY" --grad_accum_steps=$((TOTAL_BATCH / (DEVICE_BATCH * SEQ))) --require_fit=True
 
 python -m nanochat.report reset
 
@@ -59,24 +68,22 @@ python -m scripts.tok_train --vocab_size="$VOCAB" --max_chars="$TOK_CHARS"
 python -m scripts.tok_eval
 wait "$DATA_PID"
 
-# 3. pretraining with MoleGrad at long context
+# 3. pretraining at long context
 python -m scripts.base_train --run="$WANDB_RUN" --depth="$DEPTH" --max_seq_len="$SEQ" \
     --device_batch_size="$DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH" --target_param_data_ratio="$DATA_RATIO" \
-    --num_iterations="$BASE_STEPS" --eval_tokens="$EVAL_TOKENS" --save_every=500 \
-    --enable_streaming=True --streaming_rank_k="$RANK_K" --streaming_power_iters=1 \
-    --streaming_target_layers=ffn_only --streaming_warm_start_decay=0.95 $EXTRA_TRAIN_FLAGS
+    --num_iterations="$BASE_STEPS" --eval_tokens="$EVAL_TOKENS" --save_every=500 $MEMORY_FLAGS $EXTRA_TRAIN_FLAGS
 python -m scripts.base_loss --model_tag="d$DEPTH"
 python -m scripts.base_eval --model_tag="d$DEPTH" --max_per_task="$CORE_PER_TASK"
 
 # 4. midtraining, SFT, RL (shorter context: conversations are short)
 python -m scripts.mid_train --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
     --device_batch_size=$((DEVICE_BATCH * 4)) --total_batch_size=$((DEVICE_BATCH * 4 * CHAT_SEQ * 8)) \
-    --num_iterations="$MID_STEPS" --eval_tokens="$EVAL_TOKENS" $EXTRA_TRAIN_FLAGS
+    --num_iterations="$MID_STEPS" --eval_tokens="$EVAL_TOKENS" $MEMORY_FLAGS $EXTRA_TRAIN_FLAGS
 python -m scripts.chat_eval -i mid -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
 python -m scripts.chat_sft --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
-    --num_iterations="$SFT_STEPS" $EXTRA_TRAIN_FLAGS
+    --num_iterations="$SFT_STEPS" $MEMORY_FLAGS $EXTRA_TRAIN_FLAGS
 python -m scripts.chat_eval -i sft -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
-python -m scripts.chat_rl --run="$WANDB_RUN" --model_tag="d$DEPTH" --num_iterations="$RL_STEPS" $RL_FLAGS $EXTRA_TRAIN_FLAGS
+python -m scripts.chat_rl --run="$WANDB_RUN" --model_tag="d$DEPTH" --num_iterations="$RL_STEPS" $RL_FLAGS $MEMORY_FLAGS $EXTRA_TRAIN_FLAGS
 python -m scripts.chat_eval -i rl -c "d$DEPTH" -a GSM8K --max_problems="$EVAL_PROBLEMS"
 
 # 5. the report card

@@ -1,7 +1,7 @@
 """Device, dtype, distributed init, paths, logging, seeding, the error wrapper, the MFU
 denominator and experiment tracking: once, for every script.
 
-CPU threads: 0 = all cores, split among the ranks (`--threads` overrides).
+CPU threads: 0 = all cores, split among the ranks on this machine (`--threads` overrides).
 """
 
 from __future__ import annotations
@@ -233,7 +233,8 @@ def compute_init(flags: RuntimeFlags | None = None, **overrides: Any) -> RunCont
     else:
         dev = torch.device(device_type)
     if device_type == "cpu":
-        set_cpu_threads(flags.threads if flags.threads > 0 else max(1, (os.cpu_count() or 1) // max(1, world_size)))
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if ddp else 1  # this machine's share, not the job's
+        set_cpu_threads(flags.threads if flags.threads > 0 else max(1, (os.cpu_count() or 1) // max(1, ranks_here)))
     if ddp and world_size > 1 and not dist.is_initialized():
         distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", dev if device_type == "cuda" else None)
     seed_everything(flags.seed)

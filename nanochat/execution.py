@@ -8,17 +8,18 @@ here: it is a restricted in-process evaluator (nanochat/calculator.py).
 
 Two isolation modes, chosen by `isolation=` or else the NANOCHAT_SANDBOX variable:
 - "os" (the default): the operating system isolates the child. bubblewrap (`bwrap`, Debian
-  `bubblewrap`) puts it in new user, mount, PID, network, IPC and UTS namespaces: it sees
-  /usr and the Python install read-only, a private /proc and /dev, and a size-capped tmpfs as
-  its only writable directory; it has no network and no capabilities, is `nobody` in its own
-  user namespace, and every process in it dies with it. Where bwrap is missing or the kernel refuses, every call raises
-  SandboxUnavailable with one line; nothing falls back silently.
+  `bubblewrap`) puts it in new mount, PID, network, IPC and UTS namespaces: it sees /usr and
+  the Python install read-only, a private /proc and /dev, and a size-capped tmpfs as its only
+  writable directory; it has no network and no capabilities, runs as `nobody` (under a root
+  parent; else as the caller in a user namespace), and every process in it dies with it.
+  Where bwrap is missing or the kernel refuses, every call raises SandboxUnavailable with one
+  line; nothing falls back silently.
 - "python": the weaker mode, only when asked for: a plain child process on the host
   filesystem, guarded by the layers below alone (docs/sandbox.md says what that leaves open).
-Both modes add, inside the child: rlimits (address space, CPU, file size, processes, core), a
-scrubbed environment, stdin from an unlinked file, a seccomp filter (no exec, fork, sockets,
-signals to other processes, ptrace, mount, namespaces, ...: see sandbox_child.seccomp_program) where the
-kernel and architecture allow it, and today's Python-level prelude as the innermost layer.
+Both modes add: rlimits (address space, CPU, file size, processes, core), a scrubbed
+environment, stdin from an unlinked file, a seccomp filter where the kernel and architecture
+allow it (no exec, fork, sockets, signals to other processes, ptrace, mount, namespaces, ...:
+sandbox_child.seccomp_program), and the Python-level prelude as the innermost layer.
 
 A HumanEval verdict never comes from the process running the generated code: the solution runs
 in one sandbox and answers calls with plain data (JSON), the tests run in a second sandbox that
@@ -68,13 +69,13 @@ _READ_CHUNK_BYTES = 64 * 1024
 # Paths inside the "os" sandbox.
 _SANDBOX_WORKDIR = "/sandbox"
 _SANDBOX_RUNNER = "/run/nanochat/sandbox_child.py"
-_SANDBOX_UID = 65534  # nobody, inside the user namespace
+_SANDBOX_UID = 65534  # nobody: what a root parent's "os" sandbox runs as
 # What the parent waits for at most when it checks that the sandbox works at all.
 _PROBE_TIMEOUT = 30.0
 
 
 class SandboxUnavailable(UserError):
-    """The requested isolation cannot run here; the message is one line saying why and what to do."""
+    """The requested isolation cannot run here; the one-line message says why and what to do."""
 
 
 @dataclass
@@ -158,6 +159,10 @@ def run_humaneval_check(problem: dict, completion: str, timeout: float = 5.0,
                  (call_write, reply_read))):
             children.append(_spawn(code, config, fds, timeout, memory_limit_mb, 64_000,
                                    status.isolation, status.seccomp))
+    except BaseException:
+        for child in children:
+            child.close()
+        raise
     finally:
         # The children have their copies; the parent must hold none, so each side sees EOF
         # when the other one ends.
@@ -182,10 +187,16 @@ def run_humaneval_check(problem: dict, completion: str, timeout: float = 5.0,
     return result(check.status, check.error)
 
 
-@functools.lru_cache(maxsize=None)
 def sandbox_status(isolation: str | None = None) -> SandboxStatus:
-    """Probe (once per process) whether `isolation` runs here, with or without seccomp."""
-    isolation = _isolation(isolation)
+    """Whether `isolation` (default: $NANOCHAT_SANDBOX, else "os") runs here, and with seccomp.
+
+    Probed once per process and mode, by a trivial run.
+    """
+    return _probe(_isolation(isolation))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(isolation: str) -> SandboxStatus:
     if isolation == "os":
         problem = _os_sandbox_problem()
         if problem:
@@ -231,18 +242,21 @@ def _isolation(isolation: str | None) -> str:
 
 
 def _require(isolation: str | None) -> SandboxStatus:
-    status = sandbox_status(_isolation(isolation))
+    status = sandbox_status(isolation)
     if not status.available:
-        raise SandboxUnavailable(
-            f"sandbox: {status.isolation} isolation is unavailable here ({status.reason}); "
-            f"install bubblewrap (runs/setup_env.sh does), or set {ISOLATION_ENV}=python to "
-            "accept the weaker Python-level guard (docs/sandbox.md)")
+        remedy = ("install bubblewrap (runs/setup_env.sh does), or set "
+                  f"{ISOLATION_ENV}=python to accept the weaker Python-level guard"
+                  if status.isolation == "os" else "see the reason")
+        raise SandboxUnavailable(f"sandbox: {status.isolation} isolation is unavailable here "
+                                 f"({status.reason}); {remedy} (docs/sandbox.md)")
     return status
 
 
 def _probe_failure(result: ExecutionResult) -> str:
     lines = [line for line in (result.stderr or "").splitlines() if line.strip()]
-    return lines[0].strip() if lines else f"a trivial run ended with {result.status}: {result.error}"
+    if lines:
+        return lines[-1].strip()
+    return f"a trivial run ended with {result.status}: {result.error}"
 
 
 def _bwrap() -> str | None:
@@ -276,18 +290,37 @@ def _os_sandbox_problem() -> str | None:
     return None
 
 
+def _privileged() -> bool:
+    return os.geteuid() == 0
+
+
 def _bwrap_command(workdir: str) -> list[str]:
+    if _privileged():
+        # As root, a user namespace would map the sandbox to root outside it (the owner of
+        # every root-owned file it can see, /proc/sys included). Instead: new mount, PID,
+        # network, IPC, UTS and (where possible) cgroup namespaces, every capability dropped
+        # but the two the child needs to become `nobody` for real (a host uid owning nothing)
+        # before any generated code runs.
+        isolation = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+                     "--unshare-cgroup-try", "--cap-drop", "ALL",
+                     "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        # Unprivileged: the same in a new user namespace (the caller's own uid, no
+        # capabilities), with no further user namespaces inside.
+        isolation = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
     command = [
-        _bwrap() or "bwrap",
-        # New user (mapped to `nobody`, no capabilities), mount, PID, network, IPC, UTS and
-        # (where possible) cgroup namespaces; no further user namespaces inside.
-        "--unshare-all", "--unshare-user", "--disable-userns",
-        "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID), "--cap-drop", "ALL",
-        "--hostname", "sandbox",
+        _bwrap() or "bwrap", *isolation, "--hostname", "sandbox",
         # The whole sandbox is SIGKILLed when the parent dies; a new session blocks TIOCSTI.
         "--die-with-parent", "--new-session",
     ]
     for tree in _python_trees():
+        # Its parents as plain 0755 directories: bwrap would copy their host modes (a
+        # pyenv under /root is 0700), and the sandbox's `nobody` must reach the tree.
+        parents = [os.path.dirname(tree)]
+        while parents[-1] != "/":
+            parents.append(os.path.dirname(parents[-1]))
+        for parent in reversed(parents[:-1]):
+            command += ["--perms", "0755", "--dir", parent]
         command += ["--ro-bind", tree, tree]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):  # merged /usr: the usual symlinks into it
@@ -297,7 +330,7 @@ def _bwrap_command(workdir: str) -> list[str]:
     command += [
         "--ro-bind", os.path.realpath(sandbox_child.__file__), _SANDBOX_RUNNER,
         "--proc", "/proc", "--dev", "/dev",
-        "--perms", "0700", "--size", str(_WORKDIR_BYTES), "--tmpfs", workdir,
+        "--perms", "01777", "--size", str(_WORKDIR_BYTES), "--tmpfs", workdir,
         # Last: everything but the work dir (and the device nodes themselves) is read-only.
         "--remount-ro", "/", "--remount-ro", "/dev",
         "--chdir", workdir,
@@ -448,7 +481,8 @@ def _spawn(code: str, config: dict[str, Any], fds: tuple[int, ...], timeout: flo
         else:
             host_workdir = workdir = cwd = tempfile.mkdtemp(prefix="nanochat-sandbox-")
             command = [_python(), "-I", "-S", "-B", os.path.realpath(sandbox_child.__file__)]
-        config = {**config, "report": report_write, "seccomp": seccomp}
+        config = {**config, "report": report_write, "seccomp": seccomp,
+                  "become": _SANDBOX_UID if isolation == "os" and _privileged() else None}
         # An unlinked file as stdin: the code never sits anywhere the child could rewrite it.
         with tempfile.TemporaryFile() as code_file:
             code_file.write(code.encode("utf-8"))

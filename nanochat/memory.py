@@ -3,7 +3,8 @@
     python -m nanochat.memory --depth=12 --max_seq_len=8192 --device_batch_size=1 --enable_streaming=True \\
         --streaming_rank_k=32 --streaming_target_layers=ffn_only --gpu_memory=32GB --require_fit=True
     python -m nanochat.memory --depth=4 --max_seq_len=1024 --device_batch_size=4 --vocab_size=8192 --measure=True
-    python -m nanochat.memory --sweep_depths=True      # the deepest model that fits, with and without MoleGrad
+    python -m nanochat.memory --depth=40 --memory_mode=lowest --gpu_memory=24GB --require_fit=True
+    python -m nanochat.memory --sweep_depths=True      # the deepest model that fits, per memory mode
 
 What a training step keeps alive (bytes; d = width, L = blocks, V = vocabulary, N = tokens of a
 micro-batch, T = sequence length, item = 2 under bf16 autocast, 4 in fp32):
@@ -41,15 +42,15 @@ a fresh process whose glibc malloc returns freed blocks to the system at once (n
 its resident set before the model was built.
 
 Checked on CPU (tests/test_memory.py; e.g. `python -m nanochat.memory --depth=4 --max_seq_len=1024
---device_batch_size=4 --vocab_size=8192 --dtype=bfloat16 --grad_accum_steps=1 --measure=True`): within 1%
-of the measured peak for dense, recompute=mlp|block and MoleGrad ffn_only|all, fp32 and bf16.
+--device_batch_size=4 --vocab_size=8192 --dtype=bfloat16 --grad_accum_steps=1 --measure=True`): saved
+bytes exactly, peaks within 2-7% for dense, recompute=block, MoleGrad and the memory modes.
 
-What fits (`python -m nanochat.memory --sweep_depths=True`): 8192 tokens x 1 sequence, vocab 65,536,
-bf16 compute, fp32 master weights, gradient accumulation, 32 GB less 1 GiB: dense up to depth 28,
-recompute=block 32, MoleGrad ffn_only k=32 (run10.sh) 31, the same with low-rank momentum 33, MoleGrad
-on all six Linears with low-rank momentum 36. At this batch the model state (weights, gradients,
-momentum) is most of the memory, so MoleGrad's missing (out, in) gradients and momenta count for more
-than its smaller activations.
+What fits (`python -m nanochat.memory --sweep_depths=True --gpu_memory=16GB|24GB|32GB`, card presets
+of real memory, GPU_PRESETS): 8192 tokens x 1, vocab 65,536, bf16 compute, fp32 master weights; on a
+32 GB card dense fits depth 29, recompute=block 32, MoleGrad ffn k=32 32, --memory_mode=keep_h 36,
+--memory_mode=lowest 45 (table for every card: docs/memory.md). At this batch the model state
+(weights, gradients, momentum) is most of the memory, so MoleGrad's missing (out, in) gradients and
+momenta count for more than its smaller activations.
 """
 
 from __future__ import annotations
@@ -67,7 +68,16 @@ import torch
 
 from nanochat.common import RunContext, cpu_has_native_bf16, fail
 from nanochat.config import check, parse_args
-from nanochat.gpt import BLOCK_LINEARS, GPT, RECOMPUTE_MODES, ROTARY_LENGTH_FACTOR, GPTConfig, config_from_depth
+from nanochat.gpt import (
+    BLOCK_LINEARS,
+    GPT,
+    MEMORY_MODES,
+    RECOMPUTE_MODES,
+    ROTARY_LENGTH_FACTOR,
+    GPTConfig,
+    apply_memory_mode,
+    config_from_depth,
+)
 from nanochat.ops import LOSS_CHUNK_ROWS
 from nanochat.optim import setup_optimizers
 from nanochat.streaming_linear import STREAMING_MOMENTA, STREAMING_TARGET_LINEARS, STREAMING_TARGETS
@@ -294,7 +304,10 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
         recomputed = N * block_saved_bytes_per_token(rerun, item) + block_saved_weight_bytes(rerun, item)
         if config.recompute == "mlp":
             recomputed -= N * block_saved_bytes_per_token(replace(config, recompute="mlp"), item)
-    add("transient: backward workspace", N * (8 * d * item + 2 * FP32 * d) + recomputed + (FP32 + item) * dense_block,
+    # h and dh (N x 4d each); inside a recompute h is among the recomputed activations already
+    mlp_temporaries = (4 if config.recompute != "none" else 8) * d * item
+    weight_grad_copies = FP32 + (item if item != FP32 else 0)  # fp32 p.grad, and under bf16 the bf16 matmul result
+    add("transient: backward workspace", N * (mlp_temporaries + 2 * FP32 * d) + recomputed + weight_grad_copies * dense_block,
         "one block: h and dh (N x 4d each), residual gradients, recomputed activations, its weight gradients")
     largest = max(shapes.values(), key=lambda s: s[0] * s[1])
     ns_item = 2 if device_type == "cuda" or cpu_has_native_bf16() else 4
@@ -349,6 +362,17 @@ def parse_size(text: str) -> int:
     if match is None or match.group(2).lower() not in SIZE_UNITS:
         raise ValueError(f"expected a size like 32GB or 24GiB, got {text!r}")
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+# --gpu_memory=16GB|24GB|32GB: a card of that class as the driver reports it (nvidia-smi's total,
+# e.g. RTX 5080 16303 MiB, RTX 4090 24564 MiB, RTX 5090 32607 MiB), not 10^9-byte gigabytes;
+# --reserve covers the CUDA context and the allocator's fragmentation.
+GPU_PRESETS = {"16GB": 16303 * MiB, "24GB": 24564 * MiB, "32GB": 32607 * MiB}
+
+
+def gpu_bytes(text: str) -> int:
+    """A GPU's memory: a GPU_PRESETS name (16GB, 24GB, 32GB) or an explicit size ('24GiB', '23.5GiB')."""
+    return GPU_PRESETS[text] if text in GPU_PRESETS else parse_size(text)
 
 
 def format_size(size: float) -> str:
@@ -466,7 +490,11 @@ class MemoryFlags:
     streaming_target_layers: str = field(default="ffn_only", metadata={"help": "MoleGrad targets", "choices": STREAMING_TARGETS})
     streaming_momentum: str = field(default="dense", metadata={"help": "Muon momentum of MoleGrad matrices",
                                                                "choices": STREAMING_MOMENTA})
-    gpu_memory: str = field(default="32GB", metadata={"help": "memory of the GPU, e.g. 32GB or 24GiB"})
+    streaming_keep_h: bool = field(default=False, metadata={"help": "MoleGrad MLP keeps h instead of recomputing it"})
+    memory_mode: str = field(default="custom", metadata={"help": "custom (the flags above) or a preset (gpt.MEMORY_MODES)",
+                                                         "choices": ("custom", *MEMORY_MODES)})
+    gpu_memory: str = field(default="32GB", metadata={
+        "help": f"memory of the GPU: {'|'.join(GPU_PRESETS)} (a card's real memory, GPU_PRESETS) or a size, e.g. 23.5GiB"})
     reserve: str = field(default="1GiB", metadata={"help": "CUDA context and allocator fragmentation, added to the peak"})
     require_fit: bool = field(default=False, metadata={"help": f"exit with status {DOES_NOT_FIT} if it does not fit"})
     measure: bool = field(default=False, metadata={"help": "also run 2 real training steps and compare (CUDA if "
@@ -480,22 +508,32 @@ class MemoryFlags:
         check(self.vocab_size >= 2, f"--vocab_size: expected >= 2, got {self.vocab_size}")
         check(self.grad_accum_steps >= 1, f"--grad_accum_steps: expected >= 1, got {self.grad_accum_steps}")
         check(self.streaming_rank_k >= 1, f"--streaming_rank_k: expected >= 1, got {self.streaming_rank_k}")
-        for name in ("gpu_memory", "reserve"):
+        for name, parse in (("gpu_memory", gpu_bytes), ("reserve", parse_size)):
             try:
-                parse_size(getattr(self, name))
+                parse(getattr(self, name))
             except ValueError as e:
                 check(False, f"--{name}: {e}")
+        try:
+            self.model_config()
+        except ValueError as e:
+            check(False, str(e))
 
-    def model_config(self, depth: int | None = None, **overrides: Any) -> GPTConfig:
-        options = dict(recompute=self.recompute, streaming_rank_k=self.streaming_rank_k if self.enable_streaming else 0,
-                       streaming_targets=self.streaming_target_layers, streaming_momentum=self.streaming_momentum)
+    def model_config(self, depth: int | None = None, memory_mode: str | None = None, **overrides: Any) -> GPTConfig:
+        """GPTConfig at `depth` (default --depth) in `memory_mode` (default --memory_mode); `overrides`
+        replace flag values (GPTConfig names) before the mode applies."""
+        mode = self.memory_mode if memory_mode is None else memory_mode
+        options = dict(recompute=self.recompute,
+                       streaming_rank_k=self.streaming_rank_k if self.enable_streaming or mode != "custom" else 0,
+                       streaming_targets=self.streaming_target_layers, streaming_momentum=self.streaming_momentum,
+                       streaming_keep_h=self.streaming_keep_h)
         options.update(overrides)
-        return config_from_depth(self.depth if depth is None else depth, self.vocab_size, self.max_seq_len, **options)
+        return config_from_depth(self.depth if depth is None else depth, self.vocab_size, self.max_seq_len,
+                                 **apply_memory_mode(mode, options))
 
 
 def describe(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int) -> str:
-    molegrad = (f"MoleGrad {config.streaming_targets} k={config.streaming_rank_k} ({config.streaming_momentum} momentum)"
-                if config.streaming_rank_k else "no MoleGrad")
+    molegrad = (f"MoleGrad {config.streaming_targets} k={config.streaming_rank_k} ({config.streaming_momentum} momentum"
+                f"{', h kept' if config.streaming_keep_h else ''})" if config.streaming_rank_k else "no MoleGrad")
     compute = "bf16 autocast" if dtype == "bfloat16" else "fp32"
     accum = "gradient accumulation" if grad_accum_steps > 1 else "one micro-batch per step"
     return (f"depth {config.n_layer} (width {config.n_embd}, {config.n_head} heads), {batch_size} x {config.sequence_len} "
@@ -521,26 +559,30 @@ def fit_line(peak: int, reserve: int, budget: int, budget_text: str) -> tuple[bo
                   f"{format_size(reserve)} = {format_size(need)}, headroom {format_size(budget - need)}")
 
 
+# name -> (memory mode, GPTConfig options): the settings --sweep_depths compares
 SWEEP_ARMS = {
-    "dense": dict(recompute="none", streaming_rank_k=0),
-    "recompute=block": dict(recompute="block", streaming_rank_k=0),
-    "MoleGrad ffn k32": dict(recompute="none", streaming_targets="ffn_only", streaming_momentum="dense"),
-    "MoleGrad ffn k32 lowrank": dict(recompute="none", streaming_targets="ffn_only", streaming_momentum="lowrank"),
-    "MoleGrad all k32 lowrank": dict(recompute="none", streaming_targets="all", streaming_momentum="lowrank"),
+    "dense": ("custom", dict(recompute="none", streaming_rank_k=0)),
+    "recompute=block": ("custom", dict(recompute="block", streaming_rank_k=0)),
+    "MoleGrad ffn k32": ("custom", dict(recompute="none", streaming_targets="ffn_only", streaming_momentum="dense")),
+    "MoleGrad all k32 lowrank": ("custom", dict(recompute="none", streaming_targets="all", streaming_momentum="lowrank")),
+    "keep_h k32": ("keep_h", {}),
+    "lowest k32": ("lowest", {}),
 }
 
 
 def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, int]:
     """Peak per depth for each SWEEP_ARMS setting (MoleGrad at --streaming_rank_k); returns the
     deepest depth that fits per setting (0 = none)."""
-    budget, reserve = parse_size(flags.gpu_memory), parse_size(flags.reserve)
+    budget, reserve = gpu_bytes(flags.gpu_memory), parse_size(flags.reserve)
     deepest = {arm: 0 for arm in SWEEP_ARMS}
     rows = []
     for depth in range(1, max_depth + 1):
         peaks = {}
-        for arm, options in SWEEP_ARMS.items():
+        for arm, (mode, options) in SWEEP_ARMS.items():
             options = {"streaming_rank_k": flags.streaming_rank_k, **options}
-            config = flags.model_config(depth, **options)
+            defaults = {} if mode == "custom" else dict(recompute="none", streaming_targets="ffn_only",
+                                                       streaming_momentum="dense", streaming_keep_h=False)
+            config = flags.model_config(depth, mode, **defaults, **options)
             peaks[arm] = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps).peak
             if peaks[arm] + reserve <= budget:
                 deepest[arm] = depth
@@ -579,7 +621,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps, plan_device)
     print(f"memory plan ({plan_device}): " + describe(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps))
     print(format_plan(plan))
-    fits, line = fit_line(plan.peak, parse_size(flags.reserve), parse_size(flags.gpu_memory), flags.gpu_memory)
+    fits, line = fit_line(plan.peak, parse_size(flags.reserve), gpu_bytes(flags.gpu_memory), flags.gpu_memory)
     print(line)
     out: dict[str, Any] = {"peak_bytes": plan.peak, "fits": fits, "components": plan.components, "phases": plan.phases}
     if flags.measure:

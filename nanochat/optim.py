@@ -359,8 +359,12 @@ def update_subspaces(model: nn.Module, optimizers: Iterable[torch.optim.Optimize
     """Moves every MoleGrad layer's Q one step and carries optimizer state kept in Q's coordinates
     along. Call once per optimizer step, after every optimizer.step() (and, under DDP, after the
     layers' step_statistics() were all-reduced)."""
-    for layer in streaming_layers(model):
-        q_old, q_new = layer.update_subspace()
+    layers = streaming_layers(model)
+    if not layers:
+        return
+    observed = (torch.cat([layer.tokens_step for layer in layers]) > 0).tolist()  # one host sync per step
+    for layer, seen in zip(layers, observed):
+        q_old, q_new = layer.update_subspace(seen)
         if q_new is q_old:  # no training forward since the last update: Q did not move
             continue
         for opt in optimizers:

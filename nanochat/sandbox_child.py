@@ -100,8 +100,9 @@ _SECCOMP_DENIED = (
     "setdomainname", "mknod", "mknodat", "personality", "uselib", "lookup_dcookie", "vhangup",
 )
 _CLONE_THREAD = 0x00010000
-_CLONE_NAMESPACES = 0x00000080 | 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | \
-    0x10000000 | 0x20000000 | 0x40000000  # NEWTIME NEWNS NEWCGROUP NEWUTS NEWIPC NEWUSER NEWPID NEWNET
+# CLONE_NEWTIME, NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
+_CLONE_NAMESPACES = (0x00000080 | 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000
+                     | 0x10000000 | 0x20000000 | 0x40000000)
 _AF_UNIX = 1
 _X32_SYSCALL_BIT = 0x40000000
 _RET_KILL_PROCESS, _RET_ALLOW, _RET_ERRNO = 0x80000000, 0x7FFF0000, 0x00050000
@@ -216,6 +217,12 @@ def child_main(config: dict[str, Any]) -> int:
     mode = config["mode"]
     code = sys.stdin.buffer.read().decode("utf-8")
     os.environ.pop("PWD", None)  # bwrap sets it; the environment is exactly the parent's four
+    if config.get("become") is not None:
+        try:
+            _become(config["become"])
+        except OSError as exc:
+            _write_report(report_fd, "error", f"sandbox: could not drop privileges: {exc}")
+            return 1
     try:
         _harden(config["seccomp"])
     except OSError as exc:
@@ -281,12 +288,28 @@ def _classify(exc: BaseException, exit_passes: bool = True) -> tuple[str, str | 
     return "failed", error[:MAX_ERROR_CHARS]
 
 
+def _become(uid: int) -> None:
+    """Under a root parent: leave root for `uid` (user and group), with no capabilities left."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)  # all of real, effective and saved: the capabilities go with root
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    if (os.getresuid() != (uid,) * 3 or os.getresgid() != (uid,) * 3
+            or int(fields["CapEff"], 16) or int(fields["CapPrm"], 16)):
+        raise OSError(errno.EPERM, f"still uid {os.getresuid()} gid {os.getresgid()} with "
+                                   f"capabilities {fields['CapEff'].strip()}")
+
+
 def _harden(seccomp: bool) -> None:
-    """Before any user code: no new privileges, not dumpable (no /proc/PID/mem or fd access
-    by others), and the seccomp filter when asked for. Raises OSError if that fails."""
+    """With seccomp, before any user code: no new privileges, not dumpable (no /proc/PID/mem
+    or fd access by others), then the filter. Raises OSError if any step fails."""
     if not seccomp:
         return
-    import ctypes  # the prelude below drops it from sys.modules and blocks re-importing it
+    try:
+        import ctypes  # the prelude below drops it from sys.modules and blocks re-importing it
+    except ImportError as exc:
+        raise OSError(errno.ENOSYS, f"ctypes is missing: {exc}") from None
 
     libc = ctypes.CDLL(None, use_errno=True)
 
@@ -331,7 +354,10 @@ def _serve(function: Any, calls_fd: int, replies_fd: int) -> None:
             except Exception:  # noqa: BLE001
                 message = "<exception str() failed>"
             reply = {"raised": type(exc).__name__, "message": message}
-        _write_message(replies_fd, reply)
+        try:
+            _write_message(replies_fd, reply)
+        except ValueError as exc:  # too large to send
+            _write_message(replies_fd, {"raised": "ValueError", "message": str(exc)})
 
 
 def _candidate(name: str, replies_fd: int, calls_fd: int) -> Callable[..., Any]:

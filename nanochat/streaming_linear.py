@@ -12,6 +12,9 @@ orthonormal columns and persists across steps, and returns
 
 The factor lands in `layer.grad_factor` (float32, summed over the micro-batches of a step, which
 all use the same Q); `weight.grad` stays None. An optimizer reads (layer.grad_factor, layer.Q).
+grad_factor is the gradient of a leaf, `grad_sink` (out, k), that forward passes to the autograd
+Function: backward returns the factor as that leaf's gradient, so forward and backward change no
+Python state and torch.compile traces them into one graph (the statistics are buffer updates).
 
 Which Q. The error of dW is Gᵀ x (I - Q Qᵀ): small when Q spans the directions in which x has
 most of its energy, the top-k eigenvectors of C = xᵀx / N. Each layer tracks them from the inputs
@@ -39,21 +42,13 @@ costing 2·N·in·(k+e) FLOPs.
 Update ordering. Q changes only in update_subspace(), which the training loop calls once per
 optimizer step, after optimizer.step(): every micro-batch of a step, its backward and the optimizer
 see the same Q. It returns (Q_old, Q_new) for an optimizer that keeps state in Q's coordinates.
+Q's version is no Python int that a compiled graph would guard on: forward saves Q itself, so a
+Q moved before backward fails there through autograd's in-place check (eager). update_subspace()
+runs outside the model's forward, so outside any compiled graph.
 
-Memory of the MLP y = relu²(x W1ᵀ) W2ᵀ (d → 4d → d), values saved for backward per token, counted
-by storage (tests/test_streaming_linear.py::test_mlp_saved_values_per_token, fp32, d=32, k=4):
-
-    dense: nn.Linear, relu().square()         x, relu(h), relu²(h)       9d
-    MoleGrad on both linears                  x Q1, relu(h), relu²(h) Q2  4d + 2k
-    ... with a ReLU² that saves only h        x Q1, h, relu²(h) Q2        4d + 2k
-    streaming_mlp(): h recomputed in backward x, x Q1, relu²(h) Q2        d + 2k
-    (dense, MLP checkpointed: x only          x                           d, not measured)
-
-ReLU² needs h (or relu(h)) for an exact dX, so compressing W2's input saves nothing unless h is
-recomputed; eager relu().square() keeps relu(h) once (two saved tensors, one storage), so a ReLU²
-that saves only h saves no bytes, only a tensor. streaming_mlp() saves about as much as checkpointing
-and, counting matmuls of size N·d·4d, runs 2 forward + 3 backward (recompute h, dX through W2 and
-W1; the dW matmuls shrink to N·4d·k) against dense 2 + 4 and checkpointed 4 + 4.
+Memory: streaming_mlp() saves d + 2k values per token (x; h recomputed in backward) or, with
+keep_h, 4d + 2k (h instead of x: the backward skips recomputing it); what each variant saves, and why ReLU² makes
+compressing W2's input worthless unless h is recomputed: docs/memory.md.
 """
 
 from contextlib import contextmanager
@@ -215,19 +210,20 @@ class StreamingLinear(nn.Module):
         return self.sketch_step, self.energy_step, self.tokens_step
 
     @torch.no_grad()
-    def update_subspace(self) -> tuple[Tensor, Tensor]:
+    def update_subspace(self, observed: bool | None = None) -> tuple[Tensor, Tensor]:
         """Moves Q one power-iteration step towards the inputs' top-k subspace.
 
         Call once per optimizer step, after optimizer.step(). Returns (Q_old, Q_new), both
         (in, k): state kept in Q's coordinates moves as m_new = m_old (Q_oldᵀ Q_new). Drops
         grad_factor, which is expressed in Q_old. Without training forwards since the last
         update, nothing changes and the same tensor is returned twice (Q_new is Q_old).
+        observed: whether tokens_step > 0, if the caller knows (None = read it: a host sync).
         """
         q_old = self.Q.clone()
         if self.sketch.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"subspace buffers are {self.sketch.dtype}: expected float32 or "
                              f"float64; cast only the weight to low precision")
-        if self.tokens_step.item() == 0:  # one host sync per layer and step
+        if not (self.tokens_step.item() > 0 if observed is None else observed):
             return q_old, q_old
         k, beta = self.rank_k, self.warm_start_decay
         basis = torch.cat([self.Q, self.scouts], dim=1)                 # B: (in, k+e)

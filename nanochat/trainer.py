@@ -4,8 +4,8 @@ Each script owns its loop (read it top to bottom); what they have in common live
 the flags every stage takes (`TrainFlags`, including MoleGrad and recompute), building the model
 from flags, one optimisation step with gradient accumulation and clipping, the LR schedule
 application, progress/ETA/MFU reporting, checkpoint save/resume of the whole training state, and
-the guards: a memory plan checked before the model is built, and `Guard`, which stops a run whose
-loss, gradients or weights went non-finite or whose loss diverged, before anything bad is saved.
+`Guard`, which stops a run whose loss, gradients or weights went non-finite or whose loss
+diverged, before anything bad is saved.
 
 A resumed run trains with the LRs, schedule and options of its command line (the optimizer
 state keeps its moments, not its old hyperparameters); what cannot change on resume (the shapes of
@@ -43,7 +43,6 @@ from nanochat.common import RunContext, print0
 from nanochat.config import RuntimeFlags, UserError, check, to_dict
 from nanochat.distributed import AVG, all_reduce, wait_all
 from nanochat.gpt import MEMORY_MODES, RECOMPUTE_MODES, GPTConfig, apply_memory_mode
-from nanochat.memory import GiB, available_memory, plan_memory
 from nanochat.optim import apply_lr, get_lr_multiplier, get_muon_momentum, update_subspaces
 from nanochat.streaming_linear import STREAMING_MOMENTA, STREAMING_TARGETS, streaming_layers, zero_factor_grad
 
@@ -253,21 +252,6 @@ def schedule(step: int, num_iterations: int, flags: TrainFlags) -> tuple[float, 
 
 # ---------------------------------------------------------------------------------------------
 # guards
-
-def check_memory_fits(config: GPTConfig, device_batch_size: int, grad_accum: int, ctx: RunContext) -> None:
-    """ConfigError when nanochat.memory's plan of one training step exceeds the memory this device
-    has available (free GPU memory, MemAvailable on CPU); nothing is checked where that is unknown."""
-    available = available_memory(ctx.device)
-    if available is None:
-        return
-    dtype = "bfloat16" if ctx.dtype == torch.bfloat16 else "float32"
-    peak = plan_memory(config, device_batch_size, dtype, grad_accum, "cuda" if ctx.device_type == "cuda" else "cpu").peak
-    check(peak <= available,
-          f"--depth={config.n_layer} (width {config.n_embd}) with --device_batch_size={device_batch_size} x "
-          f"{config.sequence_len} tokens: the memory plan of a training step needs {peak / GiB:.1f} GiB, "
-          f"{ctx.device} has {available / GiB:.1f} GiB available (python -m nanochat.memory shows the plan); "
-          f"lower --depth, --device_batch_size or --max_seq_len, or try --memory_mode=lowest")
-
 
 class RunDiverged(UserError, RuntimeError):
     """The run stopped itself (a non-finite loss, gradient or weight, or a diverged loss); the

@@ -16,13 +16,17 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     .venv/bin/pip install -q -e ".[dev,hf,plot,bench]"
     touch "$STAMP"
 fi
-# tcmalloc: 5-10x faster small tensor ops on CPU than glibc malloc; installed here, loaded by
-# nanochat/tcmalloc.py (entry points and the test suite re-exec themselves with it preloaded).
-if ! ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4) >/dev/null 2>&1 || echo "note: could not install libtcmalloc-minimal4; CPU runs will be slower"
+# Debian packages, installed as root when missing (one apt-get run for all of them):
+# - libtcmalloc-minimal4: 5-10x faster small tensor ops on CPU than glibc malloc; loaded by
+#   nanochat/tcmalloc.py (entry points and the test suite re-exec themselves with it preloaded);
+# - bubblewrap: the OS isolation of the code sandbox (nanochat/execution.py, docs/sandbox.md);
+# - chromium: the headless browser of the web UI test (playwright cannot download its own here).
+MISSING=()
+ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || MISSING+=(libtcmalloc-minimal4)
+command -v bwrap >/dev/null 2>&1 || MISSING+=(bubblewrap)
+[ -x /usr/bin/chromium ] || MISSING+=(chromium)
+if [ ${#MISSING[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq "${MISSING[@]}") >/dev/null 2>&1 \
+        || echo "note: could not install ${MISSING[*]}: CPU runs are slower without tcmalloc, the sandbox refuses to run without bubblewrap, the browser test is skipped without chromium"
 fi
 source .venv/bin/activate
-# Debian chromium: the headless browser of the web UI test (playwright cannot download its own here).
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "note: could not install chromium; the browser test will be skipped"
-fi

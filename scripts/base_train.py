@@ -2,10 +2,16 @@
 
     python -m scripts.base_train --depth=6 --max_seq_len=512 --device_batch_size=32 --total_batch_size=16384
     torchrun --standalone --nproc_per_node=2 -m scripts.base_train ...
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 -m scripts.base_train ...
 
-Flags: `--help`. The loop, top to bottom: eval val bpb every --eval_every steps, sample every
---sample_every, checkpoint every --save_every (and at the end), then one optimizer step over
---total_batch_size tokens (gradient accumulation), with progress, MFU and ETA.
+(multi-node: the same command on every machine, --node_rank=0..N-1; NANOCHAT_BASE_DIR on a shared
+filesystem, since global rank 0 writes the model and meta and each rank its own state file.)
+
+Flags: `--help`. Before the model is built, nanochat.memory's plan of a training step is checked
+against the memory the device has. The loop, top to bottom: eval val bpb every --eval_every
+steps, sample every --sample_every, checkpoint every --save_every (and at the end), then one
+optimizer step over --total_batch_size tokens (gradient accumulation), with progress, MFU and ETA,
+and the Guard (nanochat.trainer) that stops a non-finite or diverged run before it is saved.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from typing import Any
 import torch
 
 from nanochat.checkpoint import checkpoint_dir
-from nanochat.common import init_wandb, peak_flops, print0, run_main
+from nanochat.common import RunContext, init_wandb, peak_flops, print0, run_main
 from nanochat.config import check, parse_args, to_dict
 from nanochat.dataloader import DataLoader
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.memory import GiB, available_memory, plan_memory
 from nanochat.optim import setup_optimizers
 from nanochat.report import log_section
 from nanochat.streaming_linear import streaming_layers
@@ -29,7 +36,6 @@ from nanochat.trainer import (
     Guard,
     Progress,
     TrainFlags,
-    check_memory_fits,
     format_duration,
     grad_accum_steps,
     resume_training_state,
@@ -67,6 +73,21 @@ class BaseTrainConfig(TrainFlags):
         for name in ("eval_every", "core_metric_every", "sample_every"):
             check(getattr(self, name) >= -1, f"--{name}: expected >= -1, got {getattr(self, name)}")
         check(self.core_metric_max_per_task >= 1, f"--core_metric_max_per_task: expected >= 1, got {self.core_metric_max_per_task}")
+
+
+def check_memory_fits(config: GPTConfig, device_batch_size: int, grad_accum: int, ctx: RunContext) -> None:
+    """ConfigError when nanochat.memory's plan of one training step exceeds the memory this device
+    has available (free GPU memory, MemAvailable on CPU); nothing is checked where that is unknown."""
+    available = available_memory(ctx.device)
+    if available is None:
+        return
+    dtype = "bfloat16" if ctx.dtype == torch.bfloat16 else "float32"
+    peak = plan_memory(config, device_batch_size, dtype, grad_accum, "cuda" if ctx.device_type == "cuda" else "cpu").peak
+    check(peak <= available,
+          f"--depth={config.n_layer} (width {config.n_embd}) with --device_batch_size={device_batch_size} x "
+          f"{config.sequence_len} tokens: the memory plan of a training step needs {peak / GiB:.1f} GiB, "
+          f"{ctx.device} has {available / GiB:.1f} GiB available (python -m nanochat.memory shows the plan); "
+          f"lower --depth, --device_batch_size or --max_seq_len, or try --memory_mode=lowest")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -5,8 +5,9 @@ Online: hub openai/openai_humaneval (config openai_humaneval, split test). Offli
 `task_id`, `prompt` (signature + docstring), `canonical_solution`, `test`, `entry_point`.
 
 The user message is the prompt; the reference answer is the whole function (prompt + canonical
-solution). A response is scored by running the problem's tests on it in the sandbox
-(nanochat/execution.py).
+solution). A response passes when the problem's tests, run in a sandbox of their own against
+the response's function in another (nanochat/execution.run_humaneval_check), report that
+check() returned: nothing the response's code prints, exits with or patches can pass it.
 """
 
 from __future__ import annotations

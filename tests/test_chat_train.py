@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanochat.chat_data import PACKED, PADDED, ChatBatches, epoch_steps, render_for_training, rows_to_batch
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import load_meta, load_model
 from nanochat.tokenizer import get_tokenizer
 from scripts import chat_sft, mid_train
 from tasks.arithmetic import Arithmetic
@@ -177,6 +177,25 @@ def test_chat_sft_learns_and_resumes_bit_exactly(base_dir):
     assert after < before, (before, after)
 
 
+def test_a_resumed_chat_stage_trains_with_its_new_lrs_and_keeps_its_shapes(base_dir, capsys):
+    """LR 0 on resume leaves the weights of step 3 untouched (the saved optimizer state used to
+    bring its old LRs back); turning MoleGrad on at resume is refused in one line."""
+    run = MID + ["--source_tag=tiny", "--num_iterations=5", "--eval_every=0", "--save_every=3", "--keep_checkpoints=0"]
+    mid_train.main(run + ["--model_tag=lr_full"])
+    copy_checkpoint(base_dir, "mid", "lr_full", "lr_zero", 3)
+    mid_train.main(run + ["--model_tag=lr_zero", "--resume_from_step=3", "--matrix_lr=0", "--embedding_lr=0",
+                          "--unembedding_lr=0"])
+    directory = base_dir / "mid_checkpoints" / "lr_zero"
+    before, after = (torch.load(directory / f"model_00000{step}.pt", weights_only=True) for step in (3, 5))
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    assert load_meta(directory, 5)["flags"]["matrix_lr"] == 0.0
+    with pytest.raises(SystemExit) as e:
+        mid_train.main(run + MOLEGRAD + ["--model_tag=lr_full", "--resume_from_step=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1, err
+    assert "--enable_streaming/--streaming_rank_k/--memory_mode: the checkpoint at step 3" in err[0], err
+
+
 def test_chat_sft_reports_categorical_accuracy(base_dir):
     out = chat_sft.main(SFT + ["--eval_metrics_max_problems=4", "--source=base", "--source_tag=tiny", "--model_tag=metrics",
                                "--num_iterations=1", "--eval_every=-1"])
@@ -192,6 +211,8 @@ def test_chat_sft_reports_categorical_accuracy(base_dir):
         (chat_sft, ["--examples_per_step=6"], "--examples_per_step: expected a positive multiple of"),
         (mid_train, ["--total_batch_size=1000"], "--total_batch_size: expected a positive multiple of"),
         (mid_train, ["--source=mid"], "--source: expected one of base"),
+        (mid_train, ["--eval_every=-2"], "--eval_every: expected >= -1, got -2"),
+        (chat_sft, ["--num_iterations=-3"], "--num_iterations: expected >= 1 (or -1 = about one epoch), got -3"),
     ],
 )
 def test_bad_input_is_one_clear_line(base_dir, capsys, script, argv, message):

@@ -87,3 +87,45 @@ def test_rng_state_round_trip(tmp_path):
     rank_state = torch.load(tmp_path / "state_000001_rank0.pt", weights_only=True)
     set_rng_state(rank_state["rng"])
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_a_save_removes_the_temp_files_of_killed_saves(tmp_path):
+    save(tmp_path, 1)
+    stale = [tmp_path / ".model_000002.pt.k3j2h1.tmp", tmp_path / ".state_000002_rank1.pt.a.tmp", tmp_path / ".meta_000002.json.b.tmp"]
+    other = tmp_path / ".notes.txt.tmp"  # not a checkpoint temp name: not ours to delete
+    for path in stale + [other]:
+        path.write_bytes(b"half written")
+    save(tmp_path, 2)
+    assert not any(path.exists() for path in stale) and other.exists()
+    assert complete_steps(tmp_path) == [1, 2]
+
+
+def test_pruning_keeps_the_newest_healthy_checkpoint(tmp_path):
+    for step, healthy in ((1, True), (2, True), (3, False), (4, False), (5, None)):
+        meta = {"val_bpb": 1.5} if healthy is None else {"healthy": healthy, "loss": 3.0}
+        save_checkpoint(tmp_path, step, {"w": torch.zeros(1)}, {}, meta, keep_last=2)
+    assert complete_steps(tmp_path) == [2, 4, 5]  # the newest two, and step 2: the last healthy one
+    assert not list(tmp_path.glob("*_000001*")) and not list(tmp_path.glob("*_000003*"))
+
+
+def test_non_finite_weights_do_not_load(tmp_path):
+    save(tmp_path, 1, value=float("nan"))
+    model = torch.nn.Linear(3, 2, bias=False)
+    model_state, _, _ = load_checkpoint(tmp_path, 1)
+    with pytest.raises(CheckpointError, match=r"has non-finite values in w: it was saved after the run diverged"):
+        ckpt.load_weights(model, model_state, "ckpt")
+    with pytest.raises(CheckpointError, match=r"has non-finite values in w"):
+        load_model_state_strict(model, model_state, "ckpt")
+
+
+class Foreign:
+    pass
+
+
+def test_an_unreadable_file_is_one_line_without_escapes(tmp_path):
+    """torch's own message for a pickled class spans lines with terminal bold codes."""
+    save(tmp_path, 1)
+    torch.save({"w": Foreign()}, tmp_path / "model_000001.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path, 1)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and "UnpicklingError: Weights only load failed" in str(e.value)

@@ -31,12 +31,15 @@ PYTHON = sandbox_status("python")
 DEFAULT = "os" if OS.available else "python"
 MODES = [mode for mode, status in (("os", OS), ("python", PYTHON)) if status.available]
 needs_os = pytest.mark.skipif(not OS.available, reason=f"no OS isolation here: {OS.reason}")
-needs_seccomp = pytest.mark.skipif(
-    not (OS.available and OS.seccomp), reason=f"no seccomp filter here: {OS.reason}")
 
 
 def run(code: str, isolation: str = DEFAULT, **kwargs) -> ExecutionResult:
     return execute_code(textwrap.dedent(code), isolation=isolation, **kwargs)
+
+
+def humaneval(problem: dict, completion: str, isolation: str = DEFAULT, **kwargs
+              ) -> ExecutionResult:
+    return run_humaneval_check(problem, completion, isolation=isolation, **kwargs)
 
 
 def run_without_seccomp(code: str, timeout: float = 5.0) -> ExecutionResult:
@@ -88,6 +91,37 @@ def living_namespace_members(namespace: str) -> list[int]:
             except OSError:  # gone, or not ours to look at
                 pass
     return members
+
+
+# Runs every snippet of ATTEMPTS in turn (each from the work dir) and prints what each did.
+ATTEMPTS = """
+import json as _json, os as _os
+_START, OUTCOMES = _os.getcwd(), {}
+for NAME, SOURCE in ATTEMPTS.items():
+    try:
+        exec(SOURCE, globals())
+        OUTCOMES[NAME] = "ran"
+    except BaseException as exc:
+        OUTCOMES[NAME] = f"{type(exc).__name__}: {exc}"
+    _os.chdir(_START)
+print(_json.dumps(OUTCOMES))
+"""
+
+
+def attempts(snippets: dict[str, str] | list[str], setup: str = "", isolation: str = DEFAULT,
+             seccomp: bool = True, hostile: bool = True) -> tuple[dict[str, str], ExecutionResult]:
+    """Run each snippet after `setup` (after DIG if hostile) in one sandbox, one after the
+    other; return ({name: "ran" or "ExcType: message"}, the run's result)."""
+    if isinstance(snippets, list):
+        snippets = {snippet: snippet for snippet in snippets}
+    code = ((DIG if hostile else "") + textwrap.dedent(setup)
+            + f"\nATTEMPTS = {snippets!r}\n" + ATTEMPTS)
+    result = (run(code, isolation=isolation) if seccomp
+              else run_without_seccomp(code))
+    assert result.status == "passed", result
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    assert sorted(outcomes) == sorted(snippets)
+    return outcomes, result
 
 
 # --- results ------------------------------------------------------------------------------
@@ -169,7 +203,7 @@ def test_os_isolation_is_available():
 
 def test_missing_bwrap_is_one_line_not_a_silent_fallback(monkeypatch):
     monkeypatch.setattr(execution, "_bwrap", lambda: None)
-    sandbox_status.cache_clear()
+    execution._probe.cache_clear()
     try:
         assert sandbox_status("os") == execution.SandboxStatus("os", False, False,
                                                                "bwrap not found")
@@ -180,7 +214,7 @@ def test_missing_bwrap_is_one_line_not_a_silent_fallback(monkeypatch):
         assert "bubblewrap" in message and "NANOCHAT_SANDBOX=python" in message
         assert isinstance(raised.value, execution.UserError)  # entry points print one line
     finally:
-        sandbox_status.cache_clear()
+        execution._probe.cache_clear()
 
 
 def test_python_mode_is_explicit_and_runs_on_the_host(monkeypatch):
@@ -271,7 +305,7 @@ def test_resource_limits_are_set_in_the_child(isolation):
     assert resource.getrlimit(resource.RLIMIT_AS)[0] != 200 * 2**20  # the parent is untouched
 
 
-@pytest.mark.parametrize("code", [
+PROCESS_CREATION = [
     "os.fork()",
     "while True:\n    os.fork()",  # a fork bomb
     "os.system('true')",
@@ -285,11 +319,13 @@ def test_resource_limits_are_set_in_the_child(isolation):
     "import posix; posix.fork()",
     "import multiprocessing; multiprocessing.Process(target=print).start()",
     "os.setsid()",  # leaving the process group would dodge the group kill
-])
-def test_process_creation_is_blocked(code):
-    result = run("import os, subprocess\n" + code)
-    assert result.status == "failed"
-    assert result.error.startswith("PermissionError"), result.error
+]
+
+
+def test_process_creation_is_blocked():
+    outcomes, _ = attempts(PROCESS_CREATION, "import os, subprocess", hostile=False)
+    assert {code: outcome for code, outcome in outcomes.items()
+            if outcome.startswith("PermissionError")} == outcomes
 
 
 def test_threads_still_work():
@@ -388,8 +424,7 @@ def _paths(outside: dict) -> str:
 REFUSED = ("PermissionError", "FileNotFoundError", "OSError: [Errno 30]")
 
 
-@pytest.mark.parametrize("isolation", MODES)
-@pytest.mark.parametrize("code", [
+WRITES_OUTSIDE = [
     "open(EVIL, 'w').write('x')",
     "open(EVIL, 'a')",
     "pathlib.Path(EVIL).write_text('x')",
@@ -409,13 +444,17 @@ REFUSED = ("PermissionError", "FileNotFoundError", "OSError: [Errno 30]")
     "shutil.rmtree(VICTIM_DIR)",
     "os.symlink(VICTIM, 'link')\nopen('link', 'w').write('x')",  # a symlink does not escape
     "os.chdir('/usr')\nopen('evil', 'w')",  # nor does a relative path
-])
-def test_writes_and_deletes_outside_the_workdir_are_refused(code, outside, isolation):
-    result = run("import os, pathlib, shutil\n" + _paths(outside) + code, isolation=isolation)
-    assert result.status == "failed"
-    assert result.error.startswith(REFUSED), result.error
-    if isolation == "python":
-        assert result.error.startswith("PermissionError"), result.error  # the prelude alone
+]
+
+
+@pytest.mark.parametrize("isolation", MODES)
+def test_writes_and_deletes_outside_the_workdir_are_refused(outside, isolation):
+    outcomes, _ = attempts(WRITES_OUTSIDE, "import os, pathlib, shutil\n" + _paths(outside),
+                           isolation=isolation, hostile=False)
+    # In "python" mode the prelude alone refuses them all.
+    expected = REFUSED if isolation == "os" else ("PermissionError",)
+    assert {code: outcome for code, outcome in outcomes.items()
+            if outcome.startswith(expected)} == outcomes
 
 
 # --- network, environment, signals, imports -------------------------------------------------
@@ -431,17 +470,16 @@ def listening_server():
     server.close()
 
 
-@pytest.mark.parametrize("code", [
-    "socket.create_connection(('127.0.0.1', PORT), timeout=1)",
-    "socket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('127.0.0.1', PORT))",
-    "import _socket; _socket.socket()",
-    "import urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{PORT}', timeout=1)",
-])
-def test_network_is_blocked(code, listening_server):
+def test_network_is_blocked(listening_server):
     port = listening_server.getsockname()[1]
-    result = run(f"import socket\nPORT = {port}\n{code}")
-    assert result.status == "failed"
-    assert "network access is not allowed" in result.error
+    outcomes, _ = attempts([
+        "socket.create_connection(('127.0.0.1', PORT), timeout=1)",
+        "socket.socket(socket.AF_INET, socket.SOCK_STREAM).connect(('127.0.0.1', PORT))",
+        "import _socket; _socket.socket()",
+        "import urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{PORT}', timeout=1)",
+    ], f"import socket\nPORT = {port}", hostile=False)
+    assert {code: outcome for code, outcome in outcomes.items()
+            if "network access is not allowed" in outcome} == outcomes
 
 
 def test_local_socketpair_still_works_for_asyncio():
@@ -464,58 +502,31 @@ def test_environment_is_scrubbed(monkeypatch, isolation):
     assert "hunter2" not in json.dumps(child)
 
 
-@pytest.mark.parametrize("code", [
-    "os.kill(os.getppid(), signal.SIGKILL)",
-    "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
-])
-def test_cannot_signal_the_parent(code):
-    result = run("import os, signal\n" + code)
-    assert result.status == "failed"
-    assert result.error.startswith("PermissionError"), result.error
+def test_cannot_signal_the_parent():
+    outcomes, _ = attempts(["os.kill(os.getppid(), signal.SIGKILL)",
+                            "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)"],
+                           "import os, signal", hostile=False)
+    assert {code: outcome for code, outcome in outcomes.items()
+            if outcome.startswith("PermissionError")} == outcomes
     os.kill(os.getpid(), 0)  # still here
 
 
-@pytest.mark.parametrize("code", [
-    "import ctypes",
-    "import ctypes.util",
-    "import _ctypes",
-    "import sys\ndel sys.modules['posix']\nimport posix",  # a fresh copy would hold the originals
-    "import sys\ndel sys.modules['_posixsubprocess']\nimport _posixsubprocess",
-])
-def test_ctypes_and_reimports_are_blocked(code):
-    result = run(code)
-    assert result.status == "failed"
-    assert result.error.startswith("ImportError") and "blocked" in result.error, result.error
+def test_ctypes_and_reimports_are_blocked():
+    outcomes, _ = attempts([
+        "import ctypes",
+        "import ctypes.util",
+        "import _ctypes",
+        "import sys\ndel sys.modules['posix']\nimport posix",  # a fresh copy: the originals
+        "import sys\ndel sys.modules['_posixsubprocess']\nimport _posixsubprocess",
+    ], hostile=False)
+    assert {code: outcome for code, outcome in outcomes.items()
+            if outcome.startswith("ImportError") and "blocked" in outcome} == outcomes
 
 
 # --- hostile code: the prelude is bypassed, the OS layers must hold -------------------------
 #
-# Each test runs several attacks of one category in one sandbox (attempts() below records what
-# each did) and checks every outcome, so the many snippets cost a few interpreter starts.
-
-ATTEMPTS = """
-import json
-OUTCOMES = {}
-for NAME, SOURCE in ATTEMPTS.items():
-    try:
-        exec(SOURCE, globals())
-        OUTCOMES[NAME] = "ran"
-    except BaseException as exc:
-        OUTCOMES[NAME] = f"{type(exc).__name__}: {exc}"
-print(json.dumps(OUTCOMES))
-"""
-
-
-def attempts(snippets: dict[str, str], setup: str = "", isolation: str = DEFAULT,
-             seccomp: bool = True) -> tuple[dict[str, str], ExecutionResult]:
-    """Run each snippet after DIG and `setup`, in one sandbox; return {name: outcome}."""
-    code = dig(setup) + f"ATTEMPTS = {snippets!r}\n" + ATTEMPTS
-    result = (run(code, isolation=isolation) if seccomp
-              else run_without_seccomp(code))
-    assert result.status == "passed", result
-    outcomes = json.loads(result.stdout.splitlines()[-1])
-    assert sorted(outcomes) == sorted(snippets)
-    return outcomes, result
+# Each test runs several attacks of one category in one sandbox (attempts() records what each
+# did) and checks every outcome, so the many snippets cost a few interpreter starts.
 
 
 @pytest.fixture
@@ -537,7 +548,8 @@ READS = {
     "/proc/self/root": "print(open('/proc/self/root' + SECRET).read())",
     "/proc/1/root": "print(open('/proc/1/root' + SECRET).read())",
     "/proc/1/cwd": "print(open(f'/proc/1/cwd/{SECRET}').read())",
-    "a symlink in the work dir": "import os\nos.symlink(SECRET, 'link')\nprint(open('link').read())",
+    "a symlink in the work dir": "import os\nos.symlink(SECRET, 'link')\n"
+                                 "print(open('link').read())",
     "linecache": "import linecache\nlines = linecache.getlines(SECRET)\nassert lines, 'nothing'\n"
                  "print(lines)",
     "listing its directory": "import os\nprint(os.listdir(os.path.dirname(SECRET)))",
@@ -552,8 +564,25 @@ def test_files_outside_the_workdir_cannot_be_read(secret_file):
     outcomes, result = attempts(READS, f"SECRET = {path!r}")
     assert secret not in result.stdout + result.stderr
     refused = {name: outcome for name, outcome in outcomes.items()
-               if outcome.startswith(("FileNotFoundError", "AssertionError: 2", "AssertionError: nothing"))}
+               if outcome.startswith(("FileNotFoundError", "PermissionError: [Errno 13]",
+                                      "AssertionError: 2", "AssertionError: nothing"))}
     assert refused == outcomes  # not one of them found the file
+
+
+@needs_os
+def test_runs_as_an_unprivileged_host_user_without_capabilities():
+    child = child_json("""
+        import json, os
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        print(json.dumps({"ids": os.getresuid() + os.getresgid(), "groups": os.getgroups(),
+                          "caps": [int(status[f"Cap{kind}"], 16) for kind in ("Eff", "Prm")],
+                          "no_new_privs": status["NoNewPrivs"].strip(),
+                          "seccomp": status["Seccomp"].strip()}))
+    """)
+    assert child["caps"] == [0, 0] and child["no_new_privs"] == "1"
+    assert child["seccomp"] == ("2" if OS.seccomp else "0")  # 2: a filter is in force
+    if os.geteuid() == 0:  # a real host uid that owns nothing, not root mapped to a name
+        assert child["ids"] == [execution._SANDBOX_UID] * 6 and child["groups"] == []
 
 
 @needs_os
@@ -589,10 +618,11 @@ ENVIRON_READS = {
     "fresh posix": "print(P.read(P.open(f'/proc/{VICTIM}/environ', 0), 10000))",
     "FileIO": "print(FileIO(f'/proc/{VICTIM}/environ').read())",
     "every process it sees": "import os\nfor pid in os.listdir('/proc'):\n"
-                             "    if pid.isdigit():\n"
-                             "        print(pid, open(f'/proc/{pid}/environ').read(),\n"
-                             "              open(f'/proc/{pid}/cmdline').read())",
-    "its init and itself": "print(open('/proc/1/environ').read(), open('/proc/self/environ').read())",
+                             "    for name in ('environ', 'cmdline'):\n"
+                             "        try: print(pid, open(f'/proc/{pid}/{name}').read())\n"
+                             "        except OSError: pass",
+    "its init": "print(open('/proc/1/environ').read())",
+    "itself": "print(open('/proc/self/environ').read())",
 }
 
 
@@ -611,13 +641,18 @@ def test_the_parents_environment_cannot_be_read_through_proc(victim_process):
     assert all(outcomes[name].startswith("FileNotFoundError") for name in (
         "the victim's environ", "the parent's environ", "the parent's cmdline", "fresh posix",
         "FileIO")), outcomes
-    assert outcomes["every process it sees"] == outcomes["its init and itself"] == "ran"
+    assert outcomes["every process it sees"] == "ran"  # and found nothing of the host
 
 
 WRITES = {
     "FileIO, new file": "FileIO(EVIL, 'w').write(b'x')",
     "FileIO, victim": "FileIO(VICTIM, 'w').write(b'x')",
+    "_io.FileIO": "sys.modules['_io'].FileIO(EVIL, 'w').write(b'x')",
+    "os.fdopen of the original open": "import os\n"
+                                      "os.fdopen(RAW_OPEN(VICTIM, O_WRONLY), 'w').write('x')",
     "original open": "P.write(RAW_OPEN(EVIL, O_WRONLY | O_CREAT), b'x')",
+    "fresh posix, relative to a dir fd": "P.open('evil', O_WRONLY | O_CREAT, "
+                                         "dir_fd=P.open('/', O_RDONLY))",
     "fresh posix, truncate by open": "P.write(P.open(VICTIM, O_WRONLY | O_TRUNC), b'x')",
     "fresh posix, unlink": "P.unlink(VICTIM)",
     "fresh posix, rename": "P.rename(VICTIM, 'stolen')",
@@ -630,6 +665,8 @@ WRITES = {
     "into /dev/shm": "P.write(P.open('/dev/shm/evil', O_WRONLY | O_CREAT), b'x')",
     "into /": "P.write(P.open('/evil', O_WRONLY | O_CREAT), b'x')",
     "into /proc/sys": "P.write(P.open('/proc/sys/kernel/hostname', O_WRONLY), b'x')",
+    "the kernel's core_pattern": "P.open('/proc/sys/kernel/core_pattern', O_WRONLY)",
+    "the kernel's modprobe": "P.open('/proc/sys/kernel/modprobe', O_WRONLY)",
     "ctypes, new file": "assert LIBC.open(EVIL.encode(), 0o101, 0o644) >= 0, ctypes.get_errno()",
     "ctypes, unlink": "assert LIBC.unlink(VICTIM.encode()) == 0, ctypes.get_errno()",
     "ctypes, into /usr": "assert LIBC.open(b'/usr/evil', 0o101, 0o644) >= 0, ctypes.get_errno()",
@@ -651,9 +688,17 @@ ESCAPES = {
     "forkpty": "P.forkpty()",
     "exec": "P.execv('/bin/sh', ['sh', '-c', 'echo escaped'])",
     "posix_spawn": "P.posix_spawn('/bin/sh', ['sh', '-c', 'echo escaped'], {})",
-    "fork_exec": "import _posixsubprocess as _ps\n"
-                 "_ps.fork_exec(['/bin/true'], [b'/bin/true'], True, (), None, None, -1, -1,"
-                 " -1, -1, -1, -1, -1, -1, False, False, None, None, None, -1, None, False)",
+    # subprocess's own Popen class found again through the garbage collector, and a fresh
+    # _posixsubprocess (re-executing the extension brings back the original fork_exec).
+    "Popen from gc": "import gc, subprocess, importlib.machinery as _m, importlib.util as _u\n"
+                     "_s = _m.PathFinder.find_spec('_posixsubprocess')\n"
+                     "_ps = _u.module_from_spec(_s)\n_s.loader.exec_module(_ps)\n"
+                     "subprocess._fork_exec = _ps.fork_exec\n"
+                     "Popen = [o for o in gc.get_objects() if isinstance(o, type)\n"
+                     "         and o.__name__ == 'Popen' and o.__module__ == 'subprocess'][0]\n"
+                     "Popen(['/bin/sh', '-c', 'echo escaped']).wait()",
+    "__builtins__ import": "B = __builtins__ if isinstance(__builtins__, dict) "
+                           "else vars(__builtins__)\nB['__import__']('posix').fork()",
     "kill the victim": "P.kill(VICTIM, signal.SIGKILL)",
     "kill everything": "P.kill(-1, signal.SIGKILL)",
     "kill the init's group": "P.killpg(1, signal.SIGKILL)",
@@ -677,10 +722,11 @@ if os.uname().machine == "x86_64":  # raw syscalls, around the C library
     ESCAPES["syscall execve"] = "assert LIBC.syscall(59, b'/bin/sh', 0, 0) >= 0, ctypes.get_errno()"
 
 
-@needs_seccomp
 @pytest.mark.parametrize("isolation", MODES)
 def test_recreated_os_functions_cannot_fork_exec_signal_or_connect(
         isolation, victim_process, listening_server):
+    if not sandbox_status(isolation).seccomp:
+        pytest.skip(f"no seccomp filter here: {sandbox_status(isolation).reason}")
     victim, _ = victim_process
     port = listening_server.getsockname()[1]
     outcomes, result = attempts(ESCAPES, f"import signal\nVICTIM = {victim}\nPORT = {port}",
@@ -751,7 +797,7 @@ def test_no_network_even_without_seccomp(listening_server):
     port = listening_server.getsockname()[1]
     outcomes, _ = attempts(NETWORK, f"PORT = {port}", seccomp=False)
     refused = {name: outcome for name, outcome in outcomes.items() if outcome.startswith(
-        ("OSError", "ConnectionRefusedError", "socket.gaierror"))}
+        ("OSError", "ConnectionRefusedError", "gaierror"))}
     assert refused == outcomes
 
 
@@ -777,11 +823,9 @@ def problems() -> dict:
     return read_problems()
 
 
-def test_all_canonical_humaneval_solutions_pass(problems):
-    assert len(problems) == 164
-
+def check_canonical_solutions(problems: dict) -> None:
     def check(problem: dict) -> ExecutionResult:
-        return run_humaneval_check(problem, problem["canonical_solution"], timeout=20.0)
+        return humaneval(problem, problem["canonical_solution"], timeout=20.0)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(problems, pool.map(check, problems.values())))
@@ -790,33 +834,47 @@ def test_all_canonical_humaneval_solutions_pass(problems):
     assert all(r.stdout == "" for r in results.values())
 
 
+def test_canonical_humaneval_solutions_pass_a_sample(problems):
+    # Every 8th problem (and 32, whose check calls the solution 100 times): the plain-data
+    # channel carries what they pass and return. The full set is the slow test below.
+    sample = {task: problem for index, (task, problem) in enumerate(problems.items())
+              if index % 8 == 0 or task == "HumanEval/32"}
+    check_canonical_solutions(sample)
+
+
+@pytest.mark.slow
+def test_all_canonical_humaneval_solutions_pass(problems):
+    assert len(problems) == 164
+    check_canonical_solutions(problems)
+
+
 @pytest.mark.parametrize("task", ["HumanEval/0", "HumanEval/2", "HumanEval/53"])
 def test_wrong_humaneval_completion_fails(problems, task):
-    result = run_humaneval_check(problems[task], "    return None\n", isolation=DEFAULT)
+    result = humaneval(problems[task], "    return None\n")
     assert result.status == "failed"
     assert result.error.startswith("AssertionError") or result.error.startswith("TypeError")
 
 
 def test_humaneval_completion_that_exits_early_fails(problems):
-    result = run_humaneval_check(problems["HumanEval/0"], "    import sys\n    sys.exit(0)\n")
+    result = humaneval(problems["HumanEval/0"], "    import sys\n    sys.exit(0)\n")
     assert (result.status, result.error) == ("failed", "program exited before check() returned")
 
 
 def test_humaneval_completion_that_hangs_times_out(problems):
-    result = run_humaneval_check(problems["HumanEval/0"], "    while True:\n        pass\n",
+    result = humaneval(problems["HumanEval/0"], "    while True:\n        pass\n",
                                  timeout=1.0)
     assert result.status == "timeout"
 
 
 def test_humaneval_solution_output_and_errors_are_reported(problems):
     problem = problems["HumanEval/53"]  # add(x, y)
-    result = run_humaneval_check(problem, "    print('adding', x, y)\n    return x + y\n")
+    result = humaneval(problem, "    print('adding', x, y)\n    return x + y\n")
     assert result.success and result.stdout.startswith("adding 0 1\n")
-    result = run_humaneval_check(problem, "    return x +\n")
+    result = humaneval(problem, "    return x +\n")
     assert result.status == "failed" and result.error.startswith("SyntaxError")
-    result = run_humaneval_check(problem, "    raise ValueError('no')\n")
+    result = humaneval(problem, "    raise ValueError('no')\n")
     assert (result.status, result.error) == ("failed", "ValueError: no")
-    result = run_humaneval_check(problem, "    return bytearray(10**10)\n")
+    result = humaneval(problem, "    return bytearray(10**10)\n")
     assert result.status == "failed" and "MemoryError" in result.error
 
 
@@ -826,7 +884,8 @@ FORGERIES = {
                                  "import sys\nsys.exit(0)\n",
     "exits at once": "    return True\nimport os\nos._exit(0)\n",
     "patches check and assert": "    return True\ndef check(candidate):\n    return None\n"
-                                "import builtins\nbuiltins.AssertionError = type('A', (Exception,), {})\n",
+                                "import builtins\n"
+                                "builtins.AssertionError = type('A', (Exception,), {})\n",
     "returns an object equal to everything": "    class Equal:\n"
                                              "        __eq__ = lambda self, other: True\n"
                                              "        __bool__ = lambda self: True\n"
@@ -861,7 +920,7 @@ os.close(config["replies"])
 @pytest.mark.parametrize("isolation", MODES)
 @pytest.mark.parametrize("name", FORGERIES)
 def test_a_solution_cannot_forge_its_humaneval_pass(problems, name, isolation):
-    result = run_humaneval_check(problems["HumanEval/0"], FORGERIES[name], isolation=isolation)
+    result = humaneval(problems["HumanEval/0"], FORGERIES[name], isolation=isolation)
     assert result.status in ("failed", "error"), result
     assert not result.success
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from tests.test_base_train import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = TINY + ["--eval_every=-1", "--warmdown_ratio=0", "--keep_checkpoints=0"]
+HUGE_LRS = ["--matrix_lr=1e6", "--embedding_lr=1e6", "--unembedding_lr=1e6"]
 
 
 def run_fails(argv: list[str], capsys) -> str:
@@ -91,19 +93,27 @@ def test_a_nan_run_names_a_good_checkpoint(base_dir, capsys):
 
 
 def test_a_diverged_run_stops_and_pruning_keeps_the_last_healthy_checkpoint(base_dir, capsys):
-    """Three healthy steps, then every LR at 1e6: the loss jumps far above its best and stays;
-    after --divergence_patience=2 steps the run stops naming step 3, which --keep_checkpoints=1
-    did not prune although newer checkpoints were saved."""
+    """Three healthy steps, then every LR at 1e6: the model collapses to a uniform guess, the loss
+    sits at ln(vocab); after --divergence_patience=2 steps the run stops naming the last healthy
+    checkpoint, which --keep_checkpoints=1 kept although newer, diverged ones were saved."""
     base_train.main(RUN + ["--num_iterations=3", "--save_every=1", "--model_tag=div"])
     directory = base_dir / "base_checkpoints" / "div"
     line = run_fails(RUN + ["--num_iterations=20", "--save_every=1", "--keep_checkpoints=1", "--model_tag=div",
-                            "--resume_from_step=3", "--divergence_patience=2", "--matrix_lr=1e6", "--embedding_lr=1e6",
-                            "--unembedding_lr=1e6"], capsys)
+                            "--resume_from_step=3", "--divergence_patience=2", *HUGE_LRS], capsys)
+    assert "the loss diverged: 2 steps in a row at ln(vocab) = " in line and "a uniform guess" in line, line
+    match = re.search(rf"the last healthy checkpoint is {re.escape(str(directory))} step (\d+) \(loss ", line)
+    assert match, line
+    named, newest = int(match.group(1)), complete_steps(directory)[-1]
+    assert named >= 3 and newest > named and complete_steps(directory) == [named, newest]
+    assert load_meta(directory, newest)["healthy"] is False
+    check_named_checkpoint(directory, named)
+
+
+def test_a_loss_far_above_its_best_stops_the_run(base_dir, capsys):
+    """Every LR at 1e6 from the start: the loss jumps from ln(vocab) to above 20 and stays there."""
+    line = run_fails(RUN + ["--num_iterations=20", "--model_tag=far", "--divergence_patience=2", *HUGE_LRS], capsys)
     assert "the loss diverged: 2 steps in a row above --divergence_factor=3 x its best" in line, line
-    assert f"the last healthy checkpoint is {directory} step 3 (loss " in line
-    assert complete_steps(directory) == [3, 5]  # the newest (5, diverged) and the last healthy one
-    assert load_meta(directory, 5)["healthy"] is False
-    check_named_checkpoint(directory, 3)
+    assert "no healthy checkpoint in" in line
 
 
 def check_named_checkpoint(directory: Path, step: int) -> None:
@@ -113,12 +123,6 @@ def check_named_checkpoint(directory: Path, step: int) -> None:
     resumed = base_train.main(RUN + ["--num_iterations=" + str(step + 1), f"--model_tag={directory.name}",
                                      f"--resume_from_step={step}"])
     assert resumed["losses"][0] == meta["loss"]  # the recorded loss is that of these weights, exactly
-
-
-def test_a_loss_stuck_at_a_uniform_guess_stops_the_run(base_dir, capsys):
-    """--matrix_lr=1e6 collapses the model to a uniform guess: the loss sits at ln(vocab)."""
-    line = run_fails(RUN + ["--num_iterations=30", "--model_tag=stuck", "--divergence_patience=4", "--matrix_lr=1e6"], capsys)
-    assert "the loss diverged: 4 steps in a row at ln(vocab) = " in line and "a uniform guess" in line, line
 
 
 def test_guard_defaults_stay_quiet_on_a_healthy_run(base_dir):

@@ -117,13 +117,27 @@ def test_whole_model_saved_bytes_equal_planned_activations(mode, dtype):
     assert saved == c["activations: blocks"] + c["activations: embedding"] + c["activations: LM head"]
 
 
-def test_predicted_peak_within_ten_percent_of_measured_cpu_peak():
-    """A fresh process whose glibc returns freed memory at once: its resident-set high-water mark
-    (`python -m nanochat.memory --measure=True`; -1% to -4% at depth 4, 4 x 1024 tokens, vocab 8192)."""
-    config = GPTConfig(sequence_len=256, vocab_size=2048, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+PEAK_MODES = {
+    "dense": {},
+    "recompute=block": dict(recompute="block"),
+    "MoleGrad default": dict(streaming_rank_k=16, streaming_targets="ffn_only"),
+    "lowest": dict(streaming_rank_k=16, **MEMORY_MODES["lowest"]),
+    "keep_h": dict(streaming_rank_k=16, **MEMORY_MODES["keep_h"]),
+}
+
+
+@pytest.mark.parametrize("mode", [mode if mode == "lowest" else pytest.param(mode, marks=pytest.mark.slow)
+                                  for mode in PEAK_MODES])  # ~8 s each: the flagship always, the rest when slow
+def test_predicted_peak_close_to_measured_cpu_peak(mode):
+    """A fresh process whose glibc returns freed memory at once: its resident-set high-water mark,
+    at a size where the blocks' activations matter (3 blocks, width 128, 4 x 512 tokens, vocab 512,
+    bf16). Seen (two runs): dense +2%, recompute=block +7%, MoleGrad default +4%, lowest +4%,
+    keep_h +5%; the measured peak itself moves by ~1 MiB (3%) between runs, hence 8%, not 5%."""
+    config = GPTConfig(sequence_len=512, vocab_size=512, n_layer=3, n_head=2, n_kv_head=2, n_embd=128,
+                       **PEAK_MODES[mode])
     measured = measure_peak(config, batch_size=4, dtype="bfloat16", grad_accum_steps=2)
     predicted = plan_memory(config, 4, "bfloat16", grad_accum_steps=2, device_type="cpu").peak
-    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+    assert abs(predicted / measured - 1) < 0.08, (predicted, measured)
 
 
 def test_parse_size():
@@ -158,8 +172,22 @@ def test_molegrad_reduces_the_peak_and_sweep_finds_deeper_models(capsys):
                        streaming_momentum="lowrank").model_config()
     assert plan_memory(molegrad, 1).peak < plan_memory(dense, 1).peak
     deepest = memory.main(["--sweep_depths=True"])["deepest"]
-    assert 0 < deepest["dense"] < deepest["MoleGrad all k32 lowrank"]
+    assert 0 < deepest["dense"] < deepest["recompute=block"] < deepest["lowest k32"]
+    assert deepest["dense"] < deepest["MoleGrad all k32 lowrank"] < deepest["lowest k32"]
+    assert deepest["dense"] <= deepest["keep_h k32"]
     assert "deepest that fits 8192 tokens x 1 in 32GB: dense depth" in capsys.readouterr().out
+
+
+def test_gpu_presets_are_real_card_memory_and_modes_validate(capsys):
+    assert memory.gpu_bytes("24GB") == 24564 * 2**20 > 24 * 10**9  # nvidia-smi's total of a 24 GB card
+    assert memory.gpu_bytes("23.5GiB") == int(23.5 * 2**30)
+    flags = replace(memory.MemoryFlags(), memory_mode="lowest")
+    config = flags.model_config()
+    assert (config.recompute, config.streaming_targets, config.streaming_momentum, config.streaming_rank_k) == \
+        ("block", "all", "lowrank", 32)
+    with pytest.raises(SystemExit) as e:
+        memory.main(["--memory_mode=lowest", "--recompute=mlp"])
+    assert e.value.code == 2 and "--recompute=mlp: contradicts --memory_mode=lowest" in capsys.readouterr().err
 
 
 def test_bench_smoke_two_arms(tmp_path, capsys):

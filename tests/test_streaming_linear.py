@@ -271,7 +271,8 @@ def test_relu_squared_matches_eager_and_saves_only_its_input():
     assert len(saved) == 1 and saved[0] is h
 
 
-def test_streaming_mlp_is_exact_at_full_rank():
+@pytest.mark.parametrize("keep_h", [False, True])
+def test_streaming_mlp_is_exact_at_full_rank(keep_h):
     d = 6
     fc, proj = streaming_pair(d, rank_fc=d, rank_proj=4 * d)
     fc.Q.copy_(random_orthonormal(d, d, seed=1))
@@ -279,7 +280,7 @@ def test_streaming_mlp_is_exact_at_full_rank():
     w_fc, w_proj = (layer.weight.detach().clone().requires_grad_() for layer in (fc, proj))
     x = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    streaming_mlp(x, fc, proj).sin().sum().backward()
+    streaming_mlp(x, fc, proj, keep_h).sin().sum().backward()
     F.linear(F.relu(F.linear(x_ref, w_fc)).square(), w_proj).sin().sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=0)
     torch.testing.assert_close(dense_grad(fc), w_fc.grad, atol=1e-10, rtol=0)
@@ -298,6 +299,7 @@ def test_mlp_saved_values_per_token():
         "MoleGrad on both linears": (lambda: proj(F.relu(fc(x)).square()), 4 * d + 2 * k),
         "... with relu_squared()": (lambda: proj(relu_squared(fc(x))), 4 * d + 2 * k),
         "streaming_mlp()": (lambda: streaming_mlp(x, fc, proj), d + 2 * k),
+        "streaming_mlp(keep_h=True)": (lambda: streaming_mlp(x, fc, proj, keep_h=True), 4 * d + 2 * k),
     }
     for name, (run, expected) in modes.items():
         measured = saved_values_per_token(run, params, tokens)
