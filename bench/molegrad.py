@@ -6,7 +6,8 @@
 Arms (--arms, comma-separated, default all): dense; recompute (exact recompute of the MLP,
 recompute=mlp); galore (galore_torch.GaLoreAdamW at rank --galore_rank on the six Linears of every
 block, set up as below); molegrad_{ffn,all}_k{16,32,64} (MoleGrad on the MLP Linears or on all six,
-dense Muon momentum, base_train's defaults otherwise).
+dense Muon momentum, base_train's defaults otherwise); recompute_block (recompute=block);
+lowest_k32, keep_h_k32 (--memory_mode=lowest / keep_h at k=32).
 
 Per arm, printed as a table, written to --out_dir/molegrad.json and plotted (plot-molegrad.png,
 nanochat.report.plot_molegrad):
@@ -57,7 +58,7 @@ import torch
 from nanochat.common import RunContext, compute_init, print0
 from nanochat.config import UserError, check, parse_args
 from nanochat.dataloader import DataLoader
-from nanochat.gpt import BLOCK_LINEARS, GPT, GPTConfig, config_from_depth
+from nanochat.gpt import BLOCK_LINEARS, GPT, MEMORY_MODES, GPTConfig, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import (
     FP32,
@@ -78,7 +79,10 @@ MATRIX_LRS = (0.02, 0.04, 0.08)  # Muon (36 steps favour high LRs: 0.01 was neve
 GALORE_LRS = (0.01, 0.02, 0.04)  # AdamW under GaLore
 MOLEGRAD_RANKS = (16, 32, 64)
 TARGETS = {"ffn": "ffn_only", "all": "all"}
-ARM_NAMES = ("dense", "recompute", "galore") + tuple(f"molegrad_{t}_k{k}" for t in TARGETS for k in MOLEGRAD_RANKS)
+# the memory modes (gpt.MEMORY_MODES) at k=32: lowest against recompute_block, keep_h against dense
+MODE_ARMS = {"lowest_k32": "lowest", "keep_h_k32": "keep_h"}
+ARM_NAMES = ("dense", "recompute", "recompute_block", "galore") + tuple(
+    f"molegrad_{t}_k{k}" for t in TARGETS for k in MOLEGRAD_RANKS) + tuple(MODE_ARMS)
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}  # nanochat.memory's --dtype
 
 
@@ -132,6 +136,10 @@ def arm_options(name: str) -> dict[str, Any]:
     """GPTConfig fields of an arm (GaLore trains the dense model)."""
     if name == "recompute":
         return {"recompute": "mlp"}
+    if name == "recompute_block":
+        return {"recompute": "block"}
+    if name in MODE_ARMS:
+        return {"streaming_rank_k": 32, **MEMORY_MODES[MODE_ARMS[name]]}
     if name.startswith("molegrad_"):
         _, targets, rank = name.split("_")
         return {"streaming_rank_k": int(rank[1:]), "streaming_targets": TARGETS[targets]}
@@ -279,7 +287,8 @@ def train_run(name: str, config: GPTConfig, lr: float, data: BenchData, cfg: Mol
     model = GPT(config)
     optimizers = make_optimizers(model, name, lr, cfg)
     compressed = name == "galore" or config.streaming_rank_k > 0
-    twin = GPT(replace(config, streaming_rank_k=0, recompute="none")) if compressed and cfg.energy_every > 0 else None
+    twin = GPT(replace(config, streaming_rank_k=0, recompute="none", streaming_keep_h=False,
+                       streaming_momentum="dense")) if compressed and cfg.energy_every > 0 else None
     times, energies, finite = [], [], True
     for step, batch in enumerate(data.train):
         if twin is not None and step % cfg.energy_every == 0:
@@ -350,6 +359,10 @@ def goals(results: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
                                                              lambda a, b: a <= 1.01 * b),
         "MoleGrad all k=32 val bpb below GaLore rank 32": compare(get("molegrad_all_k32", "val_bpb"), get("galore", "val_bpb"),
                                                                   lambda a, b: a < b),
+        "lowest >= 1.15x the tokens/s of recompute=block": compare(get("lowest_k32", "step_s"), get("recompute_block", "step_s"),
+                                                                   lambda a, b: 1.15 * a <= b),
+        "keep_h >= 1.10x the tokens/s of dense": compare(get("keep_h_k32", "step_s"), get("dense", "step_s"),
+                                                         lambda a, b: 1.10 * a <= b),
     }
 
 

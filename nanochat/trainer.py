@@ -262,13 +262,16 @@ STUCK_TOLERANCE = 0.01  # a loss within 1% of ln(vocab) is that of a uniform gue
 
 
 def first_non_finite(model: torch.nn.Module) -> str | None:
-    """The name of the first floating parameter or buffer holding a NaN or an infinity, else None
-    (one device sync for the whole model)."""
+    """The name of the first floating parameter or buffer holding a NaN or an infinity, else None.
+    One fused norm over all of them and one device sync (a NaN or an infinity makes its norm, and
+    the sum, non-finite); the per-tensor search runs only when something is wrong."""
     tensors = [(name, t) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_floating_point()]
     if not tensors:
         return None
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
-    return None if bool(finite.all()) else tensors[int((~finite).nonzero()[0])][0]
+    norms = torch._foreach_norm([t.detach() for _, t in tensors])
+    if bool(torch.stack([norm.float().to(norms[0].device) for norm in norms]).sum().isfinite()):
+        return None
+    return next((name for name, t in tensors if not bool(torch.isfinite(t).all())), None)  # None: a finite norm overflowed
 
 
 class Guard:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import complete_steps, load_meta, load_model
+from nanochat.trainer import first_non_finite
 from scripts import base_train
 from tests.test_base_train import TINY
 
@@ -125,6 +126,17 @@ def check_named_checkpoint(directory: Path, step: int) -> None:
     assert resumed["losses"][0] == meta["loss"]  # the recorded loss is that of these weights, exactly
 
 
+def test_first_non_finite_names_the_tensor():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    assert first_non_finite(model) is None
+    with torch.no_grad():
+        model[1].running_mean[2] = float("inf")  # a buffer
+    assert first_non_finite(model) == "1.running_mean"
+    with torch.no_grad():
+        model[0].weight[0, 1] = float("nan")
+    assert first_non_finite(model) == "0.weight"
+
+
 def test_guard_defaults_stay_quiet_on_a_healthy_run(base_dir):
     out = base_train.main(RUN + ["--num_iterations=12", "--save_every=4", "--keep_checkpoints=2", "--model_tag=calm"])
     directory = base_dir / "base_checkpoints" / "calm"
@@ -145,6 +157,7 @@ def save(obj, f):
         os._exit(9)
     real_save(obj, f)
 torch.save = save
+from nanochat.trainer import first_non_finite
 from scripts import base_train
 base_train.main(sys.argv[1:])
 """
