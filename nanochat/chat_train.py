@@ -197,9 +197,7 @@ def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, A
             meta = {"stage": stage.name, "flags": to_dict(cfg), "model_config": asdict(model_config), "val_bpb": val_bpb,
                     "num_iterations": num_iterations, "source": {"kind": cfg.source, "dir": str(src_dir), "step": src_step},
                     **({"tokenizer_dir": start.tokenizer_dir} if start.tokenizer_dir else {})}
-            save_training_state(ckpt_dir, step, model, optimizers, train_loader.state_dict(), meta, ctx, cfg.keep_checkpoints)
-            guard.saved(step)
-            print0(f"saved checkpoint {ckpt_dir} step {step}")
+            save_training_state(ckpt_dir, step, model, optimizers, train_loader.state_dict(), meta, ctx, cfg.keep_checkpoints, guard)
         if last:
             break
 

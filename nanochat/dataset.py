@@ -38,8 +38,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import fail, get_base_dir, print0
-from nanochat.config import UserError, check, parse_args
+from nanochat.common import get_base_dir, print0, run_main
+from nanochat.config import Flags, UserError, check, parse_args
 from nanochat.download import (
     DownloadError,
     download_file,
@@ -458,7 +458,7 @@ def build_local_corpus(
 # command line
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Flags):
     """Download FineWeb-Edu pretraining shards, or build a local corpus offline."""
 
     num_files: int = field(default=8, metadata={"short": "-n", "help": f"train shards to download (-1: all {MAX_SHARD_INDEX}); plus the val shard"})
@@ -477,6 +477,7 @@ class DatasetConfig:
     force: bool = field(default=False, metadata={"help": "replace the shards already in base_data"})
 
     def validate(self) -> None:
+        super().validate()
         check(self.num_files >= -1, f"--num_files: expected -1 (all) or >= 0, got {self.num_files}")
         check(self.num_files <= self.val_index, f"--num_files: at most {self.val_index} train shards exist, got {self.num_files}")
         check(self.num_workers >= 1, f"--num_workers: expected >= 1, got {self.num_workers}")
@@ -494,17 +495,17 @@ def is_local_corpus(manifest: dict | None) -> bool:
 def run_online(cfg: DatasetConfig, data_dir: Path) -> None:
     if is_local_corpus(read_manifest(data_dir)):
         if not cfg.force:
-            fail(f"{data_dir} holds the local corpus; --force replaces it with downloaded shards, --source=local keeps it")
+            raise UserError(f"{data_dir} holds the local corpus; --force replaces it with downloaded shards, --source=local keeps it")
         clear_shards(data_dir)
     indices = shard_indices(cfg.num_files, cfg.val_index)
     failed = download_shards(indices, cfg.base_url, data_dir, cfg.num_workers, cfg.retries, cfg.backoff)
     names = ", ".join(shard_name(i) for i in sorted(failed))
     if failed and hf_offline():
-        fail(f"HF_HUB_OFFLINE=1 and {len(failed)} of {len(indices)} shards are not in {data_dir} ({names}): unset it to download them")
+        raise UserError(f"HF_HUB_OFFLINE=1 and {len(failed)} of {len(indices)} shards are not in {data_dir} ({names}): unset it to download them")
     if failed:
         for index, reason in sorted(failed.items()):
             print0(f"  failed: {shard_name(index)}: {reason}")
-        fail(f"{len(failed)} of {len(indices)} shards failed: {names}; re-run to resume")
+        raise UserError(f"{len(failed)} of {len(indices)} shards failed: {names}; re-run to resume")
     print0(f"{len(indices)} shards ready in {data_dir}")
 
 
@@ -515,7 +516,7 @@ def run_local(cfg: DatasetConfig, data_dir: Path) -> None:
         if is_local_corpus(manifest):
             print0(f"local corpus already in {data_dir} ({manifest['num_docs']} docs); --force rebuilds it")
             return
-        fail(f"{data_dir} holds {len(existing)} shards but no local-corpus {MANIFEST} (downloaded, or an interrupted local build); --force replaces them")
+        raise UserError(f"{data_dir} holds {len(existing)} shards but no local-corpus {MANIFEST} (downloaded, or an interrupted local build); --force replaces them")
     if cfg.force:
         clear_shards(data_dir)
     manifest = build_local_corpus(data_dir, cfg.target_mb, cfg.val_fraction, cfg.shard_mb)
@@ -527,6 +528,11 @@ def run_local(cfg: DatasetConfig, data_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(DatasetConfig, argv, prog="python -m nanochat.dataset")
+    run_main(prepare, cfg)
+
+
+def prepare(cfg: DatasetConfig) -> None:
+    """Download the shards or build the local corpus, as --source says (auto: keep what is here)."""
     data_dir = default_data_dir()
     source = cfg.source
     manifest = read_manifest(data_dir)

@@ -43,7 +43,8 @@ its resident set before the model was built.
 
 Checked on CPU (tests/test_memory.py; e.g. `python -m nanochat.memory --depth=4 --max_seq_len=1024
 --device_batch_size=4 --vocab_size=8192 --dtype=bfloat16 --grad_accum_steps=1 --measure=True`): saved
-bytes exactly, peaks within 2-7% for dense, recompute=block, MoleGrad and the memory modes.
+bytes exactly; peaks within 5% of the allocated bytes (AllocationTracker, like CUDA's
+max_memory_allocated) and 8% of the resident set, for dense, recompute, MoleGrad and the memory modes.
 
 What fits (`python -m nanochat.memory --sweep_depths=True --gpu_memory=16GB|24GB|32GB`, card presets
 of real memory, GPU_PRESETS): 8192 tokens x 1, vocab 65,536, bf16 compute, fp32 master weights; on a
@@ -61,10 +62,12 @@ import os
 import re
 import subprocess
 import sys
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat.common import RunContext, cpu_has_native_bf16, fail
 from nanochat.config import check, parse_args
@@ -283,10 +286,10 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     add("activations: LM head", N * (2 * item * d + FP32) + FP32 * embedding,
         f"final norm and dloss/dhidden ({N} x {d}), dloss/dW_head ({V}x{d} fp32)")
     rows = min(LOSS_CHUNK_ROWS, N)
-    # sigmoid, exp and s(1-s) in fp32; dz in the compute dtype, written through an fp32 temporary under
-    # bf16 (torch.mul(..., out=) into another dtype); the previous chunk's dz is still referenced
-    # while the next one is computed
-    fp32_copies = 3 if item == FP32 else 4
+    # sigmoid, exp and s(1-s) in fp32; dz in the compute dtype (torch.mul(..., out=) casts as it
+    # writes: no fp32 temporary, measure_allocated_peak); the previous chunk's dz is still
+    # referenced while the next one is computed
+    fp32_copies = 3
     dz_copies = 2 if N > rows else 1
     add("transient: loss chunk", rows * V * (fp32_copies * FP32 + dz_copies * item)
         + (item * embedding if item != FP32 else 0) + 2 * FP32 * N,
@@ -384,12 +387,9 @@ def format_size(size: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # measured: a real training step
 
-def run_training_steps(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int, steps: int,
-                       device: str) -> GPT:
-    """`steps` optimizer steps of base_train's kind on random tokens (the first creates the
-    optimizer state, so steady state needs 2)."""
-    from nanochat.trainer import train_step
-
+def training_setup(config: GPTConfig, batch_size: int, dtype: str, device: str):
+    """A fresh model, base_train's optimizers, a stream of random (inputs, targets) micro-batches
+    and the RunContext: what a measured training step needs."""
     ctx = RunContext(torch.device(device), device, DTYPES[dtype], False, 0, 0, 1)
     with torch.device(device):
         model = GPT(config)
@@ -402,10 +402,60 @@ def run_training_steps(config: GPTConfig, batch_size: int, dtype: str, grad_accu
             tokens = tokens.to(device)
             yield tokens[:, :-1], tokens[:, 1:]
 
-    stream = batches()
+    return model, optimizers, batches(), ctx
+
+
+def run_training_steps(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int, steps: int,
+                       device: str) -> GPT:
+    """`steps` optimizer steps of base_train's kind on random tokens (the first creates the
+    optimizer state, so steady state needs 2)."""
+    from nanochat.trainer import train_step
+
+    model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, device)
     for _ in range(steps):
         train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
     return model
+
+
+class AllocationTracker(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once while it is active: the storages of `alive`
+    (tensors that exist already) and of every op's outputs until they are freed. The CPU analogue
+    of torch.cuda.max_memory_allocated: allocated bytes, whether or not their pages are touched."""
+
+    def __init__(self, alive: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.live = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
+        self.current = sum(self.live.values())
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.live and storage.nbytes() > 0:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+
+def measure_allocated_peak(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int = 2) -> int:
+    """Peak bytes of tensor storage of a steady training step (after one that creates the optimizer
+    state), in this process, on CPU: model, optimizer state, gradients, activations, temporaries."""
+    from nanochat.trainer import train_step
+
+    model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, "cpu")
+    train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
+    state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    with AllocationTracker([*model.parameters(), *model.buffers(), *state]) as tracker:
+        train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
+    return tracker.peak
 
 
 def resident_bytes(field: str = "VmRSS") -> int:
@@ -630,6 +680,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "CPU resident-set high-water mark, fresh process, glibc malloc returning freed memory")
         print(f"measured peak: {format_size(measured)} ({how}); prediction error {100 * (plan.peak / measured - 1):+.1f}%")
         out["measured_bytes"] = measured
+        if device == "cpu":
+            allocated = measure_allocated_peak(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps)
+            print(f"allocated peak: {format_size(allocated)} (tensor storage alive at once, as CUDA counts it); "
+                  f"prediction error {100 * (plan.peak / allocated - 1):+.1f}%")
+            out["allocated_bytes"] = allocated
     if flags.require_fit and not fits:
         print(f"error: the memory plan does not fit: {line}", file=sys.stderr)
         raise SystemExit(DOES_NOT_FIT)

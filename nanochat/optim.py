@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from nanochat import distributed
 from nanochat.common import resolve_dtype
-from nanochat.streaming_linear import STREAMING_MOMENTA, StreamingLinear, streaming_layers
+from nanochat.streaming_linear import STREAMING_MOMENTA, StreamingLinear, move_subspaces, streaming_layers
 
 # Quintic Newton–Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so
 # small singular values grow fast; after 5 steps singular values land in roughly [0.7, 1.2]
@@ -360,11 +360,7 @@ def update_subspaces(model: nn.Module, optimizers: Iterable[torch.optim.Optimize
     along. Call once per optimizer step, after every optimizer.step() (and, under DDP, after the
     layers' step_statistics() were all-reduced)."""
     layers = streaming_layers(model)
-    if not layers:
-        return
-    observed = (torch.cat([layer.tokens_step for layer in layers]) > 0).tolist()  # one host sync per step
-    for layer, seen in zip(layers, observed):
-        q_old, q_new = layer.update_subspace(seen)
+    for layer, (q_old, q_new) in zip(layers, move_subspaces(layers)):  # batched by shape, one host sync
         if q_new is q_old:  # no training forward since the last update: Q did not move
             continue
         for opt in optimizers:

@@ -63,14 +63,14 @@ from nanochat.ops import compute_dtype
 
 
 def diagonal_signs(matrix: Tensor) -> Tensor:
-    """±1 per column: the sign of matrix's diagonal entry, + for 0. (rows, cols) -> (cols,)"""
-    return torch.where(torch.diagonal(matrix) < 0, -1.0, 1.0).to(matrix.dtype)
+    """±1 per column: the sign of matrix's diagonal entry, + for 0. (..., rows, cols) -> (..., cols)"""
+    return torch.where(torch.diagonal(matrix, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(matrix.dtype)
 
 
 def orthonormalize(matrix: Tensor) -> Tensor:
-    """Q of the QR decomposition of matrix (rows, cols), signs fixed so that diag(R) ≥ 0."""
+    """Q of the QR decomposition of matrix (..., rows, cols), signs fixed so that diag(R) ≥ 0."""
     q, r = torch.linalg.qr(matrix)
-    return q * diagonal_signs(r)
+    return q * diagonal_signs(r).unsqueeze(-2)
 
 
 # Muon's momentum for a MoleGrad matrix: dense (out, in), or (out, k) factors in Q's coordinates
@@ -209,7 +209,6 @@ class StreamingLinear(nn.Module):
         """The tensors to all-reduce (sum) across processes before update_subspace()."""
         return self.sketch_step, self.energy_step, self.tokens_step
 
-    @torch.no_grad()
     def update_subspace(self, observed: bool | None = None) -> tuple[Tensor, Tensor]:
         """Moves Q one power-iteration step towards the inputs' top-k subspace.
 
@@ -218,40 +217,9 @@ class StreamingLinear(nn.Module):
         grad_factor, which is expressed in Q_old. Without training forwards since the last
         update, nothing changes and the same tensor is returned twice (Q_new is Q_old).
         observed: whether tokens_step > 0, if the caller knows (None = read it: a host sync).
+        move_subspaces() does this for many layers at once.
         """
-        q_old = self.Q.clone()
-        if self.sketch.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"subspace buffers are {self.sketch.dtype}: expected float32 or "
-                             f"float64; cast only the weight to low precision")
-        if not (self.tokens_step.item() > 0 if observed is None else observed):
-            return q_old, q_old
-        k, beta = self.rank_k, self.warm_start_decay
-        basis = torch.cat([self.Q, self.scouts], dim=1)                 # B: (in, k+e)
-        tokens = self.tokens_step[0].to(self.sketch.dtype)
-        sketch = beta * self.sketch + (1 - beta) * self.sketch_step / tokens       # ≈ C̄ B
-        self.input_energy.mul_(beta).add_((1 - beta) * self.energy_step[0] / tokens)
-        ritz = basis.T @ sketch                                         # (k+e, k+e) ≈ Bᵀ C̄ B
-        energies, rotation = torch.linalg.eigh((ritz + ritz.T) / 2)
-        energies, rotation = energies.flip(0), rotation.flip(1)         # strongest first
-        # column j stays on the side of old column j, so a settled Q does not flip signs
-        rotation = rotation * diagonal_signs(rotation)
-        sketch = sketch @ rotation
-        if self.explore_k > 0:
-            sketch[:, -1] = self._fresh_direction()
-        new_basis = orthonormalize(sketch)                              # (in, k+e)
-        if self.explore_k > 0:
-            # the fresh direction starts at the energy of the weakest one kept, then earns its place
-            sketch[:, -1] = energies[-2].clamp(min=0) * new_basis[:, -1]
-        self.Q.copy_(new_basis[:, :k])
-        self.scouts.copy_(new_basis[:, k:])
-        self.sketch.copy_(sketch)
-        self.captured_energy.copy_(energies[:k].sum() / self.input_energy.clamp(min=1e-30))
-        for statistic in self.step_statistics():
-            statistic.zero_()
-        self.num_updates += 1
-        self.counters[1].add_(1)
-        self.grad_factor = None
-        return q_old, self.Q.clone()
+        return move_subspaces([self], None if observed is None else [observed])[0]
 
     def _fresh_direction(self) -> Tensor:
         """A random (in,) vector, the same in every process: seeded by (seed, num_updates)."""
@@ -264,6 +232,67 @@ class StreamingLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank_k={self.rank_k}, explore_k={self.explore_k}, "
                 f"power_iters={self.power_iters}, warm_start_decay={self.warm_start_decay}")
+
+
+@torch.no_grad()
+def move_subspaces(layers: list[StreamingLinear], observed: list[bool] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """update_subspace() of every layer, (Q_old, Q_new) each, with one eigh and one QR per group of
+    layers of the same shapes (the attention Linears of all blocks are one group) and at most one
+    host sync (`observed`: whether each layer saw tokens this step; None = read tokens_step).
+
+    Per layer, B = [Q | scouts] (in, t), t = k + e:
+        S ← β S + (1-β) sketch_step / tokens        ≈ C̄ B
+        R = sym(Bᵀ S) = V Λ Vᵀ,  S ← S V            Rayleigh–Ritz, strongest first, signs kept
+        S[:, -1] ← fresh direction; B ← orth(S)     QR with diag(R) ≥ 0
+        S[:, -1] ← λ_(t-1) B[:, -1]                 the fresh one starts at the weakest kept energy
+    """
+    for layer in layers:
+        if layer.sketch.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"subspace buffers are {layer.sketch.dtype}: expected float32 or "
+                             f"float64; cast only the weight to low precision")
+    if observed is None:
+        observed = (torch.cat([layer.tokens_step for layer in layers]) > 0).tolist() if layers else []
+    moved: list[tuple[Tensor, Tensor] | None] = [None] * len(layers)
+    groups: dict[tuple, list[tuple[int, StreamingLinear, Tensor]]] = {}
+    for index, (layer, seen) in enumerate(zip(layers, observed)):
+        q_old = layer.Q.clone()
+        if not seen:
+            moved[index] = (q_old, q_old)
+            continue
+        key = (layer.in_features, layer.rank_k, layer.explore_k, layer.warm_start_decay, layer.sketch.dtype,
+               layer.sketch.device)
+        groups.setdefault(key, []).append((index, layer, q_old))
+    for (_, k, explore, beta, dtype, _), members in groups.items():
+        group = [layer for _, layer, _ in members]
+        basis = torch.stack([torch.cat([layer.Q, layer.scouts], dim=1) for layer in group])   # (G, in, t)
+        tokens = torch.stack([layer.tokens_step[0] for layer in group]).to(dtype)             # (G,)
+        sketch = beta * torch.stack([layer.sketch for layer in group]) \
+            + (1 - beta) * torch.stack([layer.sketch_step for layer in group]) / tokens.view(-1, 1, 1)
+        for layer, count in zip(group, tokens):
+            layer.input_energy.mul_(beta).add_((1 - beta) * layer.energy_step[0] / count)
+        ritz = basis.mT @ sketch                                        # (G, t, t) ≈ Bᵀ C̄ B
+        energies, rotation = torch.linalg.eigh((ritz + ritz.mT) / 2)
+        energies, rotation = energies.flip(-1), rotation.flip(-1)       # strongest first
+        # column j stays on the side of old column j, so a settled Q does not flip signs
+        rotation = rotation * diagonal_signs(rotation).unsqueeze(-2)
+        sketch = sketch @ rotation
+        if explore > 0:
+            sketch[:, :, -1] = torch.stack([layer._fresh_direction() for layer in group])
+        new_basis = orthonormalize(sketch)                              # (G, in, t)
+        if explore > 0:
+            sketch[:, :, -1] = energies[:, -2:-1].clamp(min=0) * new_basis[:, :, -1]
+        for g, (index, layer, q_old) in enumerate(members):
+            layer.Q.copy_(new_basis[g, :, :k])
+            layer.scouts.copy_(new_basis[g, :, k:])
+            layer.sketch.copy_(sketch[g])
+            layer.captured_energy.copy_(energies[g, :k].sum() / layer.input_energy.clamp(min=1e-30))
+            for statistic in layer.step_statistics():
+                statistic.zero_()
+            layer.num_updates += 1
+            layer.counters[1].add_(1)
+            layer.grad_factor = None
+            moved[index] = (q_old, layer.Q.clone())
+    return moved
 
 
 def _read_counters_after_load(layer: StreamingLinear, incompatible_keys) -> None:

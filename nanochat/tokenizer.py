@@ -246,9 +246,6 @@ class Tokenizer:
         except KeyError:
             raise ValueError(f"unknown special token {name!r}; expected one of {' '.join(SPECIAL_TOKENS)}") from None
 
-    def id_to_token(self, token_id: int) -> str:
-        return self.enc.decode([token_id])
-
     def token_bytes(self) -> torch.Tensor:
         """int32 (vocab_size,): bytes of text each id stands for; 0 for specials (no text)."""
         counts = [len(self.enc.decode_single_token_bytes(i)) for i in range(len(self.mergeable_ranks))]

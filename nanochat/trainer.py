@@ -401,13 +401,14 @@ def save_training_state(
     meta: dict[str, Any],
     ctx: RunContext,
     keep_last: int,
-    extra_state: dict[str, Any] | None = None,
+    guard: Guard | None = None,
 ) -> None:
+    """One checkpoint of the whole training state (every rank calls this), then the guard learns
+    which step it holds (its loss is recorded once the next step has measured it)."""
     rank_state = {
         "optimizers": [opt.state_dict() for opt in optimizers],
         "loader": loader_state,
         "rng": rng_state(),
-        **(extra_state or {}),
     }
     model_state = model.state_dict() if ctx.master else None
     save_checkpoint(directory, step, model_state, rank_state, None, rank=ctx.rank, keep_last=0)
@@ -417,6 +418,9 @@ def save_training_state(
         save_checkpoint(directory, step, None, None, {**meta, "world_size": ctx.world_size}, rank=ctx.rank, keep_last=keep_last)
     if ctx.ddp:
         distributed.barrier("checkpoint save")
+    if guard is not None:
+        guard.saved(step)
+    print0(f"saved checkpoint {directory} step {step}")
 
 
 # GPTConfig fields that fix the shapes of weights and optimizer state, and the flags that set them

@@ -159,9 +159,7 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         if step > start_step and (last or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             meta = {"stage": "base", "flags": to_dict(cfg), "model_config": asdict(model_config), "val_bpb": val_bpb,
                     "num_iterations": num_iterations}
-            save_training_state(ckpt_dir, step, model, optimizers, train_loader.state_dict(), meta, ctx, cfg.keep_checkpoints)
-            guard.saved(step)
-            print0(f"saved checkpoint {ckpt_dir} step {step}")
+            save_training_state(ckpt_dir, step, model, optimizers, train_loader.state_dict(), meta, ctx, cfg.keep_checkpoints, guard)
         if last:
             break
 

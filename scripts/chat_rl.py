@@ -241,9 +241,7 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
             meta = {"stage": "rl", "flags": to_dict(cfg), "model_config": asdict(model.config), "scores": scores,
                     "num_iterations": cfg.num_iterations, "source": {"kind": cfg.source, "dir": str(src_dir), "step": src_step},
                     **({"tokenizer_dir": start.tokenizer_dir} if start.tokenizer_dir else {})}
-            save_training_state(ckpt_dir, step, model, optimizers, {}, meta, ctx, cfg.keep_checkpoints)
-            guard.saved(step)
-            print0(f"saved checkpoint {ckpt_dir} step {step}")
+            save_training_state(ckpt_dir, step, model, optimizers, {}, meta, ctx, cfg.keep_checkpoints, guard)
         if last:
             break
 

@@ -6,7 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.streaming_linear import StreamingLinear, orthonormalize, streaming_layers, streaming_mlp, zero_factor_grad
+from nanochat.streaming_linear import (
+    StreamingLinear, move_subspaces, orthonormalize, streaming_layers, streaming_mlp, zero_factor_grad,
+)
 
 torch.set_num_threads(1)
 
@@ -330,3 +332,29 @@ def test_bf16_autocast_runs_and_accumulates_in_fp32():
     streaming_mlp(layer(x_ref), fc, proj).sum().backward()
     scale = x_ref.grad.abs().max().item()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0.1, atol=0.1 * scale)
+
+
+def test_moving_many_subspaces_at_once_equals_one_by_one():
+    """move_subspaces batches layers of equal shapes (one eigh, one QR per group): the same Q,
+    scouts, sketch and energies as each layer's own update_subspace(); a layer without tokens
+    stays put."""
+    generator = torch.Generator().manual_seed(0)
+    def layers():
+        return [StreamingLinear(16, 8, rank_k=4, seed=1).double(), StreamingLinear(16, 12, rank_k=4, seed=2).double(),
+                StreamingLinear(24, 8, rank_k=3, seed=3).double(), StreamingLinear(16, 8, rank_k=4, seed=4).double()]
+    together, alone = layers(), layers()
+    inputs = [torch.randn(40, layer.in_features, generator=generator, dtype=torch.float64) for layer in together]
+    for group in (together, alone):
+        for step in range(3):
+            for layer, x in list(zip(group, inputs))[:3]:  # the last layer sees no tokens
+                layer(x * (step + 1))
+            if group is together:
+                moved = move_subspaces(group)
+                assert moved[3][0] is moved[3][1]
+            else:
+                for layer in group:
+                    layer.update_subspace()
+    for a, b in zip(together, alone):
+        for name in ("Q", "scouts", "sketch", "input_energy", "captured_energy", "counters"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-12, rtol=0, msg=name)
+    assert [layer.num_updates for layer in together] == [3, 3, 3, 0]
