@@ -3,7 +3,7 @@
 - categorical (ARC, MMLU): the prompt is the conversation without its answer plus
   <|assistant_start|>; the model's next-token logits are compared over the example's letters only
   (so a tiny model that cannot yet "talk" is still measured); batched with right padding.
-- generative (GSM8K, HumanEval, SpellingBee): `num_samples` completions per problem through the
+- generative (GSM8K, HumanEval, SpellingBee, Arithmetic): `num_samples` completions per problem through the
   Engine (KV cache, calculator tool); a problem counts as solved if any sample passes (pass@k).
 ChatCORE = mean over tasks of accuracy centred on the task's random baseline. The tasks by name
 are built by tasks/registry.py (the library does not import tasks/).
@@ -19,7 +19,8 @@ from nanochat import distributed
 from nanochat.engine import Engine
 
 # task name -> accuracy of random guessing (the ChatCORE baseline)
-RANDOM_BASELINE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+RANDOM_BASELINE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0,
+                   "Arithmetic": 0.0}
 
 
 def _rank_indices(n: int, rank: int, world_size: int) -> range:

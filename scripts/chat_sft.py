@@ -7,7 +7,8 @@
 Starts from the last checkpoint of --source (mid by default) and saves to sft_checkpoints/.
 Rows are PADDED: one conversation each, a batch as long as its longest; the loss is on assistant
 tokens only. The LR decays linearly to 0 over the run (--warmdown_ratio=1). Val: bits per byte of
-the assistant tokens of SmolTalk's test conversations, and MMLU and ARC-Easy accuracy (answer
+the assistant tokens of held-out conversations (tasks.registry.chat_val_mixture, the set mid_train
+measures too), and MMLU and ARC-Easy accuracy (answer
 letter logits, as chat_eval) on their first --eval_metrics_max_problems problems. The loop is
 nanochat.chat_data.run_chat_training, shared with mid_train. Flags: `--help`.
 """
@@ -25,10 +26,11 @@ from nanochat.evaluation import run_categorical
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer
 from tasks.arc import ARC
+from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
 from tasks.gsm8k import GSM8K
 from tasks.identity import Identity
-from tasks.registry import make_task
+from tasks.registry import chat_val_mixture, make_task
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
@@ -66,19 +68,18 @@ class ChatSFTConfig(ChatTrainFlags):
 
 
 def train_mixture(source: str) -> Task:
+    # the synthetic tasks keep their share (offline they are most of the data: the hub tasks are
+    # a few stand-in rows), so finetuning on chat does not unlearn the calculator and counting
     return TaskMixture([
         ARC("ARC-Easy", "train", source=source),  # 2.3K
         ARC("ARC-Challenge", "train", source=source),  # 1.1K
         GSM8K("main", "train", source=source),  # 7.5K
         SmolTalk("train", source=source, stop=10_000),  # 10K
         Identity(size=1000),
+        Arithmetic(size=4000),
         SimpleSpelling(size=300),
-        SpellingBee(size=300),
+        SpellingBee(size=4000),
     ])
-
-
-def val_mixture(source: str) -> Task:
-    return SmolTalk("test", source=source)
 
 
 def categorical_metrics() -> Callable[[GPT, Tokenizer, ChatSFTConfig, RunContext], dict[str, float]]:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(ChatSFTConfig, argv, prog="python -m scripts.chat_sft")
     hook = categorical_metrics() if cfg.eval_metrics_max_problems > 0 else None
     return run_chat_training(cfg, ChatStage(name="sft", title="Chat SFT", mode=PADDED, train_mixture=train_mixture,
-                                            val_mixture=val_mixture, grad_accum=ChatSFTConfig.grad_accum,
+                                            val_mixture=chat_val_mixture, grad_accum=ChatSFTConfig.grad_accum,
                                             val_rows=ChatSFTConfig.val_rows, eval_hook=hook))
 
 

@@ -1,36 +1,41 @@
 """Synthetic spelling tasks: counting letters in a word, and spelling a word out.
 
-Small models see tokens, not letters, so "how many r in strawberry" is hard for them. These
-tasks teach the two halves: SimpleSpelling maps a word to its letters ("s,t,r,a,..."), and
-SpellingBee counts a letter by spelling the word out, tallying, and checking with a Python
-tool call (`'strawberry'.count('r')`), ending with "#### 3" like GSM8K.
+Small models see tokens, not letters, so "how many r in strawberry" is hard for them. SpellingBee
+hands the counting to the Python tool: the reply is one call, ` 'strawberry'.count('r')`, then
+the tool's result after GSM8K's answer marker ("#### 3"). The question always quotes the word and
+the letter after a space (" 'strawberry'"), and the call starts with a space, so the word and the
+letter are the same tokens in both: the model's job is to copy them. SimpleSpelling maps a word
+to its letters ("s,t,r,a,...").
 
 Words come from /usr/share/dict/words (Debian `wamerican`) when present, else from the
-Python installation's own documentation (`pydoc_data.topics`); either way the list is sorted,
-so examples are a deterministic function of (seed, split, index) on a given machine.
+Python installation's own documentation (`pydoc_data.topics`); either way the list is sorted.
+Held out by construction: a word whose CRC32 is divisible by TEST_BUCKETS is a test word, any
+other a train word, so the test split asks only about words no training example uses. Examples
+are a deterministic function of (seed, split, index) on a given machine.
 """
 
 from __future__ import annotations
 
 import re
 import string
+import zlib
 from pathlib import Path
 
 from tasks.common import Conversation, SyntheticTask, evaluate_final_answer
 
 DICT_WORDS = Path("/usr/share/dict/words")
+TEST_BUCKETS = 10  # about 1 word in 10 is a test word
 # how often the asked letter is drawn from the word itself (else any letter: answers of 0)
 LETTER_FROM_WORD_P = 0.9
 
+# every template quotes the word and the letter after a space: see the module docstring
 COUNT_TEMPLATES = (
-    "How many {letter} are in the word {word}?",
-    "How many '{letter}'s are in '{word}'?",
-    "How many times does the letter {letter} appear in {word}?",
-    'Count the number of "{letter}" in "{word}".',
-    "In the word {word}, how many {letter}'s are there?",
-    "how many {letter} in {word}",
+    "How many '{letter}' are in '{word}'?",
+    "How many times does the letter '{letter}' appear in '{word}'?",
+    "Count the number of '{letter}' in '{word}'.",
+    "In the word '{word}', how many '{letter}' are there?",
+    "how many '{letter}' in '{word}'",
     "Can you tell me how many times '{letter}' occurs in the word '{word}'?",
-    "What is the count of the letter {letter} in {word}?",
 )
 SPELL_TEMPLATES = (
     "Spell the word: {word}",
@@ -55,6 +60,11 @@ def load_words(path: Path = DICT_WORDS) -> list[str]:
     return sorted(set(words))
 
 
+def split_of_word(word: str) -> str:
+    """"test" for about 1 word in TEST_BUCKETS (by CRC32, the same on every machine), else "train"."""
+    return "test" if zlib.crc32(word.encode()) % TEST_BUCKETS == 0 else "train"
+
+
 def spelled(word: str) -> str:
     return ",".join(word)
 
@@ -65,7 +75,7 @@ class SyntheticWordTask(SyntheticTask):
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 42,
                  start: int = 0, stop: int | None = None, step: int = 1) -> None:
         super().__init__(size, split, seed, start, stop, step)
-        self.words = load_words()
+        self.words = [word for word in load_words() if split_of_word(word) == split]  # this split's words only
 
 
 class SpellingBee(SyntheticWordTask):
@@ -75,20 +85,12 @@ class SpellingBee(SyntheticWordTask):
         rng = self.rng(index)
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < LETTER_FROM_WORD_P else rng.choice(string.ascii_lowercase)
-        shown_letter = letter.upper() if rng.random() < 0.3 else letter
-        question = rng.choice(COUNT_TEMPLATES).format(letter=shown_letter, word=word)
+        question = rng.choice(COUNT_TEMPLATES).format(letter=letter, word=word)
         count = word.count(letter)
-        positions = [i + 1 for i, ch in enumerate(word) if ch == letter]
-        if positions:
-            tally = f"Counting '{letter}': " + ", ".join(f"position {p} makes {n}" for n, p in enumerate(positions, 1)) + "."
-        else:
-            tally = f"None of these letters is '{letter}', so the count is 0."
-        times = "time" if count == 1 else "times"
         parts = [
-            {"type": "text", "text": f"Let me spell '{word}' out and count the '{letter}'s.\n\n{word}: {spelled(word)}\n\n{tally}\n\nLet me check with Python:\n\n"},
-            {"type": "python", "text": f"'{word}'.count('{letter}')"},
+            {"type": "python", "text": f" '{word}'.count('{letter}')"},
             {"type": "python_output", "text": str(count)},
-            {"type": "text", "text": f"\n\nBoth agree: '{letter}' appears {count} {times} in '{word}'.\n\n#### {count}"},
+            {"type": "text", "text": f"\n\n#### {count}"},
         ]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
 
