@@ -21,7 +21,8 @@ would fire differently per arm).
 
 Budgets: the largest is --tokens_per_param tokens per block parameter (default 10), the others
 --budget_fractions of it. LR: each arm sweeps --lr_multipliers (8x range) around its base LR at
-the smallest budget; the LR with the best bits per byte on the SELECTION split (val shard, first
+the smallest budget, extended by a factor 2 past an edge while the best LR is that edge (at most
+twice per side); the LR with the best bits per byte on the SELECTION split (val shard, first
 --eval_tokens tokens) is used for the larger budgets; every reported number is on the HELD-OUT
 split (the next --eval_tokens tokens, disjoint). Seeds (model init): --seeds at the largest
 budget, one at the others; mean and spread (max - min) are reported.
@@ -34,7 +35,7 @@ optimizer-state bytes of the block matrices, and val bpb at equal FLOPs: dense M
 (log FLOPs, bpb), interpolated at the arm's largest-budget FLOPs.
 
 Resumable: every finished run is appended to --out (default bench/results/molegrad_quality.json)
-at once; a rerun with the same config skips what is there. The JSON also holds the exact command,
+at once, with the git revision it ran at; a rerun with the same config skips what is there. The JSON also holds the exact command,
 git revision and diff stat, machine, load averages and versions; a PNG (gap vs tokens, one line
 per arm) goes next to it. Table, goals, then one JSON line.
 """
@@ -392,17 +393,46 @@ def make_pool(cfg: QualityConfig, cache: Path) -> Any:
 # ---------------------------------------------------------------------------------------------
 # the plan: LR sweep at the smallest budget, then the chosen LR at every budget
 
-def sweep_specs(cfg: QualityConfig, arm: str) -> list[RunSpec]:
+MAX_EDGE_EXTENSIONS = 2  # extra LRs (each a factor 2 further out) when the best is at an edge of the sweep
+
+
+def sweep_specs(cfg: QualityConfig, arm: str, runs: dict[str, dict[str, Any]] | None = None) -> list[RunSpec]:
+    """The arm's LR sweep at the smallest budget: --lr_multipliers of its family's base LR, and,
+    while the best LR on the selection split is the lowest (highest) one swept, one more at half
+    (double) that, up to MAX_EDGE_EXTENSIONS per side, so the reported LR is not an edge of the grid."""
     base = BASE_LR[family_kind(arm)]
-    return [RunSpec(arm, budgets(cfg)[0], base * m, 0) for m in cfg.multipliers()]
+    multipliers = cfg.multipliers()
+    runs = runs or {}
+    for side in (0, -1):
+        for _ in range(MAX_EDGE_EXTENSIONS):
+            sweep = [runs.get(RunSpec(arm, budgets(cfg)[0], base * m, 0).key) for m in multipliers]
+            if any(run is None for run in sweep):
+                break
+            best = min(range(len(sweep)), key=lambda i: sweep[i]["selection_bpb"])
+            if best != (side % len(sweep)):
+                break
+            multipliers = [multipliers[0] / 2] + multipliers if side == 0 else multipliers + [multipliers[-1] * 2]
+    return [RunSpec(arm, budgets(cfg)[0], base * m, 0) for m in multipliers]
 
 
 def chosen_lr(runs: dict[str, dict[str, Any]], cfg: QualityConfig, arm: str) -> float | None:
-    """The LR of the arm's sweep with the lowest SELECTION-split bpb (None until the sweep is done)."""
-    sweep = [runs.get(spec.key) for spec in sweep_specs(cfg, arm)]
+    """The LR of the arm's sweep with the lowest SELECTION-split bpb (None until the sweep, its
+    edge extensions included, is done)."""
+    sweep = [runs.get(spec.key) for spec in sweep_specs(cfg, arm, runs)]
     if any(run is None for run in sweep):
         return None
     return min(sweep, key=lambda run: run["selection_bpb"])["lr"]
+
+
+def needed_specs(runs: dict[str, dict[str, Any]], cfg: QualityConfig) -> list[RunSpec]:
+    """Every run the results so far call for: each arm's sweep, and its budgets once its LR is chosen."""
+    specs = []
+    for arm in cfg.arm_names():
+        specs += sweep_specs(cfg, arm, runs)
+        lr = chosen_lr(runs, cfg, arm)
+        if lr is not None:
+            specs += final_specs(cfg, arm, lr)
+    return specs
 
 
 def final_specs(cfg: QualityConfig, arm: str, lr: float) -> list[RunSpec]:
@@ -441,13 +471,13 @@ def summarize(runs: dict[str, dict[str, Any]], cfg: QualityConfig, vocab_size: i
         flops = training_flops_per_token(config)
         entry: dict[str, Any] = {"lr": lr, "lr_sweep": {}, "flops_per_token": flops,
                                  "state_bytes": state_bytes(config, family_kind(arm), parse_arm(arm)[1]), "budgets": {}}
-        for spec in sweep_specs(cfg, arm):
+        for spec in sweep_specs(cfg, arm, runs):
             if spec.key in runs:
                 entry["lr_sweep"][f"{spec.lr:.6g}"] = {"selection_bpb": runs[spec.key]["selection_bpb"],
                                                        "heldout_bpb": runs[spec.key]["heldout_bpb"]}
         if lr is not None:
-            multipliers = cfg.multipliers()
-            entry["lr_at_edge_of_sweep"] = lr in (BASE_LR[family_kind(arm)] * multipliers[0], BASE_LR[family_kind(arm)] * multipliers[-1])
+            swept = [spec.lr for spec in sweep_specs(cfg, arm, runs)]
+            entry["lr_at_edge_of_sweep"] = lr in (min(swept), max(swept))
             done = [runs[s.key] for s in final_specs(cfg, arm, lr) if s.key in runs]
             for steps in budgets(cfg):
                 seeds = [r["heldout_bpb"] for r in done if r["steps"] == steps]
@@ -583,27 +613,25 @@ def run(cfg: QualityConfig, argv: list[str]) -> dict[str, Any]:
         tmp.replace(out)
         return result
 
-    todo = [spec for arm in cfg.arm_names() for spec in sweep_specs(cfg, arm) if spec.key not in runs]
     print0(f"{len(runs)} runs found in {out}; budgets {budgets(cfg)} steps of {cfg.batch_size} x {cfg.seq_len} tokens; "
            f"{cfg.jobs} at a time")
     with make_pool(cfg, cache) as pool:
-        pending = {pool.submit(_worker_run, spec): spec for spec in todo}
-        queued = set(runs) | {spec.key for spec in todo}
-        while pending:
-            for future in as_completed(list(pending)):
-                spec = pending.pop(future)
-                result = future.result()
-                runs[result["key"]] = result
-                print0(f"  {spec.arm:<14} steps {spec.steps:>5} lr {spec.lr:<8.4g} seed {spec.seed}: held-out bpb "
-                       f"{result['heldout_bpb']:.4f} (selection {result['selection_bpb']:.4f}), {result['seconds']:.0f} s")
-                save()
-                for arm in cfg.arm_names():  # an arm's sweep done: queue its budgets at the chosen LR
-                    lr = chosen_lr(runs, cfg, arm)
-                    for final in final_specs(cfg, arm, lr) if lr is not None else []:
-                        if final.key not in queued:
-                            queued.add(final.key)
-                            pending[pool.submit(_worker_run, final)] = final
+        pending: dict[Future, RunSpec] = {}
+        queued = set(runs)
+        while True:
+            for spec in needed_specs(runs, cfg):  # what the results so far call for, not yet queued
+                if spec.key not in queued:
+                    queued.add(spec.key)
+                    pending[pool.submit(_worker_run, spec)] = spec
+            if not pending:
                 break
+            future = next(as_completed(list(pending)))
+            spec = pending.pop(future)
+            result = {**future.result(), "git_revision": info["git_revision"]}
+            runs[result["key"]] = result
+            print0(f"  {spec.arm:<14} steps {spec.steps:>5} lr {spec.lr:<8.4g} seed {spec.seed}: held-out bpb "
+                   f"{result['heldout_bpb']:.4f} (selection {result['selection_bpb']:.4f}), {result['seconds']:.0f} s")
+            save()
     result = save()
     print_table(result["arms"], cfg)
     for goal, passed in result["goals"].items():

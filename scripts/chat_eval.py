@@ -1,4 +1,4 @@
-"""Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE.
+"""Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee, Arithmetic, ChatCORE.
 
     python -m scripts.chat_eval -i sft                         # every task
     python -m scripts.chat_eval -i sft -a ARC-Easy,GSM8K --max_problems=50
@@ -6,7 +6,10 @@
 
 Categorical tasks are scored by the answer letters' logits (batched); generative ones by
 sampling through the engine with the calculator tool (pass@--num_samples). Results go to the
-report card ("Chat evaluation <source>").
+report card ("Chat evaluation <source>"). A hub task read from its offline stand-in (a few
+handwritten rows, tasks/fixtures.py) is listed there under `smoke_tests`: it shows the stage runs,
+its accuracy means nothing. SpellingBee and Arithmetic are held-out synthetic problems (test
+splits, disjoint from the training ones by construction).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from nanochat.config import TASK_SOURCES, CheckpointFlags, RuntimeFlags, check, 
 from nanochat.engine import Engine
 from nanochat.evaluation import RANDOM_BASELINE, chatcore, run_categorical, run_generative
 from nanochat.report import log_section
+from tasks.common import HubTask
 from tasks.registry import make_task
 
 ALL_TASKS = ",".join(RANDOM_BASELINE)
@@ -63,12 +67,16 @@ def evaluate(cfg: ChatEvalConfig, ctx: RunContext) -> dict[str, Any]:
     engine = Engine(model, tokenizer)
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
     accuracies: dict[str, float] = {}
+    smoke_tests: dict[str, int] = {}  # task -> rows of its offline stand-in
     for name in cfg.tasks.split(","):
         t0 = time.perf_counter()
         try:
             task = make_task(name, cfg.task_source)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{name}: {e}") from None
+        if isinstance(task, HubTask) and task.source == "offline":
+            smoke_tests[name] = len(task)
+            print0(f"{name}: offline stand-in of {len(task)} rows (tasks/fixtures.py): a smoke test, its accuracy means nothing")
         if task.eval_type == "categorical":
             accuracies[name] = run_categorical(forward, tokenizer, task, cfg.max_problems, cfg.batch_size, ctx.device,
                                                ctx.rank, ctx.world_size)
@@ -84,7 +92,8 @@ def evaluate(cfg: ChatEvalConfig, ctx: RunContext) -> dict[str, Any]:
     results["ChatCORE"] = chatcore(accuracies)
     print0(f"{'ChatCORE':<14} {results['ChatCORE']:.4f}")
     log_section(f"Chat evaluation {cfg.source}", {"checkpoint": meta["checkpoint_dir"], "step": meta["step"],
-                                                  "max_problems": cfg.max_problems, "num_samples": cfg.num_samples, **results})
+                                                  "max_problems": cfg.max_problems, "num_samples": cfg.num_samples, **results,
+                                                  **({"smoke_tests": smoke_tests} if smoke_tests else {})})
     return results
 
 

@@ -114,7 +114,8 @@ class HubTask(Task):
         check_choice("subset", config, tuple(self.splits))
         check_choice(f"split (of subset {config})", split, self.splits[config])
         self.config, self.split = config, split
-        self.rows = load_task_rows(source, self.dataset_id, config, split)
+        self.source = resolve_source(source, self.dataset_id, config, split)  # "online" | "offline"
+        self.rows = load_task_rows(self.source, self.dataset_id, config, split)
 
     def num_examples(self) -> int:
         return len(self.rows)

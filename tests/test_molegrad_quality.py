@@ -61,6 +61,8 @@ def test_the_lr_is_chosen_on_the_selection_split_and_reported_on_the_held_out_on
         sweep = entry["lr_sweep"]
         best_on_selection = min(sweep, key=lambda lr: sweep[lr]["selection_bpb"])
         assert float(best_on_selection) == pytest.approx(entry["lr"])
+        # a best LR at an edge of the grid gets the grid extended past it (up to MAX_EDGE_EXTENSIONS)
+        assert not entry["lr_at_edge_of_sweep"] or len(sweep) == 2 + quality.MAX_EDGE_EXTENSIONS, (arm, sweep)
         smallest = runs[quality.RunSpec(arm, 3, entry["lr"], 0).key]
         assert entry["budgets"]["3"]["heldout_bpb"] == smallest["heldout_bpb"] != smallest["selection_bpb"]
 

@@ -25,12 +25,30 @@ def test_report_from_a_tiny_run(tmp_path, monkeypatch):
         assert heading in text, heading
     assert "- git: " in text and "- hardware: " in text and "estimated cost: $0.00" in text
     loss = json.loads((base / "report" / "base-model-loss.json").read_text())["data"]
-    assert f"| val bpb (BASE: text; MID/SFT: assistant tokens) | {loss['val_bpb']:.4f} | - | - | - |" in text  # BASE column
+    assert f"| val bpb, pretraining text | {loss['val_bpb']:.4f} | - | - | - |" in text  # BASE column
+    assert report.VAL_BPB_NOTE in text and "Smoke tests" not in text
     assert "| ARC-Easy | - | - | 0.2500 | - |" in text  # SFT column
     png = base / "report" / "plot-base-model-training.png"
     assert "![plot-base-model-training](plot-base-model-training.png)" in text
     image = mpimg.imread(png)
     assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.01  # a real picture, not blank
+
+
+def test_summary_separates_the_val_bpb_measurements_and_marks_smoke_tests():
+    sections = [
+        ("base-model-loss", {"val_bpb": 1.5}, ""),
+        ("midtraining", {"val_bpb": 0.8}, ""),
+        ("chat-sft", {"val_bpb": 0.7}, ""),
+        ("chat-evaluation-sft", {"ARC-Easy": 0.5, "Arithmetic": 0.75, "smoke_tests": {"ARC-Easy": 6}}, ""),
+    ]
+    table = report.summary_table(sections)
+    assert "| val bpb, pretraining text | 1.5000 | - | - | - |" in table
+    assert "| val bpb, assistant tokens of held-out chats | - | 0.8000 | 0.7000 | - |" in table
+    assert "| ARC-Easy (smoke test) | - | - | 0.5000 | - |" in table
+    assert "| Arithmetic (held-out, calculator) | - | - | 0.7500 | - |" in table
+    assert report.VAL_BPB_NOTE in table and "Smoke tests: ARC-Easy (6 rows)" in table
+    plain = report.summary_table([("chat-evaluation-rl", {"Arithmetic": 0.5}, "")])
+    assert "smoke" not in plain.lower() and report.VAL_BPB_NOTE not in plain
 
 
 def test_curve_plots_have_labelled_axes(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from nanochat.download import DownloadError
 from nanochat.tokenizer import Tokenizer
 from tasks import fixtures
 from tasks.arc import ARC
-from tasks.arithmetic import Arithmetic
+from tasks.arithmetic import Arithmetic, split_of_key
 from tasks.common import (
     FILE_COUNT_NAME,
     Task,
@@ -39,7 +39,7 @@ from tasks.humaneval import HumanEval
 from tasks.identity import Identity
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
-from tasks.spellingbee import SimpleSpelling, SpellingBee, load_words
+from tasks.spellingbee import SimpleSpelling, SpellingBee, load_words, split_of_word
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,14 +345,30 @@ def test_arithmetic_tool_calls_are_what_python_prints():
     questions = " ".join(c["messages"][0]["content"] for c in task)
     assert all(kind in questions for kind in ("bags with", "per hour", "equally among", "each and a", "pages", "km/h", "% off"))
     for conversation in task:
-        parts = conversation["messages"][-1]["content"]
-        outputs = [p["text"] for p in parts if p["type"] == "python_output"]
-        for call, output in zip([p for p in parts if p["type"] == "python"], outputs):
-            assert re.fullmatch(r"[\d+\-*/]+", call["text"]) and str(eval(call["text"])) == output
-        assert task.evaluate(conversation, f"#### {outputs[-1]}")
-        assert not task.evaluate(conversation, f"#### {int(outputs[-1]) + 1}")
+        question = conversation["messages"][0]["content"]
+        call, output, text = conversation["messages"][-1]["content"]
+        assert (call["type"], output["type"], text["type"]) == ("python", "python_output", "text")
+        assert re.fullmatch(r"[\d+\-*/()]+", call["text"]) and str(eval(call["text"])) == output["text"]
+        # the call's numbers are the question's (and the stories' constants: twice, percent)
+        assert set(re.findall(r"\d+", call["text"])) - {"2", "100"} <= set(re.findall(r"\d+", question))
+        assert text["text"] == f"\n\n#### {output['text']}"
+        assert task.evaluate(conversation, f"#### {output['text']}")
+        assert not task.evaluate(conversation, f"#### {int(output['text']) + 1}")
     assert [task[i] for i in range(5)] == [Arithmetic(size=200, seed=3)[i] for i in range(5)]
     assert [task[i] for i in range(5)] != [Arithmetic(size=200, seed=4)[i] for i in range(5)]
+
+
+def test_arithmetic_test_problems_are_disjoint_from_training_ones():
+    def keys(task):
+        return {(kind, expression) for kind, _, expression, _ in map(task.problem, range(len(task)))}
+
+    train = keys(Arithmetic(size=3000, split="train")) | keys(Arithmetic(size=3000, split="train", seed=7))
+    test = keys(Arithmetic(size=300, split="test"))
+    assert len(test) > 100 and not train & test
+    assert all(split_of_key(f"{kind}|{expression}") == "test" for kind, expression in test)
+    # the questions themselves differ too (the same numbers under other names would share a key)
+    train_questions = {c["messages"][0]["content"] for c in Arithmetic(size=3000, split="train")}
+    assert not train_questions & {c["messages"][0]["content"] for c in Arithmetic(size=300, split="test")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,24 +446,37 @@ def test_training_only_tasks_do_not_score():
 # ---------------------------------------------------------------------------------------------
 # synthetic tasks
 
-def test_spelling_bee_counts_are_correct():
+def test_spelling_bee_counts_are_correct(tokenizer):
     task = SpellingBee(size=100, split="test", seed=1)
     zero_counts = 0
     for conversation in task:
-        call = next(p for p in conversation["messages"][-1]["content"] if p["type"] == "python")["text"]
-        word, letter = re.fullmatch(r"'([a-z]+)'\.count\('([a-z])'\)", call).groups()
-        assert word in conversation["messages"][0]["content"]
-        assert letter in conversation["messages"][0]["content"].lower()
+        question = conversation["messages"][0]["content"]
+        call, output, text = conversation["messages"][-1]["content"]
+        word, letter = re.fullmatch(r" '([a-z]+)'\.count\('([a-z])'\)", call["text"]).groups()
+        assert f" '{word}'" in question and f" '{letter}'" in question
         brute_force = sum(1 for ch in word if ch == letter)
         zero_counts += brute_force == 0
-        parts = conversation["messages"][-1]["content"]
-        assert next(p for p in parts if p["type"] == "python_output")["text"] == str(brute_force)
-        assert parts[-1]["text"].endswith(f"#### {brute_force}")
+        assert output == {"type": "python_output", "text": str(brute_force)}
+        assert text["text"] == f"\n\n#### {brute_force}"
         assert task.evaluate(conversation, f"I count it.\n#### {brute_force}")
         assert not task.evaluate(conversation, f"#### {brute_force + 1}")
+        # the word is the same tokens in the question and in the call: the model copies it
+        word_ids = tokenizer.encode(f" '{word}")
+        question_ids, call_ids = tokenizer.encode(question), tokenizer.encode(call["text"])
+        assert call_ids[:len(word_ids)] == word_ids
+        assert any(question_ids[i:i + len(word_ids)] == word_ids for i in range(len(question_ids)))
     assert zero_counts > 0  # letters not in the word are asked too
-    questions = {re.sub(r"[a-zA-Z]+", "w", c["messages"][0]["content"]) for c in task}
+    questions = {re.sub(r"'[a-z]+'", "w", c["messages"][0]["content"]) for c in task}
     assert len(questions) >= 5  # varied phrasings
+
+
+def test_spelling_test_words_are_never_training_words():
+    train, test = SpellingBee(size=10, split="train"), SpellingBee(size=400, split="test")
+    assert train.words and test.words and not set(train.words) & set(test.words)
+    assert sorted(train.words + test.words) == load_words()
+    assert SimpleSpelling(size=10).words == train.words
+    asked = {re.search(r" '([a-z]+)'\.count", c["messages"][-1]["content"][0]["text"]).group(1) for c in test}
+    assert len(asked) > 100 and asked <= set(test.words) and all(split_of_word(w) == "test" for w in asked)
 
 
 def test_spelling_bee_is_deterministic_per_split_and_seed():
