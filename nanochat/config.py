@@ -25,7 +25,7 @@ import dataclasses
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Sequence, TypeVar
+from typing import Any, ClassVar, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -196,10 +196,13 @@ class RuntimeFlags(Flags):
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = all cores, split among ranks)"})
     seed: int = field(default=42, metadata={"help": "random seed"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model's forward"})
+    # why an entry point cannot honour --compile (empty: it can); --compile=True there is refused
+    compile_refused: ClassVar[str] = ""
 
     def validate(self) -> None:
         """Checked at parse time, before any model or data loads: a bad device is one line."""
         super().validate()
+        check(not (self.compile and self.compile_refused), f"--compile: not supported here: {self.compile_refused}")
         check(self.threads >= 0, f"--threads: expected >= 0 (0 = all cores), got {self.threads}")
         if self.device == "":
             return

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 # Prompt tokens per forward during prefill: bounds the (T, vocab) float32 logits the model returns
 # (256 MiB per chunk at vocab 65,536) while keeping the matmuls large.
 PREFILL_CHUNK = 1024
+# why chat_cli/chat_web refuse --compile (RuntimeFlags.compile_refused)
+NO_COMPILE = "KV-cache decoding changes the cache length every token, which a compiled graph would recompile for"
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 

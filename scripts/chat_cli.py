@@ -14,18 +14,20 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from nanochat.checkpoint import load_chat_model
 from nanochat.common import RunContext, print0, run_main
 from nanochat.config import CheckpointFlags, RuntimeFlags, check, parse_args
-from nanochat.engine import Engine
+from nanochat.engine import NO_COMPILE, Engine
 from nanochat.tokenizer import StreamDecoder, chat_prompt
 
 
 @dataclass
 class ChatCliConfig(RuntimeFlags, CheckpointFlags):
     """Chat with a checkpoint in the terminal."""
+
+    compile_refused: ClassVar[str] = NO_COMPILE
 
     prompt: str = field(default="", metadata={"short": "-p", "help": "answer this one message and exit"})
     temperature: float = field(default=0.6, metadata={"short": "-t", "help": "sampling temperature (0 = greedy)"})

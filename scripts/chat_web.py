@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import uvicorn
@@ -25,7 +25,7 @@ import uvicorn
 from nanochat.checkpoint import load_chat_model
 from nanochat.common import RunContext, get_logger, run_main, set_cpu_threads
 from nanochat.config import CheckpointFlags, RuntimeFlags, parse_args
-from nanochat.engine import Engine
+from nanochat.engine import NO_COMPILE, Engine
 from nanochat.serving import ServingFlags, bind_socket, build_app
 
 log = get_logger("chat_web")
@@ -34,6 +34,8 @@ log = get_logger("chat_web")
 @dataclass
 class ChatWebConfig(RuntimeFlags, CheckpointFlags, ServingFlags):
     """Serve a checkpoint: web chat UI + HTTP API."""
+
+    compile_refused: ClassVar[str] = NO_COMPILE
 
 
 def load_engines(cfg: ChatWebConfig, device_type: str) -> tuple[list[Engine], str]:

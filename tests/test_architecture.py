@@ -118,3 +118,11 @@ def test_every_entry_point_has_help_with_the_shared_flags(name, capsys):
             assert f"--{f.name}" in out, f"{name} --help lacks the shared flag --{f.name}"
     if name in CHECKPOINT_READERS:
         assert "--source, -i" in out and "--model_tag, -c" in out
+
+
+@pytest.mark.parametrize("name", ["scripts.chat_cli", "scripts.chat_web"])
+def test_an_entry_point_that_cannot_compile_refuses_the_flag(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(name).main(["--compile=True"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --compile: not supported here: ")
