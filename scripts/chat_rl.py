@@ -20,7 +20,8 @@ optimizers and RNG: --resume_from_step continues exactly). One step:
        loss = -Σ_{rows b, sampled t} A_b · log p(token_bt) / (number of sampled tokens)
 
 --task: gsm8k (GSM8K train; --task_source=auto reads the hub when reachable, else the offline
-stand-in), arithmetic (synthetic GSM8K-style problems, offline), or auto (both, mixed).
+stand-in), arithmetic (synthetic GSM8K-style problems, offline), auto (both, mixed), or synthetic
+(arithmetic and SpellingBee letter counting, mixed, offline).
 pass@--num_samples on the held-out problems (test splits) every --eval_every steps.
 Flags: `--help`.
 """
@@ -46,10 +47,13 @@ from nanochat.trainer import Guard, format_duration, save_training_state, schedu
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
 from tasks.gsm8k import GSM8K
+from tasks.spellingbee import SpellingBee
 
-TASKS = ("auto", "gsm8k", "arithmetic")
+TASKS = ("auto", "gsm8k", "arithmetic", "synthetic")
 ARITHMETIC_TRAIN_SIZE = 100_000  # generated on demand: effectively never repeats
 ARITHMETIC_TEST_SIZE = 1000
+SPELLING_TRAIN_SIZE = 100_000
+SPELLING_TEST_SIZE = 1000
 
 
 @dataclass
@@ -58,7 +62,8 @@ class ChatRLConfig(ChatTrainFlags):
 
     source: str = source_field("sft", ("base", "mid", "sft"))
     num_iterations: int = field(default=200, metadata={"help": "optimizer steps"})
-    task: str = field(default="auto", metadata={"help": "training problems: gsm8k, arithmetic, or auto (both)", "choices": TASKS})
+    task: str = field(default="auto", metadata={"help": "training problems: gsm8k, arithmetic, auto (both), or synthetic "
+                                                       "(arithmetic and letter counting, offline)", "choices": TASKS})
     examples_per_step: int = field(default=16, metadata={"help": "questions per optimizer step (all ranks)"})
     num_samples: int = field(default=8, metadata={"help": "completions per question (the group of the baseline)"})
     max_new_tokens: int = field(default=256, metadata={"help": "tokens per completion at most (tool output included)"})
@@ -88,7 +93,9 @@ class ChatRLConfig(ChatTrainFlags):
 def train_task(name: str, source: str) -> Task:
     tasks = {"gsm8k": lambda: [GSM8K("main", "train", source=source)],
              "arithmetic": lambda: [Arithmetic(size=ARITHMETIC_TRAIN_SIZE, split="train")],
-             "auto": lambda: [GSM8K("main", "train", source=source), Arithmetic(size=ARITHMETIC_TRAIN_SIZE, split="train")]}[name]()
+             "auto": lambda: [GSM8K("main", "train", source=source), Arithmetic(size=ARITHMETIC_TRAIN_SIZE, split="train")],
+             "synthetic": lambda: [Arithmetic(size=ARITHMETIC_TRAIN_SIZE, split="train"),
+                                   SpellingBee(size=SPELLING_TRAIN_SIZE, split="train")]}[name]()
     return tasks[0] if len(tasks) == 1 else TaskMixture(tasks)
 
 
@@ -97,8 +104,10 @@ def eval_tasks(name: str, source: str) -> dict[str, Task]:
     tasks: dict[str, Task] = {}
     if name in ("gsm8k", "auto"):
         tasks["gsm8k"] = GSM8K("main", "test", source=source)
-    if name in ("arithmetic", "auto"):
+    if name in ("arithmetic", "auto", "synthetic"):
         tasks["arithmetic"] = Arithmetic(size=ARITHMETIC_TEST_SIZE, split="test")
+    if name == "synthetic":
+        tasks["spellingbee"] = SpellingBee(size=SPELLING_TEST_SIZE, split="test")
     return tasks
 
 

@@ -2,9 +2,9 @@
 
 Small models see tokens, not letters, so "how many r in strawberry" is hard for them. SpellingBee
 hands the counting to the Python tool: the reply is one call, ` 'strawberry'.count('r')`, then
-the tool's result after GSM8K's answer marker ("#### 3"). The question always quotes the word and
-the letter after a space (" 'strawberry'"), and the call starts with a space, so the word and the
-letter are the same tokens in both: the model's job is to copy them. SimpleSpelling maps a word
+the tool's result after GSM8K's answer marker ("#### 3"). The question quotes the word after a
+space (" 'strawberry'") and the call starts with a space, so the word is the same tokens in both:
+the model's job is to copy it. SimpleSpelling maps a word
 to its letters ("s,t,r,a,...").
 
 Words come from /usr/share/dict/words (Debian `wamerican`) when present, else from the
@@ -28,14 +28,15 @@ TEST_BUCKETS = 10  # about 1 word in 10 is a test word
 # how often the asked letter is drawn from the word itself (else any letter: answers of 0)
 LETTER_FROM_WORD_P = 0.9
 
-# every template quotes the word and the letter after a space: see the module docstring
+# Every template quotes the word after a space and only the word, so the call's " '" points at
+# it alone; the letter is bare (" r"), its one-token form in the call ("r") is learnt per letter.
 COUNT_TEMPLATES = (
-    "How many '{letter}' are in '{word}'?",
-    "How many times does the letter '{letter}' appear in '{word}'?",
-    "Count the number of '{letter}' in '{word}'.",
-    "In the word '{word}', how many '{letter}' are there?",
-    "how many '{letter}' in '{word}'",
-    "Can you tell me how many times '{letter}' occurs in the word '{word}'?",
+    "How many {letter} are in '{word}'?",
+    "How many times does the letter {letter} appear in '{word}'?",
+    "Count the number of {letter} in '{word}'.",
+    "In the word '{word}', how many {letter} are there?",
+    "how many {letter} in '{word}'",
+    "Can you tell me how many times {letter} occurs in the word '{word}'?",
 )
 SPELL_TEMPLATES = (
     "Spell the word: {word}",

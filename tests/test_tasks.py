@@ -453,7 +453,7 @@ def test_spelling_bee_counts_are_correct(tokenizer):
         question = conversation["messages"][0]["content"]
         call, output, text = conversation["messages"][-1]["content"]
         word, letter = re.fullmatch(r" '([a-z]+)'\.count\('([a-z])'\)", call["text"]).groups()
-        assert f" '{word}'" in question and f" '{letter}'" in question
+        assert f" '{word}'" in question and f" {letter} " in question and question.count("'") == 2
         brute_force = sum(1 for ch in word if ch == letter)
         zero_counts += brute_force == 0
         assert output == {"type": "python_output", "text": str(brute_force)}
