@@ -116,10 +116,12 @@ def start_chat_stage(cfg: ChatTrainFlags, stage_name: str, ctx: RunContext) -> S
     else:
         model, meta = load_model(directory=src_dir, step=src_step, device=ctx.device, overrides=overrides)
     model.train()
+    cfg.check_model_pieces(model.config, str(ckpt_dir if resuming else cfg.init_from_hf or src_dir))
     tokenizer_dir = meta.get("tokenizer_dir")
     tokenizer = get_tokenizer(tokenizer_dir)
     lr = cfg.init_lr_frac
-    optimizers = setup_optimizers(model, cfg.unembedding_lr * lr, cfg.embedding_lr * lr, cfg.matrix_lr * lr, cfg.weight_decay)
+    optimizers = setup_optimizers(model, cfg.unembedding_lr * lr, cfg.embedding_lr * lr, cfg.matrix_lr * lr, cfg.weight_decay,
+                                  **cfg.optimizer_options())
     resumed = None
     if resuming:
         resumed = resume_training_state(ckpt_dir, cfg.resume_from_step, model, optimizers, ctx, cfg)

@@ -71,6 +71,7 @@ class KVCache:
         self.kv_shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
         self.kv_cache: torch.Tensor | None = None
         self.pos = 0
+        self.prev_embedding: torch.Tensor | None = None  # (B, 1, d): the last position's embedding (smear gate)
 
     @property
     def max_seq_len(self) -> int:
@@ -78,6 +79,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+        self.prev_embedding = None
 
     def get_pos(self) -> int:
         return self.pos
@@ -112,6 +114,8 @@ class KVCache:
         if other.pos > self.max_seq_len:
             raise ValueError(f"KVCache.prefill: {other.pos} positions do not fit the cache's seq_len={self.max_seq_len}")
         self.pos = other.pos
+        if other.prev_embedding is not None:
+            self.prev_embedding = other.prev_embedding.expand(mine[2], -1, -1).clone()
         if other.kv_cache is None:
             return
         if self.kv_cache is None or self.kv_cache.dtype != other.kv_cache.dtype or self.kv_cache.device != other.kv_cache.device:

@@ -3,6 +3,9 @@
 Rotary embeddings, QK norm, grouped-query attention (`n_kv_head`), ReLU² MLP, RMSNorm without
 parameters (also right after the embedding and before the head), untied embedding and LM head,
 logit softcap, no biases. `config_from_depth` sizes width and heads from one knob, `--depth`.
+Optional recipe pieces from upstream nanochat's 2026 recipe (RECIPE_PIECES, all off by default:
+off, the forward is exactly the one above): per-layer residual/x0 lambdas, a smear gate, backout
+and value embeddings; docs/recipe.md.
 The autograd pieces are in nanochat/ops.py; what each keeps for backward is in docs/memory.md.
 """
 
@@ -50,6 +53,10 @@ MEMORY_MODES = {
 # Training attention on CUDA runs in one of these SDPA kernels or fails: the math kernel would keep
 # (B, H, T, T) per layer, which no memory plan counts.
 TRAINING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+# GPTConfig's recipe pieces (each adds parameters; transformers' NanoChat has none of them)
+RECIPE_PIECES = ("layer_lambdas", "smear_gate", "backout", "value_embeds")
+SMEAR_GATE_CHANNELS = 24  # input channels of the smear gate and of each value-embedding gate (as upstream)
+VE_GATE_CHANNELS = 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,6 +79,11 @@ class GPTConfig:
     streaming_warm_start_decay: float = 0.95
     streaming_momentum: str = "dense"  # dense | lowrank: Muon's momentum for MoleGrad matrices
     streaming_keep_h: bool = False  # a MoleGrad MLP keeps h for backward instead of recomputing it
+    # recipe pieces (upstream nanochat, 2026), all off by default; off, the model is the one above
+    layer_lambdas: bool = False  # per-layer learnable x <- resid_lambdas[i] x + x0_lambdas[i] x0 before block i
+    smear_gate: bool = False  # mix the previous token's embedding into each position through a learned gate
+    backout: bool = False  # subtract backout_lambda x (the residual after block n_layer // 2) before the final norm
+    value_embeds: bool = False  # per-token value embeddings added to v, gated per kv head, on alternating layers
 
     def __post_init__(self) -> None:
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -115,6 +127,15 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def recipe_pieces(self) -> list[str]:
+        """The names of the recipe pieces (RECIPE_PIECES) that are on."""
+        return [name for name in RECIPE_PIECES if getattr(self, name)]
+
+
+def has_value_embed(config: GPTConfig, layer_idx: int) -> bool:
+    """Value embeddings sit on alternating layers, the last one always among them (as upstream)."""
+    return config.value_embeds and layer_idx % 2 == (config.n_layer - 1) % 2
 
 
 def config_from_depth(
@@ -199,13 +220,20 @@ class CausalSelfAttention(nn.Module):
         self.c_k = linear(config.n_embd, self.n_kv_head * self.head_dim, layer_idx, "attn.c_k")
         self.c_v = linear(config.n_embd, self.n_kv_head * self.head_dim, layer_idx, "attn.c_v")
         self.c_proj = linear(config.n_embd, config.n_embd, layer_idx, "attn.c_proj")
+        # value embeddings: a gate per kv head from the first few channels of the normed input
+        self.ve_gate = (nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
+                        if has_value_embed(config, layer_idx) else None)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         xn = norm(x, compute_dtype(x.device.type, x.dtype))  # one cast for c_q, c_k, c_v, not three
         q = self.c_q(xn).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(xn).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(xn).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # ResFormer-style value residual: v + gate (0..3, per kv head) x value embedding
+            gate = 3 * torch.sigmoid(self.ve_gate(xn[..., :self.ve_gate.in_features]))  # (B, T, H_kv)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         # QK norm after rotary (as nanochat). The two commute up to rounding: rotary rotates pairs of
         # channels, which keeps the RMS over head_dim. Norming last feeds SDPA unit-RMS q and k.
         q = norm(apply_rotary(q, cos, sin))
@@ -271,19 +299,21 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, linear)
         self.mlp = MLP(config, layer_idx, linear)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
         if self.recompute == "block" and kv_cache is None:
-            return self._recomputed(self, self._forward, x, cos, sin)
-        return self._forward(x, cos, sin, kv_cache)
+            return self._recomputed(self, self._forward, x, cos, sin, None, ve)
+        return self._forward(x, cos, sin, kv_cache, ve)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(x, cos, sin, kv_cache)
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
+                 ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(x, cos, sin, kv_cache, ve)
         if self.recompute == "mlp" and kv_cache is None:
             return x + self._recomputed(self.mlp, self.mlp, x)
         return x + self.mlp(x)
 
     @staticmethod
-    def _recomputed(region: nn.Module, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    def _recomputed(region: nn.Module, fn: Callable[..., torch.Tensor], *args: torch.Tensor | None) -> torch.Tensor:
         """fn(*args) rerun in backward (torch.utils.checkpoint); the rerun takes no MoleGrad
         statistics. Compiled, the partitioner recomputes only what backward needs, which never
         includes the statistics, so the default context is right there."""
@@ -305,6 +335,15 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i, self._linear) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # recipe pieces: attributes are None when off (no parameters, nothing in the state dict)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer)) if config.layer_lambdas else None
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer)) if config.layer_lambdas else None
+        self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.n_embd), 1, bias=False) if config.smear_gate else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear_gate else None
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
+            for i in range(config.n_layer) if has_value_embed(config, i)}) if config.value_embeds else None
         self.loss_chunk_rows = LOSS_CHUNK_ROWS
         # Non-persistent: not in checkpoints, recomputed here, in init_weights and after load_state_dict.
         self.rotary_seq_len = config.sequence_len * ROTARY_LENGTH_FACTOR
@@ -347,6 +386,10 @@ class GPT(nn.Module):
           saturation) but, unlike an all-zero head, pass a small gradient back to the blocks
           from the first step.
         - MoleGrad layers: the same weights, and their subspaces back to their seeded start.
+        - Recipe pieces (after everything above, so that turning one on leaves the other draws
+          alone), as upstream: resid_lambdas 1.15 -> 1.05 and x0_lambdas 0.20 -> 0.05 over depth,
+          smear_lambda 0, smear gate and value-embedding gates ~ U(0, 0.02) (gates start slightly
+          open), backout_lambda 0.2, value embeddings ~ U(±sqrt(3 / n_embd)) like c_v.
         """
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -356,9 +399,29 @@ class GPT(nn.Module):
                 nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        self._init_recipe_pieces()
         for layer in streaming_layers(self):
             layer.reset_subspace()
         self._init_rotary()
+
+    @torch.no_grad()
+    def _init_recipe_pieces(self) -> None:
+        depth_frac = torch.arange(self.config.n_layer, dtype=torch.float64) / max(self.config.n_layer - 1, 1)
+        if self.resid_lambdas is not None:
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+        if self.smear_gate is not None:
+            nn.init.zeros_(self.smear_lambda)
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        if self.backout_lambda is not None:
+            nn.init.constant_(self.backout_lambda, 0.2)
+        if self.value_embeds is not None:
+            bound = math.sqrt(3.0 / self.config.n_embd)
+            for embedding in self.value_embeds.values():
+                nn.init.uniform_(embedding.weight, -bound, bound)
+            for block in self.transformer.h:
+                if block.attn.ve_gate is not None:
+                    nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Parameters' gradients and MoleGrad's factor gradients (which live beside the parameters)."""
@@ -375,6 +438,8 @@ class GPT(nn.Module):
         (counted for the full T x T matrix, as nanochat, not halved for causality)."""
         cfg = self.config
         non_embedding = self.num_params() - self.transformer.wte.weight.numel()
+        if self.value_embeds is not None:  # lookups too
+            non_embedding -= sum(p.numel() for p in self.value_embeds.parameters())
         attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.sequence_len
         return float(6 * non_embedding + attention)
 
@@ -392,8 +457,11 @@ class GPT(nn.Module):
         dtype = compute_dtype(idx.device.type, self.lm_head.weight.dtype)
         cos, sin = self.cos[start:start + T].to(dtype), self.sin[start:start + T].to(dtype)  # (T, 1, head_dim)
         x = norm(self.transformer.wte(idx))  # (B, T, d)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        if self.config.recipe_pieces():
+            x = self._recipe_trunk(idx, x, cos, sin, kv_cache)
+        else:
+            for block in self.transformer.h:
+                x = block(x, cos, sin, kv_cache)
         x = norm(x, dtype)  # (B, T, d) in the compute dtype
         if targets is None:
             logits = F.linear(x, self.lm_head.weight.to(dtype))  # (B, T, vocab)
@@ -402,6 +470,37 @@ class GPT(nn.Module):
         loss = chunked_softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
                                              self.config.softcap, loss_reduction, self.loss_chunk_rows)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def _recipe_trunk(self, idx: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      kv_cache: KVCache | None) -> torch.Tensor:
+        """The blocks with the recipe pieces that are on; x (B, T, d) is the normed embedding."""
+        if self.smear_gate is not None:
+            x = self._smear(x, kv_cache)
+        x0 = x
+        backout_layer, x_backout = self.config.n_layer // 2, None
+        for i, block in enumerate(self.transformer.h):
+            if self.resid_lambdas is not None:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if self.value_embeds is not None and str(i) in self.value_embeds else None
+            x = block(x, cos, sin, kv_cache, ve)
+            if i == backout_layer:
+                x_backout = x
+        if self.backout_lambda is not None:
+            x = x - self.backout_lambda * x_backout
+        return x
+
+    def _smear(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """Position t of x (B, T, d) gets smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1} added; the
+        first position of a sequence gets nothing. With a KV cache, x_{t-1} of the first new
+        token is the last embedding of the previous forward (kv_cache.prev_embedding)."""
+        previous = x[:, :-1]  # (B, T - 1, d)
+        if kv_cache is not None:
+            carried, kv_cache.prev_embedding = kv_cache.prev_embedding, x[:, -1:]
+            if carried is not None:
+                previous = torch.cat((carried.to(x.dtype), previous), dim=1)  # (B, T, d)
+        start = x.size(1) - previous.size(1)  # 1 at the start of a sequence, else 0
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, start:, :self.smear_gate.in_features]))
+        return torch.cat((x[:, :start], x[:, start:] + gate * previous), dim=1)
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -34,7 +34,7 @@ import torch
 
 from nanochat.common import atomic_write
 from nanochat.config import UserError
-from nanochat.gpt import BLOCK_LINEARS, GPT, GPTConfig
+from nanochat.gpt import BLOCK_LINEARS, GPT, RECIPE_PIECES, GPTConfig
 from nanochat.ops import ROTARY_BASE
 from nanochat.tokenizer import LEGACY_TOKENIZER_FILE, TOKENIZER_FILE, Tokenizer
 
@@ -126,7 +126,13 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The weights under transformers' names, float32, contiguous; MoleGrad buffers left out."""
+    """The weights under transformers' names, float32, contiguous; MoleGrad buffers left out.
+    A model with a recipe piece (GPTConfig.recipe_pieces) is refused: HF's NanoChat has none."""
+    pieces = model.config.recipe_pieces()
+    if pieces:
+        raise HFFormatError(f"--{pieces[0]}=True: transformers' NanoChat has no {pieces[0]} (nor any of "
+                            f"{', '.join(RECIPE_PIECES)}), so this model cannot be exported; train without "
+                            f"{', '.join('--' + p for p in pieces)} to export")
     state = {"model.embed_tokens.weight": model.transformer.wte.weight, "lm_head.weight": model.lm_head.weight}
     for i, block in enumerate(model.transformer.h):
         for ours, theirs in HF_LINEAR_NAMES.items():

@@ -4,6 +4,10 @@ Muon for the 2-D matrices of the blocks (momentum, then Newton–Schulz orthogon
 (torch.optim.AdamW's update) for the embedding and the LM head; see `setup_optimizers`. The
 schedule functions here are the only ones the training scripts use.
 
+Recipe options (upstream nanochat's 2026 Muon, all off by default; docs/recipe.md): Polar Express
+instead of the fixed Newton–Schulz quintic, NorMuon variance reduction, cautious weight decay, and
+weight decay scaled by 1/width² (setup_optimizers).
+
 Muon reads each dense gradient through `Muon._gradient(p)` and applies it through
 `Muon._update(p, grad, group)`. A MoleGrad matrix (a StreamingLinear's weight, passed as
 `streaming=`) has no p.grad: Muon reads the layer's factor gradient gq (out, k) and basis Q
@@ -57,6 +61,21 @@ from nanochat.streaming_linear import STREAMING_MOMENTA, StreamingLinear, move_s
 # small singular values grow fast; after 5 steps singular values land in roughly [0.7, 1.2]
 # instead of exactly 1, which is as good for the update and much cheaper than an SVD.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): one quintic (a, b, c) per
+# step, each the minimax-optimal odd polynomial for the interval the singular values are known to
+# lie in after the previous steps (5 steps, safety factor 2e-2, cushion 2, as upstream nanochat).
+# After 5 steps the singular values sit much closer to 1 than the fixed coefficients leave them.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+ORTHOGONALIZERS = ("newton_schulz", "polar_express")
+# setup_optimizers' width-scaled weight decay: wd x (WEIGHT_DECAY_REF_WIDTH / n_embd)², upstream's
+# fit over d8-d20 (optimal Muon weight decay ∝ 1/width², tuned at width 768).
+WEIGHT_DECAY_REF_WIDTH = 768
 
 
 def zeropower_via_newtonschulz5(grad: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -77,6 +96,43 @@ def zeropower_via_newtonschulz5(grad: torch.Tensor, steps: int = 5, dtype: torch
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A²
         x = torch.addmm(x, poly, x, beta=a)  # a X + (b A + c A²) X
     return x.t() if tall else x
+
+
+def zeropower_via_polar_express(grad: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately U Vᵀ for grad = U S Vᵀ (2-D) by Polar Express: step i applies the quintic of
+    POLAR_EXPRESS_COEFFICIENTS[i] (steps <= 5). Scaled to Frobenius norm 1/1.01 first, the margin
+    the coefficients were computed with."""
+    if grad.ndim != 2:
+        raise ValueError(f"zeropower_via_polar_express: expected a 2-D matrix, got shape {tuple(grad.shape)}")
+    if not 1 <= steps <= len(POLAR_EXPRESS_COEFFICIENTS):
+        raise ValueError(f"zeropower_via_polar_express: expected 1 <= steps <= {len(POLAR_EXPRESS_COEFFICIENTS)} "
+                         f"(one coefficient triple per step), got {steps}")
+    x = grad.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.t()
+    x = x / (x.norm() * 1.01 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFICIENTS[:steps]:
+        gram = x @ x.t()  # (rows, rows)
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A²
+        x = torch.addmm(x, poly, x, beta=a)  # a X + (b A + c A²) X
+    return x.t() if tall else x
+
+
+def normuon_variance_step(ortho: torch.Tensor, variance: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon's variance reduction (arXiv 2510.05491, as upstream nanochat) of an orthogonalised
+    update `ortho` (rows, cols), in `variance`'s dtype (float32, or wider): `variance` (rows, 1) if
+    rows >= cols else (1, cols) keeps an EMA (beta2) of the mean square of each row (column); the
+    update is divided by its root and then rescaled to the Frobenius norm it had. `variance` is
+    updated in place."""
+    o = ortho.to(variance.dtype)
+    reduce_dim = -1 if o.size(0) >= o.size(1) else -2
+    mean_square = o.square().mean(dim=reduce_dim, keepdim=True)  # (rows, 1) or (1, cols)
+    variance.lerp_(mean_square, 1 - beta2)
+    scale = variance.clamp_min(1e-10).rsqrt()
+    norm_before = mean_square.sum().mul(o.size(reduce_dim)).sqrt()
+    norm_after = (mean_square * scale.square()).sum().mul(o.size(reduce_dim)).sqrt()
+    return o * (scale * (norm_before / norm_after.clamp_min(1e-10)))
 
 
 def lowrank_step_scale(out_features: int, in_features: int, rank_k: int) -> float:
@@ -159,6 +215,14 @@ class Muon(ShardedStep, torch.optim.Optimizer):
     streaming: MoleGrad layers whose weights are among `params`; their updates come from the
     factor gradients (module docstring), with `streaming_momentum` dense or lowrank.
 
+    Recipe options (all off by default; off, the step is the one above):
+    orthogonalizer "polar_express": Polar Express instead of the fixed Newton–Schulz quintic.
+    normuon: NorMuon variance reduction after the orthogonalisation (`normuon_variance_step`, state
+    (rows, 1) or (1, cols) per matrix). cautious_weight_decay: decay only the entries where the
+    update O and W have the same sign (O·W >= 0: the step already moves W toward 0), arXiv
+    2411.16085. Neither of the last two runs with low-rank MoleGrad momentum, whose update is never
+    formed as a dense matrix.
+
     sharded: each rank updates the dense matrices it owns (ShardedStep); None = when a process
     group of more than one rank is up.
     """
@@ -166,7 +230,9 @@ class Muon(ShardedStep, torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0,
                  ns_dtype: torch.dtype | None = None, streaming: Iterable[StreamingLinear] = (),
-                 streaming_momentum: str = "dense", sharded: bool | None = None) -> None:
+                 streaming_momentum: str = "dense", sharded: bool | None = None,
+                 orthogonalizer: str = "newton_schulz", normuon: bool = False, normuon_beta2: float = 0.9,
+                 cautious_weight_decay: bool = False) -> None:
         if lr < 0:
             raise ValueError(f"Muon lr: expected >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -178,8 +244,21 @@ class Muon(ShardedStep, torch.optim.Optimizer):
         if streaming_momentum not in STREAMING_MOMENTA:
             raise ValueError(f"Muon streaming_momentum: expected one of {'|'.join(STREAMING_MOMENTA)}, "
                              f"got {streaming_momentum!r}")
+        if orthogonalizer not in ORTHOGONALIZERS:
+            raise ValueError(f"--muon_orthogonalizer: expected one of {'|'.join(ORTHOGONALIZERS)}, got {orthogonalizer!r}")
+        if orthogonalizer == "polar_express" and ns_steps > len(POLAR_EXPRESS_COEFFICIENTS):
+            raise ValueError(f"--muon_orthogonalizer=polar_express: has {len(POLAR_EXPRESS_COEFFICIENTS)} steps, "
+                             f"got ns_steps={ns_steps}")
+        if not 0.0 <= normuon_beta2 < 1.0:
+            raise ValueError(f"--normuon_beta2: expected a value in [0, 1), got {normuon_beta2}")
+        streaming = list(streaming)
+        if streaming and streaming_momentum == "lowrank" and (normuon or cautious_weight_decay):
+            flag = "--normuon" if normuon else "--cautious_weight_decay"
+            raise ValueError(f"{flag}=True: needs the dense update of every matrix; low-rank MoleGrad momentum "
+                             f"(--streaming_momentum=lowrank / --memory_mode) never forms it: use --streaming_momentum=dense")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-                        streaming_momentum=streaming_momentum)
+                        streaming_momentum=streaming_momentum, orthogonalizer=orthogonalizer, normuon=normuon,
+                        normuon_beta2=normuon_beta2, cautious_weight_decay=cautious_weight_decay)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -217,8 +296,8 @@ class Muon(ShardedStep, torch.optim.Optimizer):
         momentum = group["momentum"]
         buf.lerp_(grad, 1 - momentum)
         update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-        ortho = self._orthogonalise(update, group)
-        step_size = self._decay_and_step_size(p, group)
+        ortho = self._recipe_update(p, self._orthogonalise(update, group), group)
+        step_size = self._decay_and_step_size(p, group, ortho)
         p.add_(ortho, alpha=step_size)
 
     def _update_streaming(self, p: torch.Tensor, layer: StreamingLinear, group: dict) -> None:
@@ -244,20 +323,37 @@ class Muon(ShardedStep, torch.optim.Optimizer):
         factor, basis_t = layer.grad_factor.to(buf.dtype), layer.Q.to(buf.dtype).T   # (out, k), (k, in)
         buf.mul_(momentum).addmm_(factor, basis_t, alpha=1 - momentum)
         update = torch.addmm(buf, factor, basis_t, beta=momentum, alpha=1 - momentum) if group["nesterov"] else buf
-        ortho = self._orthogonalise(update, group)
-        step_size = self._decay_and_step_size(p, group)
+        ortho = self._recipe_update(p, self._orthogonalise(update, group), group)
+        step_size = self._decay_and_step_size(p, group, ortho)
         p.add_(ortho, alpha=step_size)
 
     def _orthogonalise(self, update: torch.Tensor, group: dict) -> torch.Tensor:
-        return zeropower_via_newtonschulz5(update, group["ns_steps"], self._newton_schulz_dtype(update.device))
+        orthogonalise = zeropower_via_polar_express if group["orthogonalizer"] == "polar_express" else zeropower_via_newtonschulz5
+        return orthogonalise(update, group["ns_steps"], self._newton_schulz_dtype(update.device))
+
+    def _recipe_update(self, p: torch.Tensor, ortho: torch.Tensor, group: dict) -> torch.Tensor:
+        """The orthogonalised update of a dense (out, in) step, after NorMuon if that is on."""
+        if not group["normuon"]:
+            return ortho
+        state = self.state[p]
+        if "normuon_variance" not in state:
+            rows, cols = ortho.shape
+            state["normuon_variance"] = torch.zeros((rows, 1) if rows >= cols else (1, cols), device=ortho.device,
+                                                    dtype=torch.promote_types(p.dtype, torch.float32))
+        return normuon_variance_step(ortho, state["normuon_variance"], group["normuon_beta2"])
 
     @staticmethod
-    def _decay_and_step_size(p: torch.Tensor, group: dict) -> float:
+    def _decay_and_step_size(p: torch.Tensor, group: dict, ortho: torch.Tensor | None = None) -> float:
         """Applies decoupled weight decay to p (the dense weight, MoleGrad or not) and returns the
-        step's coefficient: W ← W (1 - lr wd) + coefficient · O, coefficient = -lr sqrt(max(1, rows/cols))."""
+        step's coefficient: W ← W (1 - lr wd) + coefficient · O, coefficient = -lr sqrt(max(1, rows/cols)).
+        Cautious (the group's cautious_weight_decay, needs the dense update `ortho`): only where O·W >= 0."""
         lr = group["lr"]
         if group["weight_decay"] > 0:
-            p.mul_(1 - lr * group["weight_decay"])
+            if group["cautious_weight_decay"]:
+                same_sign = (ortho * p >= 0).to(p.dtype)
+                p.addcmul_(p, same_sign, value=-lr * group["weight_decay"])
+            else:
+                p.mul_(1 - lr * group["weight_decay"])
         return -lr * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
     @torch.no_grad()
@@ -316,18 +412,27 @@ class AdamW(ShardedStep, torch.optim.AdamW):
 
 def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_lr: float = 0.2,
                      matrix_lr: float = 0.02, weight_decay: float = 0.0,
-                     adam_betas: tuple[float, float] = (0.8, 0.95)) -> list[torch.optim.Optimizer]:
-    """[AdamW(lm_head, wte), Muon(every matrix of the blocks)] for a GPT, each group with `initial_lr`.
+                     adam_betas: tuple[float, float] = (0.8, 0.95), scalar_lr: float = 0.5,
+                     orthogonalizer: str = "newton_schulz", normuon: bool = False, normuon_beta2: float = 0.9,
+                     cautious_weight_decay: bool = False, weight_decay_by_width: bool = False) -> list[torch.optim.Optimizer]:
+    """[AdamW(lm_head, wte, recipe pieces), Muon(every matrix of the blocks)] for a GPT, each group with `initial_lr`.
 
     AdamW LRs scale as (n_embd / 768)^-0.5 (tuned at width 768, as nanochat); Muon's update is
     already normalised per matrix. weight_decay is decoupled and applies to the Muon matrices
     only: the embedding and head rows are RMS-normed / softcapped and get none.
+    weight_decay_by_width: weight_decay x (768 / n_embd)² (WEIGHT_DECAY_REF_WIDTH).
+    orthogonalizer, normuon, normuon_beta2, cautious_weight_decay: Muon's recipe options.
+
+    The GPT's recipe pieces, when on, get AdamW groups as upstream nanochat gives them: value
+    embeddings at embedding_lr / 2 (betas 0.8, 0.995), resid_lambdas at scalar_lr / 100, x0_lambdas at
+    scalar_lr (betas 0.96, 0.95), smear gate and backout at 0.2; the value-embedding gates (ve_gate,
+    inside the blocks) are Muon matrices. Every parameter lands in exactly one group.
 
     MoleGrad: every StreamingLinear is a block matrix, so Muon takes its factor gradients
-    (model.config.streaming_momentum picks dense or low-rank momentum). AdamW holds only wte and
-    lm_head, which are never compressed (an embedding's gradient is already sparse in rows,
-    and the head's input is kept by the chunked loss anyway), so AdamW needs no moments in a
-    subspace; a StreamingLinear reaching it is an error.
+    (model.config.streaming_momentum picks dense or low-rank momentum). AdamW holds only wte,
+    lm_head and the recipe pieces, which are never compressed (an embedding's gradient is already
+    sparse in rows, and the head's input is kept by the chunked loss anyway), so AdamW needs no
+    moments in a subspace; a StreamingLinear reaching it is an error.
     """
     blocks, lm_head, wte = model.transformer.h, model.lm_head, model.transformer.wte
     for name, p in blocks.named_parameters():
@@ -339,19 +444,44 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
         {"params": [lm_head.weight], "lr": unembedding_lr * dmodel_lr_scale},
         {"params": [wte.weight], "lr": embedding_lr * dmodel_lr_scale},
     ]
+    adam_groups += recipe_adam_groups(model, embedding_lr * dmodel_lr_scale, scalar_lr)
     streaming = streaming_layers(model)
     adam_params = {id(p) for group in adam_groups for p in group["params"]}
     if any(id(layer.weight) in adam_params for layer in streaming):
         raise ValueError("setup_optimizers: a MoleGrad layer's weight is in an AdamW group; AdamW reads only p.grad")
+    grouped = [id(p) for p in blocks.parameters()] + [id(p) for group in adam_groups for p in group["params"]]
+    missing = [name for name, p in model.named_parameters() if id(p) not in set(grouped)]
+    if missing or len(grouped) != len(set(grouped)):
+        raise ValueError(f"setup_optimizers: every parameter must be in exactly one group; ungrouped: {missing}")
+    if weight_decay_by_width:
+        weight_decay *= (WEIGHT_DECAY_REF_WIDTH / model.config.n_embd) ** 2
     fused = lm_head.weight.device.type == "cuda"
     adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
     muon = Muon(list(blocks.parameters()), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
-                streaming=streaming, streaming_momentum=model.config.streaming_momentum)
+                streaming=streaming, streaming_momentum=model.config.streaming_momentum,
+                orthogonalizer=orthogonalizer, normuon=normuon, normuon_beta2=normuon_beta2,
+                cautious_weight_decay=cautious_weight_decay)
     optimizers: list[torch.optim.Optimizer] = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def recipe_adam_groups(model: nn.Module, embedding_lr: float, scalar_lr: float) -> list[dict]:
+    """AdamW groups of the GPT's recipe pieces that are on (setup_optimizers); none when all are off."""
+    groups = []
+    if getattr(model, "value_embeds", None) is not None:
+        groups.append({"params": list(model.value_embeds.parameters()), "lr": embedding_lr * 0.5, "betas": (0.8, 0.995)})
+    if getattr(model, "resid_lambdas", None) is not None:
+        groups.append({"params": [model.resid_lambdas], "lr": scalar_lr * 0.01})
+        groups.append({"params": [model.x0_lambdas], "lr": scalar_lr, "betas": (0.96, 0.95)})
+    gates = [model.smear_gate.weight, model.smear_lambda] if getattr(model, "smear_gate", None) is not None else []
+    if getattr(model, "backout_lambda", None) is not None:
+        gates.append(model.backout_lambda)
+    if gates:
+        groups.append({"params": gates, "lr": 0.2})
+    return groups
 
 
 @torch.no_grad()

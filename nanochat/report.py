@@ -58,12 +58,12 @@ SUMMARY_METRICS = (
     ("python_call", "well-formed calculator call", None),
 )
 VAL_BPB_NOTE = (
-    "val bpb rows: BASE is bits per byte of the pretraining val split's text (base_loss). MID and SFT "
-    "are bits per byte of the assistant tokens only (what the model says; prompts and tool outputs "
-    "excluded) of the same held-out chat set, the test splits of the chat tasks "
-    "(tasks.registry.chat_val_mixture), so MID and SFT compare with each other but not with BASE. "
-    "MID reads it packed (whole conversations in rows of --max_seq_len tokens), SFT one conversation "
-    "per row, each up to its --eval_tokens / --eval_examples budget."
+    "val bpb rows: BASE is bits per byte of the pretraining val split's text. MID and SFT are bits per "
+    "byte of the assistant tokens only (what the model says; prompts and tool outputs excluded) of one "
+    "held-out chat set, the test splits of the chat tasks (tasks.registry.chat_val_mixture), so MID and "
+    "SFT compare with each other but not with BASE. Each reads that set up to its --eval_tokens (MID, "
+    "packed rows) or --eval_examples (SFT, one conversation per row) budget; runcpu.sh sets both past "
+    "the offline set's size, so both read all of it. A MID row also sees the conversations packed before it."
 )
 STAGE_OF_SECTION = {
     "base-model-loss": "BASE", "base-model-evaluation": "BASE", "base-model-training": "BASE",

@@ -42,8 +42,15 @@ from nanochat.checkpoint import (
 from nanochat.common import RunContext, print0
 from nanochat.config import RuntimeFlags, UserError, check, to_dict
 from nanochat.distributed import AVG, all_reduce, wait_all
-from nanochat.gpt import MEMORY_MODES, RECOMPUTE_MODES, GPTConfig, apply_memory_mode
-from nanochat.optim import apply_lr, get_lr_multiplier, get_muon_momentum, update_subspaces
+from nanochat.gpt import MEMORY_MODES, RECIPE_PIECES, RECOMPUTE_MODES, GPTConfig, apply_memory_mode
+from nanochat.optim import (
+    ORTHOGONALIZERS,
+    WEIGHT_DECAY_REF_WIDTH,
+    apply_lr,
+    get_lr_multiplier,
+    get_muon_momentum,
+    update_subspaces,
+)
 from nanochat.streaming_linear import STREAMING_MOMENTA, STREAMING_TARGETS, streaming_layers, zero_factor_grad
 
 
@@ -86,6 +93,28 @@ class TrainFlags(RuntimeFlags):
                 "(h kept inside the recompute); keep_h = MoleGrad on all Linears + lowrank momentum + keep h, no "
                 "recompute (either turns MoleGrad on, at --streaming_rank_k)",
         "choices": ("custom", *MEMORY_MODES)})
+    # recipe pieces (upstream nanochat, 2026), all off by default. Model pieces shape the weights:
+    # base_train builds them; later stages keep the checkpoint's architecture.
+    layer_lambdas: bool = field(default=False, metadata={
+        "help": "model: learnable per-layer residual and x0 (input embedding) lambdas (base_train)"})
+    smear_gate: bool = field(default=False, metadata={
+        "help": "model: mix the previous token's embedding into each position through a learned gate (base_train)"})
+    backout: bool = field(default=False, metadata={
+        "help": "model: subtract a learned share of the mid-depth residual before the final norm (base_train)"})
+    value_embeds: bool = field(default=False, metadata={
+        "help": "model: gated per-token value embeddings on alternating layers; vocab x kv_dim parameters "
+                "(and AdamW moments) per such layer (base_train)"})
+    scalar_lr: float = field(default=0.5, metadata={
+        "help": "AdamW LR of the x0 lambdas (resid lambdas: /100), with --layer_lambdas"})
+    muon_orthogonalizer: str = field(default="newton_schulz", metadata={
+        "help": "Muon's orthogonalisation: newton_schulz (fixed quintic) or polar_express (per-step coefficients)",
+        "choices": ORTHOGONALIZERS})
+    normuon: bool = field(default=False, metadata={"help": "Muon: NorMuon per-row/column variance reduction"})
+    normuon_beta2: float = field(default=0.9, metadata={"help": "NorMuon variance EMA decay in [0, 1)"})
+    cautious_weight_decay: bool = field(default=False, metadata={
+        "help": "Muon: decay only the weights whose update points toward zero"})
+    weight_decay_by_width: bool = field(default=False, metadata={
+        "help": f"Muon: --weight_decay x ({WEIGHT_DECAY_REF_WIDTH} / model width)^2"})
 
     def validate(self) -> None:
         super().validate()
@@ -98,7 +127,14 @@ class TrainFlags(RuntimeFlags):
               f"--warmup_ratio + --warmdown_ratio: expected a sum in [0, 1], got {self.warmup_ratio + self.warmdown_ratio}")
         check(self.grad_clip >= 0, f"--grad_clip: expected >= 0, got {self.grad_clip}")
         check(self.resume_from_step >= -1, f"--resume_from_step: expected a step >= 0 (or -1), got {self.resume_from_step}")
-        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "final_lr_frac"):
+        check(0.0 <= self.normuon_beta2 < 1.0, f"--normuon_beta2: expected a value in [0, 1), got {self.normuon_beta2}")
+        if self.normuon or self.cautious_weight_decay:
+            lowrank = self.streaming_momentum == "lowrank" or self.memory_mode != "custom"
+            flag = "--normuon" if self.normuon else "--cautious_weight_decay"
+            check(not lowrank, f"{flag}=True: needs the dense update of every matrix; low-rank MoleGrad momentum "
+                               f"(--streaming_momentum=lowrank / --memory_mode={self.memory_mode}) never forms it: "
+                               f"use --streaming_momentum=dense")
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "final_lr_frac", "scalar_lr"):
             check(getattr(self, name) >= 0, f"--{name}: expected a number >= 0, got {getattr(self, name)}")
         check(self.save_every >= -1, f"--save_every: expected a step count >= 1 (or -1 = only at the end), got {self.save_every}")
         check(self.keep_checkpoints >= 0, f"--keep_checkpoints: expected >= 0 (0 = all), got {self.keep_checkpoints}")
@@ -120,6 +156,48 @@ class TrainFlags(RuntimeFlags):
             "streaming_momentum": self.streaming_momentum,
             "streaming_keep_h": self.streaming_keep_h,
         })
+
+    def model_options(self) -> dict[str, Any]:
+        """The GPTConfig fields these flags set: memory_options() and the recipe pieces."""
+        return {**self.memory_options(), **{name: getattr(self, name) for name in RECIPE_PIECES}}
+
+    def check_model_pieces(self, config: GPTConfig, source: str) -> None:
+        """One line when a model-piece flag is on but the model loaded from `source` lacks the piece:
+        a later stage keeps its checkpoint's architecture (pieces are chosen in base_train)."""
+        missing = [name for name in RECIPE_PIECES if getattr(self, name) and not getattr(config, name)]
+        check(not missing, f"--{missing[0] if missing else ''}=True: the model from {source} has no such piece; "
+                           f"a later stage keeps its checkpoint's architecture (recipe pieces are chosen in base_train)")
+
+    def optimizer_options(self) -> dict[str, Any]:
+        """setup_optimizers' recipe options from these flags."""
+        return dict(scalar_lr=self.scalar_lr, orthogonalizer=self.muon_orthogonalizer, normuon=self.normuon,
+                    normuon_beta2=self.normuon_beta2, cautious_weight_decay=self.cautious_weight_decay,
+                    weight_decay_by_width=self.weight_decay_by_width)
+
+
+# --total_batch_size=-1 (auto): upstream nanochat's rule. B_REF tokens per step were measured optimal
+# for its depth-12 model; the optimal batch grows as the token budget D^0.383 (Power Lines, arXiv
+# 2505.13738), and at a fixed tokens:params ratio D ∝ the scaling parameters (block matrices + LM head).
+AUTO_BATCH_REF_TOKENS = 2 ** 19
+AUTO_BATCH_REF_DEPTH = 12
+AUTO_BATCH_EXPONENT = 0.383
+
+
+def scaling_params(config: GPTConfig) -> int:
+    """The parameters the auto batch size scales with: the six Linears of every block and the LM
+    head (embeddings, value embeddings and the recipe pieces' small gates and scalars left out)."""
+    d, kv = config.n_embd, config.n_kv_head * config.head_dim
+    return config.n_layer * (2 * d * d + 2 * d * kv + 8 * d * d) + config.vocab_size * d
+
+
+def auto_total_batch_size(config: GPTConfig, ref_config: GPTConfig, tokens_per_pass: int) -> int:
+    """Tokens per optimizer step for --total_batch_size=-1: B_REF (scaling_params(config) /
+    scaling_params(ref_config))^0.383 rounded to the nearest power of two, then up to a whole
+    number of passes (tokens_per_pass = device_batch_size x max_seq_len x world size). ref_config is
+    the depth-12 model of the same vocabulary and context (base_train builds it)."""
+    predicted = AUTO_BATCH_REF_TOKENS * (scaling_params(config) / scaling_params(ref_config)) ** AUTO_BATCH_EXPONENT
+    power_of_two = 2 ** round(math.log2(predicted))
+    return max(1, math.ceil(power_of_two / tokens_per_pass)) * tokens_per_pass
 
 
 def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
@@ -427,7 +505,8 @@ def save_training_state(
 SHAPE_FIELDS = {"vocab_size": "the tokenizer's vocabulary", "n_layer": "--depth", "n_embd": "--depth", "n_head": "--depth",
                 "n_kv_head": "--depth", "streaming_rank_k": "--enable_streaming/--streaming_rank_k/--memory_mode",
                 "streaming_targets": "--streaming_target_layers/--memory_mode",
-                "streaming_momentum": "--streaming_momentum/--memory_mode"}
+                "streaming_momentum": "--streaming_momentum/--memory_mode",
+                **{name: f"--{name}" for name in RECIPE_PIECES}}
 
 
 def check_resumable(meta: dict[str, Any], config: GPTConfig, directory: Path, step: int) -> None:

@@ -16,7 +16,7 @@ and the Guard (nanochat.trainer) that stops a non-finite or diverged run before 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,9 +33,11 @@ from nanochat.report import log_section
 from nanochat.streaming_linear import streaming_layers
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.trainer import (
+    AUTO_BATCH_REF_DEPTH,
     Guard,
     Progress,
     TrainFlags,
+    auto_total_batch_size,
     format_duration,
     grad_accum_steps,
     resume_training_state,
@@ -53,7 +55,8 @@ class BaseTrainConfig(TrainFlags):
 
     depth: int = field(default=20, metadata={"help": "transformer blocks; sets width and heads"})
     max_seq_len: int = field(default=2048, metadata={"help": "context length in tokens"})
-    total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step (all ranks)"})
+    total_batch_size: int = field(default=524288, metadata={
+        "help": "tokens per optimizer step (all ranks); -1 = auto from the model size (nanochat.trainer.auto_total_batch_size)"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps (-1 = from --target_param_data_ratio)"})
     target_param_data_ratio: float = field(default=20.0, metadata={"help": "tokens per parameter when --num_iterations=-1"})
     eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end, 0 = never)"})
@@ -66,6 +69,8 @@ class BaseTrainConfig(TrainFlags):
         super().validate()
         check(self.depth >= 1, f"--depth: expected >= 1, got {self.depth}")
         check(self.max_seq_len >= 2, f"--max_seq_len: expected >= 2, got {self.max_seq_len}")
+        check(self.total_batch_size == -1 or self.total_batch_size >= 1,
+              f"--total_batch_size: expected a token count >= 1 (or -1 = auto), got {self.total_batch_size}")
         check(self.num_iterations >= -1, f"--num_iterations: expected >= 1 (or -1 = from --target_param_data_ratio), got {self.num_iterations}")
         check(self.num_iterations > 0 or self.target_param_data_ratio > 0,
               "--num_iterations: expected > 0 when --target_param_data_ratio <= 0")
@@ -98,13 +103,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=ctx.device)
+    model_config = config_from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len, **cfg.model_options())
+    if cfg.total_batch_size == -1:
+        reference = config_from_depth(AUTO_BATCH_REF_DEPTH, tokenizer.get_vocab_size(), cfg.max_seq_len)
+        per_pass = cfg.device_batch_size * cfg.max_seq_len * ctx.world_size
+        cfg = replace(cfg, total_batch_size=auto_total_batch_size(model_config, reference, per_pass))
+        print0(f"auto batch size: {cfg.total_batch_size:,} tokens per step (--total_batch_size=-1)")
     grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, ctx.world_size)
-
-    model_config = config_from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len, **cfg.memory_options())
     check_memory_fits(model_config, cfg.device_batch_size, grad_accum, ctx)
     model = GPT(model_config).to(ctx.device)
     model.init_weights()
-    optimizers = setup_optimizers(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    optimizers = setup_optimizers(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay,
+                                  **cfg.optimizer_options())
     forward = torch.compile(model, dynamic=False) if cfg.compile else model
 
     num_params = model.num_params()

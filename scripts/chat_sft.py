@@ -8,9 +8,9 @@ Starts from the last checkpoint of --source (mid by default) and saves to sft_ch
 Rows are PADDED: one conversation each, a batch as long as its longest; the loss is on assistant
 tokens only. The LR decays linearly to 0 over the run (--warmdown_ratio=1). Val: bits per byte of
 the assistant tokens of held-out conversations (tasks.registry.chat_val_mixture, the set mid_train
-measures too), and MMLU and ARC-Easy accuracy (answer
-letter logits, as chat_eval) on their first --eval_metrics_max_problems problems. The loop is
-nanochat.chat_data.run_chat_training, shared with mid_train. Flags: `--help`.
+measures too), and MMLU and ARC-Easy accuracy (answer letter logits, as chat_eval) on their first
+--eval_metrics_max_problems problems. The loop is nanochat.chat_train.run_chat_training, shared
+with mid_train. Flags: `--help`.
 """
 
 from __future__ import annotations

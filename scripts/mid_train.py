@@ -7,7 +7,8 @@ Starts from the last base checkpoint of --source_tag (default --model_tag, else 
 saves to mid_checkpoints/<--model_tag, default the source's tag>. Rows are PACKED: T + 1 tokens
 of whole conversations, BOS-separated; the loss is on assistant tokens only (tool outputs are
 never trained). Val: bits per byte of the assistant tokens of held-out conversations
-(tasks.registry.chat_val_mixture, the set chat_sft measures too). The loop is nanochat.chat_train.run_chat_training, shared with chat_sft. Flags: `--help`.
+(tasks.registry.chat_val_mixture, the set chat_sft measures too). The loop is
+nanochat.chat_train.run_chat_training, shared with chat_sft. Flags: `--help`.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def train_mixture(source: str) -> Task:
         SmolTalk("train", source=source),  # general chat (460K conversations online)
         MMLU("auxiliary_train", "train", source=source),  # multiple choice (100K)
         GSM8K("main", "train", source=source),  # math with calculator calls (7.5K)
-        Arithmetic(size=100_000),  # calculator calls on generated word problems
+        Arithmetic(size=50_000),  # calculator calls on generated word problems
         Identity(size=1000),  # who the model is
         SimpleSpelling(size=20_000),  # word -> letters
-        SpellingBee(size=100_000),  # count letters with a Python call
+        SpellingBee(size=150_000),  # count letters with a Python call (copying the word: the harder one)
     ])
 
 

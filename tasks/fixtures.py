@@ -3,7 +3,9 @@
 Used when a task's source resolves to offline (no network), and served as parquet by the tests
 to exercise the online path end to end. They are NOT the real datasets: a handful of rows
 (the same rows for every split) so that every stage runs with no network; scores on them mean
-nothing. Rows include the real data's quirks: ARC questions with 3 or 5 choices and with
+nothing, and chat_eval and the report card mark them as smoke tests. (Growing them to hundreds
+of rows would still not make a score mean much: a CPU-sized model is at chance on real knowledge
+questions, and handwritten rows would not be the benchmark anyway.) Rows include the real data's quirks: ARC questions with 3 or 5 choices and with
 numeric labels, GSM8K answers with decimals, thousands separators in questions, and a step
 without a calculator annotation, SmolTalk conversations with a leading system message.
 """

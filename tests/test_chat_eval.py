@@ -1,10 +1,13 @@
 """chat_eval: letter scoring against a hand count, generative pass@k, the script end to end."""
 
+import json
+
 import pytest
 import torch
 
 from nanochat.evaluation import chatcore, run_categorical, run_generative
 from scripts import base_train, chat_eval
+from tasks import fixtures
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tests.helpers import build_tiny_base_dir
@@ -74,12 +77,15 @@ def test_script_end_to_end_on_a_tiny_model(tiny, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny))
     base_train.main(["--depth=1", "--max_seq_len=64", "--device_batch_size=4", "--total_batch_size=256", "--num_iterations=3",
                      "--eval_every=-1", "--sample_every=-1", "--threads=1", "--dtype=float32", "--model_tag=e"])
-    results = chat_eval.main(["-i", "base", "-c", "e", "-a", "ARC-Easy,GSM8K,SpellingBee", "--max_problems=2",
+    results = chat_eval.main(["-i", "base", "-c", "e", "-a", "ARC-Easy,GSM8K,SpellingBee,Arithmetic", "--max_problems=2",
                               "--max_new_tokens=4", "--task_source=offline"])
-    assert set(results) == {"ARC-Easy", "GSM8K", "SpellingBee", "ChatCORE"}
+    assert set(results) == {"ARC-Easy", "GSM8K", "SpellingBee", "Arithmetic", "ChatCORE"}
     assert all(0.0 <= v <= 1.0 for k, v in results.items() if k != "ChatCORE")
     section = (tiny / "report" / "chat-evaluation-base.md").read_text()
     assert "ChatCORE" in section
+    # the offline hub stand-ins are marked as smoke tests with their sizes; the synthetic tasks are not
+    logged = json.loads((tiny / "report" / "chat-evaluation-base.json").read_text())["data"]
+    assert logged["smoke_tests"] == {"ARC-Easy": len(fixtures.ARC_EASY), "GSM8K": len(fixtures.GSM8K_MAIN)}
 
 
 def test_unknown_task_is_one_line(capsys):
