@@ -220,7 +220,7 @@ def summary_table(sections: list[tuple[str, dict[str, Any], str]]) -> str:
         listed = ", ".join(f"{name} ({rows} rows)" for name, rows in smoke_tests.items())
         lines += ["", f"Smoke tests: {listed} were scored on the offline stand-ins (a few handwritten rows in the "
                       "hub's schema, tasks/fixtures.py, used because the hub was unreachable): they show that the "
-                      "stage runs end to end; their accuracies, and the ChatCORE that averages them, mean nothing."]
+                      "stage runs end to end; their accuracies mean nothing (nor does ChatCORE, which averages them in)."]
     return "\n".join(lines) + "\n"
 
 

@@ -27,9 +27,13 @@ def test_reward_scores_the_final_answer(task):
     assert task.reward(conversation, f"The answer is {reference}.") == 0.0  # no "#### N" marker
 
 
-def test_mixture_rewards_are_scored_by_the_member_task():
-    mixture = train_task("auto", "offline")
-    assert isinstance(mixture, TaskMixture)
+@pytest.mark.parametrize("name, members", [("auto", {"GSM8K", "Arithmetic"}), ("synthetic", {"Arithmetic", "SpellingBee"})])
+def test_mixture_rewards_are_scored_by_the_member_task(name, members):
+    mixture = train_task(name, "offline")
+    assert isinstance(mixture, TaskMixture) and {type(task).__name__ for task in mixture.tasks} == members
+    assert all(task.split == "train" for task in mixture.tasks)
+    held_out = chat_rl.eval_tasks(name, "offline")
+    assert all(task.split == "test" for task in held_out.values()) and len(held_out) == 2
     for index in range(4):
         member, local = mixture.locate(index)
         assert scoring_task(mixture, index) is member
