@@ -115,6 +115,8 @@ def run_rank(rank: int, world_size: int, cfg: BenchConfig, work_dir: str) -> Non
     try:
         for arm in cfg.arms.split(","):
             torch.save(train_arm(cfg, arm, ctx), Path(work_dir) / f"{arm}_w{world_size}_r{rank}.pt")
+        if world_size > 1:
+            dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         if world_size > 1:
             dist.destroy_process_group()

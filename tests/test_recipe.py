@@ -327,6 +327,8 @@ def ddp_recipe_rank(rank: int, world_size: int, work_dir: str) -> None:
             loss, _ = train_step(model, optimizers, iter([batch]), 1, ctx, 1.0, 0.95, 1.0)
             losses.append(loss)
         torch.save({"losses": losses, "model": model.state_dict()}, Path(work_dir) / f"w{world_size}_r{rank}.pt")
+        if world_size > 1:
+            dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         if world_size > 1:
             dist.destroy_process_group()
