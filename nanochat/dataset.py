@@ -1,13 +1,21 @@
 """Pretraining shards: list, check and read them; download them (online) or build them from text
 on this machine (offline, the text chosen by nanochat.local_corpus).
 
-    python -m nanochat.dataset -n 8                  # FineWeb-Edu shards 0..7 + the val shard
-    python -m nanochat.dataset --source=local        # offline corpus from this machine's text
-    python -m nanochat.dataset                       # auto: online if reachable, else local
+    python -m nanochat.dataset -n 8                      # FineWeb-Edu shards 0..7 + the val shard
+    python -m nanochat.dataset -n 8 --dataset=climbmix   # NVIDIA ClimbMix (upstream's 2026 choice)
+    python -m nanochat.dataset --source=local            # offline corpus from this machine's text
+    python -m nanochat.dataset                           # auto: online if reachable, else local
+
+Online datasets (--dataset), both re-shuffled into parquet shards on the hub by karpathy:
+  fineweb_edu  karpathy/fineweb-edu-100b-shuffle  shards 0..1822, shard_01822 is val
+  climbmix     karpathy/climbmix-400b-shuffle     shards 0..6542, shard_06542 is val
+Both have the same schema (one string column `text`, one document per row), so everything after
+the download is the same code. Switching dataset in one base_data needs --force (no mixed corpora);
+retrain the tokenizer after switching.
 
 Layout: `$NANOCHAT_BASE_DIR/base_data/shard_{index:05d}.parquet`, one string column `text`, one
 document per row. The LAST shard (highest index) is the validation split, all others are train:
-online that is `shard_01822.parquet` (downloaded along with shards 0..N-1), offline the local
+online that is the dataset's last shard (downloaded along with shards 0..N-1), offline the local
 corpus puts its held-out documents in its last shard too.
 
 Integrity: `manifest.json` records each shard's size and sha256 (online: the hub's LFS sha256
@@ -54,8 +62,19 @@ from nanochat.download import (
 )
 from nanochat.local_corpus import LOCAL_SEED, MIN_VAL_DOCS, local_shards
 
-FINEWEB_REPO = "karpathy/fineweb-edu-100b-shuffle"
-MAX_SHARD_INDEX = 1822  # FineWeb-Edu 100B shuffled: shards 0..1822, the last one is validation
+@dataclass(frozen=True)
+class OnlineDataset:
+    repo: str  # hub dataset repo holding shard_XXXXX.parquet at its top level
+    val_index: int  # the last shard, the validation split
+
+
+ONLINE_DATASETS = {
+    "fineweb_edu": OnlineDataset("karpathy/fineweb-edu-100b-shuffle", 1822),
+    "climbmix": OnlineDataset("karpathy/climbmix-400b-shuffle", 6542),
+}
+DEFAULT_DATASET = "fineweb_edu"
+FINEWEB_REPO = ONLINE_DATASETS["fineweb_edu"].repo
+MAX_SHARD_INDEX = ONLINE_DATASETS["fineweb_edu"].val_index
 SHARD_GLOB = "shard_*.parquet"
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"  # {file: [size, mtime_ns, inode, sha256]}: digests already computed here
@@ -78,9 +97,9 @@ def default_data_dir() -> Path:
     return get_base_dir() / "base_data"
 
 
-def default_base_url() -> str:
-    """$NANOCHAT_DATA_URL, else FineWeb-Edu on the hub at hf_endpoint() ($HF_ENDPOINT)."""
-    return os.environ.get("NANOCHAT_DATA_URL") or f"{hf_endpoint()}/datasets/{FINEWEB_REPO}/resolve/main"
+def default_base_url(dataset: str = DEFAULT_DATASET) -> str:
+    """$NANOCHAT_DATA_URL, else the dataset's repo on the hub at hf_endpoint() ($HF_ENDPOINT)."""
+    return os.environ.get("NANOCHAT_DATA_URL") or f"{hf_endpoint()}/datasets/{ONLINE_DATASETS[dataset].repo}/resolve/main"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +164,8 @@ def rebuild_hint(manifest: dict | None) -> str:
         return "rebuild the corpus: python -m nanochat.dataset --source=local --force"
     if manifest is not None and manifest.get("source") == "online":
         train = len(manifest.get("shards", [])) - 1
-        return f"re-fetch it: python -m nanochat.dataset --source=online -n {max(train, 0)}"
+        dataset = manifest.get("dataset", DEFAULT_DATASET)
+        return f"re-fetch it: python -m nanochat.dataset --source=online -n {max(train, 0)} --dataset={dataset}"
     return "delete it and re-run `python -m nanochat.dataset`"
 
 
@@ -366,6 +386,7 @@ def download_shards(
     num_workers: int = 4,
     retries: int = 5,
     backoff: float = 1.0,
+    dataset: str = DEFAULT_DATASET,
 ) -> dict[int, str]:
     """Check the shards already here, then download the missing and bad ones in parallel, each
     verified against the hub's sha256 where it lists one and recorded in the manifest. Returns
@@ -391,7 +412,7 @@ def download_shards(
         elif name not in known or known[name].get("sha256") != digest:
             recorded.append(_shard_entry(path, name, digest, "hub" if hub and name in hub else "file"))
     if recorded:
-        record_shards(data_dir, recorded, source="online", base_url=base_url)
+        record_shards(data_dir, recorded, source="online", base_url=base_url, dataset=dataset)
     print0(f"{len(indices) - len(missing)}/{len(indices)} shards in {data_dir}, downloading {len(missing)} from {base_url}")
     failed: dict[int, str] = {}
     if not missing:
@@ -407,7 +428,7 @@ def download_shards(
         def check_and_record(tmp: Path) -> None:  # runs before `dest` appears: no shard without its entry
             check_parquet(tmp)
             entry = _shard_entry(tmp, name, expected or sha256_file(tmp), "hub" if expected else "download")
-            record_shards(data_dir, [entry], source="online", base_url=base_url)
+            record_shards(data_dir, [entry], source="online", base_url=base_url, dataset=dataset)
 
         url = f"{base_url}/{name}"
         download_file(url, dest, check_and_record, retries, backoff, sha256=expected, headers=hub_headers(url))
@@ -459,16 +480,20 @@ def build_local_corpus(
 
 @dataclass
 class DatasetConfig(Flags):
-    """Download FineWeb-Edu pretraining shards, or build a local corpus offline."""
+    """Download pretraining shards (FineWeb-Edu or ClimbMix), or build a local corpus offline."""
 
-    num_files: int = field(default=8, metadata={"short": "-n", "help": f"train shards to download (-1: all {MAX_SHARD_INDEX}); plus the val shard"})
+    num_files: int = field(default=8, metadata={"short": "-n", "help": "train shards to download (-1: all of the dataset's); plus the val shard"})
     num_workers: int = field(default=4, metadata={"short": "-w", "help": "parallel downloads"})
+    dataset: str = field(
+        default=DEFAULT_DATASET,
+        metadata={"choices": tuple(ONLINE_DATASETS), "help": "online: fineweb_edu (1822 train shards) or climbmix (6542)"},
+    )
     base_url: str = field(
-        default_factory=default_base_url,
-        metadata={"help": "where shard_XXXXX.parquet live (default: env NANOCHAT_DATA_URL, else FineWeb-Edu at $HF_ENDPOINT)"},
+        default="",
+        metadata={"help": "where shard_XXXXX.parquet live (default: env NANOCHAT_DATA_URL, else --dataset's repo at $HF_ENDPOINT)"},
     )
     source: str = field(default="auto", metadata={"choices": ("auto", "online", "local"), "help": "auto: online if base_url answers, else local"})
-    val_index: int = field(default=MAX_SHARD_INDEX, metadata={"help": "index of the val shard online (for mirrors and tests)"})
+    val_index: int = field(default=-1, metadata={"help": "index of the val shard online (-1: --dataset's last shard; for mirrors and tests)"})
     retries: int = field(default=5, metadata={"help": "download retries per shard"})
     backoff: float = field(default=2.0, metadata={"help": "seconds before the first retry, doubling each time"})
     target_mb: float = field(default=40, metadata={"help": "local: MB of text to gather (0: all there is)"})
@@ -478,10 +503,13 @@ class DatasetConfig(Flags):
 
     def validate(self) -> None:
         super().validate()
+        self.base_url = self.base_url or default_base_url(self.dataset)
+        if self.val_index == -1:
+            self.val_index = ONLINE_DATASETS[self.dataset].val_index
         check(self.num_files >= -1, f"--num_files: expected -1 (all) or >= 0, got {self.num_files}")
         check(self.num_files <= self.val_index, f"--num_files: at most {self.val_index} train shards exist, got {self.num_files}")
         check(self.num_workers >= 1, f"--num_workers: expected >= 1, got {self.num_workers}")
-        check(self.val_index >= 0, f"--val_index: expected >= 0, got {self.val_index}")
+        check(self.val_index >= 0, f"--val_index: expected -1 (the dataset's) or >= 0, got {self.val_index}")
         check(self.retries >= 0 and self.backoff >= 0, f"--retries/--backoff: expected >= 0, got {self.retries}/{self.backoff}")
         check(self.target_mb >= 0, f"--target_mb: expected >= 0, got {self.target_mb}")
         check(self.shard_mb > 0, f"--shard_mb: expected > 0, got {self.shard_mb}")
@@ -497,8 +525,13 @@ def run_online(cfg: DatasetConfig, data_dir: Path) -> None:
         if not cfg.force:
             raise UserError(f"{data_dir} holds the local corpus; --force replaces it with downloaded shards, --source=local keeps it")
         clear_shards(data_dir)
+    here = (read_manifest(data_dir) or {}).get("dataset")
+    if here is not None and here != cfg.dataset:
+        if not cfg.force:
+            raise UserError(f"{data_dir} holds {here} shards; --force replaces them with --dataset={cfg.dataset} (then retrain the tokenizer), --dataset={here} keeps them")
+        clear_shards(data_dir)
     indices = shard_indices(cfg.num_files, cfg.val_index)
-    failed = download_shards(indices, cfg.base_url, data_dir, cfg.num_workers, cfg.retries, cfg.backoff)
+    failed = download_shards(indices, cfg.base_url, data_dir, cfg.num_workers, cfg.retries, cfg.backoff, dataset=cfg.dataset)
     names = ", ".join(shard_name(i) for i in sorted(failed))
     if failed and hf_offline():
         raise UserError(f"HF_HUB_OFFLINE=1 and {len(failed)} of {len(indices)} shards are not in {data_dir} ({names}): unset it to download them")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.dataset import FINEWEB_REPO, list_parquet_files, main, shard_name, split_files, write_shard
+from nanochat.dataset import FINEWEB_REPO, ONLINE_DATASETS, list_parquet_files, main, read_manifest, shard_name, split_files, write_shard
 from nanochat.download import DownloadError, download_file, file_lock, hf_token, hub_headers, hub_tree
 
 
@@ -326,13 +326,14 @@ def test_dataset_reports_failed_shard(http_server, tmp_path, capsys, mode):
 HUB_PREFIX = f"/datasets/{FINEWEB_REPO}/resolve/main"
 
 
-def serve_hub_listing(server, tmp_path: Path, indices: range) -> None:
+def serve_hub_listing(server, tmp_path: Path, indices, repo: str = FINEWEB_REPO) -> None:
     """The shards at the hub's resolve URLs, and its tree API listing them in two pages."""
-    serve_shards(server, tmp_path, indices, prefix=HUB_PREFIX)
-    entries = [{"type": "file", "path": shard_name(i), "size": len(server.files[f"{HUB_PREFIX}/{shard_name(i)}"]),
-                "lfs": {"oid": hashlib.sha256(server.files[f"{HUB_PREFIX}/{shard_name(i)}"]).hexdigest()}} for i in indices]
+    prefix = f"/datasets/{repo}/resolve/main"
+    serve_shards(server, tmp_path, indices, prefix=prefix)
+    entries = [{"type": "file", "path": shard_name(i), "size": len(server.files[f"{prefix}/{shard_name(i)}"]),
+                "lfs": {"oid": hashlib.sha256(server.files[f"{prefix}/{shard_name(i)}"]).hexdigest()}} for i in indices]
     entries.insert(0, {"type": "file", "path": "README.md", "size": 5, "oid": "a" * 40})
-    tree = f"/api/datasets/{FINEWEB_REPO}/tree/main"
+    tree = f"/api/datasets/{repo}/tree/main"
     server.files[f"{tree}?recursive=true"] = json.dumps(entries[:3]).encode()
     server.headers[f"{tree}?recursive=true"] = {"Link": f'<{server.url}{tree}?recursive=true&cursor=p2>; rel="next"'}
     server.files[f"{tree}?recursive=true&cursor=p2"] = json.dumps(entries[3:]).encode()
@@ -357,6 +358,35 @@ def test_dataset_from_the_hub_checks_its_sha256(http_server, tmp_path, monkeypat
     assert all(headers.get("Authorization") == "Bearer hf_secret" for _, _, headers in http_server.requests)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     assert {e["file"]: e["sha256_from"] for e in manifest["shards"]} == {shard_name(i): "hub" for i in (0, 1, 3)}
+
+
+def test_climbmix_from_the_hub_and_no_mixed_corpora(http_server, tmp_path, monkeypatch, capsys):
+    """--dataset=climbmix: its repo's resolve URLs and listing, its own last shard (06542) as val;
+    a later FineWeb-Edu download into the same base_data is refused without --force."""
+    monkeypatch.setenv("HF_ENDPOINT", http_server.url)
+    climbmix = ONLINE_DATASETS["climbmix"]
+    assert climbmix.repo == "karpathy/climbmix-400b-shuffle" and climbmix.val_index == 6542
+    serve_hub_listing(http_server, tmp_path, [0, 1, 2, climbmix.val_index], repo=climbmix.repo)
+    main(["-n", "2", "--dataset=climbmix", "--source=online", "--backoff", "0.01"])
+    files = list_parquet_files()
+    assert [f.name for f in files] == [shard_name(0), shard_name(1), "shard_06542.parquet"]
+    assert split_files("val") == [files[-1]]
+    prefix = f"/datasets/{climbmix.repo}/resolve/main"
+    assert all(f.read_bytes() == http_server.files[f"{prefix}/{f.name}"] for f in files)
+    manifest = read_manifest(files[0].parent)
+    assert manifest["dataset"] == "climbmix" and manifest["base_url"] == f"{http_server.url}{prefix}"
+    assert {e["sha256_from"] for e in manifest["shards"]} == {"hub"}
+    assert pq.read_table(files[-1]).column_names == ["text"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["-n", "1", "--source=online", "--backoff", "0.01"])  # default: fineweb_edu
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "holds climbmix shards" in err and "--force" in err and err.count("\n") == 1
+    assert len(list_parquet_files()) == 3  # nothing removed
+    serve_hub_listing(http_server, tmp_path, [0, ONLINE_DATASETS["fineweb_edu"].val_index])
+    main(["-n", "1", "--source=online", "--force", "--backoff", "0.01"])
+    assert [f.name for f in list_parquet_files()] == [shard_name(0), "shard_01822.parquet"]
+    assert read_manifest(files[0].parent)["dataset"] == "fineweb_edu"
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
