@@ -236,10 +236,13 @@ def stack_batches(loader: DataLoader, count: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def prepare_data(cfg: QualityConfig, cache: Path) -> QualityData:
-    """Train the bench's tokenizer, tokenize the train stream and the two val splits; cached."""
+def prepare_data(cfg: QualityConfig, cache: Path, steps: int | None = None) -> QualityData:
+    """Train the bench's tokenizer, tokenize the train stream (`steps` batches, default the largest
+    budget's) and the two val splits; cached. Reads cfg's vocab_size, tokenizer_chars, seq_len,
+    batch_size and eval_tokens only (bench/recipe.py passes its own config)."""
+    steps = budgets(cfg)[-1] if steps is None else steps
     key = {"vocab_size": cfg.vocab_size, "tokenizer_chars": cfg.tokenizer_chars, "seq_len": cfg.seq_len,
-           "batch_size": cfg.batch_size, "steps": budgets(cfg)[-1], "eval_tokens": cfg.eval_tokens}
+           "batch_size": cfg.batch_size, "steps": steps, "eval_tokens": cfg.eval_tokens}
     if cache.exists():
         saved = torch.load(cache, weights_only=True)
         if saved["key"] == json.dumps(key, sort_keys=True):
@@ -248,7 +251,7 @@ def prepare_data(cfg: QualityConfig, cache: Path) -> QualityData:
     train = DataLoader(tokenizer, cfg.batch_size, cfg.seq_len, "train")
     val = DataLoader(tokenizer, cfg.batch_size, cfg.seq_len, "val")
     eval_batches = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len))
-    data = QualityData(stack_batches(train, budgets(cfg)[-1]), stack_batches(val, eval_batches),
+    data = QualityData(stack_batches(train, steps), stack_batches(val, eval_batches),
                        stack_batches(val, eval_batches), tokenizer.token_bytes(), tokenizer.get_vocab_size())
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key": json.dumps(key, sort_keys=True), **{k: v for k, v in asdict(data).items()}}, cache)
@@ -533,7 +536,7 @@ def goals(arms: dict[str, Any], cfg: QualityConfig) -> dict[str, bool | None]:
 # ---------------------------------------------------------------------------------------------
 # output
 
-def provenance(argv: list[str]) -> dict[str, Any]:
+def provenance(argv: list[str], module: str = "bench.molegrad_quality") -> dict[str, Any]:
     def run(cmd: list[str]) -> str:
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO).stdout.strip()
@@ -544,7 +547,7 @@ def provenance(argv: list[str]) -> dict[str, Any]:
         galore = version("galore-torch")
     except PackageNotFoundError:
         galore = "not installed"
-    return {"command": "python -m bench.molegrad_quality " + shlex.join(argv), "git": git_info(),
+    return {"command": f"python -m {module} " + shlex.join(argv), "git": git_info(),
             "git_revision": run(["git", "rev-parse", "HEAD"]), "git_diff_stat": run(["git", "diff", "--stat", "HEAD"]),
             "machine": hardware_info(), "software": {**software_info(), "galore_torch": galore}}
 
