@@ -5,6 +5,7 @@
     python -m nanochat.memory --depth=4 --max_seq_len=1024 --device_batch_size=4 --vocab_size=8192 --measure=True
     python -m nanochat.memory --depth=40 --memory_mode=lowest --gpu_memory=24GB --require_fit=True
     python -m nanochat.memory --sweep_depths=True      # the deepest model that fits, per memory mode
+    python -m nanochat.memory --sweep_depths=True --value_embeds=True   # ... and what value embeddings cost
 
 What a training step keeps alive (bytes; d = width, L = blocks, V = vocabulary, N = tokens of a
 micro-batch, T = sequence length, item = 2 under bf16 autocast, 4 in fp32):
@@ -26,6 +27,16 @@ micro-batch, T = sequence length, item = 2 under bf16 autocast, 4 in fp32):
   the embedding's normed output (4d + 4 per token), the final norm (item d + 4), the chunked loss's
   d loss/d hidden (item d per token) and d loss/d W_head (V x d fp32), and under bf16 the cos/sin
   slices in bf16.
+- recipe pieces (--layer_lambdas, --smear_gate, --backout, --value_embeds: GPTConfig's, as
+  TrainFlags takes them): value embeddings are a vocab x kv_dim fp32 table per carrying block
+  (gpt.has_value_embed: the last block and every second one before it) with AdamW's two moments and
+  its fp32 gradient, plus an (n_kv_head, 12) gate, a Muon matrix; per carrying block and token they
+  keep the looked-up row (4 kv_dim) and, without block recompute, the gate's sigmoid and 3 sigmoid
+  (2 item n_kv_head) (`value_embed_saved_bytes_per_token`). The other pieces' scalars and gate are
+  AdamW parameters too; what they keep outside the blocks (`recipe_saved_bytes`): layer lambdas
+  each block's un-mixed input (4d per token from block 1 on), the smear gate its 24 input channels
+  and two gates per position, backout x_mid (4d) or, where the next block keeps x_mid anyway, with
+  a recompute its gradient during the blocks' backward (4d).
 - transients: one chunk of the loss (rows = 1024 tokens x V: sigmoid, exp, s(1-s) in fp32, dz in the
   compute dtype written through an fp32 temporary under bf16, and the previous chunk's dz, still
   referenced) with the head weight cast to the compute dtype; autocast's cache of bf16 weight
@@ -44,14 +55,18 @@ its resident set before the model was built.
 Checked on CPU (tests/test_memory.py; e.g. `python -m nanochat.memory --depth=4 --max_seq_len=1024
 --device_batch_size=4 --vocab_size=8192 --dtype=bfloat16 --grad_accum_steps=1 --measure=True`): saved
 bytes exactly; peaks within 5% of the allocated bytes (AllocationTracker, like CUDA's
-max_memory_allocated) and 8% of the resident set, for dense, recompute, MoleGrad and the memory modes.
+max_memory_allocated) and 8% of the resident set, for dense, recompute, MoleGrad and the memory modes,
+with value embeddings (and every recipe piece) on as well.
 
 What fits (`python -m nanochat.memory --sweep_depths=True --gpu_memory=16GB|24GB|32GB`, card presets
 of real memory, GPU_PRESETS): 8192 tokens x 1, vocab 65,536, bf16 compute, fp32 master weights; on a
-32 GB card dense fits depth 29, recompute=block 32, MoleGrad ffn k=32 32, --memory_mode=keep_h 36,
+32 GB card dense fits depth 29, recompute=block 32, MoleGrad ffn k=32 33, --memory_mode=keep_h 36,
 --memory_mode=lowest 45 (table for every card: docs/memory.md). At this batch the model state
 (weights, gradients, momentum) is most of the memory, so MoleGrad's missing (out, in) gradients and
-momenta count for more than its smaller activations.
+momenta count for more than its smaller activations. Value embeddings (--value_embeds=True) add
+16 bytes (weights, gradient, two moments) per vocab x kv_dim entry of each carrying block: +12.9 GiB
+at depth 20 and +21.8 GiB at depth 26 (8192 x 1, dense or --memory_mode=lowest), so on a 32 GB card
+dense fits depth 21 and --memory_mode=lowest 24 (docs/recipe.md).
 """
 
 from __future__ import annotations
@@ -75,11 +90,15 @@ from nanochat.gpt import (
     BLOCK_LINEARS,
     GPT,
     MEMORY_MODES,
+    RECIPE_PIECES,
     RECOMPUTE_MODES,
     ROTARY_LENGTH_FACTOR,
+    SMEAR_GATE_CHANNELS,
+    VE_GATE_CHANNELS,
     GPTConfig,
     apply_memory_mode,
     config_from_depth,
+    has_value_embed,
 )
 from nanochat.ops import LOSS_CHUNK_ROWS
 from nanochat.optim import setup_optimizers
@@ -127,7 +146,8 @@ def saved_bytes(run: Callable[[], Any], exclude: list[torch.Tensor]) -> tuple[in
 def measure_block_saved_bytes(config: GPTConfig, dtype: str, lengths: tuple[int, int] = (32, 96),
                               batch_size: int = 2) -> tuple[float, float]:
     """One block of `config` (fp32 weights, bf16 autocast or fp32): (bytes saved per token, bytes
-    saved whatever the length), from the saved bytes at two sequence lengths."""
+    saved whatever the length), from the saved bytes at two sequence lengths. With value_embeds the
+    block carries one (the only block is the last), and its lookup runs inside the measurement."""
     torch.manual_seed(0)
     model = GPT(replace(config, n_layer=1, sequence_len=max(lengths)))
     block, d = model.transformer.h[0], config.n_embd
@@ -135,9 +155,15 @@ def measure_block_saved_bytes(config: GPTConfig, dtype: str, lengths: tuple[int,
     sizes = []
     for length in lengths:
         x = torch.randn(batch_size, length, d, requires_grad=True)
+        idx = torch.randint(0, config.vocab_size, (batch_size, length))
         cos, sin = model.cos[:length].to(DTYPES[dtype]), model.sin[:length].to(DTYPES[dtype])
+
+        def run():
+            ve = model.value_embeds["0"](idx) if model.value_embeds is not None else None
+            return block(x, cos, sin, None, ve)
+
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            size, _ = saved_bytes(lambda: block(x, cos, sin), [*model.parameters(), *model.buffers(), cos, sin])
+            size, _ = saved_bytes(run, [*model.parameters(), *model.buffers(), cos, sin, idx])
         sizes.append(size)
     per_token = (sizes[1] - sizes[0]) / (batch_size * (lengths[1] - lengths[0]))
     return per_token, sizes[0] - per_token * batch_size * lengths[0]
@@ -165,9 +191,43 @@ def explore_k(in_features: int, rank_k: int) -> int:
     return min(4, in_features - rank_k)
 
 
+def value_embed_layers(config: GPTConfig) -> int:
+    """How many blocks carry a value embedding (gpt.has_value_embed: the last and every second one
+    before it; 0 with value_embeds off)."""
+    return sum(has_value_embed(config, i) for i in range(config.n_layer))
+
+
+def ve_gate_shape(config: GPTConfig) -> tuple[int, int]:
+    """(out, in) of a carrying block's value-embedding gate, a Muon matrix inside the block."""
+    return config.n_kv_head, min(VE_GATE_CHANNELS, config.n_embd)
+
+
+def recipe_adamw_numels(config: GPTConfig) -> list[int]:
+    """Sizes of the recipe pieces' AdamW parameters, one per tensor (optim.recipe_adam_groups): the
+    value embeddings (vocab x kv_dim each), resid and x0 lambdas (n_layer each), the smear gate
+    (1 x 24) and its lambda, backout's lambda. Empty with every piece off."""
+    kv = config.n_kv_head * config.head_dim
+    sizes = [config.vocab_size * kv] * value_embed_layers(config)
+    if config.layer_lambdas:
+        sizes += [config.n_layer, config.n_layer]
+    if config.smear_gate:
+        sizes += [min(SMEAR_GATE_CHANNELS, config.n_embd), 1]
+    if config.backout:
+        sizes.append(1)
+    return sizes
+
+
+def recipe_muon_numel(config: GPTConfig) -> int:
+    """Elements of the recipe pieces' Muon matrices: the value-embedding gates of the carrying blocks."""
+    out, inp = ve_gate_shape(config)
+    return value_embed_layers(config) * out * inp
+
+
 def num_params(config: GPTConfig) -> int:
+    """Every parameter: embedding, head, the blocks' Linears and the recipe pieces that are on."""
     block = sum(out * inp for out, inp in block_linear_shapes(config).values())
-    return 2 * config.vocab_size * config.n_embd + config.n_layer * block
+    return (2 * config.vocab_size * config.n_embd + config.n_layer * block
+            + sum(recipe_adamw_numels(config)) + recipe_muon_numel(config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +275,63 @@ def block_saved_weight_bytes(config: GPTConfig, itemsize: int) -> int:
     return itemsize * sum(shapes[name][0] * shapes[name][1] for name in saved)
 
 
+def value_embed_saved_bytes_per_token(config: GPTConfig, itemsize: int) -> int:
+    """Bytes a carrying block saves per token for its value embedding (measured by tests): the
+    looked-up row VE_i[token] (kv_dim fp32: the embedding is not autocast), kept by the product
+    gate x ve or, under recompute=block, by the checkpoint as the block's input; without block
+    recompute also sigmoid(gate) and 3 sigmoid(gate) (n_kv_head each, compute dtype). The gate's
+    input is a slice of the normed x that attention keeps anyway."""
+    if not config.value_embeds:
+        return 0
+    row = FP32 * config.n_kv_head * config.head_dim
+    return row if config.recompute == "block" else row + 2 * itemsize * config.n_kv_head
+
+
+def value_embed_saved_weight_bytes(config: GPTConfig, itemsize: int) -> int:
+    """The bf16 copy of a carrying block's gate weight that its backward keeps (0 in fp32 and
+    under block recompute)."""
+    if not config.value_embeds or itemsize == FP32 or config.recompute == "block":
+        return 0
+    out, inp = ve_gate_shape(config)
+    return itemsize * out * inp
+
+
+def recipe_saved_bytes(config: GPTConfig, batch_size: int, itemsize: int) -> int:
+    """Bytes the recipe pieces save outside the blocks (value embeddings: inside, see
+    value_embed_saved_bytes_per_token), for batch_size x sequence_len tokens (measured by tests):
+    - layer_lambdas: resid_lambdas[i] x keeps x, the output of block i-1 (fp32 N x d, i >= 1), which
+      no norm keeps (norms keep their output); x0_lambdas[i] x0 keeps x0, new when smeared.
+    - smear_gate: per position 1..T-1 the gate's input x[:24] (a copy: the slice is cast under
+      autocast, or cannot be flattened for batch > 1), sigmoid (compute dtype) and
+      smear_lambda x sigmoid (fp32); under bf16 the gate weight's copy.
+    - recompute=block: block 0's checkpoint keeps its input, no longer the normed embedding
+      (activations: embedding) when smeared or lambda-mixed.
+    - backout: backout_lambda x_mid keeps x_mid, the output of block n_layer // 2, unless block
+      n_layer // 2 + 1 keeps it already (its lambda product, or its checkpoint)."""
+    d, L, T = config.n_embd, config.n_layer, config.sequence_len
+    N = batch_size * T
+    size = 0
+    if config.layer_lambdas:
+        size += (L - 1) * FP32 * N * d + (FP32 * N * d if config.smear_gate else 0)
+    if config.smear_gate:
+        rows, channels = batch_size * (T - 1), min(SMEAR_GATE_CHANNELS, d)
+        copied = itemsize != FP32 or batch_size > 1
+        size += rows * ((itemsize * channels if copied else 0) + itemsize + FP32)
+        size += itemsize * channels if itemsize != FP32 else 0
+    if config.recompute == "block" and (config.smear_gate or config.layer_lambdas):
+        size += FP32 * N * d
+    if config.backout and not backout_mid_kept(config):
+        size += FP32 * N * d
+    return size
+
+
+def backout_mid_kept(config: GPTConfig) -> bool:
+    """Whether x_mid, the output of block n_layer // 2 that backout subtracts, is kept for backward
+    without backout: as the input of the next block, by its lambda product or its checkpoint."""
+    L = config.n_layer
+    return L // 2 < L - 1 and (config.layer_lambdas or config.recompute == "block")
+
+
 # ---------------------------------------------------------------------------------------------
 # the plan
 
@@ -240,7 +357,8 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
                 device_type: str = "cuda") -> MemoryPlan:
     """Predicted peak memory of a training step of `config` with micro-batches of `batch_size`
     sequences of config.sequence_len tokens: fp32 parameters, `dtype` compute (bf16 = autocast),
-    base_train's optimizers (AdamW for embedding and head, Muon for the blocks).
+    base_train's optimizers (AdamW for embedding, head and the recipe pieces, Muon for the blocks'
+    matrices, value-embedding gates included).
 
     device_type: "cuda" (fused AdamW, Newton-Schulz in bf16) or "cpu" (AdamW's for-loop
     implementation keeps a temporary denominator; Newton-Schulz in bf16 on CPUs that have it).
@@ -261,6 +379,15 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     subspace = sum(FP32 * (3 * (k + explore_k(inp, k)) * inp + out * k) + 36
                    for name, (out, inp) in shapes.items() if name in streaming)
     embedding = V * d
+    # recipe pieces (GPTConfig.recipe_pieces): value embeddings (vocab x kv_dim per carrying block)
+    # and the small lambdas and gates are AdamW parameters, the value-embedding gates Muon matrices
+    kv, n_ve = config.n_kv_head * config.head_dim, value_embed_layers(config)
+    recipe_adamw = recipe_adamw_numels(config)
+    recipe_muon = recipe_muon_numel(config)
+    pieces = config.recipe_pieces()
+    small = [piece for piece in pieces if piece != "value_embeds"]  # pieces with a few scalars or a tiny gate
+    ve_note = f", value embeddings {n_ve} x {V}x{kv}" if n_ve else ""
+    small_note = f", {'+'.join(small)} scalars and gates" if small else ""
 
     c: dict[str, int] = {}
     notes: dict[str, str] = {}
@@ -268,19 +395,28 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     def add(name: str, size: int, note: str) -> None:
         c[name], notes[name] = int(size), note
 
-    add("params", FP32 * num_params(config), f"fp32 master weights: embedding and head {V}x{d} each, {L} blocks")
-    add("AdamW moments", 2 * FP32 * 2 * embedding + 2 * FP32, "exp_avg, exp_avg_sq of embedding and head (fp32)")
-    add("Muon momentum", FP32 * L * momentum,
-        "(out, in) per block matrix" + (f"; MoleGrad matrices (out, {k})" if streaming and lowrank else ""))
+    add("params", FP32 * num_params(config), f"fp32 master weights: embedding and head {V}x{d} each, {L} blocks"
+        + (ve_note + " and their gates" if n_ve else "") + small_note)
+    add("AdamW moments", 2 * FP32 * (2 * embedding + sum(recipe_adamw)) + FP32 * (2 + len(recipe_adamw)),
+        "exp_avg, exp_avg_sq (fp32) of embedding, head" + ve_note + small_note + "; a step count per tensor")
+    add("Muon momentum", FP32 * (L * momentum + recipe_muon),
+        "(out, in) per block matrix" + (f"; MoleGrad matrices (out, {k})" if streaming and lowrank else "")
+        + (f"; {n_ve} value-embedding gates" if n_ve else ""))
     add("MoleGrad buffers", L * subspace, "Q, scouts, sketch, step sketch: 3(k+e) x in, gradient sink out x k, fp32 per layer" if streaming else "-")
     add("rotary tables", 2 * FP32 * ROTARY_LENGTH_FACTOR * T * config.head_dim, f"cos, sin: {ROTARY_LENGTH_FACTOR}T x head_dim fp32")
     add("batch", INT64 * batch_size * (T + 1), "token ids, int64")
-    add("gradients", FP32 * (2 * embedding + L * dense_block + L * factors),
-        "fp32 p.grad of dense params" + (f"; MoleGrad (out, {k}) factors" if streaming else ""))
+    add("gradients", FP32 * (2 * embedding + L * dense_block + L * factors + sum(recipe_adamw) + recipe_muon),
+        "fp32 p.grad of dense params" + (ve_note.replace(",", " (with", 1) + ")" if n_ve else "")
+        + (f"; MoleGrad (out, {k}) factors" if streaming else ""))
     rotary_copies = 2 * T * config.head_dim * item if item != FP32 else 0
-    add("activations: blocks", L * (N * block_saved_bytes_per_token(config, item) + block_saved_weight_bytes(config, item))
-        + rotary_copies, f"{L} x {N} tokens x {block_saved_bytes_per_token(config, item)} B"
-        + (f" + bf16 weight copies {L} x {block_saved_weight_bytes(config, item)} B" if block_saved_weight_bytes(config, item) else ""))
+    per_token, weights = block_saved_bytes_per_token(config, item), block_saved_weight_bytes(config, item)
+    ve_per_token, ve_weights = value_embed_saved_bytes_per_token(config, item), value_embed_saved_weight_bytes(config, item)
+    add("activations: blocks", L * (N * per_token + weights) + n_ve * (N * ve_per_token + ve_weights) + rotary_copies,
+        f"{L} x {N} tokens x {per_token} B" + (f" + bf16 weight copies {L} x {weights} B" if weights else "")
+        + (f"; value embeddings {n_ve} x {N} x {ve_per_token} B" if n_ve else ""))
+    add("activations: recipe pieces", recipe_saved_bytes(config, batch_size, item),
+        "kept by " + ", ".join(p for p in pieces if p != "value_embeds") + " outside the blocks"
+        if set(pieces) - {"value_embeds"} else "-")
     add("activations: embedding", N * (FP32 * d + FP32) - (N * FP32 * d if config.recompute == "block" else 0),
         "normed embedding output, fp32" + (" (block 0's checkpoint keeps the same tensor)" if config.recompute == "block" else ""))
     add("activations: LM head", N * (2 * item * d + FP32) + FP32 * embedding,
@@ -307,6 +443,9 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
         recomputed = N * block_saved_bytes_per_token(rerun, item) + block_saved_weight_bytes(rerun, item)
         if config.recompute == "mlp":
             recomputed -= N * block_saved_bytes_per_token(replace(config, recompute="mlp"), item)
+        elif n_ve:  # the last block carries a value embedding: its gate's activations, saved again
+            recomputed += (N * (value_embed_saved_bytes_per_token(rerun, item) - ve_per_token)
+                           + value_embed_saved_weight_bytes(rerun, item))
     # h and dh (N x 4d each); inside a recompute h is among the recomputed activations already
     mlp_temporaries = (4 if config.recompute != "none" else 8) * d * item
     weight_grad_copies = FP32 + (item if item != FP32 else 0)  # fp32 p.grad, and under bf16 the bf16 matmul result
@@ -321,7 +460,7 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
         "largest of Newton-Schulz on the largest matrix, AdamW's denominator (not fused), the embedding's new gradient")
 
     persistent = ("params", "AdamW moments", "Muon momentum", "MoleGrad buffers", "rotary tables", "batch")
-    activations = ("activations: blocks", "activations: embedding", "activations: LM head")
+    activations = ("activations: blocks", "activations: recipe pieces", "activations: embedding", "activations: LM head")
     earlier_grads = ("gradients",) if grad_accum_steps > 1 else ()
     parts = {
         "forward (in the loss)": persistent + earlier_grads + activations
@@ -334,6 +473,16 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     # is added into an accumulated one) while the blocks run backward
     head_grad = FP32 * embedding
     phases["backward"] += max(head_grad + N * item * d, 0 if grad_accum_steps > 1 else head_grad)
+    # backout: d loss/d x_mid (fp32 N x d) lives from the start of the blocks' backward until block
+    # n_layer // 2 (where only backout kept x_mid, in its place). With a recompute the blocks'
+    # backward (the rerun) is backward's largest moment, and it counts (measured); without, the
+    # loss's backward is, before it exists.
+    if config.backout and backout_mid_kept(config) and config.recompute != "none":
+        phases["backward"] += FP32 * N * d
+    # Not added: a value-embedding table's dense gradient (V x kv_dim fp32, in "gradients"), made once
+    # its block's backward is done, after the loss's backward has freed the LM head's activations (N x d
+    # in the compute dtype and V x d fp32, which outweigh it: kv_dim <= d); measured, it adds nothing
+    # to the peak, with one micro-batch or several.
     return MemoryPlan(c, notes, phases, parts)
 
 
@@ -549,7 +698,16 @@ class MemoryFlags:
     require_fit: bool = field(default=False, metadata={"help": f"exit with status {DOES_NOT_FIT} if it does not fit"})
     measure: bool = field(default=False, metadata={"help": "also run 2 real training steps and compare (CUDA if "
                                                            "available, else CPU: keep the model small)"})
-    sweep_depths: bool = field(default=False, metadata={"help": "the deepest model that fits, per memory setting"})
+    sweep_depths: bool = field(default=False, metadata={
+        "help": "the deepest model that fits, per memory setting (with recipe pieces on, also without them, "
+                "and what they add)"})
+    # the model's recipe pieces (GPTConfig / TrainFlags), all off by default
+    layer_lambdas: bool = field(default=False, metadata={"help": "model: per-layer residual and x0 lambdas"})
+    smear_gate: bool = field(default=False, metadata={"help": "model: the smear gate on the embedding"})
+    backout: bool = field(default=False, metadata={"help": "model: backout of the mid-depth residual"})
+    value_embeds: bool = field(default=False, metadata={
+        "help": "model: value embeddings on alternating layers (vocab x kv_dim parameters, gradients and "
+                "AdamW moments per such layer)"})
 
     def validate(self) -> None:
         check(self.depth >= 1, f"--depth: expected >= 1, got {self.depth}")
@@ -569,16 +727,22 @@ class MemoryFlags:
             check(False, str(e))
 
     def model_config(self, depth: int | None = None, memory_mode: str | None = None, **overrides: Any) -> GPTConfig:
-        """GPTConfig at `depth` (default --depth) in `memory_mode` (default --memory_mode); `overrides`
-        replace flag values (GPTConfig names) before the mode applies."""
+        """GPTConfig at `depth` (default --depth) in `memory_mode` (default --memory_mode), with the
+        recipe pieces these flags turn on; `overrides` replace flag values (GPTConfig names) before
+        the mode applies."""
         mode = self.memory_mode if memory_mode is None else memory_mode
         options = dict(recompute=self.recompute,
                        streaming_rank_k=self.streaming_rank_k if self.enable_streaming or mode != "custom" else 0,
                        streaming_targets=self.streaming_target_layers, streaming_momentum=self.streaming_momentum,
-                       streaming_keep_h=self.streaming_keep_h)
+                       streaming_keep_h=self.streaming_keep_h, **self.recipe_options())
         options.update(overrides)
         return config_from_depth(self.depth if depth is None else depth, self.vocab_size, self.max_seq_len,
                                  **apply_memory_mode(mode, options))
+
+
+    def recipe_options(self) -> dict[str, bool]:
+        """The model's recipe pieces (gpt.RECIPE_PIECES), as TrainFlags.model_options() gives them."""
+        return {name: getattr(self, name) for name in RECIPE_PIECES}
 
 
 def describe(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int) -> str:
@@ -588,7 +752,8 @@ def describe(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: i
     accum = "gradient accumulation" if grad_accum_steps > 1 else "one micro-batch per step"
     return (f"depth {config.n_layer} (width {config.n_embd}, {config.n_head} heads), {batch_size} x {config.sequence_len} "
             f"tokens, vocab {config.vocab_size:,}, {compute}, fp32 master weights, recompute {config.recompute}, "
-            f"{molegrad}, {accum}")
+            f"{molegrad}, {accum}, " + ("recipe pieces " + "+".join(config.recipe_pieces()) if config.recipe_pieces()
+                                        else "no recipe pieces"))
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -620,47 +785,71 @@ SWEEP_ARMS = {
 }
 
 
-def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, int]:
-    """Peak per depth for each SWEEP_ARMS setting (MoleGrad at --streaming_rank_k); returns the
-    deepest depth that fits per setting (0 = none)."""
+def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
+    """Peak per depth for each SWEEP_ARMS setting (MoleGrad at --streaming_rank_k), printed as a
+    table. Returns {"deepest": setting -> the deepest depth that fits (0 = none)}. With recipe
+    pieces on (--value_embeds=True, ...) every setting is planned with and without them: the table
+    gets a second part, what the pieces add to the peak, and the result "deepest_without_pieces"
+    and "price_bytes" (setting -> depth -> bytes the pieces add)."""
     budget, reserve = gpu_bytes(flags.gpu_memory), parse_size(flags.reserve)
-    deepest = {arm: 0 for arm in SWEEP_ARMS}
+    pieces = [name for name, on in flags.recipe_options().items() if on]
+    variants = {"with": {}, "without": {name: False for name in RECIPE_PIECES}} if pieces else {"with": {}}
+    deepest = {variant: {arm: 0 for arm in SWEEP_ARMS} for variant in variants}
     rows = []
     for depth in range(1, max_depth + 1):
-        peaks = {}
+        peaks: dict[str, dict[str, int]] = {variant: {} for variant in variants}
+        params = {}
         for arm, (mode, options) in SWEEP_ARMS.items():
             options = {"streaming_rank_k": flags.streaming_rank_k, **options}
             defaults = {} if mode == "custom" else dict(recompute="none", streaming_targets="ffn_only",
                                                        streaming_momentum="dense", streaming_keep_h=False)
-            config = flags.model_config(depth, mode, **defaults, **options)
-            peaks[arm] = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps).peak
-            if peaks[arm] + reserve <= budget:
-                deepest[arm] = depth
-        rows.append((depth, config.n_embd, num_params(config), peaks))
-        if all(peak + reserve > budget for peak in peaks.values()):
+            for variant, off in variants.items():
+                config = flags.model_config(depth, mode, **defaults, **options, **off)
+                peak = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps).peak
+                peaks[variant][arm], params[variant] = peak, num_params(config)
+                if peak + reserve <= budget:
+                    deepest[variant][arm] = depth
+        rows.append((depth, config.n_embd, params, peaks))
+        if all(peak + reserve > budget for by_arm in peaks.values() for peak in by_arm.values()):
             break
     k = flags.streaming_rank_k
+    with_pieces = f", recipe pieces {'+'.join(pieces)}" if pieces else ""
     print(f"peak training memory by depth: {flags.device_batch_size} x {flags.max_seq_len} tokens, vocab {flags.vocab_size:,}, "
           f"{'bf16 autocast' if flags.dtype == 'bfloat16' else 'fp32'} compute, fp32 master weights, "
-          f"{'gradient accumulation' if flags.grad_accum_steps > 1 else 'one micro-batch per step'}; GiB, "
+          f"{'gradient accumulation' if flags.grad_accum_steps > 1 else 'one micro-batch per step'}{with_pieces}; GiB, "
           f"x = does not fit in {flags.gpu_memory} with {flags.reserve} reserve")
     names = [arm.replace("k32", f"k{k}") for arm in SWEEP_ARMS]
-    print(f"{'depth':>5}{'width':>6}{'params':>9}" + "".join(f"{name:>{len(name) + 3}}" for name in names))
-    for depth, width, params, peaks in rows:
-        if depth % 2 and depth not in deepest.values() and depth != rows[-1][0]:
-            continue  # even depths, and the deepest that fits for each setting
+    shown = {depth for by_arm in deepest.values() for depth in by_arm.values()}
+    printed = [row for row in rows if not row[0] % 2 or row[0] in shown or row[0] == rows[-1][0]]
+    header = f"{'depth':>5}{'width':>6}{'params':>9}" + "".join(f"{name:>{len(name) + 3}}" for name in names)
+    print(header)
+    for depth, width, params, peaks in printed:  # even depths, and the deepest that fits for each setting
         cells = "".join(f"{peak / GiB:>{len(name) + 2}.1f}{'x' if peak + reserve > budget else ' '}"
-                        for name, peak in zip(names, peaks.values()))
-        print(f"{depth:>5}{width:>6}{params / 1e6:>8.0f}M{cells}")
-    print(f"deepest that fits {flags.max_seq_len} tokens x {flags.device_batch_size} in {flags.gpu_memory}: "
-          + ", ".join(f"{name} depth {deepest[arm]}" for name, arm in zip(names, SWEEP_ARMS)))
-    return deepest
+                        for name, peak in zip(names, peaks["with"].values()))
+        print(f"{depth:>5}{width:>6}{params['with'] / 1e6:>8.0f}M{cells}")
+    result: dict[str, Any] = {"deepest": deepest["with"]}
+    if pieces:
+        print(f"what {'+'.join(pieces)} add to the peak (GiB) and to the parameters; x = does not fit without them either")
+        print(header)
+        for depth, width, params, peaks in printed:
+            cells = "".join(f"{(peaks['with'][arm] - peaks['without'][arm]) / GiB:>+{len(name) + 2}.1f}"
+                            f"{'x' if peaks['without'][arm] + reserve > budget else ' '}" for name, arm in zip(names, SWEEP_ARMS))
+            print(f"{depth:>5}{width:>6}{(params['with'] - params['without']) / 1e6:>+8.0f}M{cells}")
+        result["deepest_without_pieces"] = deepest["without"]
+        result["price_bytes"] = {arm: {row[0]: row[3]["with"][arm] - row[3]["without"][arm] for row in rows}
+                                 for arm in SWEEP_ARMS}
+    print(f"deepest that fits {flags.max_seq_len} tokens x {flags.device_batch_size} in {flags.gpu_memory}{with_pieces}: "
+          + ", ".join(f"{name} depth {deepest['with'][arm]}" for name, arm in zip(names, SWEEP_ARMS)))
+    if pieces:
+        print(f"without {'+'.join(pieces)}: "
+              + ", ".join(f"{name} depth {deepest['without'][arm]}" for name, arm in zip(names, SWEEP_ARMS)))
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     flags = parse_args(MemoryFlags, argv, prog="python -m nanochat.memory")
     if flags.sweep_depths:
-        return {"deepest": sweep_depths(flags)}
+        return sweep_depths(flags)
     try:
         config = flags.model_config()
     except ValueError as e:

@@ -127,14 +127,24 @@ PEAK_MODES = {
 }
 
 
+# recipe pieces for the peak test: value embeddings (blocks 0 and 2 of 3 carry a 512 x 128 table), and all four
+PEAK_PIECES = {
+    "no pieces": {},
+    "value_embeds": dict(value_embeds=True),
+    "all pieces": dict(layer_lambdas=True, smear_gate=True, backout=True, value_embeds=True),
+}
+
+
+@pytest.mark.parametrize("pieces", list(PEAK_PIECES))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("mode", list(PEAK_MODES))
-def test_predicted_peak_within_five_percent_of_allocated_peak(mode, dtype):
+def test_predicted_peak_within_five_percent_of_allocated_peak(mode, dtype, pieces):
     """Every mode, scaled down (3 blocks, width 128, 4 x 512 tokens, vocab 512, two micro-batches):
     the plan against the most tensor-storage bytes alive at once in a steady training step
-    (memory.AllocationTracker, what torch.cuda.max_memory_allocated counts on a GPU). Seen: -2% to +5%."""
+    (memory.AllocationTracker, what torch.cuda.max_memory_allocated counts on a GPU). Seen: -2% to +5%
+    (with value embeddings -1.7% to +4.3%, with all four pieces -1.4% to +3.6%)."""
     config = GPTConfig(sequence_len=512, vocab_size=512, n_layer=3, n_head=2, n_kv_head=2, n_embd=128,
-                       **PEAK_MODES[mode])
+                       **PEAK_MODES[mode], **PEAK_PIECES[pieces])
     allocated = measure_allocated_peak(config, batch_size=4, dtype=dtype, grad_accum_steps=2)
     predicted = plan_memory(config, 4, dtype, grad_accum_steps=2, device_type="cpu").peak
     assert abs(predicted / allocated - 1) < 0.05, (predicted, allocated)
