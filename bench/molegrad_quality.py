@@ -82,6 +82,11 @@ FAMILIES = {
     "molegrad": ("muon", {"streaming_targets": "ffn_only", "streaming_momentum": "dense"}),
     "flagship": ("muon", {"streaming_targets": "all", "streaming_momentum": "lowrank"}),
 }
+# The flagship arms ran (and rerun) with the low-rank step rule they were built to test, r =
+# √(min(out,in)/min(out,k)) = √(n_embd/k) for every Linear here: their lr is matrix_lr, their step
+# lr·r. The product default is now r = 1 ("unit"), chosen from these results (nanochat/optim.py):
+# a flagship run here at lr equals a unit-rule run at lr·r exactly (no weight decay in the bench).
+LOWRANK_STEP_RULE = "dense_norm"
 BASE_LR = {"muon": 0.02, "adamw": 0.002, "galore": 0.01}  # the sweep's centre per optimizer family
 
 
@@ -288,7 +293,7 @@ def make_optimizers(model: GPT, arm: str, lr: float, steps: int, cfg: QualityCon
     """base_train's AdamW for the embedding and head in every arm; the block matrices get Muon at
     matrix_lr = lr (dense and MoleGrad arms), AdamW at lr, or GaLore at lr."""
     family, rank = parse_arm(arm)
-    optimizers = setup_optimizers(model, matrix_lr=lr)
+    optimizers = setup_optimizers(model, matrix_lr=lr, lowrank_step_rule=LOWRANK_STEP_RULE)
     kind = FAMILIES.get(family, ("muon", {}))[0] if family != "dense_adamw" else "adamw"
     if kind == "muon":
         return optimizers

@@ -27,8 +27,9 @@ and the combination each run the largest budget (--tokens_per_param tokens per b
 with --seeds model-init seeds. Every reported bpb is on the HELD-OUT split (disjoint from the
 selection split).
 
-Per arm: held-out val bpb, gain vs current (%), tokens/s (median step; 1 thread, two runs at a
-time: compare arms with each other, not with other benches), measured peak allocated bytes of a
+Per arm: held-out val bpb, gain vs current (%), tokens/s (a separate phase after the quality
+runs, alone in one process: --speed_rounds rounds of every arm interleaved, --speed_threads
+threads, median step; the load average is recorded with it), measured peak allocated bytes of a
 training step at the bench size (tensor storage, nanochat.memory.measure_allocated_peak), and the
 planned peak at d20 and d26 at 8192 x 1 tokens (nanochat.memory.plan_memory, bf16, dense and
 --memory_mode=lowest) so the memory price of value embeddings on a 32 GB card shows.
@@ -104,6 +105,9 @@ class RecipeConfig(Flags):
     seeds: int = field(default=3, metadata={"help": "model-init seeds at the largest budget"})
     eval_tokens: int = field(default=131072, metadata={"help": "tokens of the selection split, and of the held-out split"})
     measure_memory: bool = field(default=True, metadata={"help": "measure each arm's peak allocated bytes at the bench size"})
+    speed_rounds: int = field(default=5, metadata={"help": "tokens/s phase after the quality runs: rounds of every arm, interleaved (0 = skip)"})
+    speed_steps: int = field(default=4, metadata={"help": "timed optimizer steps per arm per round (after one warm-up step)"})
+    speed_threads: int = field(default=2, metadata={"help": "threads of the tokens/s phase"})
     jobs: int = field(default=2, metadata={"help": "runs at a time (each in its own process, 1 thread)"})
     dtype: str = field(default="float32", metadata={"help": "compute dtype", "choices": ("float32", "bfloat16")})
     out: str = field(default=str(DEFAULT_OUT), metadata={"help": "results JSON (resumed when it exists)"})
@@ -283,7 +287,7 @@ def load_results(path: Path, cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    ignored = ("arms", "jobs", "out", "measure_memory")
+    ignored = ("arms", "jobs", "out", "measure_memory", "speed_rounds", "speed_steps", "speed_threads")
     if {k: v for k, v in saved.get("config", {}).items() if k not in ignored} != \
             {k: v for k, v in asdict(cfg).items() if k not in ignored}:
         raise UserError(f"{path} holds results of other settings: pass another --out, or delete it to start over")
@@ -292,6 +296,35 @@ def load_results(path: Path, cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------
 # memory: measured at the bench size, planned at GPU sizes
+
+def measure_speed(cfg: RecipeConfig, arms: dict[str, dict[str, Any]], data: QualityData) -> dict[str, dict[str, float]]:
+    """Tokens/s of each arm's training step, alone in this process (the pool is gone by then) with
+    --speed_threads threads: --speed_rounds rounds, every arm once per round (interleaved, so
+    drift hits every arm alike), median step time; the load average before and after."""
+    ctx = compute_init(device="cpu", dtype=cfg.dtype, threads=cfg.speed_threads)
+    setups = {}
+    for arm, overrides in arms.items():
+        flags = train_flags(overrides)
+        torch.manual_seed(0)
+        model = GPT(model_config(cfg, overrides, data.vocab_size))
+        optimizers = setup_optimizers(model, flags.unembedding_lr, flags.embedding_lr, flags.matrix_lr, flags.weight_decay,
+                                      **flags.optimizer_options())
+        setups[arm] = (model, optimizers, accumulation(cfg, overrides, data.vocab_size), flags.grad_clip)
+    batches = data.batches(data.train[:64])
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    load_before = os.getloadavg()
+    for round_ in range(cfg.speed_rounds + 1):  # round 0 warms up
+        for arm, (model, optimizers, accum, clip) in setups.items():
+            stream = iter(batches * (1 + accum * (cfg.speed_steps + 1) // len(batches)))
+            for _ in range(cfg.speed_steps if round_ else 1):
+                t0 = time.perf_counter()
+                train_step(model, optimizers, stream, accum, ctx, 1.0, 0.95, clip)
+                if round_:
+                    times[arm].append((time.perf_counter() - t0) / accum)
+    tokens = cfg.batch_size * cfg.seq_len
+    return {arm: {"tokens_per_s": tokens / statistics.median(t), "threads": cfg.speed_threads,
+                  "load_before": load_before[0], "load_after": os.getloadavg()[0]} for arm, t in times.items()}
+
 
 def planned_memory(overrides: dict[str, Any]) -> dict[str, float]:
     """Planned peak GiB at d20 / d26, 8192 x 1 tokens, bf16, grad accumulation: dense and
@@ -322,7 +355,11 @@ def spread(values: list[float]) -> float:
     return max(values) - min(values) if values else 0.0
 
 
-def summarize(runs: dict[str, dict[str, Any]], cfg: RecipeConfig, memory: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize(runs: dict[str, dict[str, Any]], cfg: RecipeConfig, memory: dict[str, dict[str, Any]],
+              speed: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """Screen and final results; tokens/s from the quiet speed phase where it ran (else the
+    quality runs' own step times, taken two runs at a time on one thread each)."""
+    speed = speed or {}
     screen_tokens, largest = budgets(cfg)
     screened = {s.arm: runs.get(s.key) for s in screen_specs(cfg)}
     base = screened.get("current")
@@ -332,10 +369,12 @@ def summarize(runs: dict[str, dict[str, Any]], cfg: RecipeConfig, memory: dict[s
             continue
         gain = 100 * (base["heldout_bpb"] - run["heldout_bpb"]) / base["heldout_bpb"] if base else None
         sel_gain = 100 * (base["selection_bpb"] - run["selection_bpb"]) / base["selection_bpb"] if base else None
-        speed = run["tokens_per_s"] / base["tokens_per_s"] if base else None
+        rate = speed.get(arm, {}).get("tokens_per_s") or run["tokens_per_s"]
+        base_rate = (speed.get("current", {}).get("tokens_per_s") or base["tokens_per_s"]) if base else None
         screen[arm] = {"flags": ARMS[arm], "heldout_bpb": run["heldout_bpb"], "selection_bpb": run["selection_bpb"],
-                       "gain_pct": gain, "selection_gain_pct": sel_gain, "tokens_per_s": run["tokens_per_s"],
-                       "speed_vs_current": speed, "steps": run["steps"], "memory": memory.get(arm)}
+                       "gain_pct": gain, "selection_gain_pct": sel_gain, "tokens_per_s": rate,
+                       "tokens_per_s_source": "speed phase" if arm in speed else "quality run",
+                       "speed_vs_current": rate / base_rate if base_rate else None, "steps": run["steps"], "memory": memory.get(arm)}
     pieces = chosen_pieces(runs, cfg)
     final: dict[str, Any] = {}
     if pieces is not None:
@@ -346,7 +385,8 @@ def summarize(runs: dict[str, dict[str, Any]], cfg: RecipeConfig, memory: dict[s
         for arm, entry in final.items():
             bpbs = [r["heldout_bpb"] for r in entry["runs"]]
             entry.update(heldout_bpb=statistics.mean(bpbs), spread=spread(bpbs), seeds=len(bpbs),
-                         tokens_per_s=statistics.median(r["tokens_per_s"] for r in entry["runs"]),
+                         tokens_per_s=speed.get(arm, {}).get("tokens_per_s") or statistics.median(r["tokens_per_s"] for r in entry["runs"]),
+                         tokens_per_s_source="speed phase" if arm in speed else "quality runs",
                          tokens=entry["runs"][0]["tokens"], memory=memory.get(arm))
             entry.pop("runs")
         if "current" in final and "combination" in final:
@@ -396,14 +436,15 @@ def run(cfg: RecipeConfig, argv: list[str]) -> dict[str, Any]:
     steps = largest // (cfg.batch_size * cfg.seq_len)
     data = prepare_data(cfg, cache, steps)
     info = provenance(argv, "bench.recipe")
-    saved_memory = json.loads(out.read_text()).get("memory", {}) if out.exists() else {}
-    memory: dict[str, dict[str, Any]] = dict(saved_memory)
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    memory: dict[str, dict[str, Any]] = dict(saved.get("memory", {}))
+    speed: dict[str, dict[str, float]] = dict(saved.get("speed", {}))
 
     def save() -> dict[str, Any]:
-        summary = summarize(runs, cfg, memory)
+        summary = summarize(runs, cfg, memory, speed)
         result = {**info, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "load_average_at_start": load_before, "load_average_now": os.getloadavg(), "config": asdict(cfg),
-                  "block_params": block_params(cfg), "vocab_size": data.vocab_size, "memory": memory,
+                  "block_params": block_params(cfg), "vocab_size": data.vocab_size, "memory": memory, "speed": speed,
                   "runs": sorted(runs.values(), key=lambda r: r["key"]), "summary": summary, "goals": goals(summary, cfg)}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".json.tmp")
@@ -437,6 +478,11 @@ def run(cfg: RecipeConfig, argv: list[str]) -> dict[str, Any]:
     for arm, overrides in arms.items():
         if arm not in memory or memory[arm].get("flags") != overrides or (cfg.measure_memory and "bench_allocated_mb" not in memory[arm]):
             memory[arm] = {"flags": overrides, **memory_entry(cfg, overrides, data.vocab_size)}
+    if cfg.speed_rounds:
+        print0(f"tokens/s: {len(arms)} arms x {cfg.speed_rounds} rounds x {cfg.speed_steps} steps, {cfg.speed_threads} threads, "
+               f"interleaved (load average {os.getloadavg()[0]:.2f})")
+        speed.clear()
+        speed.update(measure_speed(cfg, arms, data))
     result = save()
     print_table(result["summary"])
     for goal, passed in result["goals"].items():

@@ -20,10 +20,14 @@ Muon reads each dense gradient through `Muon._gradient(p)` and applies it throug
                                W ← W - lr s r NS(μ m + (1-μ) gq) Qᵀ  NS of an (out, k) matrix,
                                                                      r = lowrank_step_scale
 
-Low-rank step size: NS(m) has min(out, k) singular values near 1 where a dense update has
-min(out, in), so at equal lr its Frobenius norm is √(min(out, k) / min(out, in)) of dense Muon's
-(0.16 at k = 32, in = out = 1280). r = √(min(out, in) / min(out, k)) restores the dense norm, so
---matrix_lr means the same step length with and without low-rank momentum (r = 1 at k = in).
+Low-rank step size (lowrank_step_rule): NS(m) has min(out, k) singular values near 1 where a
+dense update has min(out, in), so at equal lr its Frobenius norm is √(min(out, k) / min(out, in))
+of dense Muon's (0.16 at k = 32, in = out = 1280). "unit" (the default) takes r = 1: the same
+lr, and the same spectral norm, as a dense Muon step. "dense_norm" takes r = √(min(out, in) /
+min(out, k)), restoring the dense Frobenius norm. Measured (bench/molegrad_quality.py, all Linears
+compressed at k/in = 1/43 and 1/11): the best lr under dense_norm was 0.0025 and 0.005, i.e. an
+effective lr·r of 0.016 at both ranks, next to dense Muon's best 0.02: the dense-norm rule
+overshoots by ~6x at base_train's --matrix_lr, the unit rule lands where dense Muon's lr does.
 
 NS is an odd matrix polynomial after a Frobenius normalisation, so NS(m Qᵀ) = NS(m) Qᵀ for Q
 with orthonormal columns: the low-rank update is the dense one of the momentum's image m Qᵀ.
@@ -135,9 +139,14 @@ def normuon_variance_step(ortho: torch.Tensor, variance: torch.Tensor, beta2: fl
     return o * (scale * (norm_before / norm_after.clamp_min(1e-10)))
 
 
-def lowrank_step_scale(out_features: int, in_features: int, rank_k: int) -> float:
-    """√(min(out, in) / min(out, k)): the low-rank update's step multiplier that gives it the
-    Frobenius norm of a dense Muon update of the same matrix (module docstring)."""
+LOWRANK_STEP_RULES = ("unit", "dense_norm")
+
+
+def lowrank_step_scale(out_features: int, in_features: int, rank_k: int, rule: str = "unit") -> float:
+    """The low-rank update's step multiplier r (module docstring): 1 ("unit"), or
+    √(min(out, in) / min(out, k)) ("dense_norm": the Frobenius norm of a dense Muon update)."""
+    if rule == "unit":
+        return 1.0
     return (min(out_features, in_features) / min(out_features, rank_k)) ** 0.5
 
 
@@ -232,7 +241,7 @@ class Muon(ShardedStep, torch.optim.Optimizer):
                  ns_dtype: torch.dtype | None = None, streaming: Iterable[StreamingLinear] = (),
                  streaming_momentum: str = "dense", sharded: bool | None = None,
                  orthogonalizer: str = "newton_schulz", normuon: bool = False, normuon_beta2: float = 0.9,
-                 cautious_weight_decay: bool = False) -> None:
+                 cautious_weight_decay: bool = False, lowrank_step_rule: str = "unit") -> None:
         if lr < 0:
             raise ValueError(f"Muon lr: expected >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -251,6 +260,8 @@ class Muon(ShardedStep, torch.optim.Optimizer):
                              f"got ns_steps={ns_steps}")
         if not 0.0 <= normuon_beta2 < 1.0:
             raise ValueError(f"--normuon_beta2: expected a value in [0, 1), got {normuon_beta2}")
+        if lowrank_step_rule not in LOWRANK_STEP_RULES:
+            raise ValueError(f"Muon lowrank_step_rule: expected one of {'|'.join(LOWRANK_STEP_RULES)}, got {lowrank_step_rule!r}")
         streaming = list(streaming)
         if streaming and streaming_momentum == "lowrank" and (normuon or cautious_weight_decay):
             flag = "--normuon" if normuon else "--cautious_weight_decay"
@@ -258,7 +269,8 @@ class Muon(ShardedStep, torch.optim.Optimizer):
                              f"(--streaming_momentum=lowrank / --memory_mode) never forms it: use --streaming_momentum=dense")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
                         streaming_momentum=streaming_momentum, orthogonalizer=orthogonalizer, normuon=normuon,
-                        normuon_beta2=normuon_beta2, cautious_weight_decay=cautious_weight_decay)
+                        normuon_beta2=normuon_beta2, cautious_weight_decay=cautious_weight_decay,
+                        lowrank_step_rule=lowrank_step_rule)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -314,7 +326,7 @@ class Muon(ShardedStep, torch.optim.Optimizer):
             buf.lerp_(factor, 1 - momentum)
             update = factor.lerp(buf, momentum) if group["nesterov"] else buf
             ortho = self._orthogonalise(update, group).to(p.dtype)                   # (out, k)
-            step_size = self._decay_and_step_size(p, group) * lowrank_step_scale(*p.shape, layer.rank_k)
+            step_size = self._decay_and_step_size(p, group) * lowrank_step_scale(*p.shape, layer.rank_k, group.get("lowrank_step_rule", "unit"))
             p.addmm_(ortho, layer.Q.to(p.dtype).T, alpha=step_size)                  # W += c s NS(m) Qᵀ
             return
         if "momentum_buffer" not in state:
@@ -414,7 +426,8 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
                      matrix_lr: float = 0.02, weight_decay: float = 0.0,
                      adam_betas: tuple[float, float] = (0.8, 0.95), scalar_lr: float = 0.5,
                      orthogonalizer: str = "newton_schulz", normuon: bool = False, normuon_beta2: float = 0.9,
-                     cautious_weight_decay: bool = False, weight_decay_by_width: bool = False) -> list[torch.optim.Optimizer]:
+                     cautious_weight_decay: bool = False, weight_decay_by_width: bool = False,
+                     lowrank_step_rule: str = "unit") -> list[torch.optim.Optimizer]:
     """[AdamW(lm_head, wte, recipe pieces), Muon(every matrix of the blocks)] for a GPT, each group with `initial_lr`.
 
     AdamW LRs scale as (n_embd / 768)^-0.5 (tuned at width 768, as nanochat); Muon's update is
@@ -422,6 +435,7 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
     only: the embedding and head rows are RMS-normed / softcapped and get none.
     weight_decay_by_width: weight_decay x (768 / n_embd)² (WEIGHT_DECAY_REF_WIDTH).
     orthogonalizer, normuon, normuon_beta2, cautious_weight_decay: Muon's recipe options.
+    lowrank_step_rule: Muon's step multiplier for low-rank momentum (LOWRANK_STEP_RULES).
 
     The GPT's recipe pieces, when on, get AdamW groups as upstream nanochat gives them: value
     embeddings at embedding_lr / 2 (betas 0.8, 0.995), resid_lambdas at scalar_lr / 100, x0_lambdas at
@@ -460,7 +474,7 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
     muon = Muon(list(blocks.parameters()), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
                 streaming=streaming, streaming_momentum=model.config.streaming_momentum,
                 orthogonalizer=orthogonalizer, normuon=normuon, normuon_beta2=normuon_beta2,
-                cautious_weight_decay=cautious_weight_decay)
+                cautious_weight_decay=cautious_weight_decay, lowrank_step_rule=lowrank_step_rule)
     optimizers: list[torch.optim.Optimizer] = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:

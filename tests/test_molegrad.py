@@ -296,16 +296,18 @@ def test_two_processes_equal_one_and_communicate_only_factors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the optimizer against slow references, with a rotating subspace
 
-@pytest.mark.parametrize("momentum", ["dense", "lowrank"])
-def test_muon_on_factors_matches_dense_reference(momentum):
+@pytest.mark.parametrize("momentum, rule", [("dense", "unit"), ("lowrank", "unit"), ("lowrank", "dense_norm")])
+def test_muon_on_factors_matches_dense_reference(momentum, rule):
     """dense: plain Muon fed the dense gradient gq Qᵀ. lowrank: dense Muon on the momentum's image,
-    which after each rotation of Q is the old image projected onto the new subspace."""
+    which after each rotation of Q is the old image projected onto the new subspace, its step
+    times the rule's r (unit: 1; dense_norm: √(min(12, 16) / min(12, 4)) = √3)."""
     torch.manual_seed(0)
     layer = StreamingLinear(16, 12, rank_k=4, seed=3).double()
     layer.reset_subspace()  # Q orthonormal to float64 precision, not float32's
     mu, lr, wd = 0.9, 0.1, 0.1
+    r = 3 ** 0.5 if rule == "dense_norm" else 1.0
     opt = Muon([layer.weight], lr=lr, momentum=mu, weight_decay=wd, ns_dtype=torch.float64,
-               streaming=[layer], streaming_momentum=momentum)
+               streaming=[layer], streaming_momentum=momentum, lowrank_step_rule=rule)
     reference = torch.nn.Parameter(layer.weight.detach().clone())
     reference_opt = Muon([reference], lr=lr, momentum=mu, weight_decay=wd, ns_dtype=torch.float64)
     image = torch.zeros(12, 16, dtype=torch.float64)  # the low-rank momentum's dense image m Qᵀ
@@ -320,8 +322,7 @@ def test_muon_on_factors_matches_dense_reference(momentum):
             image = mu * image + (1 - mu) * grad
             update = (1 - mu) * grad + mu * image  # Nesterov
             with torch.no_grad():
-                # the low-rank step scale: √(min(12, 16) / min(12, 4)) = √3
-                reference.mul_(1 - lr * wd).add_(zeropower_via_newtonschulz5(update, dtype=torch.float64), alpha=-lr * 3 ** 0.5)
+                reference.mul_(1 - lr * wd).add_(zeropower_via_newtonschulz5(update, dtype=torch.float64), alpha=-lr * r)
         opt.step()
         torch.testing.assert_close(layer.weight.detach(), reference.detach(), atol=1e-10, rtol=0)
         q_old = layer.Q.clone()
@@ -334,11 +335,9 @@ def test_muon_on_factors_matches_dense_reference(momentum):
             torch.testing.assert_close(factor @ layer.Q.T, image, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("out_features, in_features", [(48, 48), (192, 48), (48, 192)])
-def test_lowrank_step_has_the_dense_step_length(out_features, in_features):
-    """At equal lr, a low-rank Muon step (rank-8 factor) moves W by about as much (Frobenius) as a
-    dense Muon step on the full-rank gradient of the same batch; unscaled it would move it by
-    ≈ √(8 / min(out, in)) = 0.41 of that."""
+def lowrank_and_dense_steps(out_features: int, in_features: int, rule: str, lr: float = 0.1) -> dict[str, torch.Tensor]:
+    """W's change under one low-rank Muon step (rank-8 factor) and one dense Muon step on the
+    full-rank gradient of the same batch, from the same W."""
     torch.manual_seed(0)
     layer = StreamingLinear(in_features, out_features, rank_k=8, seed=1).double()
     layer.reset_subspace()
@@ -348,14 +347,36 @@ def test_lowrank_step_has_the_dense_step_length(out_features, in_features):
     torch.nn.functional.linear(x, dense).square().sum().backward()
     steps = {}
     for name, param, opt in (
-            ("lowrank", layer.weight, Muon([layer.weight], lr=0.1, momentum=0.0, ns_dtype=torch.float64,
-                                           streaming=[layer], streaming_momentum="lowrank")),
-            ("dense", dense, Muon([dense], lr=0.1, momentum=0.0, ns_dtype=torch.float64))):
+            ("lowrank", layer.weight, Muon([layer.weight], lr=lr, momentum=0.0, ns_dtype=torch.float64,
+                                           streaming=[layer], streaming_momentum="lowrank", lowrank_step_rule=rule)),
+            ("dense", dense, Muon([dense], lr=lr, momentum=0.0, ns_dtype=torch.float64))):
         start = param.detach().clone()
         opt.step()
-        steps[name] = (param.detach() - start).norm().item()
+        steps[name] = param.detach() - start
+    return steps
+
+
+@pytest.mark.parametrize("out_features, in_features", [(48, 48), (192, 48), (48, 192)])
+def test_lowrank_step_length_under_each_rule(out_features, in_features):
+    """dense_norm: at equal lr the low-rank step has about the dense step's Frobenius norm
+    (unscaled it would be ≈ √(8 / min(out, in)) = 0.41 of it). unit (the default): about the dense
+    step's spectral norm, i.e. the same largest per-direction move."""
+    steps = lowrank_and_dense_steps(out_features, in_features, "dense_norm")
     # Newton–Schulz leaves singular values in ~[0.7, 1.2], not at 1: "about" is ±25%
-    assert steps["lowrank"] / steps["dense"] == pytest.approx(1.0, abs=0.25), steps
+    assert steps["lowrank"].norm() / steps["dense"].norm() == pytest.approx(1.0, abs=0.25)
+    steps = lowrank_and_dense_steps(out_features, in_features, "unit")
+    spectral = {name: torch.linalg.matrix_norm(step, ord=2).item() for name, step in steps.items()}
+    assert spectral["lowrank"] / spectral["dense"] == pytest.approx(1.0, abs=0.25), spectral
+    assert steps["lowrank"].norm() / steps["dense"].norm() == pytest.approx((8 / min(out_features, in_features)) ** 0.5, rel=0.25)
+
+
+def test_the_dense_norm_rule_at_lr_is_the_unit_rule_at_lr_times_r():
+    """What lets bench/molegrad_quality.py's flagship results (run under dense_norm) be read as
+    unit-rule LRs: without weight decay the two rules differ only by the factor r on lr."""
+    r = (min(48, 192) / min(48, 8)) ** 0.5
+    norm_rule = lowrank_and_dense_steps(48, 192, "dense_norm", lr=0.01)["lowrank"]
+    unit_rule = lowrank_and_dense_steps(48, 192, "unit", lr=0.01 * r)["lowrank"]
+    torch.testing.assert_close(unit_rule, norm_rule, atol=1e-14, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from nanochat.gpt import GPT
 
 TINY = ["--n_embd=32", "--n_head=2", "--n_layer=2", "--seq_len=16", "--batch_size=2", "--vocab_size=300",
         "--tokenizer_chars=100000", "--tokens_per_param=0.1", "--screen_fraction=0.25", "--eval_tokens=64",
-        "--seeds=2", "--jobs=1"]
+        "--seeds=2", "--jobs=1", "--speed_rounds=1", "--speed_steps=1", "--speed_threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,8 @@ def test_end_to_end_json_has_the_documented_fields(result):
         memory = entry["memory"]
         assert memory["bench_allocated_mb"] > 0 and 0 < memory["d20_lowest_gib"] < memory["d20_dense_gib"] < memory["d26_dense_gib"]
     assert summary["screen"]["current"]["gain_pct"] == 0.0
+    assert {e["tokens_per_s_source"] for e in summary["screen"].values()} == {"speed phase"}
+    assert set(saved["speed"]) == set(recipe.ARMS) | ({"combination"} if summary["pieces"] else set())
     # value embeddings cost memory at d20 (vocab x kv_dim per carrying layer, plus AdamW moments)
     assert summary["screen"]["value_embeds"]["memory"]["d20_dense_gib"] > summary["screen"]["current"]["memory"]["d20_dense_gib"] + 1
     final = summary["final"]
