@@ -1,6 +1,6 @@
 """Does MoleGrad cost quality? Gap to dense vs training tokens, at the ranks a GPU run uses.
 
-    python -m bench.molegrad_quality                      # ~2 h on 2 CPU cores (2 runs at a time, 1 thread each)
+    python -m bench.molegrad_quality                      # ~2.5 h on 2 CPU cores (2 runs at a time, 1 thread each)
     python -m bench.molegrad_quality --jobs=1 --arms=dense_muon,flagship_k6 --budget_fractions=0.1
 
 The model: one block of width 256 (786k block parameters), 4 heads of 64, context 256, its own
@@ -15,7 +15,10 @@ same rank, refresh gap = 1/8 of the run, projector built from the first non-zero
 starts at zero, so the other matrices' first gradients are exactly 0 and are skipped, not
 projected), molegrad_k{6,24} (today's default: MoleGrad on the MLP Linears, dense momentum),
 flagship_k{6,24} (--memory_mode=lowest's optimizer: every Linear compressed, low-rank momentum
-with its step-size rule; recompute and keep-h are exact, so they do not change quality).
+with its step-size rule; recompute and keep-h are exact, so they do not change quality),
+lowrank_k6 (the MLP Linears with low-rank momentum: which half of the flagship costs quality,
+its attention compression or its low-rank momentum). Low-rank arms run the default dense-norm step rule
+(LOWRANK_STEP_RULE below); the JSON gives each arm's `unit_rule_lr` = lr x r, the unit rule's equivalent.
 No arm clips gradients (a compressed gradient's norm is only its captured part, so clipping
 would fire differently per arm).
 
@@ -67,7 +70,7 @@ from nanochat.dataset import iter_texts
 from nanochat.gpt import BLOCK_LINEARS, GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import explore_k
-from nanochat.optim import get_lr_multiplier, get_muon_momentum, setup_optimizers
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, lowrank_step_scale, setup_optimizers
 from nanochat.report import git_info, hardware_info, software_info
 from nanochat.tokenizer import Tokenizer
 from nanochat.trainer import train_step
@@ -81,11 +84,11 @@ FAMILIES = {
     "galore": ("galore", {}),
     "molegrad": ("muon", {"streaming_targets": "ffn_only", "streaming_momentum": "dense"}),
     "flagship": ("muon", {"streaming_targets": "all", "streaming_momentum": "lowrank"}),
+    "lowrank": ("muon", {"streaming_targets": "ffn_only", "streaming_momentum": "lowrank"}),  # which half of the flagship costs
 }
-# The flagship arms ran (and rerun) with the low-rank step rule they were built to test, r =
-# √(min(out,in)/min(out,k)) = √(n_embd/k) for every Linear here: their lr is matrix_lr, their step
-# lr·r. The product default is now r = 1 ("unit"), chosen from these results (nanochat/optim.py):
-# a flagship run here at lr equals a unit-rule run at lr·r exactly (no weight decay in the bench).
+# Low-rank momentum arms run the product's default step rule, pinned so that the results stay
+# comparable if the default changes; `unit_rule_lr` in the JSON is lr x r, the unit rule's equivalent
+# (exact here: no weight decay).
 LOWRANK_STEP_RULE = "dense_norm"
 BASE_LR = {"muon": 0.02, "adamw": 0.002, "galore": 0.01}  # the sweep's centre per optimizer family
 
@@ -94,8 +97,8 @@ BASE_LR = {"muon": 0.02, "adamw": 0.002, "galore": 0.01}  # the sweep's centre p
 class QualityConfig(Flags):
     """MoleGrad's quality against dense Muon, dense AdamW and GaLore, vs tokens, at GPU-like k/in."""
 
-    arms: str = field(default="dense_muon,dense_adamw,galore_k6,molegrad_k6,flagship_k6,flagship_k24", metadata={
-        "help": "comma-separated: dense_muon, dense_adamw, or galore|molegrad|flagship_k<rank>"})
+    arms: str = field(default="dense_muon,dense_adamw,galore_k6,molegrad_k6,lowrank_k6,flagship_k6,flagship_k24", metadata={
+        "help": "comma-separated: dense_muon, dense_adamw, or galore|molegrad|lowrank|flagship_k<rank>"})
     n_embd: int = field(default=256, metadata={"help": "model width"})
     n_layer: int = field(default=1, metadata={"help": "transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
@@ -147,13 +150,13 @@ def parse_arm(arm: str) -> tuple[str, int]:
     family, _, rank = arm.rpartition("_k")
     if family not in FAMILIES or not rank.isdigit() or int(rank) < 1:
         raise ConfigError(f"--arms: unknown arm {arm!r}; expected dense_muon, dense_adamw or "
-                        f"galore|molegrad|flagship_k<rank>")
+                        f"galore|molegrad|lowrank|flagship_k<rank>")
     return family, int(rank)
 
 
 def model_config(cfg: QualityConfig, arm: str, vocab_size: int) -> GPTConfig:
     family, rank = parse_arm(arm)
-    options = {"streaming_rank_k": rank, **FAMILIES[family][1]} if family in ("molegrad", "flagship") else {}
+    options = {"streaming_rank_k": rank, **FAMILIES[family][1]} if family in ("molegrad", "lowrank", "flagship") else {}
     return GPTConfig(sequence_len=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_kv_head=cfg.n_head, n_embd=cfg.n_embd, **options)
 
@@ -483,6 +486,10 @@ def summarize(runs: dict[str, dict[str, Any]], cfg: QualityConfig, vocab_size: i
             if spec.key in runs:
                 entry["lr_sweep"][f"{spec.lr:.6g}"] = {"selection_bpb": runs[spec.key]["selection_bpb"],
                                                        "heldout_bpb": runs[spec.key]["heldout_bpb"]}
+        lowrank = config.streaming_momentum == "lowrank"
+        # the same steps under the unit rule (r = 1): every Linear here has min(out, in) = n_embd
+        entry["unit_rule_lr"] = (lr * lowrank_step_scale(cfg.n_embd, cfg.n_embd, config.streaming_rank_k, LOWRANK_STEP_RULE)
+                                 if lowrank and lr is not None else lr)
         if lr is not None:
             swept = [spec.lr for spec in sweep_specs(cfg, arm, runs)]
             entry["lr_at_edge_of_sweep"] = lr in (min(swept), max(swept))

@@ -22,12 +22,12 @@ Muon reads each dense gradient through `Muon._gradient(p)` and applies it throug
 
 Low-rank step size (lowrank_step_rule): NS(m) has min(out, k) singular values near 1 where a
 dense update has min(out, in), so at equal lr its Frobenius norm is √(min(out, k) / min(out, in))
-of dense Muon's (0.16 at k = 32, in = out = 1280). "unit" (the default) takes r = 1: the same
-lr, and the same spectral norm, as a dense Muon step. "dense_norm" takes r = √(min(out, in) /
-min(out, k)), restoring the dense Frobenius norm. Measured (bench/molegrad_quality.py, all Linears
-compressed at k/in = 1/43 and 1/11): the best lr under dense_norm was 0.0025 and 0.005, i.e. an
-effective lr·r of 0.016 at both ranks, next to dense Muon's best 0.02: the dense-norm rule
-overshoots by ~6x at base_train's --matrix_lr, the unit rule lands where dense Muon's lr does.
+of dense Muon's (0.16 at k = 32, in = out = 1280). "dense_norm" (the default) takes r =
+√(min(out, in) / min(out, k)), restoring the dense Frobenius norm, so --matrix_lr means the same
+step length with and without low-rank momentum (r = 1 at k = in); "unit" takes r = 1 (the dense
+step's spectral norm). Measured (bench/molegrad_quality.py, k/in = 1/43): with the MLP Linears
+compressed, dense_norm's best lr is dense Muon's 0.02; with every Linear compressed (the
+flagship) it is 8x lower and quality is lost whatever the lr: the attention Linears, not the rule.
 
 NS is an odd matrix polynomial after a Frobenius normalisation, so NS(m Qᵀ) = NS(m) Qᵀ for Q
 with orthonormal columns: the low-rank update is the dense one of the momentum's image m Qᵀ.
@@ -139,12 +139,12 @@ def normuon_variance_step(ortho: torch.Tensor, variance: torch.Tensor, beta2: fl
     return o * (scale * (norm_before / norm_after.clamp_min(1e-10)))
 
 
-LOWRANK_STEP_RULES = ("unit", "dense_norm")
+LOWRANK_STEP_RULES = ("dense_norm", "unit")
 
 
-def lowrank_step_scale(out_features: int, in_features: int, rank_k: int, rule: str = "unit") -> float:
-    """The low-rank update's step multiplier r (module docstring): 1 ("unit"), or
-    √(min(out, in) / min(out, k)) ("dense_norm": the Frobenius norm of a dense Muon update)."""
+def lowrank_step_scale(out_features: int, in_features: int, rank_k: int, rule: str = "dense_norm") -> float:
+    """The low-rank update's step multiplier r (module docstring): √(min(out, in) / min(out, k))
+    ("dense_norm": the Frobenius norm of a dense Muon update), or 1 ("unit")."""
     if rule == "unit":
         return 1.0
     return (min(out_features, in_features) / min(out_features, rank_k)) ** 0.5
@@ -241,7 +241,7 @@ class Muon(ShardedStep, torch.optim.Optimizer):
                  ns_dtype: torch.dtype | None = None, streaming: Iterable[StreamingLinear] = (),
                  streaming_momentum: str = "dense", sharded: bool | None = None,
                  orthogonalizer: str = "newton_schulz", normuon: bool = False, normuon_beta2: float = 0.9,
-                 cautious_weight_decay: bool = False, lowrank_step_rule: str = "unit") -> None:
+                 cautious_weight_decay: bool = False, lowrank_step_rule: str = "dense_norm") -> None:
         if lr < 0:
             raise ValueError(f"Muon lr: expected >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -326,7 +326,7 @@ class Muon(ShardedStep, torch.optim.Optimizer):
             buf.lerp_(factor, 1 - momentum)
             update = factor.lerp(buf, momentum) if group["nesterov"] else buf
             ortho = self._orthogonalise(update, group).to(p.dtype)                   # (out, k)
-            step_size = self._decay_and_step_size(p, group) * lowrank_step_scale(*p.shape, layer.rank_k, group.get("lowrank_step_rule", "unit"))
+            step_size = self._decay_and_step_size(p, group) * lowrank_step_scale(*p.shape, layer.rank_k, group.get("lowrank_step_rule", "dense_norm"))
             p.addmm_(ortho, layer.Q.to(p.dtype).T, alpha=step_size)                  # W += c s NS(m) Qᵀ
             return
         if "momentum_buffer" not in state:
@@ -427,7 +427,7 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
                      adam_betas: tuple[float, float] = (0.8, 0.95), scalar_lr: float = 0.5,
                      orthogonalizer: str = "newton_schulz", normuon: bool = False, normuon_beta2: float = 0.9,
                      cautious_weight_decay: bool = False, weight_decay_by_width: bool = False,
-                     lowrank_step_rule: str = "unit") -> list[torch.optim.Optimizer]:
+                     lowrank_step_rule: str = "dense_norm") -> list[torch.optim.Optimizer]:
     """[AdamW(lm_head, wte, recipe pieces), Muon(every matrix of the blocks)] for a GPT, each group with `initial_lr`.
 
     AdamW LRs scale as (n_embd / 768)^-0.5 (tuned at width 768, as nanochat); Muon's update is

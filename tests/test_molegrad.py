@@ -359,7 +359,7 @@ def lowrank_and_dense_steps(out_features: int, in_features: int, rule: str, lr: 
 @pytest.mark.parametrize("out_features, in_features", [(48, 48), (192, 48), (48, 192)])
 def test_lowrank_step_length_under_each_rule(out_features, in_features):
     """dense_norm: at equal lr the low-rank step has about the dense step's Frobenius norm
-    (unscaled it would be ≈ √(8 / min(out, in)) = 0.41 of it). unit (the default): about the dense
+    (unscaled it would be ≈ √(8 / min(out, in)) = 0.41 of it). unit: about the dense
     step's spectral norm, i.e. the same largest per-direction move."""
     steps = lowrank_and_dense_steps(out_features, in_features, "dense_norm")
     # Newton–Schulz leaves singular values in ~[0.7, 1.2], not at 1: "about" is ±25%
@@ -371,7 +371,7 @@ def test_lowrank_step_length_under_each_rule(out_features, in_features):
 
 
 def test_the_dense_norm_rule_at_lr_is_the_unit_rule_at_lr_times_r():
-    """What lets bench/molegrad_quality.py's flagship results (run under dense_norm) be read as
+    """What lets bench/molegrad_quality.py report its low-rank arms (run under dense_norm) as
     unit-rule LRs: without weight decay the two rules differ only by the factor r on lr."""
     r = (min(48, 192) / min(48, 8)) ** 0.5
     norm_rule = lowrank_and_dense_steps(48, 192, "dense_norm", lr=0.01)["lowrank"]
