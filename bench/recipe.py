@@ -1,7 +1,7 @@
 """Which of the 2026 recipe pieces pay? Each screened against the current recipe, then the chosen
 combination against it at >= 10 tokens per block parameter, 3 seeds, equal tokens, same data.
 
-    python -m bench.recipe                     # ~35 min on 2 CPU cores (2 runs at a time, 1 thread each)
+    python -m bench.recipe                     # ~40 min on 2 CPU cores (2 runs at a time, 1 thread each)
     python -m bench.recipe --jobs=1 --n_layer=2 --n_embd=64 --tokens_per_param=0.5 --seeds=1 --out=/tmp/r.json
 
 "Current recipe" is base_train's defaults (TrainFlags: Muon with Newton-Schulz, no weight decay,
@@ -13,7 +13,7 @@ warmdown 0.2, grad clip 1.0, no model pieces). Each arm changes only the flags i
   cautious_wd    (0.28, cautious)     wd_by_width (0.28, cautious, x (768/width)^2)
   auto_batch     (--total_batch_size=-1: the step size upstream's rule gives this model; same tokens, fewer steps)
 
-The model: --n_layer 4 blocks of width 128 (786k block parameters; 4 layers so that the pieces
+The model: --n_layer 4 blocks of width 96 (442k block parameters; 4 layers so that the pieces
 that act across depth, value embeddings on alternating layers, the x0 lambdas and backout, have
 depth to act on), context 256, the bench's own BPE tokenizer of --vocab_size 2048 trained on the
 corpus (bench/molegrad_quality.py's data code: the same tokenizer, splits and cache format).
@@ -92,7 +92,7 @@ class RecipeConfig(Flags):
     """The 2026 recipe pieces against the current recipe, at equal tokens on the same data."""
 
     arms: str = field(default=",".join(ARMS), metadata={"help": f"comma-separated, from: {', '.join(ARMS)}"})
-    n_embd: int = field(default=128, metadata={"help": "model width"})
+    n_embd: int = field(default=96, metadata={"help": "model width"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_head: int = field(default=2, metadata={"help": "attention heads"})
     seq_len: int = field(default=256, metadata={"help": "tokens per row"})

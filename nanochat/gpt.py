@@ -45,8 +45,11 @@ ROTARY_LENGTH_FACTOR = 10
 # Named memory modes (--memory_mode): GPTConfig memory options, MoleGrad at the rank k the flags give.
 # lowest: the least memory per parameter (block recompute, every block Linear compressed, (out, k)
 #   momentum, h kept inside the recompute); keep_h: no recompute, every Linear compressed, h kept, so
-#   the MLP's backward does not recompute it and the dW matmuls shrink by in/k.
+#   the MLP's backward does not recompute it and the dW matmuls shrink by in/k. low: lowest with
+#   only the MLP Linears compressed: compressing attention is what costs quality at GPU-like k/in
+#   (bench/molegrad_quality.py: lowrank_k6 vs flagship_k6), the MLP's low-rank momentum does not.
 MEMORY_MODES = {
+    "low": dict(recompute="block", streaming_targets="ffn_only", streaming_momentum="lowrank", streaming_keep_h=False),
     "lowest": dict(recompute="block", streaming_targets="all", streaming_momentum="lowrank", streaming_keep_h=False),
     "keep_h": dict(recompute="none", streaming_targets="all", streaming_momentum="lowrank", streaming_keep_h=True),
 }

@@ -781,6 +781,7 @@ SWEEP_ARMS = {
     "MoleGrad ffn k32": ("custom", dict(recompute="none", streaming_targets="ffn_only", streaming_momentum="dense")),
     "MoleGrad all k32 lowrank": ("custom", dict(recompute="none", streaming_targets="all", streaming_momentum="lowrank")),
     "keep_h k32": ("keep_h", {}),
+    "low k32": ("low", {}),
     "lowest k32": ("lowest", {}),
 }
 

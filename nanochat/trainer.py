@@ -89,9 +89,10 @@ class TrainFlags(RuntimeFlags):
     streaming_keep_h: bool = field(default=False, metadata={
         "help": "MoleGrad MLP keeps h for backward instead of recomputing it (faster; 4d values per token more)"})
     memory_mode: str = field(default="custom", metadata={
-        "help": "custom = the flags above; lowest = recompute=block + MoleGrad on all Linears + lowrank momentum "
-                "(h kept inside the recompute); keep_h = MoleGrad on all Linears + lowrank momentum + keep h, no "
-                "recompute (either turns MoleGrad on, at --streaming_rank_k)",
+        "help": "custom = the flags above; low = recompute=block + MoleGrad on the MLP Linears + lowrank momentum "
+                "(no measured quality cost); lowest = the same on all Linears (h kept inside the recompute; compressing "
+                "attention costs quality at small k); keep_h = MoleGrad on all Linears + lowrank momentum + keep h, no "
+                "recompute (each turns MoleGrad on, at --streaming_rank_k)",
         "choices": ("custom", *MEMORY_MODES)})
     # recipe pieces (upstream nanochat, 2026), all off by default. Model pieces shape the weights:
     # base_train builds them; later stages keep the checkpoint's architecture.

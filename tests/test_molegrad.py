@@ -520,7 +520,7 @@ def test_resume_with_molegrad_is_bit_exact(base_dir, momentum):
         (["--streaming_keep_h=True"], "--streaming_keep_h=True (GPTConfig.streaming_keep_h): needs MoleGrad on the MLP"),
         (["--memory_mode=lowest", "--recompute=mlp"], "--recompute=mlp: contradicts --memory_mode=lowest, which sets recompute=block"),
         (["--memory_mode=keep_h", "--streaming_target_layers=ffn_only"], None),
-        (["--memory_mode=fast"], "--memory_mode: expected one of custom|lowest|keep_h"),
+        (["--memory_mode=fast"], "--memory_mode: expected one of custom|low|lowest|keep_h"),
     ],
 )
 def test_bad_molegrad_flags_fail_in_one_line(base_dir, capsys, argv, message):
