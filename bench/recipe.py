@@ -108,6 +108,8 @@ class RecipeConfig(Flags):
     speed_rounds: int = field(default=5, metadata={"help": "tokens/s phase after the quality runs: rounds of every arm, interleaved (0 = skip)"})
     speed_steps: int = field(default=4, metadata={"help": "timed optimizer steps per arm per round (after one warm-up step)"})
     speed_threads: int = field(default=2, metadata={"help": "threads of the tokens/s phase"})
+    also_final: str = field(default="", metadata={"help": "comma-separated arms that also run the largest budget with every seed "
+                                                          "(a single piece's own confirmation)"})
     jobs: int = field(default=2, metadata={"help": "runs at a time (each in its own process, 1 thread)"})
     dtype: str = field(default="float32", metadata={"help": "compute dtype", "choices": ("float32", "bfloat16")})
     out: str = field(default=str(DEFAULT_OUT), metadata={"help": "results JSON (resumed when it exists)"})
@@ -123,9 +125,14 @@ class RecipeConfig(Flags):
         unknown = [arm for arm in self.arm_names() if arm not in ARMS]
         check(not unknown, f"--arms: unknown {unknown[0] if unknown else ''!r}; expected some of {', '.join(ARMS)}")
         check("current" in self.arm_names(), "--arms: must include current (every gain is measured against it)")
+        bad = [arm for arm in self.also_final_arms() if arm not in ARMS or arm == "current"]
+        check(not bad, f"--also_final: unknown or current {bad[0] if bad else ''!r}; expected some of {', '.join(a for a in ARMS if a != 'current')}")
 
     def arm_names(self) -> list[str]:
         return [arm for arm in self.arms.split(",") if arm]
+
+    def also_final_arms(self) -> list[str]:
+        return [arm for arm in self.also_final.split(",") if arm]
 
 
 def train_flags(overrides: dict[str, Any]) -> TrainFlags:
@@ -272,8 +279,10 @@ def chosen_pieces(runs: dict[str, dict[str, Any]], cfg: RecipeConfig) -> list[st
 
 
 def final_specs(cfg: RecipeConfig, pieces: list[str]) -> list[RunSpec]:
+    """current and the combination at the largest budget, each seed; then the --also_final arms."""
     _, largest = budgets(cfg)
     arms = [("current", {})] + ([("combination", flags_combination(pieces))] if pieces else [])
+    arms += [(arm, ARMS[arm]) for arm in cfg.also_final_arms()]
     return [spec(arm, overrides, largest, seed) for arm, overrides in arms for seed in range(cfg.seeds)]
 
 
@@ -287,7 +296,7 @@ def load_results(path: Path, cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    ignored = ("arms", "jobs", "out", "measure_memory", "speed_rounds", "speed_steps", "speed_threads")
+    ignored = ("arms", "also_final", "jobs", "out", "measure_memory", "speed_rounds", "speed_steps", "speed_threads")
     if {k: v for k, v in saved.get("config", {}).items() if k not in ignored} != \
             {k: v for k, v in asdict(cfg).items() if k not in ignored}:
         raise UserError(f"{path} holds results of other settings: pass another --out, or delete it to start over")
@@ -389,10 +398,11 @@ def summarize(runs: dict[str, dict[str, Any]], cfg: RecipeConfig, memory: dict[s
                          tokens_per_s_source="speed phase" if arm in speed else "quality runs",
                          tokens=entry["runs"][0]["tokens"], memory=memory.get(arm))
             entry.pop("runs")
-        if "current" in final and "combination" in final:
-            c, n = final["current"], final["combination"]
-            n["gain_pct"] = 100 * (c["heldout_bpb"] - n["heldout_bpb"]) / c["heldout_bpb"]
-            n["speed_vs_current"] = n["tokens_per_s"] / c["tokens_per_s"]
+        c = final.get("current")
+        for arm, n in final.items():
+            if c is not None and arm != "current":
+                n["gain_pct"] = 100 * (c["heldout_bpb"] - n["heldout_bpb"]) / c["heldout_bpb"]
+                n["speed_vs_current"] = n["tokens_per_s"] / c["tokens_per_s"]
     return {"screen_tokens": screen_tokens, "final_tokens": largest, "screen": screen, "pieces": pieces, "final": final}
 
 
@@ -471,7 +481,7 @@ def run(cfg: RecipeConfig, argv: list[str]) -> dict[str, Any]:
             print0(f"  {s.arm:<14} {result['tokens']:>10,} tokens seed {s.seed}: held-out bpb {result['heldout_bpb']:.4f} "
                    f"(selection {result['selection_bpb']:.4f}), {result['tokens_per_s']:.0f} tok/s, {result['seconds']:.0f} s")
             save()
-    arms = {arm: ARMS[arm] for arm in cfg.arm_names()}
+    arms = {arm: ARMS[arm] for arm in cfg.arm_names() + cfg.also_final_arms()}
     pieces = chosen_pieces(runs, cfg) or []
     if pieces:
         arms["combination"] = flags_combination(pieces)

@@ -75,6 +75,11 @@ def test_pieces_are_picked_by_selection_not_held_out_bpb():
     assert [s.arm for s in finals] == ["current", "combination"]
     assert dict(finals[1].overrides) == {"layer_lambdas": True, "weight_decay": recipe.UPSTREAM_WEIGHT_DECAY,
                                          "cautious_weight_decay": True}
+    cfg.also_final = "weight_decay"
+    finals = recipe.final_specs(cfg, ["layer_lambdas"])
+    assert [(s.arm, dict(s.overrides)) for s in finals][-1] == ("weight_decay", {"weight_decay": recipe.UPSTREAM_WEIGHT_DECAY})
+    with pytest.raises(SystemExit):
+        recipe.main(["--also_final=current"])
 
 
 def test_each_arm_changes_what_it_names():
