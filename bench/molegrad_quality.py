@@ -607,6 +607,41 @@ def print_table(arms: dict[str, Any], cfg: QualityConfig) -> None:
         print0(line + (f"{eq:>+8.1f}%" if eq is not None else f"{'-':>9}"))
 
 
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    """`value` as JSON at `path`, atomically (a crash never leaves half a results file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+
+
+def drive(pool: Any, worker: Any, needed: Any, runs: dict[str, dict[str, Any]], revision: str,
+          finished: Any) -> None:
+    """Submit every spec `needed(runs)` calls for and is not done or queued, collect results as
+    they finish (each stamped with the git revision, stored in `runs`, then `finished(spec,
+    result)`: print and save), and ask again, until nothing is pending: the plan may grow with the
+    results (an LR sweep's edge, a combination chosen from a screen)."""
+    pending: dict[Future, Any] = {}
+    queued = set(runs)
+    while True:
+        for spec in needed(runs):
+            if spec.key not in queued:
+                queued.add(spec.key)
+                pending[pool.submit(worker, spec)] = spec
+        if not pending:
+            return
+        future = next(as_completed(list(pending)))
+        spec = pending.pop(future)
+        result = {**future.result(), "git_revision": revision}
+        runs[result["key"]] = result
+        finished(spec, result)
+
+
+def print_goals(goals: dict[str, bool | None]) -> None:
+    for goal, passed in goals.items():
+        print0(f"  {'n/a ' if passed is None else 'PASS' if passed else 'FAIL'}  {goal}")
+
+
 def run(cfg: QualityConfig, argv: list[str]) -> dict[str, Any]:
     out = Path(cfg.out)
     cache = out.with_suffix(".tokens.pt")
@@ -622,35 +657,21 @@ def run(cfg: QualityConfig, argv: list[str]) -> dict[str, Any]:
                   "budgets_steps": budgets(cfg), "block_params": block_params(model_config(cfg, "dense_muon", data.vocab_size)),
                   "vocab_size": data.vocab_size, "runs": sorted(runs.values(), key=lambda r: r["key"]), "arms": arms,
                   "goals": goals(arms, cfg)}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)
+        write_json(out, result)
         return result
 
     print0(f"{len(runs)} runs found in {out}; budgets {budgets(cfg)} steps of {cfg.batch_size} x {cfg.seq_len} tokens; "
            f"{cfg.jobs} at a time")
+    def finished(spec: RunSpec, result: dict[str, Any]) -> None:
+        print0(f"  {spec.arm:<14} steps {spec.steps:>5} lr {spec.lr:<8.4g} seed {spec.seed}: held-out bpb "
+               f"{result['heldout_bpb']:.4f} (selection {result['selection_bpb']:.4f}), {result['seconds']:.0f} s")
+        save()
+
     with make_pool(cfg, cache) as pool:
-        pending: dict[Future, RunSpec] = {}
-        queued = set(runs)
-        while True:
-            for spec in needed_specs(runs, cfg):  # what the results so far call for, not yet queued
-                if spec.key not in queued:
-                    queued.add(spec.key)
-                    pending[pool.submit(_worker_run, spec)] = spec
-            if not pending:
-                break
-            future = next(as_completed(list(pending)))
-            spec = pending.pop(future)
-            result = {**future.result(), "git_revision": info["git_revision"]}
-            runs[result["key"]] = result
-            print0(f"  {spec.arm:<14} steps {spec.steps:>5} lr {spec.lr:<8.4g} seed {spec.seed}: held-out bpb "
-                   f"{result['heldout_bpb']:.4f} (selection {result['selection_bpb']:.4f}), {result['seconds']:.0f} s")
-            save()
+        drive(pool, _worker_run, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
     result = save()
     print_table(result["arms"], cfg)
-    for goal, passed in result["goals"].items():
-        print0(f"  {'n/a ' if passed is None else 'PASS' if passed else 'FAIL'}  {goal}")
+    print_goals(result["goals"])
     picture = plot(result["arms"], out.with_suffix(".png"))
     print0(f"wrote {out} and {picture}")
     print0(json.dumps({"bench": "molegrad_quality", "out": str(out), "arms": result["arms"], "goals": result["goals"]}))

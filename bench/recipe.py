@@ -47,7 +47,7 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from bench.molegrad_quality import InlinePool, QualityData, prepare_data, provenance
+from bench.molegrad_quality import InlinePool, QualityData, drive, prepare_data, print_goals, provenance, write_json
 from nanochat.common import RunContext, compute_init, print0, run_main
 from nanochat.config import Flags, UserError, check, parse_args
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
@@ -456,31 +456,18 @@ def run(cfg: RecipeConfig, argv: list[str]) -> dict[str, Any]:
                   "load_average_at_start": load_before, "load_average_now": os.getloadavg(), "config": asdict(cfg),
                   "block_params": block_params(cfg), "vocab_size": data.vocab_size, "memory": memory, "speed": speed,
                   "runs": sorted(runs.values(), key=lambda r: r["key"]), "summary": summary, "goals": goals(summary, cfg)}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)
+        write_json(out, result)
         return result
 
     print0(f"{len(runs)} runs found in {out}; screen {budgets(cfg)[0]:,} tokens, final {largest:,} tokens "
            f"({block_params(cfg):,} block parameters); {cfg.jobs} at a time")
+    def finished(s: RunSpec, result: dict[str, Any]) -> None:
+        print0(f"  {s.arm:<14} {result['tokens']:>10,} tokens seed {s.seed}: held-out bpb {result['heldout_bpb']:.4f} "
+               f"(selection {result['selection_bpb']:.4f}), {result['tokens_per_s']:.0f} tok/s, {result['seconds']:.0f} s")
+        save()
+
     with make_pool(cfg, cache, steps) as pool:
-        pending: dict[Future, RunSpec] = {}
-        queued = set(runs)
-        while True:
-            for s in needed_specs(runs, cfg):
-                if s.key not in queued:
-                    queued.add(s.key)
-                    pending[pool.submit(_worker_run, s)] = s
-            if not pending:
-                break
-            future = next(as_completed(list(pending)))
-            s = pending.pop(future)
-            result = {**future.result(), "git_revision": info["git_revision"]}
-            runs[result["key"]] = result
-            print0(f"  {s.arm:<14} {result['tokens']:>10,} tokens seed {s.seed}: held-out bpb {result['heldout_bpb']:.4f} "
-                   f"(selection {result['selection_bpb']:.4f}), {result['tokens_per_s']:.0f} tok/s, {result['seconds']:.0f} s")
-            save()
+        drive(pool, _worker_run, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
     arms = {arm: ARMS[arm] for arm in cfg.arm_names() + cfg.also_final_arms()}
     pieces = chosen_pieces(runs, cfg) or []
     if pieces:
@@ -495,8 +482,7 @@ def run(cfg: RecipeConfig, argv: list[str]) -> dict[str, Any]:
         speed.update(measure_speed(cfg, arms, data))
     result = save()
     print_table(result["summary"])
-    for goal, passed in result["goals"].items():
-        print0(f"  {'n/a ' if passed is None else 'PASS' if passed else 'FAIL'}  {goal}")
+    print_goals(result["goals"])
     print0(f"wrote {out}")
     print0(json.dumps({"bench": "recipe", "out": str(out), "summary": result["summary"], "goals": result["goals"]}))
     return result
