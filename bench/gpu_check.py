@@ -1,12 +1,12 @@
 """GPU check: planned vs measured peak memory, tokens/s and MFU of training steps, per memory mode.
 
     python -m bench.gpu_check          # on a CUDA machine: d12 at 8192 tokens x 1, then the deepest
-                                       # depth the planner fits in lowest mode on this card; < 8 min
+                                       # depth the planner fits in lowest mode on this card; ~9 min (estimate)
     python -m bench.gpu_check --device=cpu --depth=1 --seq_len=64 --vocab_size=256 --steps=2 \\
         --compile_backend=aot_eager    # tiny, what tests/test_gpu_check.py runs
 
 For each depth, each mode (MODES: dense, recompute=block, MoleGrad default = ffn_only with dense
-momentum, lowest = gpt.MEMORY_MODES["lowest"]) that the planner fits, eager and compiled: `steps`
+momentum, low and lowest = gpt.MEMORY_MODES) that the planner fits, eager and compiled: `steps`
 training steps (trainer.train_step, batch 1, no accumulation) after `warmup`. Reported: the planned
 peak (memory.plan_memory), the measured peak beyond what was allocated before the model was built
 (torch.cuda.max_memory_allocated; none on CPU, where `python -m nanochat.memory --measure=True`
@@ -38,6 +38,7 @@ MODES = {
     "dense": ("custom", dict(recompute="none", streaming_rank_k=0)),
     "recompute=block": ("custom", dict(recompute="block", streaming_rank_k=0)),
     "MoleGrad default": ("custom", dict(streaming_targets="ffn_only", streaming_momentum="dense")),
+    "low": ("low", {}),
     "lowest": ("lowest", {}),
 }
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}  # nanochat.memory's --dtype
