@@ -393,12 +393,13 @@ class InlinePool:
         return future
 
 
-def make_pool(cfg: QualityConfig, cache: Path) -> Any:
-    if cfg.jobs == 1:
-        _worker_init(asdict(cfg), str(cache))
+def make_pool(jobs: int, initializer: Any, initargs: tuple) -> Any:
+    """`jobs` spawned worker processes, each set up by initializer(*initargs); jobs=1: this process."""
+    if jobs == 1:
+        initializer(*initargs)
         return InlinePool()
-    return ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                               initargs=(asdict(cfg), str(cache)))
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=initializer,
+                               initargs=initargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,7 +668,7 @@ def run(cfg: QualityConfig, argv: list[str]) -> dict[str, Any]:
                f"{result['heldout_bpb']:.4f} (selection {result['selection_bpb']:.4f}), {result['seconds']:.0f} s")
         save()
 
-    with make_pool(cfg, cache) as pool:
+    with make_pool(cfg.jobs, _worker_init, (asdict(cfg), str(cache))) as pool:
         drive(pool, _worker_run, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
     result = save()
     print_table(result["arms"], cfg)

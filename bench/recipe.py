@@ -47,15 +47,13 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.molegrad_quality import InlinePool, QualityData, drive, prepare_data, print_goals, provenance, write_json
+from bench.molegrad_quality import QualityData, drive, make_pool, prepare_data, print_goals, provenance, write_json
 from nanochat.common import RunContext, compute_init, print0, run_main
 from nanochat.config import Flags, UserError, check, parse_args
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
@@ -237,14 +235,6 @@ def _worker_init(cfg_dict: dict[str, Any], cache: str, steps: int) -> None:
 
 def _worker_run(spec: RunSpec) -> dict[str, Any]:
     return train_run(spec, _WORKER["data"], _WORKER["cfg"], _WORKER["ctx"])
-
-
-def make_pool(cfg: RecipeConfig, cache: Path, steps: int) -> Any:
-    if cfg.jobs == 1:
-        _worker_init(asdict(cfg), str(cache), steps)
-        return InlinePool()
-    return ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                               initargs=(asdict(cfg), str(cache), steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +456,7 @@ def run(cfg: RecipeConfig, argv: list[str]) -> dict[str, Any]:
                f"(selection {result['selection_bpb']:.4f}), {result['tokens_per_s']:.0f} tok/s, {result['seconds']:.0f} s")
         save()
 
-    with make_pool(cfg, cache, steps) as pool:
+    with make_pool(cfg.jobs, _worker_init, (asdict(cfg), str(cache), steps)) as pool:
         drive(pool, _worker_run, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
     arms = {arm: ARMS[arm] for arm in cfg.arm_names() + cfg.also_final_arms()}
     pieces = chosen_pieces(runs, cfg) or []

@@ -12,7 +12,8 @@ import torch
 
 from nanochat import memory
 from nanochat.common import RunContext
-from nanochat.gpt import GPT, MEMORY_MODES, RECIPE_PIECES, GPTConfig
+from nanochat.gpt import GPT, RECIPE_PIECES, GPTConfig
+from tests.test_memory import MODES as MEMORY_TEST_MODES
 from nanochat.memory import (
     measure_block_saved_bytes,
     plan_memory,
@@ -30,15 +31,7 @@ torch.set_num_threads(1)
 
 TINY = dict(sequence_len=16, vocab_size=97, n_layer=3, n_head=2, n_kv_head=1, n_embd=32)
 ALL_PIECES = {name: True for name in RECIPE_PIECES}
-MODES = {
-    "dense": {},
-    "recompute=mlp": dict(recompute="mlp"),
-    "recompute=block": dict(recompute="block"),
-    "ffn_only": dict(streaming_rank_k=8, streaming_targets="ffn_only"),
-    "all": dict(streaming_rank_k=8, streaming_targets="all"),
-    "keep_h": dict(streaming_rank_k=8, **MEMORY_MODES["keep_h"]),
-    "lowest": dict(streaming_rank_k=8, **MEMORY_MODES["lowest"]),
-}
+MODES = {name: MEMORY_TEST_MODES[name] for name in ("dense", "recompute=mlp", "recompute=block", "ffn_only", "all", "keep_h", "lowest")}
 
 
 def tensor_bytes(tensors) -> int:
