@@ -36,6 +36,18 @@ TINY = dict(sequence_len=16, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
+def assert_gradients_and_optimizer_state(model, optimizers, layers, c: dict[str, int]) -> None:
+    """The planner's gradient, AdamW-moment and Muon-momentum bytes `c` equal what one real step holds."""
+    tokens = torch.randint(0, 97, (3, 17))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None] + [layer.grad_factor for layer in layers]
+    assert tensor_bytes(grads) == c["gradients"]
+    cpu = RunContext(torch.device("cpu"), "cpu", torch.float32, False, 0, 0, 1)
+    train_step(model, optimizers, iter([(tokens[:, :-1], tokens[:, 1:])]), 1, cpu, 1.0, 0.95, 1.0)
+    adamw, muon = (tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)) for opt in optimizers)
+    assert (adamw, muon) == (c["AdamW moments"], c["Muon momentum"])
+
+
 
 def test_plan_components_match_hand_arithmetic_and_the_real_model():
     """d=32, V=97, 2 blocks, 2 heads of 16, 1 kv head, MoleGrad ffn_only k=4 low-rank, batch 3, bf16."""
@@ -67,14 +79,7 @@ def test_plan_components_match_hand_arithmetic_and_the_real_model():
     layers = streaming_layers(model)
     assert tensor_bytes(b for layer in layers for b in layer.buffers()) == c["MoleGrad buffers"]
     assert tensor_bytes([model.cos, model.sin]) == c["rotary tables"]
-    tokens = torch.randint(0, 97, (3, 17))
-    model(tokens[:, :-1], tokens[:, 1:]).backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None] + [layer.grad_factor for layer in layers]
-    assert tensor_bytes(grads) == c["gradients"]
-    cpu = RunContext(torch.device("cpu"), "cpu", torch.float32, False, 0, 0, 1)
-    train_step(model, optimizers, iter([(tokens[:, :-1], tokens[:, 1:])]), 1, cpu, 1.0, 0.95, 1.0)
-    adamw, muon = (tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)) for opt in optimizers)
-    assert (adamw, muon) == (c["AdamW moments"], c["Muon momentum"])
+    assert_gradients_and_optimizer_state(model, optimizers, layers, c)
 
 
 MODES = {

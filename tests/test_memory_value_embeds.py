@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from nanochat import memory
-from nanochat.common import RunContext
 from nanochat.gpt import GPT, RECIPE_PIECES, GPTConfig
 from tests.test_memory import MODES as MEMORY_TEST_MODES
+from tests.test_memory import assert_gradients_and_optimizer_state
 from nanochat.memory import (
     measure_block_saved_bytes,
     plan_memory,
@@ -25,7 +25,6 @@ from nanochat.memory import (
 )
 from nanochat.optim import setup_optimizers
 from nanochat.streaming_linear import streaming_layers
-from nanochat.trainer import train_step
 
 torch.set_num_threads(1)
 
@@ -62,15 +61,7 @@ def test_value_embedding_components_match_hand_arithmetic_and_the_real_model():
     model = GPT(config)
     optimizers = setup_optimizers(model)
     assert tensor_bytes(model.parameters()) == c["params"] == 4 * memory.num_params(config) == 4 * model.num_params()
-    tokens = torch.randint(0, 97, (3, 17))
-    model(tokens[:, :-1], tokens[:, 1:]).backward()
-    layers = streaming_layers(model)
-    grads = [p.grad for p in model.parameters() if p.grad is not None] + [layer.grad_factor for layer in layers]
-    assert tensor_bytes(grads) == c["gradients"]
-    cpu = RunContext(torch.device("cpu"), "cpu", torch.float32, False, 0, 0, 1)
-    train_step(model, optimizers, iter([(tokens[:, :-1], tokens[:, 1:])]), 1, cpu, 1.0, 0.95, 1.0)
-    adamw, muon = (tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)) for opt in optimizers)
-    assert (adamw, muon) == (c["AdamW moments"], c["Muon momentum"])
+    assert_gradients_and_optimizer_state(model, optimizers, streaming_layers(model), c)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
