@@ -107,7 +107,7 @@ class RecipeConfig(Flags):
     speed_steps: int = field(default=4, metadata={"help": "timed optimizer steps per arm per round (after one warm-up step)"})
     speed_threads: int = field(default=2, metadata={"help": "threads of the tokens/s phase"})
     also_final: str = field(default="", metadata={"help": "comma-separated arms that also run the largest budget with every seed "
-                                                          "(a single piece's own confirmation)"})
+                                                          "(a single piece's own confirmation); a+b+c is those pieces together"})
     jobs: int = field(default=2, metadata={"help": "runs at a time (each in its own process, 1 thread)"})
     dtype: str = field(default="float32", metadata={"help": "compute dtype", "choices": ("float32", "bfloat16")})
     out: str = field(default=str(DEFAULT_OUT), metadata={"help": "results JSON (resumed when it exists)"})
@@ -123,8 +123,9 @@ class RecipeConfig(Flags):
         unknown = [arm for arm in self.arm_names() if arm not in ARMS]
         check(not unknown, f"--arms: unknown {unknown[0] if unknown else ''!r}; expected some of {', '.join(ARMS)}")
         check("current" in self.arm_names(), "--arms: must include current (every gain is measured against it)")
-        bad = [arm for arm in self.also_final_arms() if arm not in ARMS or arm == "current"]
-        check(not bad, f"--also_final: unknown or current {bad[0] if bad else ''!r}; expected some of {', '.join(a for a in ARMS if a != 'current')}")
+        bad = [arm for arm in self.also_final_arms() if any(part not in ARMS or part == "current" for part in arm.split("+"))]
+        check(not bad, f"--also_final: unknown or current {bad[0] if bad else ''!r}; expected some of "
+                       f"{', '.join(a for a in ARMS if a != 'current')}, or several joined by + (a combination)")
 
     def arm_names(self) -> list[str]:
         return [arm for arm in self.arms.split(",") if arm]
@@ -164,6 +165,11 @@ def accumulation(cfg: RecipeConfig, overrides: dict[str, Any], vocab_size: int) 
     reference = config_from_depth(AUTO_BATCH_REF_DEPTH, vocab_size, cfg.seq_len)  # as base_train builds it
     tokens = auto_total_batch_size(model_config(cfg, {}, vocab_size), reference, cfg.batch_size * cfg.seq_len)
     return tokens // (cfg.batch_size * cfg.seq_len)
+
+
+def arm_flags(arm: str) -> dict[str, Any]:
+    """An ARMS entry's flags; "a+b" (an --also_final combination) is a's and b's together."""
+    return flags_combination(arm.split("+"))
 
 
 def flags_combination(arms: list[str]) -> dict[str, Any]:
@@ -272,7 +278,7 @@ def final_specs(cfg: RecipeConfig, pieces: list[str]) -> list[RunSpec]:
     """current and the combination at the largest budget, each seed; then the --also_final arms."""
     _, largest = budgets(cfg)
     arms = [("current", {})] + ([("combination", flags_combination(pieces))] if pieces else [])
-    arms += [(arm, ARMS[arm]) for arm in cfg.also_final_arms()]
+    arms += [(arm, arm_flags(arm)) for arm in cfg.also_final_arms()]
     return [spec(arm, overrides, largest, seed) for arm, overrides in arms for seed in range(cfg.seeds)]
 
 
@@ -458,7 +464,7 @@ def run(cfg: RecipeConfig, argv: list[str]) -> dict[str, Any]:
 
     with make_pool(cfg.jobs, _worker_init, (asdict(cfg), str(cache), steps)) as pool:
         drive(pool, _worker_run, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
-    arms = {arm: ARMS[arm] for arm in cfg.arm_names() + cfg.also_final_arms()}
+    arms = {arm: arm_flags(arm) for arm in cfg.arm_names() + cfg.also_final_arms()}
     pieces = chosen_pieces(runs, cfg) or []
     if pieces:
         arms["combination"] = flags_combination(pieces)

@@ -21,6 +21,11 @@ with no permutation: both rotate the channel pairs (x[i], x[i + head_dim/2]) (tr
 Our RMSNorm's eps is float32's machine epsilon; a hub config's `rms_norm_eps` up to 1e-5 is
 accepted (at unit RMS the difference is below 1e-5 relative). Anything else our GPT lacks (biases,
 another activation or rotary variant, no softcap...) is refused with one line naming it.
+A model trained with recipe pieces (GPTConfig.recipe_pieces: layer lambdas, smear gate, backout,
+value embeddings) is exported as model_type "nanochat_mole": transformers' NanoChat plus the pieces,
+in modeling_nanochat_mole.py (a copy of nanochat/hf_recipe.py) that config.json's auto_map names, so
+it loads with trust_remote_code=True; the pieces' weights keep our names under model. (and
+model.layers.{i}.self_attn.ve_gate). A model without pieces stays plain "nanochat", no code.
 Needs the `hf` extra (safetensors); transformers itself only to run the exported folder.
 """
 
@@ -34,7 +39,7 @@ import torch
 
 from nanochat.common import atomic_write
 from nanochat.config import UserError
-from nanochat.gpt import BLOCK_LINEARS, GPT, RECIPE_PIECES, GPTConfig
+from nanochat.gpt import BLOCK_LINEARS, GPT, RECIPE_PIECES, SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS, GPTConfig, has_value_embed
 from nanochat.ops import ROTARY_BASE
 from nanochat.tokenizer import LEGACY_TOKENIZER_FILE, TOKENIZER_FILE, Tokenizer
 
@@ -44,6 +49,10 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded hub checkpoints
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 ARCHITECTURE = "NanoChatForCausalLM"
+RECIPE_MODEL_TYPE = "nanochat_mole"  # NanoChat + recipe pieces, in remote code
+RECIPE_ARCHITECTURE = "NanoChatMoleForCausalLM"
+RECIPE_CODE_FILE = "modeling_nanochat_mole.py"  # a copy of nanochat/hf_recipe.py
+RECIPE_CODE_SOURCE = Path(__file__).with_name("hf_recipe.py")
 MAX_RMS_NORM_EPS = 1e-5
 OUR_RMS_NORM_EPS = torch.finfo(torch.float32).eps  # our RMSNorm's eps at float32
 HF_LINEAR_NAMES = {
@@ -98,10 +107,20 @@ class HFFormatError(UserError, ValueError):
 # export
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """config.json: transformers' NanoChatConfig for `config` (architecture fields only)."""
+    """config.json: transformers' NanoChatConfig for `config` (architecture fields only); with recipe
+    pieces, the NanoChatMoleConfig of modeling_nanochat_mole.py (the same fields, the pieces, auto_map)."""
+    pieces = config.recipe_pieces()
+    recipe = {
+        "architectures": [RECIPE_ARCHITECTURE],
+        "model_type": RECIPE_MODEL_TYPE,
+        "auto_map": {"AutoConfig": f"{RECIPE_CODE_FILE[:-3]}.NanoChatMoleConfig",
+                     "AutoModelForCausalLM": f"{RECIPE_CODE_FILE[:-3]}.{RECIPE_ARCHITECTURE}"},
+        **{name: getattr(config, name) for name in RECIPE_PIECES},
+        "smear_gate_channels": min(SMEAR_GATE_CHANNELS, config.n_embd),
+        "ve_gate_channels": min(VE_GATE_CHANNELS, config.n_embd),
+    } if pieces else {"architectures": [ARCHITECTURE], "model_type": "nanochat"}
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": "nanochat",
+        **recipe,
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": 4 * config.n_embd,
@@ -125,19 +144,27 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The weights under transformers' names, float32, contiguous; MoleGrad buffers left out.
-    A model with a recipe piece (GPTConfig.recipe_pieces) is refused: HF's NanoChat has none."""
-    pieces = model.config.recipe_pieces()
-    if pieces:
-        raise HFFormatError(f"--{pieces[0]}=True: transformers' NanoChat has no {pieces[0]} (nor any of "
-                            f"{', '.join(RECIPE_PIECES)}), so this model cannot be exported; train without "
-                            f"{', '.join('--' + p for p in pieces)} to export")
-    state = {"model.embed_tokens.weight": model.transformer.wte.weight, "lm_head.weight": model.lm_head.weight}
-    for i, block in enumerate(model.transformer.h):
+def hf_names(config: GPTConfig) -> dict[str, str]:
+    """transformers' tensor name -> ours, for every weight of a GPT with `config` (pieces included)."""
+    names = {"model.embed_tokens.weight": "transformer.wte.weight", "lm_head.weight": "lm_head.weight"}
+    for i in range(config.n_layer):
         for ours, theirs in HF_LINEAR_NAMES.items():
-            module, _, name = ours.partition(".")
-            state[f"model.layers.{i}.{theirs}.weight"] = getattr(getattr(block, module), name).weight
+            names[f"model.layers.{i}.{theirs}.weight"] = f"transformer.h.{i}.{ours}.weight"
+        if has_value_embed(config, i):
+            names[f"model.value_embeds.{i}.weight"] = f"value_embeds.{i}.weight"
+            names[f"model.layers.{i}.self_attn.ve_gate.weight"] = f"transformer.h.{i}.attn.ve_gate.weight"
+    pieces = {"layer_lambdas": ["resid_lambdas", "x0_lambdas"], "smear_gate": ["smear_gate.weight", "smear_lambda"],
+              "backout": ["backout_lambda"]}
+    for piece, ours in pieces.items():
+        if getattr(config, piece):
+            names.update({f"model.{name}": name for name in ours})
+    return names
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The weights under transformers' names, float32, contiguous; MoleGrad buffers left out."""
+    own = model.state_dict()
+    state = {theirs: own[ours] for theirs, ours in hf_names(model.config).items()}
     return {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in state.items()}
 
 
@@ -188,6 +215,11 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     atomic_write(out / WEIGHTS_FILE, lambda f: f.write(weights))
     export_tokenizer(tokenizer, out, model.config.sequence_len)
     _write_json(out / GENERATION_CONFIG_FILE, generation_config(tokenizer))
+    if model.config.recipe_pieces():
+        code = RECIPE_CODE_SOURCE.read_bytes()
+        atomic_write(out / RECIPE_CODE_FILE, lambda f: f.write(code))
+    else:
+        (out / RECIPE_CODE_FILE).unlink(missing_ok=True)  # from an earlier export into the same folder
     _write_json(out / CONFIG_FILE, hf_config(model.config, tokenizer))
     return out
 
@@ -198,9 +230,16 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
 def gpt_config_from_hf(hf: dict[str, Any], source: str, **options: Any) -> GPTConfig:
     """Our GPTConfig for an HF NanoChat config; `options` are GPTConfig fields a run sets itself
     (recompute, streaming_*, sequence_len). Raises HFFormatError naming every feature our GPT lacks."""
-    if hf.get("model_type") != "nanochat":
+    if hf.get("model_type") not in ("nanochat", RECIPE_MODEL_TYPE):
         raise HFFormatError(f"{source}: model_type {hf.get('model_type')!r}, expected 'nanochat' "
-                            f"(transformers' {ARCHITECTURE}); other architectures cannot be imported")
+                            f"(transformers' {ARCHITECTURE}) or {RECIPE_MODEL_TYPE!r} (ours, with recipe pieces); "
+                            f"other architectures cannot be imported")
+    pieces = {}
+    if hf["model_type"] == RECIPE_MODEL_TYPE:
+        for name in RECIPE_PIECES:
+            if not isinstance(hf.get(name, False), bool):
+                raise HFFormatError(f"{source}: {name} is {hf[name]!r}, expected true or false")
+            pieces[name] = hf.get(name, False)
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(hf.get(key), int) or hf[key] < 1:
             raise HFFormatError(f"{source}: {key} is missing or not a positive integer")
@@ -225,13 +264,17 @@ def gpt_config_from_hf(hf: dict[str, Any], source: str, **options: Any) -> GPTCo
         lacks.append(f"rope {rope} (ours: default rotary, theta {ROTARY_BASE:g})")
     if not isinstance(softcap, (int, float)) or softcap <= 0:
         lacks.append(f"final_logit_softcapping={softcap} (ours: a positive logit softcap)")
+    width_channels = {"smear_gate_channels": min(SMEAR_GATE_CHANNELS, width), "ve_gate_channels": min(VE_GATE_CHANNELS, width)}
+    for key, ours in width_channels.items():
+        if pieces and hf.get(key, ours) != ours:
+            lacks.append(f"{key}={hf[key]} (ours: {ours} at hidden_size {width})")
     if not isinstance(eps, (int, float)) or not 0 <= eps <= MAX_RMS_NORM_EPS:
         lacks.append(f"rms_norm_eps={eps} (ours: float32 epsilon; up to {MAX_RMS_NORM_EPS:g} accepted)")
     if lacks:
         raise HFFormatError(f"{source}: our GPT lacks {'; '.join(lacks)}")
     architecture = dict(sequence_len=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
                         n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=n_kv_head, n_embd=width,
-                        softcap=float(softcap))
+                        softcap=float(softcap), **pieces)
     try:
         return GPTConfig(**{**architecture, **options})
     except ValueError as e:
@@ -279,11 +322,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 def gpt_state_from_hf(tensors: dict[str, torch.Tensor], model: GPT, tied: bool, source: str) -> dict[str, torch.Tensor]:
     """`model`'s weights (float32, our names) from transformers-named tensors; raises naming missing,
     unexpected or misshapen tensors. `tied`: lm_head shares the embedding (may be absent)."""
-    config = model.config
-    names = {"model.embed_tokens.weight": "transformer.wte.weight", "lm_head.weight": "lm_head.weight"}
-    for i in range(config.n_layer):
-        for ours, theirs in HF_LINEAR_NAMES.items():
-            names[f"model.layers.{i}.{theirs}.weight"] = f"transformer.h.{i}.{ours}.weight"
+    names = hf_names(model.config)
     if tied and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
         tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
     missing = sorted(set(names) - set(tensors))

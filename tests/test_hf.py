@@ -16,8 +16,16 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
-from nanochat.hf import CONFIG_FILE, WEIGHTS_FILE, HFFormatError, export_hf, export_tokenizer, load_hf  # noqa: E402
+from nanochat.gpt import GPT, RECIPE_PIECES, GPTConfig  # noqa: E402
+from nanochat.hf import (  # noqa: E402
+    CONFIG_FILE,
+    RECIPE_CODE_FILE,
+    WEIGHTS_FILE,
+    HFFormatError,
+    export_hf,
+    export_tokenizer,
+    load_hf,
+)
 from nanochat.optim import setup_optimizers  # noqa: E402
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 from tests.helpers import WORDS, tiny_corpus_texts  # noqa: E402
@@ -30,11 +38,12 @@ def tok() -> Tokenizer:
     return Tokenizer.train_from_iterator(tiny_corpus_texts(100, seed=1) + ["print(12 + 345)\n🦊 naïve café"], 320)
 
 
-def tiny_gpt(tok: Tokenizer, seed: int = 0, **options) -> GPT:
+def tiny_gpt(tok: Tokenizer, seed: int = 0, n_layer: int = 2, **options) -> GPT:
     """Depth 2 with GQA (4 query heads on 2 kv heads), weights moved off their init (the zero c_proj
     would hide the blocks) so every tensor matters."""
     torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=32, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2, n_embd=64, **options)
+    config = GPTConfig(sequence_len=32, vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=4, n_kv_head=2,
+                       n_embd=64, **options)
     model = GPT(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -49,8 +58,9 @@ def exported(tok, tmp_path_factory):
     return model, folder
 
 
-def hf_model(folder):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+def hf_model(folder, **options):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
+                                                                    **options)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     return model.eval()
 
@@ -98,6 +108,84 @@ def test_round_trip_is_byte_identical(exported, tmp_path):
         assert (again / name).read_bytes() == (folder / name).read_bytes(), name
     for (name, a), b in zip(model.state_dict().items(), imported.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------
+# recipe pieces: model_type nanochat_mole, transformers' NanoChat + the pieces in remote code
+
+PIECE_SETS = [(name,) for name in RECIPE_PIECES] + [RECIPE_PIECES]
+
+
+@pytest.fixture(scope="module", params=PIECE_SETS, ids="+".join)
+def exported_pieces(tok, tmp_path_factory, request):
+    """3 layers: backout after layer 1 (not the last, where the final norm would hide it), value
+    embeddings on layers 0 and 2."""
+    model = tiny_gpt(tok, n_layer=3, **{name: True for name in request.param})
+    folder = export_hf(model, tok, tmp_path_factory.mktemp("hf_pieces") / "+".join(request.param))
+    return model, folder
+
+
+def test_pieces_export_as_remote_code_that_plain_transformers_refuses(exported_pieces):
+    model, folder = exported_pieces
+    assert sorted(p.name for p in folder.iterdir()) == sorted(HF_FILES + [RECIPE_CODE_FILE])
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["model_type"] == "nanochat_mole" and config["architectures"] == ["NanoChatMoleForCausalLM"]
+    assert {name for name in RECIPE_PIECES if config[name]} == set(model.config.recipe_pieces())
+    with pytest.raises(ValueError, match="trust_remote_code"):  # transformers asks before it runs our code
+        transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+
+
+def test_pieces_logits_and_greedy_generation_match_transformers(exported_pieces):
+    model, folder = exported_pieces
+    hf = hf_model(folder, trust_remote_code=True)
+    assert type(hf).__name__ == "NanoChatMoleForCausalLM"
+    assert set(hf.state_dict()) == set(load_file(folder / WEIGHTS_FILE))
+    torch.manual_seed(1)
+    idx = torch.randint(0, model.config.vocab_size, (3, 100))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    prompt = [17, 42, 99, 5, 7, 250]
+    expected = model.generate(prompt, max_tokens=24, temperature=0.0)
+    with torch.no_grad():
+        # eos_token_id=[]: no stop and no suppression of the stop tokens (min_new_tokens would suppress
+        # <|bos|>, which our generate does not), so both pick the plain argmax every step
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, eos_token_id=[], do_sample=False)
+    assert out[0, len(prompt):].tolist() == expected and len(set(expected)) > 1
+
+
+def test_pieces_round_trip_is_byte_identical(exported_pieces, tmp_path):
+    model, folder = exported_pieces
+    imported, tokenizer = load_hf(folder)
+    assert imported.config.recipe_pieces() == model.config.recipe_pieces()
+    again = export_hf(imported, tokenizer, tmp_path / "again")
+    for name in HF_FILES + [RECIPE_CODE_FILE]:
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+    for (name, a), b in zip(model.state_dict().items(), imported.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_each_piece_changes_the_logits(tok):
+    """The parity above could hold with a piece silently dropped on both sides: it must matter."""
+    idx = torch.randint(0, tok.get_vocab_size(), (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = tiny_gpt(tok, n_layer=3)(idx)
+        for piece in RECIPE_PIECES:
+            assert (tiny_gpt(tok, n_layer=3, **{piece: True})(idx) - plain).abs().max() > 1e-3, piece
+
+
+def test_plain_export_over_a_recipe_folder_removes_the_code(exported_pieces, tok, tmp_path):
+    _, folder = exported_pieces
+    target = shutil.copytree(folder, tmp_path / "reused")
+    export_hf(tiny_gpt(tok), tok, target)
+    assert sorted(p.name for p in target.iterdir()) == HF_FILES
+
+
+def test_recipe_config_with_a_bad_piece_value_is_one_line(exported_pieces, tmp_path):
+    _, folder = exported_pieces
+    with pytest.raises(HFFormatError, match=r"smear_gate is 'yes', expected true or false") as e:
+        load_hf(broken_copy(folder, tmp_path, smear_gate="yes"))
+    assert "\n" not in str(e.value)
 
 
 def sft_batch(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

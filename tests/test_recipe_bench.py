@@ -78,8 +78,12 @@ def test_pieces_are_picked_by_selection_not_held_out_bpb():
     cfg.also_final = "weight_decay"
     finals = recipe.final_specs(cfg, ["layer_lambdas"])
     assert [(s.arm, dict(s.overrides)) for s in finals][-1] == ("weight_decay", {"weight_decay": recipe.UPSTREAM_WEIGHT_DECAY})
-    with pytest.raises(SystemExit):
-        recipe.main(["--also_final=current"])
+    cfg.also_final = "smear_gate+backout"  # a combination of pieces, beside the chosen one
+    finals = recipe.final_specs(cfg, ["layer_lambdas"])
+    assert [(s.arm, dict(s.overrides)) for s in finals][-1] == ("smear_gate+backout", {"smear_gate": True, "backout": True})
+    for bad in ("current", "smear_gate+current", "smear_gate+nope"):
+        with pytest.raises(SystemExit):
+            recipe.main([f"--also_final={bad}"])
 
 
 def test_each_arm_changes_what_it_names():
