@@ -783,12 +783,15 @@ SWEEP_ARMS = {
     "keep_h k32": ("keep_h", {}),
     "low k32": ("low", {}),
     "lowest k32": ("lowest", {}),
+    # a width-proportional rank (k = width / 4, k/in = 1/4 for c_q..c_fc, 1/16 for the MLP's c_proj):
+    # the rank at which every Linear compressed starts to approach dense quality (bench.molegrad_quality)
+    "lowest k=w/4": ("lowest", {"rank_per_width": 0.25}),
 }
 
 
 def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
-    """Peak per depth for each SWEEP_ARMS setting (MoleGrad at --streaming_rank_k), printed as a
-    table. Returns {"deepest": setting -> the deepest depth that fits (0 = none)}. With recipe
+    """Peak per depth for each SWEEP_ARMS setting (MoleGrad at --streaming_rank_k, or at a rank
+    proportional to the width where the setting says so), printed as a table. Returns {"deepest": setting -> the deepest depth that fits (0 = none)}. With recipe
     pieces on (--value_embeds=True, ...) every setting is planned with and without them: the table
     gets a second part, what the pieces add to the peak, and the result "deepest_without_pieces"
     and "price_bytes" (setting -> depth -> bytes the pieces add)."""
@@ -802,6 +805,9 @@ def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
         params = {}
         for arm, (mode, options) in SWEEP_ARMS.items():
             options = {"streaming_rank_k": flags.streaming_rank_k, **options}
+            if "rank_per_width" in options:  # this depth's width x the fraction
+                width = config_from_depth(depth, flags.vocab_size, flags.max_seq_len).n_embd
+                options["streaming_rank_k"] = max(1, round(width * options.pop("rank_per_width")))
             defaults = {} if mode == "custom" else dict(recompute="none", streaming_targets="ffn_only",
                                                        streaming_momentum="dense", streaming_keep_h=False)
             for variant, off in variants.items():
