@@ -433,6 +433,27 @@ def test_export_script_writes_a_folder_transformers_runs(base_dir, tmp_path):
         torch.testing.assert_close(hf_model(tmp_path / "out")(idx).logits, model(idx), rtol=0, atol=1e-4)
 
 
+def test_export_script_on_a_base_trained_with_every_piece(base_dir, tmp_path, capsys):
+    """base_train with the four model pieces -> export_hf -> transformers with trust_remote_code."""
+    from nanochat.checkpoint import load_model
+    from scripts import base_train
+    from scripts import export_hf as export_script
+    from tests.test_base_train import TINY
+
+    pieces = ["--layer_lambdas=True", "--smear_gate=True", "--backout=True", "--value_embeds=True"]
+    base_train.main(TINY + ["--depth=2", "--num_iterations=3", "--model_tag=pieces"] + pieces)
+    capsys.readouterr()
+    export_script.main(["-i", "base", "-c", "pieces", f"--out={tmp_path / 'out'}"])
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(HF_FILES + [RECIPE_CODE_FILE])
+    model, _ = load_model("base", "pieces")
+    assert model.config.recipe_pieces() == list(RECIPE_PIECES)
+    idx = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        theirs = hf_model(tmp_path / "out", trust_remote_code=True)(idx).logits
+        torch.testing.assert_close(theirs, model(idx), rtol=0, atol=1e-4)
+
+
 def test_chat_sft_from_an_exported_folder_trains_exactly_like_the_checkpoint(base_dir, tmp_path):
     import json
 
