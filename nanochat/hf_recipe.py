@@ -31,6 +31,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.nanochat.configuration_nanochat import NanoChatConfig
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 from transformers.models.nanochat.modeling_nanochat import (
     ALL_ATTENTION_FUNCTIONS,
     NanoChatAttention,
@@ -126,17 +128,16 @@ class NanoChatMoleModel(NanoChatModel):
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, start:, :self.smear_gate.in_features]))
         return torch.cat((x[:, :start], x[:, start:] + gate * previous), dim=1)
 
+    @merge_with_config_defaults
+    @capture_outputs  # output_hidden_states / output_attentions, recorded by hooks as in NanoChatModel
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is None and self.config.value_embeds:
             raise ValueError("value embeddings are looked up by token id: pass input_ids, not inputs_embeds")
-        for name in ("output_attentions", "output_hidden_states", "return_dict"):
-            kwargs.pop(name, None)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:

@@ -143,8 +143,9 @@ def test_pieces_logits_and_greedy_generation_match_transformers(exported_pieces)
     torch.manual_seed(1)
     idx = torch.randint(0, model.config.vocab_size, (3, 100))
     with torch.no_grad():
-        ours, theirs = model(idx), hf(idx).logits
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+        ours, out = model(idx), hf(idx, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, ours, rtol=0, atol=1e-4)
+    assert len(out.hidden_states) == model.config.n_layer + 1  # transformers' output capture still works
     prompt = [17, 42, 99, 5, 7, 250]
     expected = model.generate(prompt, max_tokens=24, temperature=0.0)
     with torch.no_grad():
