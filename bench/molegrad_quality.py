@@ -1,20 +1,22 @@
 """Does MoleGrad cost quality? Gap to dense vs training tokens, at the ranks a GPU run uses.
 
-    python -m bench.molegrad_quality                      # ~2.5 h on 2 CPU cores (2 runs at a time, 1 thread each)
+    python -m bench.molegrad_quality                      # ~2 h on 2 quiet CPU cores (2 runs at a time, 1 thread each)
+    python -m bench.molegrad_quality --arms=dense_muon,dense_adamw,galore_k6,molegrad_k6,lowrank_k6,flagship_k6,flagship_k24,flagship_k64
+                                                          # the committed results: the default arms + k = width / 4
     python -m bench.molegrad_quality --jobs=1 --arms=dense_muon,flagship_k6 --budget_fractions=0.1
 
 The model: one block of width 256 (786k block parameters), 4 heads of 64, context 256, its own
 BPE tokenizer of --vocab_size 2048 trained on the corpus (a small vocabulary keeps the LM head
 from dominating the step on CPU). MoleGrad rank k = 6 is k/in = 1/43 for c_q, c_k, c_v, c_fc and
 1/171 for the MLP's c_proj: the ratios of k = 32 on a d20 GPU model (1/40 and 1/160); k = 24 is
-the larger ratio (1/11, 1/43).
+the larger ratio (1/11, 1/43), k = 64 a width-proportional rank (width / 4: 1/4, 1/16).
 
 Arms (--arms): dense_muon (base_train's recipe), dense_adamw (AdamW on the block matrices, to
 separate optimizer from projection), galore_k{6,24} (GaLoreAdamW on the block matrices at the
 same rank, refresh gap = 1/8 of the run, projector built from the first non-zero gradient: c_proj
 starts at zero, so the other matrices' first gradients are exactly 0 and are skipped, not
 projected), molegrad_k{6,24} (today's default: MoleGrad on the MLP Linears, dense momentum),
-flagship_k{6,24} (--memory_mode=lowest's optimizer: every Linear compressed, low-rank momentum
+flagship_k{6,24,64} (--memory_mode=lowest's optimizer: every Linear compressed, low-rank momentum
 with its step-size rule; recompute and keep-h are exact, so they do not change quality),
 lowrank_k6 (the MLP Linears with low-rank momentum: which half of the flagship costs quality,
 its attention compression or its low-rank momentum). Low-rank arms run the default dense-norm step rule
