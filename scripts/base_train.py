@@ -42,6 +42,7 @@ from nanochat.trainer import (
     grad_accum_steps,
     resume_training_state,
     save_training_state,
+    scaling_params,
     schedule,
     train_step,
 )
@@ -59,6 +60,10 @@ class BaseTrainConfig(TrainFlags):
         "help": "tokens per optimizer step (all ranks); -1 = auto from the model size (nanochat.trainer.auto_total_batch_size)"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps (-1 = from --target_param_data_ratio)"})
     target_param_data_ratio: float = field(default=20.0, metadata={"help": "tokens per parameter when --num_iterations=-1"})
+    ratio_params: str = field(default="all", metadata={
+        "help": "the parameters --target_param_data_ratio counts: all (embeddings and value embeddings included) or "
+                "scaling (the block Linears and the LM head, as upstream nanochat's 2026 rule of 12 per parameter)",
+        "choices": ("all", "scaling")})
     eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end, 0 = never)"})
     eval_tokens: int = field(default=20 * 524288, metadata={"help": "tokens per val bpb evaluation"})
     core_metric_every: int = field(default=-1, metadata={"help": "CORE metric every N steps (-1 = never)"})
@@ -121,7 +126,8 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
     flops_per_token = model.estimate_flops()
     num_iterations = cfg.num_iterations
     if num_iterations <= 0:
-        num_iterations = max(1, int(cfg.target_param_data_ratio * num_params) // cfg.total_batch_size)
+        counted = num_params if cfg.ratio_params == "all" else scaling_params(model_config)
+        num_iterations = max(1, int(cfg.target_param_data_ratio * counted) // cfg.total_batch_size)
     print0(f"model: depth {cfg.depth}, width {model_config.n_embd}, {model_config.n_head} heads "
            f"({model_config.n_kv_head} kv), {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
     print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {ctx.world_size} ranks x {grad_accum} accum = "

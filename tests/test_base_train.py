@@ -17,6 +17,21 @@ def test_training_lowers_val_bpb_and_base_loss_reads_it(base_dir):
     assert len(res["samples"]) == 4
 
 
+def test_the_data_ratio_counts_all_or_the_scaling_parameters(base_dir):
+    from nanochat.checkpoint import load_model
+    from nanochat.trainer import scaling_params
+
+    ratio, batch = 0.01, 256  # TINY's --total_batch_size
+    args = TINY + ["--num_iterations=-1", f"--target_param_data_ratio={ratio}", "--eval_every=-1"]
+    plain = base_train.main(args + ["--model_tag=ratio_all"])
+    assert plain["num_iterations"] == int(ratio * plain["num_params"]) // batch
+    with_ve = base_train.main(args + ["--model_tag=ratio_ve", "--value_embeds=True"])
+    assert with_ve["num_iterations"] > plain["num_iterations"]  # "all": the value-embedding tables count
+    scaling = base_train.main(args + ["--model_tag=ratio_scaling", "--value_embeds=True", "--ratio_params=scaling"])
+    model, _ = load_model("base", "ratio_scaling")
+    assert scaling["num_iterations"] == int(ratio * scaling_params(model.config)) // batch < plain["num_iterations"]
+
+
 def test_resume_is_bit_exact(base_dir):
     full = base_train.main(TINY + ["--num_iterations=6", "--eval_every=-1", "--save_every=3", "--model_tag=full", "--keep_checkpoints=0"])
     base_train.main(TINY + ["--num_iterations=6", "--eval_every=-1", "--save_every=3", "--model_tag=resumed", "--keep_checkpoints=0"])
