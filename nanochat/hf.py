@@ -8,7 +8,7 @@ MoleGrad subspaces, no optimizer state), generation_config.json, tokenizer.json 
 nanochat.tokenizer) and tokenizer_config.json (special tokens and a chat template that renders a
 conversation as `Tokenizer.render_conversation` / `render_for_completion` do).
 
-The architectures match one to one; names map as
+The architectures match one to one; names map as (nanochat.hf.hf_names, recipe pieces included)
 
     transformer.wte.weight              <-> model.embed_tokens.weight
     transformer.h.{i}.attn.c_q/c_k/c_v  <-> model.layers.{i}.self_attn.q_proj/k_proj/v_proj

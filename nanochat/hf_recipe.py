@@ -17,8 +17,10 @@ loads the model with nothing of nanochat installed: the file needs only torch an
     model.layers.{i}.self_attn.ve_gate.weight   that gate (from the first 12 input channels)
 
 With a cache, the smear gate needs the previous token's embedding: the forward keeps it on the
-cache object, so generate() works; a cache this model did not fill is refused. Beam search, which
-reorders caches, is not supported with the smear gate on.
+cache object with the cache length it belongs to, so generate() works; a cache this model did not
+fill, or one cropped since (assisted decoding), is refused in one line. Beam search, which reorders
+caches, is not supported with the smear gate on. Written and tested against transformers 5.24
+(the `cache=` keyword, output capture); older 5.x releases may lack what it uses.
 Not imported by nanochat itself (only read as text): importing it needs transformers.
 """
 
@@ -31,6 +33,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.nanochat.configuration_nanochat import NanoChatConfig
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 from transformers.models.nanochat.modeling_nanochat import (
@@ -117,11 +120,13 @@ class NanoChatMoleModel(NanoChatModel):
         previous = x[:, :-1]
         if cache is not None:
             past = cache.get_seq_length()
-            carried = getattr(cache, PREV_EMBEDDING, None) if past else None
-            if past and carried is None:
-                raise ValueError("smear gate: this cache holds tokens but not the previous token's embedding; "
-                                 "pass a cache that this model's forward filled (or none)")
-            setattr(cache, PREV_EMBEDDING, x[:, -1:].detach())
+            length, carried = getattr(cache, PREV_EMBEDDING, (0, None)) if past else (0, None)
+            if past and (carried is None or length != past):
+                raise ValueError(f"smear gate: this cache holds {past} tokens but the previous token's embedding it "
+                                 f"carries is {'missing' if carried is None else f'from position {length - 1}'} (a "
+                                 f"cache this forward did not fill, or one cropped or reordered since: beam search and "
+                                 f"assisted decoding are not supported with the smear gate)")
+            setattr(cache, PREV_EMBEDDING, (past + x.size(1), x[:, -1:].detach()))
             if carried is not None:
                 previous = torch.cat((carried.to(x.dtype), previous), dim=1)
         start = x.size(1) - previous.size(1)
@@ -130,6 +135,7 @@ class NanoChatMoleModel(NanoChatModel):
 
     @merge_with_config_defaults
     @capture_outputs  # output_hidden_states / output_attentions, recorded by hooks as in NanoChatModel
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as NanoChatModel.forward
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):

@@ -2,11 +2,11 @@
 # The whole pipeline, tiny, on CPU, offline: local corpus -> tokenizer -> base -> mid -> sft -> rl
 # -> evals -> report card. Artifacts go to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
 # Sizes are environment variables (DEPTH, SEQ, BASE_STEPS, ...) for quicker or longer runs.
-# Budget (7m39s measured on 2 quiet cores, fresh clone; + ~1 min installing): base 300 steps is the
-# language; after it the chat stages are mostly the synthetic tasks the report card scores on held-
-# out problems (calculator arithmetic, letter counting with a Python call): mid carries them, SFT
-# keeps them while adding chat, RL practises both. Offline, ARC/MMLU/GSM8K are a few stand-in rows:
-# smoke tests (the card says so).
+# Budget (9m42s measured on 2 quiet cores, fresh clone, + ~2 min installing; 7m39s with RECIPE=):
+# base 300 steps is the language; after it the chat stages are mostly the synthetic tasks the report
+# card scores on held-out problems (calculator arithmetic, letter counting with a Python call): mid
+# carries them, SFT keeps them while adding chat, RL practises both. Offline, ARC/MMLU/GSM8K are a
+# few stand-in rows: smoke tests (the card says so).
 # MID and SFT val bpb read all of one held-out chat set (the eval sizes below exceed it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ MID_STEPS=${MID_STEPS:-300}
 SFT_STEPS=${SFT_STEPS:-100}
 RL_STEPS=${RL_STEPS:-20}
 EVAL_PROBLEMS=${EVAL_PROBLEMS:-100}
-# the 2026 model pieces (bench/recipe.py: +13% val bpb at equal tokens on CPU); the GPU defaults leave them
+# the 2026 model pieces (bench/recipe.py: +12% val bpb at equal tokens on CPU); the GPU defaults leave them
 # off (memory at 8192 tokens, and export without remote code: README "Recipe flags"). RECIPE= turns them off.
 RECIPE=${RECIPE---layer_lambdas=True --smear_gate=True --backout=True --value_embeds=True}
 CHAT_TASKS=${CHAT_TASKS:-ARC-Easy,ARC-Challenge,MMLU,GSM8K,SpellingBee,Arithmetic}  # HumanEval: 0 at this size, slow

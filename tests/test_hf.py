@@ -155,6 +155,26 @@ def test_pieces_logits_and_greedy_generation_match_transformers(exported_pieces)
     assert out[0, len(prompt):].tolist() == expected and len(set(expected)) > 1
 
 
+def test_smear_gate_refuses_a_cache_it_did_not_fill_or_that_was_cropped(tok, tmp_path):
+    from transformers import DynamicCache
+
+    folder = export_hf(tiny_gpt(tok, n_layer=3, smear_gate=True), tok, tmp_path / "smear")
+    hf = hf_model(folder, trust_remote_code=True)
+    ids = torch.tensor([[17, 42, 99, 5]])
+    with torch.no_grad():
+        cache = hf(ids, use_cache=True).cache
+        hf(ids[:, :1], cache=cache)  # a cache this forward filled: fine
+        cache.crop(-2)  # 5 -> 3 tokens, rolled back as assisted decoding does: its carried embedding is stale
+        with pytest.raises(ValueError, match="smear gate: this cache holds 3 tokens") as e:
+            hf(ids[:, :1], cache=cache)
+        assert "\n" not in str(e.value)
+        foreign = DynamicCache(config=hf.config)
+        hf(ids, cache=foreign)
+        delattr(foreign, "nanochat_prev_embedding")  # as if filled by other code
+        with pytest.raises(ValueError, match="is missing"):
+            hf(ids[:, :1], cache=foreign)
+
+
 def test_pieces_round_trip_is_byte_identical(exported_pieces, tmp_path):
     model, folder = exported_pieces
     imported, tokenizer = load_hf(folder)
@@ -167,12 +187,16 @@ def test_pieces_round_trip_is_byte_identical(exported_pieces, tmp_path):
 
 
 def test_each_piece_changes_the_logits(tok):
-    """The parity above could hold with a piece silently dropped on both sides: it must matter."""
+    """The parity above could hold with a piece silently dropped on both sides: it must matter. The
+    piece model gets the plain model's weights, so only the piece's own parameters differ."""
     idx = torch.randint(0, tok.get_vocab_size(), (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        plain = tiny_gpt(tok, n_layer=3)(idx)
-        for piece in RECIPE_PIECES:
-            assert (tiny_gpt(tok, n_layer=3, **{piece: True})(idx) - plain).abs().max() > 1e-3, piece
+    plain = tiny_gpt(tok, n_layer=3)
+    for piece in RECIPE_PIECES:
+        model = tiny_gpt(tok, n_layer=3, **{piece: True})
+        result = model.load_state_dict(plain.state_dict(), strict=False)
+        assert not result.unexpected_keys and result.missing_keys  # the piece's parameters keep their values
+        with torch.no_grad():
+            assert (model(idx) - plain(idx)).abs().max() > 1e-3, piece
 
 
 def test_plain_export_over_a_recipe_folder_removes_the_code(exported_pieces, tok, tmp_path):
