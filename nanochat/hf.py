@@ -106,6 +106,11 @@ class HFFormatError(UserError, ValueError):
 # ---------------------------------------------------------------------------------------------
 # export
 
+def gate_channels(width: int) -> dict[str, int]:
+    """The input channels of the smear gate and the value gates at this model width (config.json's names)."""
+    return {"smear_gate_channels": min(SMEAR_GATE_CHANNELS, width), "ve_gate_channels": min(VE_GATE_CHANNELS, width)}
+
+
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """config.json: transformers' NanoChatConfig for `config` (architecture fields only); with recipe
     pieces, the NanoChatMoleConfig of modeling_nanochat_mole.py (the same fields, the pieces, auto_map)."""
@@ -116,8 +121,7 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
         "auto_map": {"AutoConfig": f"{RECIPE_CODE_FILE[:-3]}.NanoChatMoleConfig",
                      "AutoModelForCausalLM": f"{RECIPE_CODE_FILE[:-3]}.{RECIPE_ARCHITECTURE}"},
         **{name: getattr(config, name) for name in RECIPE_PIECES},
-        "smear_gate_channels": min(SMEAR_GATE_CHANNELS, config.n_embd),
-        "ve_gate_channels": min(VE_GATE_CHANNELS, config.n_embd),
+        **gate_channels(config.n_embd),
     } if pieces else {"architectures": [ARCHITECTURE], "model_type": "nanochat"}
     return {
         **recipe,
@@ -264,8 +268,7 @@ def gpt_config_from_hf(hf: dict[str, Any], source: str, **options: Any) -> GPTCo
         lacks.append(f"rope {rope} (ours: default rotary, theta {ROTARY_BASE:g})")
     if not isinstance(softcap, (int, float)) or softcap <= 0:
         lacks.append(f"final_logit_softcapping={softcap} (ours: a positive logit softcap)")
-    width_channels = {"smear_gate_channels": min(SMEAR_GATE_CHANNELS, width), "ve_gate_channels": min(VE_GATE_CHANNELS, width)}
-    for key, ours in width_channels.items():
+    for key, ours in gate_channels(width).items():
         if pieces and hf.get(key, ours) != ours:
             lacks.append(f"{key}={hf[key]} (ours: {ours} at hidden_size {width})")
     if not isinstance(eps, (int, float)) or not 0 <= eps <= MAX_RMS_NORM_EPS:

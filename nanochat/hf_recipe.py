@@ -159,12 +159,9 @@ class NanoChatMoleModel(NanoChatModel):
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if self.config.layer_lambdas:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            if self.config.has_value_embed(i):
-                kwargs["value_embedding"] = self.value_embeds[str(i)](input_ids)
-            else:
-                kwargs.pop("value_embedding", None)
+            ve = {"value_embedding": self.value_embeds[str(i)](input_ids)} if self.config.has_value_embed(i) else {}
             x = layer(x, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
-                      cache=cache, **kwargs)
+                      cache=cache, **kwargs, **ve)
             if i == self.config.num_hidden_layers // 2:
                 x_backout = x
         if self.config.backout:

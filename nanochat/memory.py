@@ -791,8 +791,8 @@ SWEEP_ARMS = {
 
 def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
     """Peak per depth for each SWEEP_ARMS setting (MoleGrad at --streaming_rank_k, or at a rank
-    proportional to the width where the setting says so), printed as a table. Returns {"deepest": setting -> the deepest depth that fits (0 = none)}. With recipe
-    pieces on (--value_embeds=True, ...) every setting is planned with and without them: the table
+    proportional to the width where the setting says so), printed as a table. Returns {"deepest":
+    setting -> the deepest depth that fits (0 = none)}. With recipe pieces on (--value_embeds=True, ...) every setting is planned with and without them: the table
     gets a second part, what the pieces add to the peak, and the result "deepest_without_pieces"
     and "price_bytes" (setting -> depth -> bytes the pieces add)."""
     budget, reserve = gpu_bytes(flags.gpu_memory), parse_size(flags.reserve)
@@ -803,10 +803,10 @@ def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
     for depth in range(1, max_depth + 1):
         peaks: dict[str, dict[str, int]] = {variant: {} for variant in variants}
         params = {}
+        width = config_from_depth(depth, flags.vocab_size, flags.max_seq_len).n_embd
         for arm, (mode, options) in SWEEP_ARMS.items():
             options = {"streaming_rank_k": flags.streaming_rank_k, **options}
             if "rank_per_width" in options:  # this depth's width x the fraction
-                width = config_from_depth(depth, flags.vocab_size, flags.max_seq_len).n_embd
                 options["streaming_rank_k"] = max(1, round(width * options.pop("rank_per_width")))
             defaults = {} if mode == "custom" else dict(recompute="none", streaming_targets="ffn_only",
                                                        streaming_momentum="dense", streaming_keep_h=False)
@@ -816,7 +816,7 @@ def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
                 peaks[variant][arm], params[variant] = peak, num_params(config)
                 if peak + reserve <= budget:
                     deepest[variant][arm] = depth
-        rows.append((depth, config.n_embd, params, peaks))
+        rows.append((depth, width, params, peaks))
         if all(peak + reserve > budget for by_arm in peaks.values() for peak in by_arm.values()):
             break
     k = flags.streaming_rank_k

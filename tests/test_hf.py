@@ -29,6 +29,7 @@ from nanochat.hf import (  # noqa: E402
 from nanochat.optim import setup_optimizers  # noqa: E402
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 from tests.helpers import WORDS, tiny_corpus_texts  # noqa: E402
+from tests.test_recipe import PIECE_SETS  # noqa: E402  (each piece alone, and all four)
 
 HF_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
@@ -112,9 +113,6 @@ def test_round_trip_is_byte_identical(exported, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # recipe pieces: model_type nanochat_mole, transformers' NanoChat + the pieces in remote code
-
-PIECE_SETS = [(name,) for name in RECIPE_PIECES] + [RECIPE_PIECES]
-
 
 @pytest.fixture(scope="module", params=PIECE_SETS, ids="+".join)
 def exported_pieces(tok, tmp_path_factory, request):
