@@ -55,7 +55,7 @@ if [ -z "${NANOCHAT_SKIP_SETUP:-}" ]; then
 fi
 
 # 0. the memory plan for these settings, first: stop here if it does not fit the GPU
-MEMORY_FLAGS="--memory_mode=$MEMORY_MODE --streaming_rank_k=$RANK_K"
+MEMORY_FLAGS="--memory_mode=$MEMORY_MODE --molegrad_rank_k=$RANK_K"
 python -m nanochat.memory --depth="$DEPTH" --max_seq_len="$SEQ" --device_batch_size="$DEVICE_BATCH" $MEMORY_FLAGS \
     --vocab_size="$VOCAB" --gpu_memory="$GPU_MEMORY" --grad_accum_steps=$((TOTAL_BATCH / (DEVICE_BATCH * SEQ))) --require_fit=True
 

@@ -34,7 +34,7 @@ from nanochat.config import check, parse_args
 from nanochat.distributed import record_traffic
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import Muon, setup_optimizers
-from nanochat.streaming_linear import STREAMING_TARGETS, streaming_layers
+from nanochat.molegrad import MOLEGRAD_TARGETS, molegrad_layers
 from nanochat.trainer import train_step
 
 # arm -> MoleGrad momentum (None = dense training)
@@ -54,7 +54,7 @@ class BenchConfig:
     batch_size: int = field(default=8, metadata={"help": "rows per step, all ranks together"})
     steps: int = field(default=3, metadata={"help": "optimizer steps per arm"})
     rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k"})
-    targets: str = field(default="ffn_only", metadata={"help": "MoleGrad targets", "choices": STREAMING_TARGETS})
+    targets: str = field(default="ffn_only", metadata={"help": "MoleGrad targets", "choices": MOLEGRAD_TARGETS})
     dtype: str = field(default="float32", metadata={"help": "weights and compute (Newton–Schulz included)",
                                                    "choices": ("float32", "float64")})
     arms: str = field(default="dense,molegrad", metadata={"help": f"comma-separated, from {'|'.join(ARMS)}"})
@@ -70,13 +70,13 @@ class BenchConfig:
 def build_model(cfg: BenchConfig, arm: str) -> GPT:
     momentum = ARMS[arm]
     config = GPTConfig(sequence_len=cfg.seq_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, streaming_rank_k=cfg.rank_k if momentum else 0,
-                       streaming_targets=cfg.targets, streaming_momentum=momentum or "dense")
+                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, molegrad_rank_k=cfg.rank_k if momentum else 0,
+                       molegrad_targets=cfg.targets, molegrad_momentum=momentum or "dense")
     torch.manual_seed(cfg.seed)
     model = GPT(config)
     model.init_weights()
     model.to(getattr(torch, cfg.dtype))
-    for layer in streaming_layers(model):
+    for layer in molegrad_layers(model):
         layer.reset_subspace()  # Q orthonormal to the precision of its dtype
     return model
 
@@ -103,7 +103,7 @@ def train_arm(cfg: BenchConfig, arm: str, ctx: RunContext) -> dict[str, Any]:
     return {"losses": losses, "model": model.state_dict(), "parameters": [name for name, _ in model.named_parameters()],
             "traffic": traffic_per_step, "shapes": sorted(shapes),
             "optimizer_state_entries": [len(opt.state) for opt in optimizers],
-            "molegrad_weights": [tuple(layer.weight.shape) for layer in streaming_layers(model)]}
+            "molegrad_weights": [tuple(layer.weight.shape) for layer in molegrad_layers(model)]}
 
 
 def run_rank(rank: int, world_size: int, cfg: BenchConfig, work_dir: str) -> None:

@@ -35,9 +35,9 @@ from nanochat.trainer import train_step
 
 # name -> (memory mode, GPTConfig options); MoleGrad at --rank_k
 MODES = {
-    "dense": ("custom", dict(recompute="none", streaming_rank_k=0)),
-    "recompute=block": ("custom", dict(recompute="block", streaming_rank_k=0)),
-    "MoleGrad default": ("custom", dict(streaming_targets="ffn_only", streaming_momentum="dense")),
+    "dense": ("custom", dict(recompute="none", molegrad_rank_k=0)),
+    "recompute=block": ("custom", dict(recompute="block", molegrad_rank_k=0)),
+    "MoleGrad default": ("custom", dict(molegrad_targets="ffn_only", molegrad_momentum="dense")),
     "low": ("low", {}),
     "lowest": ("lowest", {}),
 }
@@ -89,7 +89,7 @@ class GpuCheckConfig:
 def mode_config(name: str, depth: int, cfg: GpuCheckConfig) -> GPTConfig:
     mode, options = MODES[name]
     return config_from_depth(depth, cfg.vocab_size, cfg.seq_len,
-                             **apply_memory_mode(mode, {"streaming_rank_k": cfg.rank_k, **options}))
+                             **apply_memory_mode(mode, {"molegrad_rank_k": cfg.rank_k, **options}))
 
 
 def planned_peak(config: GPTConfig, ctx: RunContext) -> int:

@@ -34,7 +34,7 @@ from nanochat.trainer import train_step
 ARMS: dict[str, tuple[dict[str, Any], str, bool]] = {
     "dense": ({}, "custom", False),
     "recompute_block": ({"recompute": "block"}, "custom", False),
-    "molegrad": ({"streaming_targets": "ffn_only"}, "custom", False),
+    "molegrad": ({"molegrad_targets": "ffn_only"}, "custom", False),
     "keep_h": ({}, "keep_h", False),
     "lowest": ({}, "lowest", False),
     "lowest_compiled": ({}, "lowest", True),
@@ -69,7 +69,7 @@ class Arm:
     def __init__(self, name: str, cfg: MemoryModesConfig, ctx) -> None:
         options, mode, compiled = ARMS[name]
         rank = 0 if name in ("dense", "recompute_block") else cfg.rank_k
-        options = apply_memory_mode(mode, {"streaming_rank_k": rank, **options})
+        options = apply_memory_mode(mode, {"molegrad_rank_k": rank, **options})
         torch.manual_seed(0)
         self.name, self.compiled = name, compiled
         self.config = config_from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, **options)

@@ -71,7 +71,7 @@ from nanochat.memory import (
 )
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, setup_optimizers
 from nanochat.report import plot_molegrad, report_dir
-from nanochat.streaming_linear import StreamingLinear
+from nanochat.molegrad import MoleGradLinear
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.trainer import train_step
 
@@ -122,7 +122,7 @@ class MoleGradBenchConfig:
         check(not unknown, f"--arms: unknown arm(s) {', '.join(unknown)}; expected some of {'|'.join(ARM_NAMES)} or all")
         width = config_from_depth(self.depth, 2, self.max_seq_len).n_embd
         for name in self.arm_names():
-            rank = arm_options(name).get("streaming_rank_k", 0)
+            rank = arm_options(name).get("molegrad_rank_k", 0)
             check(rank <= width, f"--arms: {name} needs rank {rank} <= the width {width} of --depth={self.depth}")
 
     def arm_names(self) -> list[str]:
@@ -139,10 +139,10 @@ def arm_options(name: str) -> dict[str, Any]:
     if name == "recompute_block":
         return {"recompute": "block"}
     if name in MODE_ARMS:
-        return {"streaming_rank_k": 32, **MEMORY_MODES[MODE_ARMS[name]]}
+        return {"molegrad_rank_k": 32, **MEMORY_MODES[MODE_ARMS[name]]}
     if name.startswith("molegrad_"):
         _, targets, rank = name.split("_")
-        return {"streaming_rank_k": int(rank[1:]), "streaming_targets": TARGETS[targets]}
+        return {"molegrad_rank_k": int(rank[1:]), "molegrad_targets": TARGETS[targets]}
     return {}
 
 
@@ -198,7 +198,7 @@ def energy_of(grad: torch.Tensor, layer: torch.nn.Module, optimizers: list[torch
     total = grad.square().sum()
     if total == 0:
         return None
-    if isinstance(layer, StreamingLinear):
+    if isinstance(layer, MoleGradLinear):
         return float((grad @ layer.Q.to(grad.dtype)).square().sum() / total)  # ‖dW Q‖²
     for opt in optimizers:
         group = next((g for g in opt.param_groups if "rank" in g and any(p is layer.weight for p in g["params"])), None)
@@ -286,9 +286,9 @@ def train_run(name: str, config: GPTConfig, lr: float, data: BenchData, cfg: Mol
     torch.manual_seed(cfg.seed)
     model = GPT(config)
     optimizers = make_optimizers(model, name, lr, cfg)
-    compressed = name == "galore" or config.streaming_rank_k > 0
-    twin = GPT(replace(config, streaming_rank_k=0, recompute="none", streaming_keep_h=False,
-                       streaming_momentum="dense")) if compressed and cfg.energy_every > 0 else None
+    compressed = name == "galore" or config.molegrad_rank_k > 0
+    twin = GPT(replace(config, molegrad_rank_k=0, recompute="none", molegrad_keep_h=False,
+                       molegrad_momentum="dense")) if compressed and cfg.energy_every > 0 else None
     times, energies, finite = [], [], True
     for step, batch in enumerate(data.train):
         if twin is not None and step % cfg.energy_every == 0:

@@ -84,9 +84,9 @@ FAMILIES = {
     "dense_muon": ("muon", {}),
     "dense_adamw": ("adamw", {}),
     "galore": ("galore", {}),
-    "molegrad": ("muon", {"streaming_targets": "ffn_only", "streaming_momentum": "dense"}),
-    "flagship": ("muon", {"streaming_targets": "all", "streaming_momentum": "lowrank"}),
-    "lowrank": ("muon", {"streaming_targets": "ffn_only", "streaming_momentum": "lowrank"}),  # which half of the flagship costs
+    "molegrad": ("muon", {"molegrad_targets": "ffn_only", "molegrad_momentum": "dense"}),
+    "flagship": ("muon", {"molegrad_targets": "all", "molegrad_momentum": "lowrank"}),
+    "lowrank": ("muon", {"molegrad_targets": "ffn_only", "molegrad_momentum": "lowrank"}),  # which half of the flagship costs
 }
 # Low-rank momentum arms run the product's default step rule, pinned so that the results stay
 # comparable if the default changes; `unit_rule_lr` in the JSON is lr x r, the unit rule's equivalent
@@ -158,7 +158,7 @@ def parse_arm(arm: str) -> tuple[str, int]:
 
 def model_config(cfg: QualityConfig, arm: str, vocab_size: int) -> GPTConfig:
     family, rank = parse_arm(arm)
-    options = {"streaming_rank_k": rank, **FAMILIES[family][1]} if family in ("molegrad", "lowrank", "flagship") else {}
+    options = {"molegrad_rank_k": rank, **FAMILIES[family][1]} if family in ("molegrad", "lowrank", "flagship") else {}
     return GPTConfig(sequence_len=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_kv_head=cfg.n_head, n_embd=cfg.n_embd, **options)
 
@@ -184,15 +184,15 @@ def linear_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
 
 
 def compressed(config: GPTConfig) -> tuple[str, ...]:
-    if config.streaming_rank_k == 0:
+    if config.molegrad_rank_k == 0:
         return ()
-    return BLOCK_LINEARS if config.streaming_targets == "all" else ("mlp.c_fc", "mlp.c_proj")
+    return BLOCK_LINEARS if config.molegrad_targets == "all" else ("mlp.c_fc", "mlp.c_proj")
 
 
 def training_flops_per_token(config: GPTConfig) -> float:
     """Forward + backward FLOPs per token (module docstring): GPT.estimate_flops' 6N + attention,
     with each compressed Linear's dense dW (2·out·in) replaced by MoleGrad's work."""
-    d, vocab, k = config.n_embd, config.vocab_size, config.streaming_rank_k
+    d, vocab, k = config.n_embd, config.vocab_size, config.molegrad_rank_k
     shapes = linear_shapes(config)
     dense_linears = 6 * sum(o * i for o, i in shapes.values()) * config.n_layer
     attention = 12 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
@@ -216,7 +216,7 @@ def state_bytes(config: GPTConfig, family: str, rank: int) -> int:
             r = min(k, out, inp)
             total += 2 * out * r + r * inp if out >= inp else 2 * r * inp + out * r
         elif name in compressed(config):
-            momentum = out * k if config.streaming_momentum == "lowrank" else out * inp
+            momentum = out * k if config.molegrad_momentum == "lowrank" else out * inp
             total += momentum + inp * k + inp * (k + explore_k(inp, k))
         else:
             total += out * inp
@@ -337,8 +337,8 @@ def train_run(spec: RunSpec, data: QualityData, cfg: QualityConfig, ctx: RunCont
     torch.manual_seed(spec.seed)
     model = GPT(config)
     optimizers = make_optimizers(model, spec.arm, spec.lr, spec.steps, cfg)
-    probed = config.streaming_rank_k > 0 or spec.arm.startswith("galore")
-    twin = GPT(GPTConfig(**{**asdict(config), "streaming_rank_k": 0})) if probed and cfg.energy_probes else None
+    probed = config.molegrad_rank_k > 0 or spec.arm.startswith("galore")
+    twin = GPT(GPTConfig(**{**asdict(config), "molegrad_rank_k": 0})) if probed and cfg.energy_probes else None
     probe_every = max(1, spec.steps // cfg.energy_probes) if cfg.energy_probes else 0
     train = data.batches(data.train[:spec.steps])
     times, energies, finite = [], [], True
@@ -489,9 +489,9 @@ def summarize(runs: dict[str, dict[str, Any]], cfg: QualityConfig, vocab_size: i
             if spec.key in runs:
                 entry["lr_sweep"][f"{spec.lr:.6g}"] = {"selection_bpb": runs[spec.key]["selection_bpb"],
                                                        "heldout_bpb": runs[spec.key]["heldout_bpb"]}
-        lowrank = config.streaming_momentum == "lowrank"
+        lowrank = config.molegrad_momentum == "lowrank"
         # the same steps under the unit rule (r = 1): every Linear here has min(out, in) = n_embd
-        entry["unit_rule_lr"] = (lr * lowrank_step_scale(cfg.n_embd, cfg.n_embd, config.streaming_rank_k, LOWRANK_STEP_RULE)
+        entry["unit_rule_lr"] = (lr * lowrank_step_scale(cfg.n_embd, cfg.n_embd, config.molegrad_rank_k, LOWRANK_STEP_RULE)
                                  if lowrank and lr is not None else lr)
         if lr is not None:
             swept = [spec.lr for spec in sweep_specs(cfg, arm, runs)]

@@ -336,7 +336,7 @@ def planned_memory(overrides: dict[str, Any]) -> dict[str, float]:
     --memory_mode=lowest (k = 32), with the arm's model pieces (optimizer pieces hold only
     per-row vectors, which the planner leaves out)."""
     pieces = {name: getattr(train_flags(overrides), name) for name in RECIPE_PIECES}
-    modes = {"dense": {}, "lowest": TrainFlags(memory_mode="lowest", streaming_rank_k=32).memory_options()}
+    modes = {"dense": {}, "lowest": TrainFlags(memory_mode="lowest", molegrad_rank_k=32).memory_options()}
     out = {}
     for depth in PLAN_DEPTHS:
         for mode, memory in modes.items():

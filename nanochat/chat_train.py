@@ -20,6 +20,7 @@ from nanochat.common import RunContext, init_wandb, peak_flops, print0, run_main
 from nanochat.config import CHECKPOINT_KINDS, TASK_SOURCES, CheckpointFlags, check, source_field, to_dict
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.model_flags import flag_errors
 from nanochat.optim import setup_optimizers
 from nanochat.report import log_section
 from nanochat.tokenizer import Tokenizer, get_tokenizer
@@ -109,14 +110,15 @@ def start_chat_stage(cfg: ChatTrainFlags, stage_name: str, ctx: RunContext) -> S
     ckpt_dir = checkpoint_dir(stage_name, cfg.model_tag or src_dir.name)
     resuming = cfg.resume_from_step >= 0
     overrides = {**cfg.memory_options(), "sequence_len": cfg.max_seq_len}
-    if resuming:
-        model, meta = load_model(directory=ckpt_dir, step=cfg.resume_from_step, device=ctx.device, overrides=overrides, weights=False)
-    elif cfg.init_from_hf:
-        model, meta = load_model(hf_dir=cfg.init_from_hf, device=ctx.device, overrides=overrides)
-    else:
-        model, meta = load_model(directory=src_dir, step=src_step, device=ctx.device, overrides=overrides)
+    with flag_errors():  # e.g. a MoleGrad rank above this model's width
+        if resuming:
+            model, meta = load_model(directory=ckpt_dir, step=cfg.resume_from_step, device=ctx.device, overrides=overrides,
+                                     weights=False)
+        elif cfg.init_from_hf:
+            model, meta = load_model(hf_dir=cfg.init_from_hf, device=ctx.device, overrides=overrides)
+        else:
+            model, meta = load_model(directory=src_dir, step=src_step, device=ctx.device, overrides=overrides)
     model.train()
-    cfg.check_model_pieces(model.config, str(ckpt_dir if resuming else cfg.init_from_hf or src_dir))
     tokenizer_dir = meta.get("tokenizer_dir")
     tokenizer = get_tokenizer(tokenizer_dir)
     lr = cfg.init_lr_frac

@@ -37,7 +37,7 @@ import torch
 
 from nanochat.common import atomic_write, get_base_dir, resolve_dtype
 from nanochat.config import CheckpointFlags, UserError
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, config_from_dict
 from nanochat.hf import load_hf
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
@@ -290,7 +290,7 @@ def load_model(
             raise CheckpointError(f"no complete checkpoint in {directory}")
     meta = load_meta(directory, step)
     try:
-        config = GPTConfig(**{**meta["model_config"], **(overrides or {})})
+        config = GPTConfig(**{**config_from_dict(meta["model_config"]), **(overrides or {})})
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint metadata in {directory} step {step} has no usable model_config: {e}") from e
     model = GPT(config)

@@ -10,6 +10,9 @@ with metadata {"positional": True} also takes a bare word: `python -m nanochat.r
 
     cfg = parse_args(TrainConfig, argv)      # --depth=6, --depth 6, --enable_x=True/False/1/0
 
+A field may also answer to older names: metadata {"aliases": ("enable_streaming",)} (kept for the
+command lines of earlier releases; --help lists them beside the field's own name).
+
 Errors (unknown flag, bad value, failed validation) print ONE line naming the flag and what was
 expected, and exit with status 2. A dataclass may define `validate(self)` raising ConfigError
 for cross-field checks (call super().validate() first). `to_dict(cfg)` gives the plain dict
@@ -100,7 +103,8 @@ def format_help(cls: type, prog: str = "") -> str:
         short = f.metadata.get("short")
         name = f.name.upper() if f.metadata.get("positional") else f"--{f.name}" + (f", {short}" if short else "")
         extra = f" (one of: {'|'.join(f.metadata['choices'])})" if "choices" in f.metadata else ""
-        lines.append(f"  {name:<32} {_type_name(types[f.name]):<6} default={default!r}{extra}")
+        aliases = f" (also {', '.join('--' + alias for alias in f.metadata['aliases'])})" if f.metadata.get("aliases") else ""
+        lines.append(f"  {name:<32} {_type_name(types[f.name]):<6} default={default!r}{extra}{aliases}")
         if f.metadata.get("help"):
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
@@ -111,6 +115,7 @@ def parse_args_or_raise(cls: type[T], argv: Sequence[str]) -> T:
     types = _field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     shorts = {f.metadata["short"]: f.name for f in fields.values() if f.metadata.get("short")}
+    aliases = {alias: f.name for f in fields.values() for alias in f.metadata.get("aliases", ())}
     positionals = [f.name for f in fields.values() if f.metadata.get("positional")]
     values: dict[str, Any] = {}
     args = list(argv)
@@ -122,6 +127,7 @@ def parse_args_or_raise(cls: type[T], argv: Sequence[str]) -> T:
         elif arg.startswith("--"):
             name, eq, raw = arg[2:].partition("=")
             name = name.replace("-", "_")
+            name = aliases.get(name, name)
             raw = raw if eq else None
         elif positionals:
             name, raw = positionals.pop(0), arg

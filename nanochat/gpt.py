@@ -24,35 +24,24 @@ from torch.utils.checkpoint import checkpoint
 
 from nanochat.ops import LOSS_CHUNK_ROWS, apply_rotary, chunked_softcap_cross_entropy, compute_dtype, norm, relu_squared_linear, rotary_tables
 from nanochat.sampling import sample_next_token
-from nanochat.streaming_linear import (
-    STREAMING_MOMENTA,
-    STREAMING_TARGET_LINEARS,
-    STREAMING_TARGETS,
-    StreamingLinear,
+from nanochat.molegrad import (
+    MOLEGRAD_MOMENTA,
+    MOLEGRAD_TARGET_LINEARS,
+    MOLEGRAD_TARGETS,
+    MoleGradLinear,
+    check_options,
+    molegrad_layers,
+    molegrad_mlp,
     statistics_paused,
-    streaming_layers,
-    streaming_mlp,
-    zero_factor_grad,
 )
 
 if TYPE_CHECKING:
     from nanochat.engine import KVCache
 
 RECOMPUTE_MODES = ("none", "mlp", "block")
-BLOCK_LINEARS = STREAMING_TARGET_LINEARS["all"]  # every Linear of a block, by name
+BLOCK_LINEARS = MOLEGRAD_TARGET_LINEARS["all"]  # every Linear of a block, by name
 # The rotary table covers this many times sequence_len, so sampling can run past the training context.
 ROTARY_LENGTH_FACTOR = 10
-# Named memory modes (--memory_mode): GPTConfig memory options, MoleGrad at the rank k the flags give.
-# lowest: the least memory per parameter (block recompute, every block Linear compressed, (out, k)
-#   momentum, h kept inside the recompute); keep_h: no recompute, every Linear compressed, h kept, so
-#   the MLP's backward does not recompute it and the dW matmuls shrink by in/k. low: lowest with
-#   only the MLP Linears compressed: compressing attention is what costs quality at GPU-like k/in
-#   (bench/molegrad_quality.py: lowrank_k6 vs flagship_k6), the MLP's low-rank momentum does not.
-MEMORY_MODES = {
-    "low": dict(recompute="block", streaming_targets="ffn_only", streaming_momentum="lowrank", streaming_keep_h=False),
-    "lowest": dict(recompute="block", streaming_targets="all", streaming_momentum="lowrank", streaming_keep_h=False),
-    "keep_h": dict(recompute="none", streaming_targets="all", streaming_momentum="lowrank", streaming_keep_h=True),
-}
 # Training attention on CUDA runs in one of these SDPA kernels or fails: the math kernel would keep
 # (B, H, T, T) per layer, which no memory plan counts.
 TRAINING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
@@ -76,12 +65,12 @@ class GPTConfig:
     softcap: float = 15.0
     # memory options
     recompute: str = "none"  # none | mlp | block: exact activation recompute in backward
-    streaming_rank_k: int = 0  # MoleGrad rank k; 0 = off (dense weight gradients)
-    streaming_targets: str = "ffn_only"  # ffn_only | attn_only | all
-    streaming_power_iters: int = 1
-    streaming_warm_start_decay: float = 0.95
-    streaming_momentum: str = "dense"  # dense | lowrank: Muon's momentum for MoleGrad matrices
-    streaming_keep_h: bool = False  # a MoleGrad MLP keeps h for backward instead of recomputing it
+    molegrad_rank_k: int = 0  # MoleGrad rank k; 0 = off (dense weight gradients)
+    molegrad_targets: str = "ffn_only"  # ffn_only | attn_only | all
+    molegrad_power_iters: int = 1
+    molegrad_warm_start_decay: float = 0.95
+    molegrad_momentum: str = "dense"  # dense | lowrank: Muon's momentum for MoleGrad matrices
+    molegrad_keep_h: bool = False  # a MoleGrad MLP keeps h for backward instead of recomputing it
     # recipe pieces (upstream nanochat, 2026), all off by default; off, the model is the one above
     layer_lambdas: bool = False  # per-layer learnable x <- resid_lambdas[i] x + x0_lambdas[i] x0 before block i
     smear_gate: bool = False  # mix the previous token's embedding into each position through a learned gate
@@ -102,38 +91,66 @@ class GPTConfig:
                              f"got {self.n_embd} / {self.n_head} = {self.head_dim}")
         if not self.softcap > 0:
             raise ValueError(f"GPTConfig.softcap: expected > 0, got {self.softcap!r}")
-        if self.recompute not in RECOMPUTE_MODES:
-            raise ValueError(f"GPTConfig.recompute: expected one of {'|'.join(RECOMPUTE_MODES)}, got {self.recompute!r}")
-        if self.streaming_targets not in STREAMING_TARGETS:
-            raise ValueError(f"GPTConfig.streaming_targets: expected one of {'|'.join(STREAMING_TARGETS)}, "
-                             f"got {self.streaming_targets!r}")
-        if self.streaming_rank_k < 0:
-            raise ValueError(f"GPTConfig.streaming_rank_k: expected >= 0 (0 = off), got {self.streaming_rank_k}")
-        if self.streaming_rank_k > self.n_embd:
-            # every target set holds Linears whose input is the model width: c_q, c_k, c_v, c_fc
-            raise ValueError(f"--streaming_rank_k={self.streaming_rank_k} (GPTConfig.streaming_rank_k): expected at most "
-                             f"{self.n_embd}, the input width n_embd={self.n_embd} of the targeted "
-                             f"{self.streaming_targets} Linears (k <= in_features of every targeted layer)")
-        if self.streaming_power_iters < 1:
-            raise ValueError(f"GPTConfig.streaming_power_iters: expected >= 1, got {self.streaming_power_iters}")
-        if self.streaming_momentum not in STREAMING_MOMENTA:
-            raise ValueError(f"GPTConfig.streaming_momentum: expected one of {'|'.join(STREAMING_MOMENTA)}, "
-                             f"got {self.streaming_momentum!r}")
-        if not 0.0 <= self.streaming_warm_start_decay < 1.0:
-            raise ValueError(f"GPTConfig.streaming_warm_start_decay: expected a value in [0, 1), "
-                             f"got {self.streaming_warm_start_decay}")
-        if self.streaming_keep_h and not (self.streaming_rank_k > 0 and "mlp.c_fc" in STREAMING_TARGET_LINEARS[self.streaming_targets]):
-            raise ValueError(f"--streaming_keep_h=True (GPTConfig.streaming_keep_h): needs MoleGrad on the MLP "
-                             f"(streaming_rank_k > 0, targets ffn_only|all), got rank {self.streaming_rank_k}, "
-                             f"targets {self.streaming_targets}")
+        check_memory_options(self.memory_options(), self.n_embd)
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def molegrad(self) -> bool:
+        """Whether the model has MoleGrad layers (molegrad_rank_k > 0)."""
+        return self.molegrad_rank_k > 0
+
+    def memory_options(self) -> dict[str, Any]:
+        """The memory fields (MEMORY_OPTIONS) and their values."""
+        return {name: getattr(self, name) for name in MEMORY_OPTIONS}
+
     def recipe_pieces(self) -> list[str]:
         """The names of the recipe pieces (RECIPE_PIECES) that are on."""
         return [name for name in RECIPE_PIECES if getattr(self, name)]
+
+
+# GPTConfig's memory fields: how the model trains within memory, not what it computes
+MEMORY_OPTIONS = ("recompute", "molegrad_rank_k", "molegrad_targets", "molegrad_power_iters",
+                  "molegrad_warm_start_decay", "molegrad_momentum", "molegrad_keep_h")
+
+
+def check_memory_options(options: dict[str, Any], n_embd: int | None = None) -> None:
+    """The value checks of GPTConfig's memory fields (`options`: some or all of MEMORY_OPTIONS,
+    the rest at their defaults), in one place: a ValueError names the field, "molegrad_rank_k=40:
+    expected ...". n_embd None (the width is not known yet): k's upper bound is not checked."""
+    o = {name: GPTConfig.__dataclass_fields__[name].default for name in MEMORY_OPTIONS} | options
+    if o["recompute"] not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={o['recompute']!r}: expected one of {'|'.join(RECOMPUTE_MODES)}")
+    if o["molegrad_targets"] not in MOLEGRAD_TARGETS:
+        raise ValueError(f"molegrad_targets={o['molegrad_targets']!r}: expected one of {'|'.join(MOLEGRAD_TARGETS)}")
+    if o["molegrad_momentum"] not in MOLEGRAD_MOMENTA:
+        raise ValueError(f"molegrad_momentum={o['molegrad_momentum']!r}: expected one of {'|'.join(MOLEGRAD_MOMENTA)}")
+    rank = o["molegrad_rank_k"]
+    if rank < 0:
+        raise ValueError(f"molegrad_rank_k={rank}: expected >= 0 (0 = MoleGrad off)")
+    # every target set holds Linears whose input is the model width (c_q, c_k, c_v, c_fc); with MoleGrad
+    # off only the other options are checked (rank 1 stands in)
+    check_options(rank or 1, o["molegrad_power_iters"], o["molegrad_warm_start_decay"], n_embd if rank else None,
+                  prefix="molegrad_")
+    if rank == 0 and o["molegrad_momentum"] != "dense":
+        raise ValueError(f"molegrad_momentum={o['molegrad_momentum']}: low-rank momentum needs MoleGrad on")
+    if o["molegrad_keep_h"] and not (rank > 0 and "mlp.c_fc" in MOLEGRAD_TARGET_LINEARS[o["molegrad_targets"]]):
+        raise ValueError(f"molegrad_keep_h=True: needs MoleGrad on the MLP (targets ffn_only|all), got "
+                         f"{'MoleGrad off' if rank == 0 else 'targets ' + o['molegrad_targets']}")
+
+
+# model_config keys of checkpoints saved before MoleGrad's options were named molegrad_*
+LEGACY_CONFIG_KEYS = {"streaming_rank_k": "molegrad_rank_k", "streaming_targets": "molegrad_targets",
+                      "streaming_power_iters": "molegrad_power_iters",
+                      "streaming_warm_start_decay": "molegrad_warm_start_decay",
+                      "streaming_momentum": "molegrad_momentum", "streaming_keep_h": "molegrad_keep_h"}
+
+
+def config_from_dict(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved model_config (checkpoint metadata) with today's field names."""
+    return {LEGACY_CONFIG_KEYS.get(name, name): value for name, value in saved.items()}
 
 
 def has_value_embed(config: GPTConfig, layer_idx: int) -> bool:
@@ -158,7 +175,7 @@ def config_from_depth(
     The width is then rounded up to a whole number of heads: n_embd = n_head * head_dim.
     E.g. depth 2 -> 2 x 64 = 128, depth 4 -> 2 x 128 = 256, depth 6 -> 3 x 128 = 384,
     depth 20 -> 10 x 128 = 1280. `n_kv_head` defaults to n_head (plain multi-head attention).
-    `options` are the remaining GPTConfig fields (softcap, recompute, streaming_*).
+    `options` are the remaining GPTConfig fields (softcap, recompute, molegrad_*, recipe pieces).
     """
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth: expected a positive integer, got {depth!r}")
@@ -179,33 +196,6 @@ def config_from_depth(
         n_embd=n_head * head_dim,
         **options,
     )
-
-
-# GPTConfig memory fields whose command-line flag has another name
-MEMORY_FLAG_NAMES = {"streaming_targets": "streaming_target_layers", "streaming_rank_k": "enable_streaming"}
-
-
-def apply_memory_mode(mode: str, options: dict[str, Any]) -> dict[str, Any]:
-    """GPTConfig memory options from flags (`options`: recompute, streaming_*) with the named mode
-    (MEMORY_MODES, or "custom" = as given) applied. One-line ValueErrors name the flag: a value the
-    mode contradicts (a flag left at its default never does), low-rank momentum without MoleGrad."""
-    options = dict(options)
-    if mode != "custom":
-        if mode not in MEMORY_MODES:
-            raise ValueError(f"--memory_mode: expected custom|{'|'.join(MEMORY_MODES)}, got {mode!r}")
-        if options.get("streaming_rank_k", 0) == 0:
-            raise ValueError(f"--memory_mode={mode}: needs MoleGrad's rank k (streaming_rank_k >= 1), got 0")
-        defaults = GPTConfig.__dataclass_fields__
-        for name, value in MEMORY_MODES[mode].items():
-            given = options.get(name, defaults[name].default)
-            if given not in (defaults[name].default, value):
-                raise ValueError(f"--{MEMORY_FLAG_NAMES.get(name, name)}={given}: contradicts --memory_mode={mode}, "
-                                 f"which sets {MEMORY_FLAG_NAMES.get(name, name)}={value}")
-            options[name] = value
-    if options.get("streaming_rank_k", 0) == 0 and options.get("streaming_momentum", "dense") != "dense":
-        raise ValueError(f"--streaming_momentum={options['streaming_momentum']}: low-rank momentum needs MoleGrad "
-                         f"(--enable_streaming=True)")
-    return options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,17 +271,17 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = linear(config.n_embd, 4 * config.n_embd, layer_idx, "mlp.c_fc")
         self.c_proj = linear(4 * config.n_embd, config.n_embd, layer_idx, "mlp.c_proj")
-        if isinstance(self.c_fc, StreamingLinear) != isinstance(self.c_proj, StreamingLinear):
+        if isinstance(self.c_fc, MoleGradLinear) != isinstance(self.c_proj, MoleGradLinear):
             raise ValueError("MLP: MoleGrad compresses both MLP Linears or neither (c_proj's input is relu²(h), "
                              "kept only if h is recomputed)")
-        self.streaming = isinstance(self.c_fc, StreamingLinear)
+        self.compressed = isinstance(self.c_fc, MoleGradLinear)
         # inside a recompute, h's saved copy lives only for that block's backward: keep it
-        self.keep_h = config.streaming_keep_h or config.recompute != "none"
+        self.keep_h = config.molegrad_keep_h or config.recompute != "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xn = norm(x, compute_dtype(x.device.type, x.dtype))  # (B, T, d), kept by the norm for its backward
-        if self.streaming:
-            return streaming_mlp(xn, self.c_fc, self.c_proj, self.keep_h)  # keeps xn (or h), xn Q1, relu²(h) Q2
+        if self.compressed:
+            return molegrad_mlp(xn, self.c_fc, self.c_proj, self.keep_h)  # keeps xn (or h), xn Q1, relu²(h) Q2
         return relu_squared_linear(self.c_fc(xn), self.c_proj.weight)  # keeps xn, h
 
 
@@ -358,16 +348,16 @@ class GPT(nn.Module):
     def _linear(self, in_features: int, out_features: int, layer_idx: int, name: str) -> nn.Module:
         """Every Linear of the blocks is made here; name is one of BLOCK_LINEARS ("mlp.c_fc", ...).
 
-        MoleGrad's targets are StreamingLinears; each gets its own seed, layer_idx * 6 + the
+        MoleGrad's targets are MoleGradLinears; each gets its own seed, layer_idx * 6 + the
         name's index, so that the subspaces start different and every process builds the same.
         """
         if name not in BLOCK_LINEARS:
             raise ValueError(f"name: expected one of {'|'.join(BLOCK_LINEARS)}, got {name!r}")
         cfg = self.config
-        if cfg.streaming_rank_k > 0 and name in STREAMING_TARGET_LINEARS[cfg.streaming_targets]:
-            return StreamingLinear(in_features, out_features, rank_k=cfg.streaming_rank_k,
-                                   power_iters=cfg.streaming_power_iters,
-                                   warm_start_decay=cfg.streaming_warm_start_decay,
+        if cfg.molegrad and name in MOLEGRAD_TARGET_LINEARS[cfg.molegrad_targets]:
+            return MoleGradLinear(in_features, out_features, rank_k=cfg.molegrad_rank_k,
+                                   power_iters=cfg.molegrad_power_iters,
+                                   warm_start_decay=cfg.molegrad_warm_start_decay,
                                    seed=layer_idx * len(BLOCK_LINEARS) + BLOCK_LINEARS.index(name))
         return nn.Linear(in_features, out_features, bias=False)
 
@@ -403,7 +393,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         self._init_recipe_pieces()
-        for layer in streaming_layers(self):
+        for layer in molegrad_layers(self):
             layer.reset_subspace()
         self._init_rotary()
 
@@ -425,11 +415,6 @@ class GPT(nn.Module):
             for block in self.transformer.h:
                 if block.attn.ve_gate is not None:
                     nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Parameters' gradients and MoleGrad's factor gradients (which live beside the parameters)."""
-        super().zero_grad(set_to_none)
-        zero_factor_grad(self)
 
     def num_params(self) -> int:
         """All parameters, embedding included."""

@@ -233,7 +233,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
 
 def gpt_config_from_hf(hf: dict[str, Any], source: str, **options: Any) -> GPTConfig:
     """Our GPTConfig for an HF NanoChat config; `options` are GPTConfig fields a run sets itself
-    (recompute, streaming_*, sequence_len). Raises HFFormatError naming every feature our GPT lacks."""
+    (recompute, molegrad_*, sequence_len). Raises HFFormatError naming every feature our GPT lacks."""
     if hf.get("model_type") not in ("nanochat", RECIPE_MODEL_TYPE):
         raise HFFormatError(f"{source}: model_type {hf.get('model_type')!r}, expected 'nanochat' "
                             f"(transformers' {ARCHITECTURE}) or {RECIPE_MODEL_TYPE!r} (ours, with recipe pieces); "
@@ -343,7 +343,7 @@ def gpt_state_from_hf(tensors: dict[str, torch.Tensor], model: GPT, tied: bool, 
 
 def load_hf(folder: str | Path, **options: Any) -> tuple[GPT, Tokenizer]:
     """Our GPT (float32, CPU, eval mode) and Tokenizer from an HF NanoChat folder; `options` are
-    GPTConfig fields a run sets itself (recompute, streaming_*, sequence_len). Bad input raises
+    GPTConfig fields a run sets itself (recompute, molegrad_*, sequence_len). Bad input raises
     HFFormatError naming the file and what is wrong."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -1,7 +1,7 @@
 """Peak training memory: predicted by component, checked against a measured training step.
 
-    python -m nanochat.memory --depth=12 --max_seq_len=8192 --device_batch_size=1 --enable_streaming=True \\
-        --streaming_rank_k=32 --streaming_target_layers=ffn_only --gpu_memory=32GB --require_fit=True
+    python -m nanochat.memory --depth=12 --max_seq_len=8192 --device_batch_size=1 --molegrad=True \\
+        --molegrad_rank_k=32 --molegrad_targets=ffn_only --gpu_memory=32GB --require_fit=True
     python -m nanochat.memory --depth=4 --max_seq_len=1024 --device_batch_size=4 --vocab_size=8192 --measure=True
     python -m nanochat.memory --depth=40 --memory_mode=lowest --gpu_memory=24GB --require_fit=True
     python -m nanochat.memory --sweep_depths=True      # the deepest model that fits, per memory mode
@@ -84,25 +84,23 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nanochat.common import RunContext, cpu_has_native_bf16, fail
+from nanochat.common import RunContext, cpu_has_native_bf16
 from nanochat.config import check, parse_args
 from nanochat.gpt import (
     BLOCK_LINEARS,
     GPT,
-    MEMORY_MODES,
     RECIPE_PIECES,
-    RECOMPUTE_MODES,
     ROTARY_LENGTH_FACTOR,
     SMEAR_GATE_CHANNELS,
     VE_GATE_CHANNELS,
     GPTConfig,
-    apply_memory_mode,
     config_from_depth,
     has_value_embed,
 )
 from nanochat.ops import LOSS_CHUNK_ROWS
 from nanochat.optim import setup_optimizers
-from nanochat.streaming_linear import STREAMING_MOMENTA, STREAMING_TARGET_LINEARS, STREAMING_TARGETS
+from nanochat.model_flags import ModelFlags, flag_errors
+from nanochat.molegrad import MOLEGRAD_TARGET_LINEARS
 
 # --dtype: the compute dtype, spelled as every other entry point (master weights are fp32 either way)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -181,13 +179,13 @@ def block_linear_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def streaming_names(config: GPTConfig) -> tuple[str, ...]:
+def molegrad_names(config: GPTConfig) -> tuple[str, ...]:
     """The Linears of each block that are MoleGrad layers."""
-    return STREAMING_TARGET_LINEARS[config.streaming_targets] if config.streaming_rank_k > 0 else ()
+    return MOLEGRAD_TARGET_LINEARS[config.molegrad_targets] if config.molegrad_rank_k > 0 else ()
 
 
 def explore_k(in_features: int, rank_k: int) -> int:
-    """StreamingLinear's default number of scout directions."""
+    """MoleGradLinear's default number of scout directions."""
     return min(4, in_features - rank_k)
 
 
@@ -235,20 +233,20 @@ def num_params(config: GPTConfig) -> int:
 
 def block_saved_bytes_per_token(config: GPTConfig, itemsize: int) -> int:
     """Bytes one block saves for backward per token (module docstring; measured by tests)."""
-    d, k = config.n_embd, config.streaming_rank_k
+    d, k = config.n_embd, config.molegrad_rank_k
     if config.recompute == "block":
         return FP32 * d  # the block's input, kept by the checkpoint
-    streaming = streaming_names(config)
+    compressed = molegrad_names(config)
     # normed x, q, attention output (d each), k, v; norm scales of x, q and k; SDPA's logsumexp
     attention = itemsize * (3 * d + 2 * config.n_kv_head * config.head_dim)
     attention += FP32 * (1 + 2 * config.n_head + config.n_kv_head)
-    if "attn.c_q" in streaming:
+    if "attn.c_q" in compressed:
         attention += 4 * k * itemsize  # x Q of c_q, c_k, c_v, c_proj; their inputs are kept anyway
     if config.recompute == "mlp":
         mlp = FP32 * d  # the MLP's input, kept by the checkpoint
-    elif "mlp.c_fc" in streaming:
+    elif "mlp.c_fc" in compressed:
         mlp = itemsize * (d + 2 * k) + FP32  # normed x, x Q1, relu²(h) Q2, the norm's scale
-        if config.streaming_keep_h:
+        if config.molegrad_keep_h:
             mlp += itemsize * 4 * d  # h, kept instead of recomputed
     else:
         mlp = itemsize * 5 * d + FP32  # normed x and h (4d), the norm's scale
@@ -259,8 +257,8 @@ def autocast_weight_names(config: GPTConfig) -> tuple[str, ...]:
     """Dense Linears whose weight F.linear casts to bf16 under autocast (cached until forward ends);
     the dense MLP's c_proj is cast inside ReLUSquaredLinear instead, and MoleGrad layers cast their
     weight where they use it: both transiently."""
-    streaming = streaming_names(config)
-    return tuple(name for name in BLOCK_LINEARS if name != "mlp.c_proj" and name not in streaming)
+    compressed = molegrad_names(config)
+    return tuple(name for name in BLOCK_LINEARS if name != "mlp.c_proj" and name not in compressed)
 
 
 def block_saved_weight_bytes(config: GPTConfig, itemsize: int) -> int:
@@ -268,9 +266,9 @@ def block_saved_weight_bytes(config: GPTConfig, itemsize: int) -> int:
     Linears outside a recomputed region (MoleGrad layers save the fp32 weight, the parameter)."""
     if itemsize == FP32 or config.recompute == "block":
         return 0
-    streaming, shapes = streaming_names(config), block_linear_shapes(config)
-    saved = [name for name in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj") if name not in streaming]
-    if config.recompute == "none" and "mlp.c_fc" not in streaming:
+    compressed, shapes = molegrad_names(config), block_linear_shapes(config)
+    saved = [name for name in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj") if name not in compressed]
+    if config.recompute == "none" and "mlp.c_fc" not in compressed:
         saved.append("mlp.c_fc")
     return itemsize * sum(shapes[name][0] * shapes[name][1] for name in saved)
 
@@ -368,16 +366,16 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     if batch_size < 1 or grad_accum_steps < 1:
         raise ValueError(f"batch_size and grad_accum_steps: expected >= 1, got {batch_size} and {grad_accum_steps}")
     item = ITEMSIZE[dtype]
-    d, V, L, T, k = config.n_embd, config.vocab_size, config.n_layer, config.sequence_len, config.streaming_rank_k
+    d, V, L, T, k = config.n_embd, config.vocab_size, config.n_layer, config.sequence_len, config.molegrad_rank_k
     N = batch_size * T
-    shapes, streaming = block_linear_shapes(config), streaming_names(config)
-    dense_block = sum(out * inp for name, (out, inp) in shapes.items() if name not in streaming)
-    factors = sum(out * k for name, (out, _) in shapes.items() if name in streaming)
-    lowrank = config.streaming_momentum == "lowrank"
+    shapes, compressed = block_linear_shapes(config), molegrad_names(config)
+    dense_block = sum(out * inp for name, (out, inp) in shapes.items() if name not in compressed)
+    factors = sum(out * k for name, (out, _) in shapes.items() if name in compressed)
+    lowrank = config.molegrad_momentum == "lowrank"
     momentum = dense_block + (factors if lowrank else sum(out * inp for name, (out, inp) in shapes.items()
-                                                         if name in streaming))
+                                                         if name in compressed))
     subspace = sum(FP32 * (3 * (k + explore_k(inp, k)) * inp + out * k) + 36
-                   for name, (out, inp) in shapes.items() if name in streaming)
+                   for name, (out, inp) in shapes.items() if name in compressed)
     embedding = V * d
     # recipe pieces (GPTConfig.recipe_pieces): value embeddings (vocab x kv_dim per carrying block)
     # and the small lambdas and gates are AdamW parameters, the value-embedding gates Muon matrices
@@ -400,14 +398,14 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     add("AdamW moments", 2 * FP32 * (2 * embedding + sum(recipe_adamw)) + FP32 * (2 + len(recipe_adamw)),
         "exp_avg, exp_avg_sq (fp32) of embedding, head" + ve_note + small_note + "; a step count per tensor")
     add("Muon momentum", FP32 * (L * momentum + recipe_muon),
-        "(out, in) per block matrix" + (f"; MoleGrad matrices (out, {k})" if streaming and lowrank else "")
+        "(out, in) per block matrix" + (f"; MoleGrad matrices (out, {k})" if compressed and lowrank else "")
         + (f"; {n_ve} value-embedding gates" if n_ve else ""))
-    add("MoleGrad buffers", L * subspace, "Q, scouts, sketch, step sketch: 3(k+e) x in, gradient sink out x k, fp32 per layer" if streaming else "-")
+    add("MoleGrad buffers", L * subspace, "Q, scouts, sketch, step sketch: 3(k+e) x in, gradient sink out x k, fp32 per layer" if compressed else "-")
     add("rotary tables", 2 * FP32 * ROTARY_LENGTH_FACTOR * T * config.head_dim, f"cos, sin: {ROTARY_LENGTH_FACTOR}T x head_dim fp32")
     add("batch", INT64 * batch_size * (T + 1), "token ids, int64")
     add("gradients", FP32 * (2 * embedding + L * dense_block + L * factors + sum(recipe_adamw) + recipe_muon),
         "fp32 p.grad of dense params" + (ve_note.replace(",", " (with", 1) + ")" if n_ve else "")
-        + (f"; MoleGrad (out, {k}) factors" if streaming else ""))
+        + (f"; MoleGrad (out, {k}) factors" if compressed else ""))
     rotary_copies = 2 * T * config.head_dim * item if item != FP32 else 0
     per_token, weights = block_saved_bytes_per_token(config, item), block_saved_weight_bytes(config, item)
     ve_per_token, ve_weights = value_embed_saved_bytes_per_token(config, item), value_embed_saved_weight_bytes(config, item)
@@ -439,7 +437,7 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     recomputed = 0
     if config.recompute != "none":
         # what the rerun saves: a MoleGrad MLP keeps h inside a recompute (gpt.MLP.keep_h)
-        rerun = replace(config, recompute="none", streaming_keep_h="mlp.c_fc" in streaming)
+        rerun = replace(config, recompute="none", molegrad_keep_h="mlp.c_fc" in compressed)
         recomputed = N * block_saved_bytes_per_token(rerun, item) + block_saved_weight_bytes(rerun, item)
         if config.recompute == "mlp":
             recomputed -= N * block_saved_bytes_per_token(replace(config, recompute="mlp"), item)
@@ -671,7 +669,7 @@ def measure_peak(config: GPTConfig, batch_size: int, dtype: str, grad_accum_step
 # the command line
 
 @dataclass
-class MemoryFlags:
+class PlanFlags(ModelFlags):
     """Predict peak training memory by component; check it against a GPU budget or a measured step."""
 
     depth: int = field(default=12, metadata={"help": "transformer blocks; sets width and heads"})
@@ -683,15 +681,6 @@ class MemoryFlags:
     grad_accum_steps: int = field(default=2, metadata={
         "help": "micro-batches per optimizer step; above 1 the earlier ones' gradients are alive during "
                 "forward (run10.sh: 32)"})
-    recompute: str = field(default="none", metadata={"help": "exact activation recompute", "choices": RECOMPUTE_MODES})
-    enable_streaming: bool = field(default=False, metadata={"help": "MoleGrad: low-rank weight gradients"})
-    streaming_rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k"})
-    streaming_target_layers: str = field(default="ffn_only", metadata={"help": "MoleGrad targets", "choices": STREAMING_TARGETS})
-    streaming_momentum: str = field(default="dense", metadata={"help": "Muon momentum of MoleGrad matrices",
-                                                               "choices": STREAMING_MOMENTA})
-    streaming_keep_h: bool = field(default=False, metadata={"help": "MoleGrad MLP keeps h instead of recomputing it"})
-    memory_mode: str = field(default="custom", metadata={"help": "custom (the flags above) or a preset (gpt.MEMORY_MODES)",
-                                                         "choices": ("custom", *MEMORY_MODES)})
     gpu_memory: str = field(default="32GB", metadata={
         "help": f"memory of the GPU: {'|'.join(GPU_PRESETS)} (a card's real memory, GPU_PRESETS) or a size, e.g. 23.5GiB"})
     reserve: str = field(default="1GiB", metadata={"help": "CUDA context and allocator fragmentation, added to the peak"})
@@ -701,53 +690,31 @@ class MemoryFlags:
     sweep_depths: bool = field(default=False, metadata={
         "help": "the deepest model that fits, per memory setting (with recipe pieces on, also without them, "
                 "and what they add)"})
-    # the model's recipe pieces (GPTConfig / TrainFlags), all off by default
-    layer_lambdas: bool = field(default=False, metadata={"help": "model: per-layer residual and x0 lambdas"})
-    smear_gate: bool = field(default=False, metadata={"help": "model: the smear gate on the embedding"})
-    backout: bool = field(default=False, metadata={"help": "model: backout of the mid-depth residual"})
-    value_embeds: bool = field(default=False, metadata={
-        "help": "model: value embeddings on alternating layers (vocab x kv_dim parameters, gradients and "
-                "AdamW moments per such layer)"})
 
     def validate(self) -> None:
+        super().validate()
         check(self.depth >= 1, f"--depth: expected >= 1, got {self.depth}")
         check(self.max_seq_len >= 2, f"--max_seq_len: expected >= 2, got {self.max_seq_len}")
         check(self.device_batch_size >= 1, f"--device_batch_size: expected >= 1, got {self.device_batch_size}")
         check(self.vocab_size >= 2, f"--vocab_size: expected >= 2, got {self.vocab_size}")
         check(self.grad_accum_steps >= 1, f"--grad_accum_steps: expected >= 1, got {self.grad_accum_steps}")
-        check(self.streaming_rank_k >= 1, f"--streaming_rank_k: expected >= 1, got {self.streaming_rank_k}")
         for name, parse in (("gpu_memory", gpu_bytes), ("reserve", parse_size)):
             try:
                 parse(getattr(self, name))
             except ValueError as e:
                 check(False, f"--{name}: {e}")
-        try:
+        with flag_errors(self):  # the model this plans: e.g. a rank above its width
             self.model_config()
-        except ValueError as e:
-            check(False, str(e))
 
-    def model_config(self, depth: int | None = None, memory_mode: str | None = None, **overrides: Any) -> GPTConfig:
-        """GPTConfig at `depth` (default --depth) in `memory_mode` (default --memory_mode), with the
-        recipe pieces these flags turn on; `overrides` replace flag values (GPTConfig names) before
-        the mode applies."""
-        mode = self.memory_mode if memory_mode is None else memory_mode
-        options = dict(recompute=self.recompute,
-                       streaming_rank_k=self.streaming_rank_k if self.enable_streaming or mode != "custom" else 0,
-                       streaming_targets=self.streaming_target_layers, streaming_momentum=self.streaming_momentum,
-                       streaming_keep_h=self.streaming_keep_h, **self.recipe_options())
-        options.update(overrides)
+    def model_config(self, depth: int | None = None) -> GPTConfig:
+        """The GPTConfig these flags plan, at `depth` (default --depth)."""
         return config_from_depth(self.depth if depth is None else depth, self.vocab_size, self.max_seq_len,
-                                 **apply_memory_mode(mode, options))
-
-
-    def recipe_options(self) -> dict[str, bool]:
-        """The model's recipe pieces (gpt.RECIPE_PIECES), as TrainFlags.model_options() gives them."""
-        return {name: getattr(self, name) for name in RECIPE_PIECES}
+                                 **self.model_options())
 
 
 def describe(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int) -> str:
-    molegrad = (f"MoleGrad {config.streaming_targets} k={config.streaming_rank_k} ({config.streaming_momentum} momentum"
-                f"{', h kept' if config.streaming_keep_h else ''})" if config.streaming_rank_k else "no MoleGrad")
+    molegrad = (f"MoleGrad {config.molegrad_targets} k={config.molegrad_rank_k} ({config.molegrad_momentum} momentum"
+                f"{', h kept' if config.molegrad_keep_h else ''})" if config.molegrad_rank_k else "no MoleGrad")
     compute = "bf16 autocast" if dtype == "bfloat16" else "fp32"
     accum = "gradient accumulation" if grad_accum_steps > 1 else "one micro-batch per step"
     return (f"depth {config.n_layer} (width {config.n_embd}, {config.n_head} heads), {batch_size} x {config.sequence_len} "
@@ -774,29 +741,39 @@ def fit_line(peak: int, reserve: int, budget: int, budget_text: str) -> tuple[bo
                   f"{format_size(reserve)} = {format_size(need)}, headroom {format_size(budget - need)}")
 
 
-# name -> (memory mode, GPTConfig options): the settings --sweep_depths compares
-SWEEP_ARMS = {
-    "dense": ("custom", dict(recompute="none", streaming_rank_k=0)),
-    "recompute=block": ("custom", dict(recompute="block", streaming_rank_k=0)),
-    "MoleGrad ffn k32": ("custom", dict(recompute="none", streaming_targets="ffn_only", streaming_momentum="dense")),
-    "MoleGrad all k32 lowrank": ("custom", dict(recompute="none", streaming_targets="all", streaming_momentum="lowrank")),
-    "keep_h k32": ("keep_h", {}),
-    "low k32": ("low", {}),
-    "lowest k32": ("lowest", {}),
+# name -> the memory flags of the settings --sweep_depths compares (the others at their defaults;
+# MoleGrad at --molegrad_rank_k, the recipe pieces as the flags say)
+SWEEP_ARMS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "recompute=block": dict(recompute="block"),
+    "MoleGrad ffn k32": dict(molegrad=True),
+    "MoleGrad all k32 lowrank": dict(molegrad=True, molegrad_targets="all", molegrad_momentum="lowrank"),
+    "keep_h k32": dict(memory_mode="keep_h"),
+    "low k32": dict(memory_mode="low"),
+    "lowest k32": dict(memory_mode="lowest"),
     # a width-proportional rank (k = width / 4, k/in = 1/4 for c_q..c_fc, 1/16 for the MLP's c_proj):
     # the largest rank bench.molegrad_quality measured for every Linear compressed (+4.4% val bpb, gap growing)
-    "lowest k=w/4": ("lowest", {"rank_per_width": 0.25}),
+    "lowest k=w/4": dict(memory_mode="lowest", rank_per_width=0.25),
 }
 
 
-def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
-    """Peak per depth for each SWEEP_ARMS setting (MoleGrad at --streaming_rank_k, or at a rank
+def sweep_arm_flags(flags: PlanFlags, arm: str, width: int) -> PlanFlags:
+    """The flags of SWEEP_ARMS[arm] at a model of this width, with --molegrad_rank_k and the recipe pieces of `flags`."""
+    options = dict(SWEEP_ARMS[arm])
+    rank = max(1, round(width * options.pop("rank_per_width"))) if "rank_per_width" in options else flags.molegrad_rank_k
+    pieces = {name: getattr(flags, name) for name in RECIPE_PIECES}
+    return replace(PlanFlags(), depth=flags.depth, max_seq_len=flags.max_seq_len, vocab_size=flags.vocab_size,
+                   molegrad_rank_k=rank, **pieces, **options)
+
+
+def sweep_depths(flags: PlanFlags, max_depth: int = 64) -> dict[str, Any]:
+    """Peak per depth for each SWEEP_ARMS setting (MoleGrad at --molegrad_rank_k, or at a rank
     proportional to the width where the setting says so), printed as a table. Returns {"deepest":
     setting -> the deepest depth that fits (0 = none)}. With recipe pieces on (--value_embeds=True, ...) every setting is planned with and without them: the table
     gets a second part, what the pieces add to the peak, and the result "deepest_without_pieces"
     and "price_bytes" (setting -> depth -> bytes the pieces add)."""
     budget, reserve = gpu_bytes(flags.gpu_memory), parse_size(flags.reserve)
-    pieces = [name for name, on in flags.recipe_options().items() if on]
+    pieces = [name for name in RECIPE_PIECES if getattr(flags, name)]
     variants = {"with": {}, "without": {name: False for name in RECIPE_PIECES}} if pieces else {"with": {}}
     deepest = {variant: {arm: 0 for arm in SWEEP_ARMS} for variant in variants}
     rows = []
@@ -804,14 +781,10 @@ def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
         peaks: dict[str, dict[str, int]] = {variant: {} for variant in variants}
         params = {}
         width = config_from_depth(depth, flags.vocab_size, flags.max_seq_len).n_embd
-        for arm, (mode, options) in SWEEP_ARMS.items():
-            options = {"streaming_rank_k": flags.streaming_rank_k, **options}
-            if "rank_per_width" in options:  # this depth's width x the fraction
-                options["streaming_rank_k"] = max(1, round(width * options.pop("rank_per_width")))
-            defaults = {} if mode == "custom" else dict(recompute="none", streaming_targets="ffn_only",
-                                                       streaming_momentum="dense", streaming_keep_h=False)
+        for arm in SWEEP_ARMS:
+            arm_flags = sweep_arm_flags(flags, arm, width)
             for variant, off in variants.items():
-                config = flags.model_config(depth, mode, **defaults, **options, **off)
+                config = replace(arm_flags, **off).model_config(depth)
                 peak = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps).peak
                 peaks[variant][arm], params[variant] = peak, num_params(config)
                 if peak + reserve <= budget:
@@ -819,7 +792,7 @@ def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
         rows.append((depth, width, params, peaks))
         if all(peak + reserve > budget for by_arm in peaks.values() for peak in by_arm.values()):
             break
-    k = flags.streaming_rank_k
+    k = flags.molegrad_rank_k
     with_pieces = f", recipe pieces {'+'.join(pieces)}" if pieces else ""
     print(f"peak training memory by depth: {flags.device_batch_size} x {flags.max_seq_len} tokens, vocab {flags.vocab_size:,}, "
           f"{'bf16 autocast' if flags.dtype == 'bfloat16' else 'fp32'} compute, fp32 master weights, "
@@ -854,13 +827,10 @@ def sweep_depths(flags: MemoryFlags, max_depth: int = 64) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    flags = parse_args(MemoryFlags, argv, prog="python -m nanochat.memory")
+    flags = parse_args(PlanFlags, argv, prog="python -m nanochat.memory")
     if flags.sweep_depths:
         return sweep_depths(flags)
-    try:
-        config = flags.model_config()
-    except ValueError as e:
-        fail(str(e), status=2)
+    config = flags.model_config()
     # the plan is for a GPU (fused AdamW), unless it is checked here against a CPU step
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan_device = device if flags.measure else "cuda"

@@ -9,8 +9,8 @@ instead of the fixed Newton–Schulz quintic, NorMuon variance reduction, cautio
 weight decay scaled by 1/width² (setup_optimizers).
 
 Muon reads each dense gradient through `Muon._gradient(p)` and applies it through
-`Muon._update(p, grad, group)`. A MoleGrad matrix (a StreamingLinear's weight, passed as
-`streaming=`) has no p.grad: Muon reads the layer's factor gradient gq (out, k) and basis Q
+`Muon._update(p, grad, group)`. A MoleGrad matrix (a MoleGradLinear's weight, passed as
+`molegrad=`) has no p.grad: Muon reads the layer's factor gradient gq (out, k) and basis Q
 (in, k), dW ≈ gq Qᵀ, and never forms that product as a separate tensor:
 
     dense momentum (default)   buf ← μ buf + (1-μ) gq Qᵀ             one addmm into (out, in)
@@ -31,7 +31,7 @@ flagship) it is 8x lower and quality is lost whatever the lr: the attention Line
 
 NS is an odd matrix polynomial after a Frobenius normalisation, so NS(m Qᵀ) = NS(m) Qᵀ for Q
 with orthonormal columns: the low-rank update is the dense one of the momentum's image m Qᵀ.
-When Q moves (`update_subspaces`, after the step), m moves to m (Q_oldᵀ Q_new): its image
+When Q moves (molegrad.MoleGradStep.finish, after the step), m moves to m (Q_oldᵀ Q_new): its image
 becomes the projection of the old image onto the new subspace, the best a rank-k state can keep.
 The dense momentum needs no transport; it keeps what the old subspaces contributed. AdamW
 (torch's, plus sharding) never sees a MoleGrad weight: setup_optimizers gives it only wte and
@@ -59,7 +59,7 @@ import torch.nn as nn
 
 from nanochat import distributed
 from nanochat.common import resolve_dtype
-from nanochat.streaming_linear import STREAMING_MOMENTA, StreamingLinear, move_subspaces, streaming_layers
+from nanochat.molegrad import MOLEGRAD_MOMENTA, MoleGradLinear, molegrad_layers
 
 # Quintic Newton–Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so
 # small singular values grow fast; after 5 steps singular values land in roughly [0.7, 1.2]
@@ -209,6 +209,23 @@ class ShardedStep:
         self._reduced = None
 
 
+def check_recipe_options(orthogonalizer: str, ns_steps: int, normuon: bool, normuon_beta2: float,
+                         cautious_weight_decay: bool, molegrad_momentum: str) -> None:
+    """The value checks of Muon's recipe options, for Muon and for the training flags alike: a
+    ValueError names the option as the flags spell it ("normuon_beta2=1.5: expected ...")."""
+    if orthogonalizer not in ORTHOGONALIZERS:
+        raise ValueError(f"muon_orthogonalizer={orthogonalizer!r}: expected one of {'|'.join(ORTHOGONALIZERS)}")
+    if orthogonalizer == "polar_express" and ns_steps > len(POLAR_EXPRESS_COEFFICIENTS):
+        raise ValueError(f"muon_orthogonalizer=polar_express: has {len(POLAR_EXPRESS_COEFFICIENTS)} steps, "
+                         f"got ns_steps={ns_steps}")
+    if not 0.0 <= normuon_beta2 < 1.0:
+        raise ValueError(f"normuon_beta2={normuon_beta2}: expected a value in [0, 1)")
+    if molegrad_momentum == "lowrank" and (normuon or cautious_weight_decay):
+        name = "normuon" if normuon else "cautious_weight_decay"
+        raise ValueError(f"{name}=True: needs the dense update of every matrix; low-rank MoleGrad momentum "
+                         f"(--molegrad_momentum=lowrank, or a --memory_mode) never forms it: use --molegrad_momentum=dense")
+
+
 class Muon(ShardedStep, torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton–Schulz, for 2-D parameters.
 
@@ -221,8 +238,8 @@ class Muon(ShardedStep, torch.optim.Optimizer):
     the AVX-512 BF16 machines measured in docs/cpu_notes.md; the iteration is insensitive to rounding)
     and in float32 elsewhere: `common.resolve_dtype(device_type)`. `ns_dtype` overrides.
 
-    streaming: MoleGrad layers whose weights are among `params`; their updates come from the
-    factor gradients (module docstring), with `streaming_momentum` dense or lowrank.
+    molegrad: MoleGrad layers whose weights are among `params`; their updates come from the
+    factor gradients (module docstring), with `molegrad_momentum` dense or lowrank.
 
     Recipe options (all off by default; off, the step is the one above):
     orthogonalizer "polar_express": Polar Express instead of the fixed Newton–Schulz quintic.
@@ -238,8 +255,8 @@ class Muon(ShardedStep, torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0,
-                 ns_dtype: torch.dtype | None = None, streaming: Iterable[StreamingLinear] = (),
-                 streaming_momentum: str = "dense", sharded: bool | None = None,
+                 ns_dtype: torch.dtype | None = None, molegrad: Iterable[MoleGradLinear] = (),
+                 molegrad_momentum: str = "dense", sharded: bool | None = None,
                  orthogonalizer: str = "newton_schulz", normuon: bool = False, normuon_beta2: float = 0.9,
                  cautious_weight_decay: bool = False, lowrank_step_rule: str = "dense_norm") -> None:
         if lr < 0:
@@ -250,25 +267,16 @@ class Muon(ShardedStep, torch.optim.Optimizer):
             raise ValueError(f"Muon ns_steps: expected >= 1, got {ns_steps}")
         if weight_decay < 0:
             raise ValueError(f"Muon weight_decay: expected >= 0, got {weight_decay}")
-        if streaming_momentum not in STREAMING_MOMENTA:
-            raise ValueError(f"Muon streaming_momentum: expected one of {'|'.join(STREAMING_MOMENTA)}, "
-                             f"got {streaming_momentum!r}")
-        if orthogonalizer not in ORTHOGONALIZERS:
-            raise ValueError(f"--muon_orthogonalizer: expected one of {'|'.join(ORTHOGONALIZERS)}, got {orthogonalizer!r}")
-        if orthogonalizer == "polar_express" and ns_steps > len(POLAR_EXPRESS_COEFFICIENTS):
-            raise ValueError(f"--muon_orthogonalizer=polar_express: has {len(POLAR_EXPRESS_COEFFICIENTS)} steps, "
-                             f"got ns_steps={ns_steps}")
-        if not 0.0 <= normuon_beta2 < 1.0:
-            raise ValueError(f"--normuon_beta2: expected a value in [0, 1), got {normuon_beta2}")
+        if molegrad_momentum not in MOLEGRAD_MOMENTA:
+            raise ValueError(f"Muon molegrad_momentum: expected one of {'|'.join(MOLEGRAD_MOMENTA)}, "
+                             f"got {molegrad_momentum!r}")
         if lowrank_step_rule not in LOWRANK_STEP_RULES:
             raise ValueError(f"Muon lowrank_step_rule: expected one of {'|'.join(LOWRANK_STEP_RULES)}, got {lowrank_step_rule!r}")
-        streaming = list(streaming)
-        if streaming and streaming_momentum == "lowrank" and (normuon or cautious_weight_decay):
-            flag = "--normuon" if normuon else "--cautious_weight_decay"
-            raise ValueError(f"{flag}=True: needs the dense update of every matrix; low-rank MoleGrad momentum "
-                             f"(--streaming_momentum=lowrank / --memory_mode) never forms it: use --streaming_momentum=dense")
+        molegrad = list(molegrad)
+        check_recipe_options(orthogonalizer, ns_steps, normuon, normuon_beta2, cautious_weight_decay,
+                             molegrad_momentum if molegrad else "dense")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-                        streaming_momentum=streaming_momentum, orthogonalizer=orthogonalizer, normuon=normuon,
+                        molegrad_momentum=molegrad_momentum, orthogonalizer=orthogonalizer, normuon=normuon,
                         normuon_beta2=normuon_beta2, cautious_weight_decay=cautious_weight_decay,
                         lowrank_step_rule=lowrank_step_rule)
         super().__init__(params, defaults)
@@ -278,14 +286,14 @@ class Muon(ShardedStep, torch.optim.Optimizer):
                     raise ValueError(f"Muon: expected 2-D parameters, got one of shape {tuple(p.shape)}")
         self.ns_dtype = ns_dtype
         self._ns_dtypes: dict[str, torch.dtype] = {}
-        self.streaming: dict[int, StreamingLinear] = {id(layer.weight): layer for layer in streaming}
+        self.molegrad: dict[int, MoleGradLinear] = {id(layer.weight): layer for layer in molegrad}
         own = {id(p) for group in self.param_groups for p in group["params"]}
-        if not set(self.streaming) <= own:
-            raise ValueError("Muon: every streaming layer's weight must be one of the parameters")
-        self._init_sharding(sharded, replicated=self.streaming)
+        if not set(self.molegrad) <= own:
+            raise ValueError("Muon: every MoleGrad layer's weight must be one of the parameters")
+        self._init_sharding(sharded, replicated=self.molegrad)
 
     def _replicated_gradients(self) -> list[tuple[str, torch.Tensor]]:
-        return [("molegrad factor", layer.grad_factor) for layer in self.streaming.values()
+        return [("molegrad factor", layer.grad_factor) for layer in self.molegrad.values()
                 if layer.grad_factor is not None]
 
     def _newton_schulz_dtype(self, device: torch.device) -> torch.dtype:
@@ -312,13 +320,13 @@ class Muon(ShardedStep, torch.optim.Optimizer):
         step_size = self._decay_and_step_size(p, group, ortho)
         p.add_(ortho, alpha=step_size)
 
-    def _update_streaming(self, p: torch.Tensor, layer: StreamingLinear, group: dict) -> None:
+    def _update_molegrad(self, p: torch.Tensor, layer: MoleGradLinear, group: dict) -> None:
         """The step of a MoleGrad matrix from its factor gradient gq (out, k) and basis Q (in, k)."""
         if p.grad is not None:
             raise RuntimeError(f"Muon: the MoleGrad weight of shape {tuple(p.shape)} has a dense .grad; "
                                f"its gradient must come only from the layer's grad_factor")
         state, momentum = self.state[p], group["momentum"]
-        if group["streaming_momentum"] == "lowrank":
+        if group["molegrad_momentum"] == "lowrank":
             factor = layer.grad_factor                                               # (out, k)
             if "momentum_factor" not in state:
                 state["momentum_factor"] = torch.zeros_like(factor)
@@ -369,7 +377,7 @@ class Muon(ShardedStep, torch.optim.Optimizer):
         return -lr * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
     @torch.no_grad()
-    def transport_subspace(self, layer: StreamingLinear, q_old: torch.Tensor, q_new: torch.Tensor) -> None:
+    def transport_subspace(self, layer: MoleGradLinear, q_old: torch.Tensor, q_new: torch.Tensor) -> None:
         """Q of `layer` moved from q_old to q_new (in, k): low-rank momentum m ← m (Q_oldᵀ Q_new)."""
         state = self.state.get(layer.weight)
         if state and "momentum_factor" in state:
@@ -386,10 +394,10 @@ class Muon(ShardedStep, torch.optim.Optimizer):
             self.reduce_gradients()
         for group in self.param_groups:
             for p in group["params"]:
-                layer = self.streaming.get(id(p))
+                layer = self.molegrad.get(id(p))
                 if layer is not None:
                     if layer.grad_factor is not None:
-                        self._update_streaming(p, layer, group)
+                        self._update_molegrad(p, layer, group)
                     continue
                 grad = self._gradient(p)  # sharded: None unless this rank owns p
                 if grad is not None:
@@ -442,11 +450,11 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
     scalar_lr (betas 0.96, 0.95), smear gate and backout at 0.2; the value-embedding gates (ve_gate,
     inside the blocks) are Muon matrices. Every parameter lands in exactly one group.
 
-    MoleGrad: every StreamingLinear is a block matrix, so Muon takes its factor gradients
-    (model.config.streaming_momentum picks dense or low-rank momentum). AdamW holds only wte,
+    MoleGrad: every MoleGradLinear is a block matrix, so Muon takes its factor gradients
+    (model.config.molegrad_momentum picks dense or low-rank momentum). AdamW holds only wte,
     lm_head and the recipe pieces, which are never compressed (an embedding's gradient is already
     sparse in rows, and the head's input is kept by the chunked loss anyway), so AdamW needs no
-    moments in a subspace; a StreamingLinear reaching it is an error.
+    moments in a subspace; a MoleGradLinear reaching it is an error.
     """
     blocks, lm_head, wte = model.transformer.h, model.lm_head, model.transformer.wte
     for name, p in blocks.named_parameters():
@@ -459,9 +467,9 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
         {"params": [wte.weight], "lr": embedding_lr * dmodel_lr_scale},
     ]
     adam_groups += recipe_adam_groups(model, embedding_lr * dmodel_lr_scale, scalar_lr)
-    streaming = streaming_layers(model)
+    compressed = molegrad_layers(model)
     adam_params = {id(p) for group in adam_groups for p in group["params"]}
-    if any(id(layer.weight) in adam_params for layer in streaming):
+    if any(id(layer.weight) in adam_params for layer in compressed):
         raise ValueError("setup_optimizers: a MoleGrad layer's weight is in an AdamW group; AdamW reads only p.grad")
     grouped = [id(p) for p in blocks.parameters()] + [id(p) for group in adam_groups for p in group["params"]]
     missing = [name for name, p in model.named_parameters() if id(p) not in set(grouped)]
@@ -472,7 +480,7 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
     fused = lm_head.weight.device.type == "cuda"
     adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
     muon = Muon(list(blocks.parameters()), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
-                streaming=streaming, streaming_momentum=model.config.streaming_momentum,
+                molegrad=compressed, molegrad_momentum=model.config.molegrad_momentum,
                 orthogonalizer=orthogonalizer, normuon=normuon, normuon_beta2=normuon_beta2,
                 cautious_weight_decay=cautious_weight_decay, lowrank_step_rule=lowrank_step_rule)
     optimizers: list[torch.optim.Optimizer] = [adamw, muon]
@@ -496,21 +504,6 @@ def recipe_adam_groups(model: nn.Module, embedding_lr: float, scalar_lr: float) 
     if gates:
         groups.append({"params": gates, "lr": 0.2})
     return groups
-
-
-@torch.no_grad()
-def update_subspaces(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-    """Moves every MoleGrad layer's Q one step and carries optimizer state kept in Q's coordinates
-    along. Call once per optimizer step, after every optimizer.step() (and, under DDP, after the
-    layers' step_statistics() were all-reduced)."""
-    layers = streaming_layers(model)
-    for layer, (q_old, q_new) in zip(layers, move_subspaces(layers)):  # batched by shape, one host sync
-        if q_new is q_old:  # no training forward since the last update: Q did not move
-            continue
-        for opt in optimizers:
-            transport = getattr(opt, "transport_subspace", None)
-            if transport is not None:
-                transport(layer, q_old, q_new)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,21 +42,22 @@ from nanochat.checkpoint import (
 from nanochat.common import RunContext, print0
 from nanochat.config import RuntimeFlags, UserError, check, to_dict
 from nanochat.distributed import AVG, all_reduce, wait_all
-from nanochat.gpt import MEMORY_MODES, RECIPE_PIECES, RECOMPUTE_MODES, GPTConfig, apply_memory_mode
+from nanochat.gpt import RECIPE_PIECES, GPTConfig, config_from_dict
+from nanochat.model_flags import MemoryFlags, flag_errors
+from nanochat.molegrad import MoleGradStep
 from nanochat.optim import (
     ORTHOGONALIZERS,
     WEIGHT_DECAY_REF_WIDTH,
     apply_lr,
+    check_recipe_options,
     get_lr_multiplier,
     get_muon_momentum,
-    update_subspaces,
 )
-from nanochat.streaming_linear import STREAMING_MOMENTA, STREAMING_TARGETS, streaming_layers, zero_factor_grad
 
 
 @dataclass
-class TrainFlags(RuntimeFlags):
-    """Flags shared by every training stage (with the runtime flags)."""
+class TrainFlags(MemoryFlags, RuntimeFlags):
+    """Flags shared by every training stage (with the runtime and memory flags)."""
 
     run: str = field(default="dummy", metadata={"help": "wandb run name (dummy = no wandb; WANDB_RUN also works)"})
     device_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward on one device"})
@@ -77,34 +78,6 @@ class TrainFlags(RuntimeFlags):
     divergence_factor: float = field(default=3.0, metadata={"help": "a loss above this times its best so far has diverged (> 1)"})
     resume_from_step: int = field(default=-1, metadata={"help": "resume the run from this saved step (-1 = fresh start)"})
     model_tag: str = field(default="", metadata={"short": "-c", "help": "checkpoint directory to write (default: d<depth>, or the source's)"})
-    recompute: str = field(default="none", metadata={"help": "exact activation recompute", "choices": RECOMPUTE_MODES})
-    enable_streaming: bool = field(default=False, metadata={"help": "MoleGrad: low-rank weight gradients"})
-    streaming_rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k (1 <= k <= layer input width)"})
-    streaming_power_iters: int = field(default=1, metadata={"help": "MoleGrad power-iteration steps per update (>= 1)"})
-    streaming_target_layers: str = field(default="ffn_only", metadata={"help": "MoleGrad targets", "choices": STREAMING_TARGETS})
-    streaming_warm_start_decay: float = field(default=0.95, metadata={"help": "MoleGrad sketch EMA decay in [0, 1)"})
-    streaming_momentum: str = field(default="dense", metadata={
-        "help": "Muon momentum of MoleGrad matrices: dense (out x in, fed by the factors) or lowrank "
-                "(out x k factors, moved with the subspace)", "choices": STREAMING_MOMENTA})
-    streaming_keep_h: bool = field(default=False, metadata={
-        "help": "MoleGrad MLP keeps h for backward instead of recomputing it (faster; 4d values per token more)"})
-    memory_mode: str = field(default="custom", metadata={
-        "help": "custom = the flags above; low = recompute=block + MoleGrad on the MLP Linears + lowrank momentum "
-                "(no measured quality cost); lowest = the same on all Linears (h kept inside the recompute; compressing "
-                "attention costs quality at small k); keep_h = MoleGrad on all Linears + lowrank momentum + keep h, no "
-                "recompute (each turns MoleGrad on, at --streaming_rank_k)",
-        "choices": ("custom", *MEMORY_MODES)})
-    # recipe pieces (upstream nanochat, 2026), all off by default. Model pieces shape the weights:
-    # base_train builds them; later stages keep the checkpoint's architecture.
-    layer_lambdas: bool = field(default=False, metadata={
-        "help": "model: learnable per-layer residual and x0 (input embedding) lambdas (base_train)"})
-    smear_gate: bool = field(default=False, metadata={
-        "help": "model: mix the previous token's embedding into each position through a learned gate (base_train)"})
-    backout: bool = field(default=False, metadata={
-        "help": "model: subtract a learned share of the mid-depth residual before the final norm (base_train)"})
-    value_embeds: bool = field(default=False, metadata={
-        "help": "model: gated per-token value embeddings on alternating layers; vocab x kv_dim parameters "
-                "(and AdamW moments) per such layer (base_train)"})
     scalar_lr: float = field(default=0.5, metadata={
         "help": "AdamW LR of the x0 lambdas (resid lambdas: /100), with --layer_lambdas"})
     muon_orthogonalizer: str = field(default="newton_schulz", metadata={
@@ -120,60 +93,26 @@ class TrainFlags(RuntimeFlags):
     def validate(self) -> None:
         super().validate()
         check(self.device_batch_size >= 1, f"--device_batch_size: expected >= 1, got {self.device_batch_size}")
-        check(self.streaming_rank_k >= 1, f"--streaming_rank_k: expected >= 1, got {self.streaming_rank_k}")
-        check(self.streaming_power_iters >= 1, f"--streaming_power_iters: expected >= 1, got {self.streaming_power_iters}")
-        check(0.0 <= self.streaming_warm_start_decay < 1.0,
-              f"--streaming_warm_start_decay: expected a value in [0, 1), got {self.streaming_warm_start_decay}")
         check(0.0 <= self.warmup_ratio + self.warmdown_ratio <= 1.0,
               f"--warmup_ratio + --warmdown_ratio: expected a sum in [0, 1], got {self.warmup_ratio + self.warmdown_ratio}")
         check(self.grad_clip >= 0, f"--grad_clip: expected >= 0, got {self.grad_clip}")
         check(self.resume_from_step >= -1, f"--resume_from_step: expected a step >= 0 (or -1), got {self.resume_from_step}")
-        check(0.0 <= self.normuon_beta2 < 1.0, f"--normuon_beta2: expected a value in [0, 1), got {self.normuon_beta2}")
-        if self.normuon or self.cautious_weight_decay:
-            lowrank = self.streaming_momentum == "lowrank" or self.memory_mode != "custom"
-            flag = "--normuon" if self.normuon else "--cautious_weight_decay"
-            check(not lowrank, f"{flag}=True: needs the dense update of every matrix; low-rank MoleGrad momentum "
-                               f"(--streaming_momentum=lowrank / --memory_mode={self.memory_mode}) never forms it: "
-                               f"use --streaming_momentum=dense")
         for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "final_lr_frac", "scalar_lr"):
             check(getattr(self, name) >= 0, f"--{name}: expected a number >= 0, got {getattr(self, name)}")
         check(self.save_every >= -1, f"--save_every: expected a step count >= 1 (or -1 = only at the end), got {self.save_every}")
         check(self.keep_checkpoints >= 0, f"--keep_checkpoints: expected >= 0 (0 = all), got {self.keep_checkpoints}")
         check(self.divergence_patience >= 0, f"--divergence_patience: expected >= 0 (0 = never), got {self.divergence_patience}")
         check(self.divergence_factor > 1, f"--divergence_factor: expected a number > 1, got {self.divergence_factor}")
-        try:
-            GPTConfig(n_embd=2 * self.streaming_rank_k, n_head=1, n_kv_head=1, **self.memory_options())  # width: any >= k
-        except ValueError as e:  # a contradicting or incomplete memory mode, low-rank momentum without MoleGrad
-            check(False, str(e))
+        with flag_errors(self):
+            check_recipe_options(**self._muon_options(), ns_steps=1, molegrad_momentum=self.memory_options()["molegrad_momentum"])
 
-    def memory_options(self) -> dict[str, Any]:
-        """The GPTConfig fields these flags set (--memory_mode applied)."""
-        return apply_memory_mode(self.memory_mode, {
-            "recompute": self.recompute,
-            "streaming_rank_k": self.streaming_rank_k if self.enable_streaming or self.memory_mode != "custom" else 0,
-            "streaming_targets": self.streaming_target_layers,
-            "streaming_power_iters": self.streaming_power_iters,
-            "streaming_warm_start_decay": self.streaming_warm_start_decay,
-            "streaming_momentum": self.streaming_momentum,
-            "streaming_keep_h": self.streaming_keep_h,
-        })
-
-    def model_options(self) -> dict[str, Any]:
-        """The GPTConfig fields these flags set: memory_options() and the recipe pieces."""
-        return {**self.memory_options(), **{name: getattr(self, name) for name in RECIPE_PIECES}}
-
-    def check_model_pieces(self, config: GPTConfig, source: str) -> None:
-        """One line when a model-piece flag is on but the model loaded from `source` lacks the piece:
-        a later stage keeps its checkpoint's architecture (pieces are chosen in base_train)."""
-        missing = [name for name in RECIPE_PIECES if getattr(self, name) and not getattr(config, name)]
-        check(not missing, f"--{missing[0] if missing else ''}=True: the model from {source} has no such piece; "
-                           f"a later stage keeps its checkpoint's architecture (recipe pieces are chosen in base_train)")
+    def _muon_options(self) -> dict[str, Any]:
+        return dict(orthogonalizer=self.muon_orthogonalizer, normuon=self.normuon, normuon_beta2=self.normuon_beta2,
+                    cautious_weight_decay=self.cautious_weight_decay)
 
     def optimizer_options(self) -> dict[str, Any]:
         """setup_optimizers' recipe options from these flags."""
-        return dict(scalar_lr=self.scalar_lr, orthogonalizer=self.muon_orthogonalizer, normuon=self.normuon,
-                    normuon_beta2=self.normuon_beta2, cautious_weight_decay=self.cautious_weight_decay,
-                    weight_decay_by_width=self.weight_decay_by_width)
+        return dict(scalar_lr=self.scalar_lr, weight_decay_by_width=self.weight_decay_by_width, **self._muon_options())
 
 
 # --total_batch_size=-1 (auto): upstream nanochat's rule. B_REF tokens per step were measured optimal
@@ -214,15 +153,12 @@ def all_optimizer_params(optimizers: list[torch.optim.Optimizer]) -> list[torch.
     return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
 
 
-def gradient_tensors(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
-    """This step's gradients: p.grad of dense parameters, and for a MoleGrad weight (in a Muon's
-    `streaming`) its layer's grad_factor (out, k), the only gradient it has: dW = grad_factor Qᵀ,
-    and ‖dW‖ = ‖grad_factor‖ since Q has orthonormal columns."""
-    streaming = {key: layer for opt in optimizers for key, layer in getattr(opt, "streaming", {}).items()}
+def gradient_tensors(optimizers: list[torch.optim.Optimizer], factors: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """This step's gradients: p.grad of dense parameters, and for a MoleGrad weight its factor
+    gradient (out, k) from `factors` (MoleGradStep.gradients()), the only gradient it has."""
     grads = []
     for p in all_optimizer_params(optimizers):
-        layer = streaming.get(id(p))
-        grad = p.grad if layer is None else layer.grad_factor
+        grad = factors.get(id(p), p.grad)
         if grad is not None:
             grads.append(grad)
     return grads
@@ -233,14 +169,14 @@ def sharded(opt: torch.optim.Optimizer) -> bool:
     return getattr(opt, "sharded", False)
 
 
-def clip_grad_norm(optimizers: list[torch.optim.Optimizer], max_norm: float) -> float:
+def clip_grad_norm(optimizers: list[torch.optim.Optimizer], factors: dict[int, torch.Tensor], max_norm: float) -> float:
     """Global gradient norm over every parameter (MoleGrad factors included); scale gradients
     down to `max_norm` if above.
 
     With sharded optimizers, after their reduce_gradients(): each rank holds the averaged gradient
     of the parameters it owns (`gradient_shards`) and the replicated ones (everything else in
     `gradient_tensors`), so the norm is √(all-reduced Σ‖shard‖² + Σ‖replicated‖²)."""
-    grads = gradient_tensors(optimizers)
+    grads = gradient_tensors(optimizers, factors)
     shards = {id(g) for opt in optimizers if sharded(opt) for g in opt.gradient_shards()}
     distributed_norm = any(sharded(opt) for opt in optimizers)
     if not grads and not distributed_norm:
@@ -270,18 +206,19 @@ def train_step(
     micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     grad_accum: int,
     ctx: RunContext,
-    lr_multiplier: float,
-    muon_momentum: float | None,
-    grad_clip: float,
+    lr_multiplier: float = 1.0,
+    muon_momentum: float | None = 0.95,
+    grad_clip: float = 1.0,
 ) -> tuple[float, float]:
     """One optimizer step over `grad_accum` micro-batches. Returns (mean loss, grad norm).
 
     The loss of each micro-batch is divided by grad_accum so the gradients equal those of one
     big batch (MoleGrad factors add up the same way: every micro-batch of a step uses the same Q).
     Under DDP, `reduce_across_ranks` averages the gradients. Then clipping, the optimizer steps
-    (sharded ones broadcast what they updated), and the MoleGrad subspaces move
-    (update_subspaces: after the step, so that backward and optimizer saw the same Q).
+    (sharded ones broadcast what they updated), and MoleGrad moves its subspaces (after the step,
+    so that backward and optimizer saw the same Q). muon_momentum None: the optimizers' own.
     """
+    molegrad = MoleGradStep(model)
     losses = []
     for _, (inputs, targets) in zip(range(grad_accum), micro_batches):
         with ctx.autocast():
@@ -289,37 +226,37 @@ def train_step(
         (loss / grad_accum).backward()
         losses.append(loss.detach())
     mean_loss = torch.stack(losses).mean()
+    factors = molegrad.gradients()
     if ctx.ddp:
-        reduce_across_ranks(model, optimizers, mean_loss)
-    norm = clip_grad_norm(optimizers, grad_clip) if grad_clip > 0 else 0.0
+        reduce_across_ranks(optimizers, molegrad.statistics(), factors, mean_loss)
+    norm = clip_grad_norm(optimizers, factors, grad_clip) if grad_clip > 0 else 0.0
     apply_lr(optimizers, lr_multiplier)
     for opt in optimizers:
         if muon_momentum is not None and "momentum" in opt.defaults:
             for group in opt.param_groups:
                 group["momentum"] = muon_momentum
         opt.step()
-    update_subspaces(model, optimizers)
+    molegrad.finish(optimizers)
     model.zero_grad(set_to_none=True)
-    zero_factor_grad(model)  # `model` may be a torch.compile wrapper, whose zero_grad is nn.Module's
     return float(mean_loss), norm
 
 
-def reduce_across_ranks(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], mean_loss: torch.Tensor) -> None:
+def reduce_across_ranks(optimizers: list[torch.optim.Optimizer], statistics: list[torch.Tensor],
+                        factors: dict[int, torch.Tensor], mean_loss: torch.Tensor) -> None:
     """Averages this step's gradients and loss across processes, in place.
 
     Sharded optimizers reduce their own (each dense gradient onto its owner rank; MoleGrad factors
-    (out, k) all-reduced); any other optimizer's gradients are all-reduced whole. The MoleGrad
-    subspace statistics (sketch (in, k+e), energy, tokens) are summed, so that every rank moves
-    its Q identically, following every rank's tokens. The weights of MoleGrad layers never cross.
+    (out, k) all-reduced); any other optimizer's gradients are all-reduced whole. MoleGrad's subspace
+    `statistics` (sketch (in, k+e), energy, tokens) are summed, so that every rank moves its Q
+    identically, following every rank's tokens. The weights of MoleGrad layers never cross.
     """
-    pending = [all_reduce(statistic, "molegrad statistics")
-               for layer in streaming_layers(model) for statistic in layer.step_statistics()]
+    pending = [all_reduce(statistic, "molegrad statistics") for statistic in statistics]
     pending.append(all_reduce(mean_loss, "scalar", op=AVG))
     for opt in optimizers:
         if sharded(opt):
             opt.reduce_gradients()
         else:
-            pending += [all_reduce(grad, "replicated gradient", op=AVG) for grad in gradient_tensors([opt])]
+            pending += [all_reduce(grad, "replicated gradient", op=AVG) for grad in gradient_tensors([opt], factors)]
     wait_all(pending)
 
 
@@ -504,19 +441,19 @@ def save_training_state(
 
 # GPTConfig fields that fix the shapes of weights and optimizer state, and the flags that set them
 SHAPE_FIELDS = {"vocab_size": "the tokenizer's vocabulary", "n_layer": "--depth", "n_embd": "--depth", "n_head": "--depth",
-                "n_kv_head": "--depth", "streaming_rank_k": "--enable_streaming/--streaming_rank_k/--memory_mode",
-                "streaming_targets": "--streaming_target_layers/--memory_mode",
-                "streaming_momentum": "--streaming_momentum/--memory_mode",
+                "n_kv_head": "--depth", "molegrad_rank_k": "--molegrad/--molegrad_rank_k/--memory_mode",
+                "molegrad_targets": "--molegrad_targets/--memory_mode",
+                "molegrad_momentum": "--molegrad_momentum/--memory_mode",
                 **{name: f"--{name}" for name in RECIPE_PIECES}}
 
 
 def check_resumable(meta: dict[str, Any], config: GPTConfig, directory: Path, step: int) -> None:
     """CheckpointError naming the flag when this run's model differs from the checkpoint's in a
     shape of its weights or optimizer state (MoleGrad settings count only with MoleGrad on)."""
-    saved = meta.get("model_config", {})
+    saved = config_from_dict(meta.get("model_config", {}))
     now = dataclasses.asdict(config)
     for name, flag in SHAPE_FIELDS.items():
-        if name.startswith("streaming_") and name != "streaming_rank_k" and not (saved.get("streaming_rank_k") or now["streaming_rank_k"]):
+        if name.startswith("molegrad_") and name != "molegrad_rank_k" and not (saved.get("molegrad_rank_k") or now["molegrad_rank_k"]):
             continue
         if name in saved and saved[name] != now[name]:
             raise CheckpointError(

@@ -28,9 +28,10 @@ from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import GiB, available_memory, plan_memory
+from nanochat.model_flags import ModelFlags, flag_errors
 from nanochat.optim import setup_optimizers
 from nanochat.report import log_section
-from nanochat.streaming_linear import streaming_layers
+from nanochat.molegrad import molegrad_layers
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.trainer import (
     AUTO_BATCH_REF_DEPTH,
@@ -51,7 +52,7 @@ SAMPLE_PROMPTS = ("The capital of France is", "def fibonacci(n):", "The meaning 
 
 
 @dataclass
-class BaseTrainConfig(TrainFlags):
+class BaseTrainConfig(ModelFlags, TrainFlags):
     """Pretrain a GPT on the base_data shards."""
 
     depth: int = field(default=20, metadata={"help": "transformer blocks; sets width and heads"})
@@ -66,8 +67,6 @@ class BaseTrainConfig(TrainFlags):
         "choices": ("all", "scaling")})
     eval_every: int = field(default=250, metadata={"help": "val bpb every N steps (-1 = only at the end, 0 = never)"})
     eval_tokens: int = field(default=20 * 524288, metadata={"help": "tokens per val bpb evaluation"})
-    core_metric_every: int = field(default=-1, metadata={"help": "CORE metric every N steps (-1 = never)"})
-    core_metric_max_per_task: int = field(default=500, metadata={"help": "CORE examples per task during training"})
     sample_every: int = field(default=2000, metadata={"help": "print samples every N steps (-1 = never)"})
 
     def validate(self) -> None:
@@ -80,9 +79,8 @@ class BaseTrainConfig(TrainFlags):
         check(self.num_iterations > 0 or self.target_param_data_ratio > 0,
               "--num_iterations: expected > 0 when --target_param_data_ratio <= 0")
         check(self.eval_tokens >= 1, f"--eval_tokens: expected >= 1, got {self.eval_tokens}")
-        for name in ("eval_every", "core_metric_every", "sample_every"):
+        for name in ("eval_every", "sample_every"):
             check(getattr(self, name) >= -1, f"--{name}: expected >= -1, got {getattr(self, name)}")
-        check(self.core_metric_max_per_task >= 1, f"--core_metric_max_per_task: expected >= 1, got {self.core_metric_max_per_task}")
 
 
 def check_memory_fits(config: GPTConfig, device_batch_size: int, grad_accum: int, ctx: RunContext) -> None:
@@ -108,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=ctx.device)
-    model_config = config_from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len, **cfg.model_options())
+    with flag_errors():
+        model_config = config_from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len, **cfg.model_options())
     if cfg.total_batch_size == -1:
         reference = config_from_depth(AUTO_BATCH_REF_DEPTH, tokenizer.get_vocab_size(), cfg.max_seq_len)
         per_pass = cfg.device_batch_size * cfg.max_seq_len * ctx.world_size
@@ -132,11 +131,11 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
            f"({model_config.n_kv_head} kv), {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
     print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {ctx.world_size} ranks x {grad_accum} accum = "
            f"{cfg.total_batch_size:,} tokens/step; {num_iterations} steps; compute {ctx.dtype} on {ctx.device}")
-    molegrad_layers = streaming_layers(model)
-    if molegrad_layers:
-        print0(f"MoleGrad: rank {model_config.streaming_rank_k} on {len(molegrad_layers)} Linears "
-               f"({model_config.streaming_targets}), {model_config.streaming_momentum} momentum, "
-               f"{model_config.streaming_power_iters} power iteration(s), decay {model_config.streaming_warm_start_decay}")
+    compressed = molegrad_layers(model)
+    if compressed:
+        print0(f"MoleGrad: rank {model_config.molegrad_rank_k} on {len(compressed)} Linears "
+               f"({model_config.molegrad_targets}), {model_config.molegrad_momentum} momentum, "
+               f"{model_config.molegrad_power_iters} power iteration(s), decay {model_config.molegrad_warm_start_decay}")
 
     ckpt_dir = checkpoint_dir("base", cfg.model_tag or f"d{cfg.depth}")
     start_step, loader_state, val_bpb = 0, None, None
@@ -186,7 +185,7 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         stats = progress.stop(step)
         losses.append(loss)
         # MoleGrad: the share of the layers' input energy that their subspaces Q capture (mean over layers)
-        captured = float(torch.stack([m.captured_energy for m in molegrad_layers]).mean()) if molegrad_layers else None
+        captured = float(torch.stack([m.captured_energy for m in compressed]).mean()) if compressed else None
         print0(f"step {step + 1:05d}/{num_iterations} | loss {loss:.4f} | grad norm {grad_norm:.3f} | lrm {lrm:.2f} | "
                f"{stats['dt'] * 1000:.0f} ms | {stats['tok_per_s']:,.0f} tok/s | MFU {stats['mfu']:.1f}% | "
                f"ETA {format_duration(stats['eta_s'])}" + (f" | Q captures {captured:.2f}" if captured is not None else ""))

@@ -14,17 +14,17 @@ import pytest
 from scripts import chat_cli
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["-i", "base", "-c", "tiny", "--max_tokens=12", "--threads=1"]
+CHAT_CLI_ARGS = ["-i", "base", "-c", "tiny", "--max_tokens=12", "--threads=1"]
 
 
 def test_one_shot_prompt_prints_a_reply_and_exits_0(base_dir):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
     # (the tiny model's greedy reply to "hello" is empty; to this prompt it is not)
-    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", *TINY, "-p", "the gradient", "-t", "0"],
+    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", *CHAT_CLI_ARGS, "-p", "the gradient", "-t", "0"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    assert result.stdout.strip() == chat_cli.main(TINY + ["-p", "the gradient", "-t", "0"]).strip()  # greedy: the same reply
+    assert result.stdout.strip() == chat_cli.main(CHAT_CLI_ARGS + ["-p", "the gradient", "-t", "0"]).strip()  # greedy: the same reply
 
 
 def scripted_input(monkeypatch, answers: list) -> None:
@@ -43,7 +43,7 @@ def scripted_input(monkeypatch, answers: list) -> None:
 @pytest.mark.parametrize("ending", ["quit", "exit", EOFError, KeyboardInterrupt])
 def test_interactive_loop_clears_and_ends_cleanly(base_dir, monkeypatch, capsys, ending):
     scripted_input(monkeypatch, ["hello", "", "clear", "again", ending])
-    assert chat_cli.main(TINY) == ""
+    assert chat_cli.main(CHAT_CLI_ARGS) == ""
     out = capsys.readouterr().out
     assert out.count("Assistant: ") == 2
     assert "(new conversation)" in out
@@ -61,7 +61,7 @@ def test_ctrl_c_stops_the_reply_not_the_program(base_dir, monkeypatch, capsys):
 
     monkeypatch.setattr(chat_cli.StreamDecoder, "push", interrupted_push)
     scripted_input(monkeypatch, ["hello", "and then?", "quit"])
-    assert chat_cli.main(TINY) == ""
+    assert chat_cli.main(CHAT_CLI_ARGS) == ""
     out = capsys.readouterr().out
     assert "[stopped]" in out and out.count("Assistant: ") == 2  # the loop went on after the interrupt
 
@@ -85,7 +85,7 @@ def test_bad_device_is_one_line_before_any_model_loads(base_dir, capsys, monkeyp
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
     monkeypatch.setattr(chat_cli, "load_chat_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as e:
-        chat_cli.main([*TINY, f"--device={device}", "-p", "hi"])
+        chat_cli.main([*CHAT_CLI_ARGS, f"--device={device}", "-p", "hi"])
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

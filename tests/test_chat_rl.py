@@ -103,6 +103,6 @@ def test_missing_source_is_one_clear_line(base_dir, capsys):
 
 def test_rl_runs_with_molegrad(base_dir, monkeypatch):
     monkeypatch.setattr(Arithmetic, "reward", lambda self, conversation, response: float(len(response) % 2))
-    result = chat_rl.main(RL + ["--num_iterations=2", "--enable_streaming", "--streaming_rank_k=4", "--model_tag=tiny_mole"])
+    result = chat_rl.main(RL + ["--num_iterations=2", "--molegrad", "--molegrad_rank_k=4", "--model_tag=tiny_mole"])
     assert len(result["losses"]) == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
     assert (base_dir / "rl_checkpoints" / "tiny_mole" / "meta_000002.json").exists()

@@ -15,10 +15,9 @@ from tasks.common import TaskMixture
 from tasks.gsm8k import math_conversation
 from tasks.identity import Identity
 from tasks.spellingbee import SimpleSpelling
+from tests.helpers import CHAT_TRAIN_ARGS, MID_TRAIN_ARGS, copy_checkpoint
 
-COMMON = ["--max_seq_len=128", "--device_batch_size=4", "--task_source=offline", "--threads=1", "--dtype=float32"]
-MID = COMMON + ["--total_batch_size=1024", "--eval_tokens=512"]
-SFT = COMMON + ["--examples_per_step=8", "--eval_examples=8", "--eval_metrics_max_problems=0", "--init_lr_frac=0.5"]
+SFT = CHAT_TRAIN_ARGS + ["--examples_per_step=8", "--eval_examples=8", "--eval_metrics_max_problems=0", "--init_lr_frac=0.5"]
 
 
 def assistant_tokens(ids, tokenizer):
@@ -139,20 +138,12 @@ def fixed_batch_loss(kind, tag, mixture, mode):
         return float(model(inputs, targets))
 
 
-def copy_checkpoint(base_dir, kind, source_tag, tag, step):
-    """A checkpoint directory holding only `source_tag`'s checkpoint at `step`."""
-    source, target = base_dir / f"{kind}_checkpoints" / source_tag, base_dir / f"{kind}_checkpoints" / tag
-    target.mkdir()
-    for path in source.glob(f"*_{step:06d}*"):
-        shutil.copy(path, target / path.name)
-
-
-MOLEGRAD = ["--enable_streaming=True", "--streaming_rank_k=8", "--streaming_target_layers=all", "--recompute=mlp"]
+MOLEGRAD = ["--molegrad=True", "--molegrad_rank_k=8", "--molegrad_targets=all", "--recompute=mlp"]
 
 
 @pytest.mark.parametrize("name,flags", [("dense", []), ("molegrad", MOLEGRAD)])  # molegrad: from the dense base model
 def test_mid_train_learns_and_resumes_bit_exactly(base_dir, name, flags):
-    run = MID + flags + ["--source_tag=tiny", "--num_iterations=6", "--eval_every=3", "--save_every=3", "--keep_checkpoints=0"]
+    run = MID_TRAIN_ARGS + flags + ["--source_tag=tiny", "--num_iterations=6", "--eval_every=3", "--save_every=3", "--keep_checkpoints=0"]
     full = mid_train.main(run + [f"--model_tag={name}_full"])
     copy_checkpoint(base_dir, "mid", f"{name}_full", f"{name}_resumed", 3)
     resumed = mid_train.main(run + [f"--model_tag={name}_resumed", "--resume_from_step=3"])
@@ -164,7 +155,7 @@ def test_mid_train_learns_and_resumes_bit_exactly(base_dir, name, flags):
 
 
 def test_chat_sft_learns_and_resumes_bit_exactly(base_dir):
-    mid_train.main(MID + ["--source_tag=tiny", "--model_tag=for_sft", "--num_iterations=2", "--eval_every=0"])
+    mid_train.main(MID_TRAIN_ARGS + ["--source_tag=tiny", "--model_tag=for_sft", "--num_iterations=2", "--eval_every=0"])
     run = SFT + ["--source_tag=for_sft", "--num_iterations=6", "--eval_every=3", "--save_every=3", "--keep_checkpoints=0"]
     full = chat_sft.main(run + ["--model_tag=sft_full"])
     assert full["source_dir"].endswith("mid_checkpoints/for_sft")  # --source=mid is the default
@@ -180,7 +171,7 @@ def test_chat_sft_learns_and_resumes_bit_exactly(base_dir):
 def test_a_resumed_chat_stage_trains_with_its_new_lrs_and_keeps_its_shapes(base_dir, capsys):
     """LR 0 on resume leaves the weights of step 3 untouched (the saved optimizer state used to
     bring its old LRs back); turning MoleGrad on at resume is refused in one line."""
-    run = MID + ["--source_tag=tiny", "--num_iterations=5", "--eval_every=0", "--save_every=3", "--keep_checkpoints=0"]
+    run = MID_TRAIN_ARGS + ["--source_tag=tiny", "--num_iterations=5", "--eval_every=0", "--save_every=3", "--keep_checkpoints=0"]
     mid_train.main(run + ["--model_tag=lr_full"])
     copy_checkpoint(base_dir, "mid", "lr_full", "lr_zero", 3)
     mid_train.main(run + ["--model_tag=lr_zero", "--resume_from_step=3", "--matrix_lr=0", "--embedding_lr=0",
@@ -193,7 +184,7 @@ def test_a_resumed_chat_stage_trains_with_its_new_lrs_and_keeps_its_shapes(base_
         mid_train.main(run + MOLEGRAD + ["--model_tag=lr_full", "--resume_from_step=3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and len(err) == 1, err
-    assert "--enable_streaming/--streaming_rank_k/--memory_mode: the checkpoint at step 3" in err[0], err
+    assert "--molegrad/--molegrad_rank_k/--memory_mode: the checkpoint at step 3" in err[0], err
 
 
 def test_chat_sft_reports_categorical_accuracy(base_dir):
@@ -217,7 +208,7 @@ def test_chat_sft_reports_categorical_accuracy(base_dir):
 )
 def test_bad_input_is_one_clear_line(base_dir, capsys, script, argv, message):
     with pytest.raises(SystemExit) as e:
-        script.main((MID if script is mid_train else SFT) + ["--num_iterations=1"] + argv)
+        script.main((MID_TRAIN_ARGS if script is mid_train else SFT) + ["--num_iterations=1"] + argv)
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
@@ -227,7 +218,7 @@ def test_no_base_checkpoint_at_all_is_one_clear_line(tiny_base, tmp_path, monkey
     shutil.copytree(tiny_base / "tokenizer", tmp_path / "tokenizer")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as e:
-        mid_train.main(MID + ["--num_iterations=1"])
+        mid_train.main(MID_TRAIN_ARGS + ["--num_iterations=1"])
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no base checkpoints under" in err[0] and "scripts.base_train" in err[0], err

@@ -6,10 +6,8 @@ The newer API surface (stop, logprobs, completions, fuzzing, bursts) is tests/te
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -19,14 +17,13 @@ import openai
 import pytest
 import uvicorn
 
-from nanochat import serving
 from nanochat.engine import Engine
 from scripts import chat_web
+from tests.helpers import HELLO, make_app, serve
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-HELLO = [{"role": "user", "content": "hello"}]
 
 
 class SlowEngine(Engine):
@@ -41,35 +38,6 @@ class SlowEngine(Engine):
         for step in super().steps(*args, **kwargs):
             time.sleep(0.03)
             yield step
-
-
-@contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    """Run `app` with uvicorn in a thread on a free port; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def make_app(base: Path, engine_class: type[Engine] = Engine, **flags):
-    cfg = chat_web.ChatWebConfig(source="base", model_tag="tiny", **flags)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(base))
-        engines, model_name = chat_web.load_engines(cfg, "cpu")
-    engines = [engine_class(engine.model, engine.tokenizer) for engine in engines]
-    return serving.build_app(engines, model_name, cfg)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ class DemoConfig:
 
     depth: int = field(default=4, metadata={"help": "number of blocks"})
     lr: float = 0.02
-    enable_streaming: bool = False
+    molegrad: bool = False
     target: str = field(default="ffn_only", metadata={"choices": ("ffn_only", "attn_only", "all")})
     source: str = field(default="sft", metadata={"short": "-i"})
     run: str = "dummy"
@@ -30,11 +30,11 @@ def test_both_value_forms_and_types():
 
 @pytest.mark.parametrize("raw,expected", [("True", True), ("False", False), ("1", True), ("0", False), ("true", True)])
 def test_booleans(raw, expected):
-    assert parse_args_or_raise(DemoConfig, [f"--enable_streaming={raw}"]).enable_streaming is expected
+    assert parse_args_or_raise(DemoConfig, [f"--molegrad={raw}"]).molegrad is expected
 
 
 def test_bare_boolean_switches_on():
-    assert parse_args_or_raise(DemoConfig, ["--enable_streaming", "--depth=2"]).enable_streaming is True
+    assert parse_args_or_raise(DemoConfig, ["--molegrad", "--depth=2"]).molegrad is True
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_bare_boolean_switches_on():
         (["--nope=1"], "--nope: unknown flag"),
         (["--depth=abc"], "--depth: expected an integer, got 'abc'"),
         (["--lr=fast"], "--lr: expected a number"),
-        (["--enable_streaming=maybe"], "--enable_streaming: expected a boolean"),
+        (["--molegrad=maybe"], "--molegrad: expected a boolean"),
         (["--target=mlp"], "--target: expected one of ffn_only|attn_only|all"),
         (["--depth=0"], "--depth: expected >= 1, got 0"),
         (["--depth"], "--depth: expected a value"),
@@ -76,7 +76,7 @@ def test_help_lists_every_flag_with_default(capsys):
 
 def test_to_dict_is_plain():
     d = to_dict(parse_args_or_raise(DemoConfig, ["--depth=3"]))
-    assert d == {"depth": 3, "lr": 0.02, "enable_streaming": False, "target": "ffn_only", "source": "sft", "run": "dummy"}
+    assert d == {"depth": 3, "lr": 0.02, "molegrad": False, "target": "ffn_only", "source": "sft", "run": "dummy"}
 
 
 def test_script_help_and_error_exit_codes():

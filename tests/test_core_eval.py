@@ -43,93 +43,14 @@ from nanochat.core_eval import (
 )
 from nanochat.download import DownloadError
 from nanochat.tokenizer import Tokenizer
+from tests.helpers import CORE_LM_ITEMS, REPO, BigramModel, bundle_files, bundle_zip, write_bundle
 
 # ---------------------------------------------------------------------------------------------
-# the generated bundle
+# the generated bundle (tests/helpers.py)
 
-MC_ITEMS = [  # (query, choices, gold); gold == 0 for 3 of 8
-    ("Question: What color is a clear sky?", ["blue", "green", "red", "purple"], 0),
-    ("Question: How many legs does a spider have?", ["six", "four", "8", "two"], 2),
-    ("Question: What do bees make?", ["honey", "milk", "silk", "wax paper"], 0),
-    ("Question: Which planet is known as the red planet?", ["Venus", "Mars", "Jupiter", "Saturn"], 1),
-    ("Question: What is frozen water called?", ["steam", "vapor", "rain", "ice"], 3),
-    ("Question: Which animal barks?", ["dog", "cat", "fish", "bird"], 0),
-    ("Question: What is the opposite of hot?", ["warm", "boiling", "cold", "sunny"], 2),
-    ("Question: Which instrument has black and white keys?", ["drum", "piano", "flute", "violin"], 1),
-]
-SCHEMA_ITEMS = [  # (context_options, continuation, gold); gold == 0 for 4 of 6
-    (["The trophy did not fit in the suitcase because the trophy", "The trophy did not fit in the suitcase because the suitcase"], "was too big.", 0),
-    (["Anna gave Lucy her book since Anna", "Anna gave Lucy her book since Lucy"], "had asked for it.", 1),
-    (["The ball broke the window because the ball", "The ball broke the window because the window"], "was thrown hard.", 0),
-    (["Tom thanked Bob because Tom", "Tom thanked Bob because Bob"], "had received help.", 0),
-    (["The cup fell off the table because the cup", "The cup fell off the table because the table"], "was tilted.", 1),
-    (["Sam called Max because Sam", "Sam called Max because Max"], "wanted to talk.", 0),
-]
-LM_ITEMS = [
-    ("The capital of France is", "Paris"),
-    ("One, two, three, four,", "five"),
-    ("The sun rises in the", "east"),
-    ("Water boils at one hundred degrees", "Celsius"),
-    ("Roses are red, violets are", "blue"),
-    ("A week has seven", "days"),
-]
-CORE_YAML = """\
-icl_tasks:
-- label: toy_mc
-  dataset_uri: world_knowledge/toy_mc.jsonl
-  num_fewshot: [2]
-  icl_task_type: multiple_choice
-  continuation_delimiter: "\\nAnswer: "
-- label: toy_schema
-  dataset_uri: language_understanding/toy_schema.jsonl
-  num_fewshot: [1]
-  icl_task_type: schema
-- label: toy_lm
-  dataset_uri: language_understanding/toy_lm.jsonl
-  num_fewshot: [3]
-  icl_task_type: language_modeling
-  continuation_delimiter: ' '
-"""
-META_CSV = """\
-Eval Task,Task Category,Random baseline
-toy_mc,world knowledge,25.0
-toy_schema,language understanding,50
-toy_lm,language understanding,0.0
-not_in_core,symbolic problem solving,10
-"""
 BASELINES = {"toy_mc": 25.0, "toy_schema": 50.0, "toy_lm": 0.0}
 # the uniform model's accuracies: share of items with gold == 0; language modelling 0
 UNIFORM_ACCURACY = {"toy_mc": 3 / 8, "toy_schema": 4 / 6, "toy_lm": 0.0}
-
-
-def bundle_files() -> dict[str, str]:
-    """{path inside the zip: text} of the generated bundle."""
-    mc = [{"query": q, "choices": c, "gold": g} for q, c, g in MC_ITEMS]
-    schema = [{"context_options": o, "continuation": c, "gold": g} for o, c, g in SCHEMA_ITEMS]
-    lm = [{"context": c, "continuation": a} for c, a in LM_ITEMS]
-    jsonl = lambda rows: "".join(json.dumps(row) + "\n" for row in rows)  # noqa: E731
-    return {
-        "eval_bundle/core.yaml": CORE_YAML,
-        "eval_bundle/eval_meta_data.csv": META_CSV,
-        "eval_bundle/eval_data/world_knowledge/toy_mc.jsonl": jsonl(mc),
-        "eval_bundle/eval_data/language_understanding/toy_schema.jsonl": jsonl(schema),
-        "eval_bundle/eval_data/language_understanding/toy_lm.jsonl": jsonl(lm),
-    }
-
-
-def write_bundle(root: Path) -> Path:
-    for name, text in bundle_files().items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text, encoding="utf-8")
-    return root / "eval_bundle"
-
-
-def bundle_zip() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, text in bundle_files().items():
-            zf.writestr(name, text)
-    return buffer.getvalue()
 
 
 def corrupt_member(data: bytes, member: str) -> bytes:
@@ -186,18 +107,6 @@ class OracleModel(nn.Module):
                 if nxt is not None:
                     logits[b, t, nxt] = 100.0
         return logits
-
-
-class BigramModel(nn.Module):
-    """Deterministic logits from the current token alone (a fixed random table): nontrivial scores."""
-
-    def __init__(self, vocab_size: int, max_len: int) -> None:
-        super().__init__()
-        self.config = SimpleNamespace(sequence_len=max_len)
-        self.table = torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(0))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.table[idx]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +298,7 @@ def test_oracle_scores_one(tok, bundle_dir, max_len):
 
 def test_language_modeling_needs_every_token(tok, bundle_dir):
     lm = load_tasks(bundle_dir)[2]
-    gold_rows = [reference_rows(tok, lm, idx, 1024)[0][0][0] for idx in range(len(LM_ITEMS))]
+    gold_rows = [reference_rows(tok, lm, idx, 1024)[0][0][0] for idx in range(len(CORE_LM_ITEMS))]
     off_by_one = [row[:-1] + [(row[-1] + 1) % 256] for row in gold_rows]  # right up to the last token
     assert evaluate_task(OracleModel(gold_rows, tok.get_vocab_size(), 1024), tok, lm, "cpu") == 1.0
     assert evaluate_task(OracleModel(off_by_one, tok.get_vocab_size(), 1024), tok, lm, "cpu") == 0.0
@@ -561,7 +470,7 @@ CHILD = """
 import json, os, sys
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from test_core_eval import BigramModel
+from tests.helpers import BigramModel
 from nanochat.core_eval import ensure_eval_bundle, evaluate_core
 from nanochat.tokenizer import Tokenizer
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=int(sys.argv[3]), world_size=2)
@@ -581,7 +490,7 @@ def test_two_processes_match_one(tok, bundle_dir, serve, tmp_path):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "ddp_base"), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(Path(__file__).parent), str(tmp_path / "store"), str(rank), str(tmp_path / "tok"), server.url],
+            [sys.executable, "-c", CHILD, str(REPO), str(tmp_path / "store"), str(rank), str(tmp_path / "tok"), server.url],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for rank in range(2)

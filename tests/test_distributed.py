@@ -5,7 +5,7 @@ and a dead or stuck rank ends the run with a clear error instead of a hang.
 
 The equality tests run bench.ddp's harness (two spawned gloo processes against this one) on a tiny
 float64 model with Newton–Schulz in float64, so "equal" means equal to rounding; the end-to-end
-tests run torchrun as a subprocess on the tiny corpus of tests/test_base_train.py."""
+tests run torchrun as a subprocess on conftest's tiny corpus."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +21,8 @@ from bench.ddp import BenchConfig, run_all, summarize
 from nanochat.distributed import TIMEOUT_ENV, timeout_seconds
 from nanochat.optim import assign_owners
 from scripts import base_train
-from tests.test_base_train import TINY
+from tests.helpers import REPO, TINY_BASE_TRAIN_ARGS, same_tensors
 
-REPO = Path(__file__).resolve().parent.parent
 ARMS = ("dense", "molegrad", "molegrad_lowrank")
 TINY_MODEL = BenchConfig(n_embd=32, n_layer=2, n_head=4, n_kv_head=2, vocab_size=97, seq_len=16, batch_size=4,
                          steps=3, rank_k=4, targets="all", dtype="float64", arms=",".join(ARMS))
@@ -100,7 +98,7 @@ def test_a_bad_timeout_is_one_clear_line(monkeypatch, capsys):
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):  # as torchrun sets them
         monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as e:
-        base_train.main(TINY + ["--num_iterations=1"])
+        base_train.main(TINY_BASE_TRAIN_ARGS + ["--num_iterations=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and err == [f"error: {TIMEOUT_ENV}='-1': expected a number of seconds > 0"], err
 
@@ -134,17 +132,9 @@ def torchrun(args: list[str], timeout: float = 120, **env: str) -> tuple[subproc
     return proc, time.perf_counter() - start
 
 
-def same_tensors(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_tensors(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
-    return torch.equal(a, b) if torch.is_tensor(a) else a == b
-
-
-TORCHRUN_TINY = TINY + ["--total_batch_size=256", "--eval_every=-1", "--num_iterations=4", "--save_every=2",
-                        "--keep_checkpoints=0", "--model_tag=ddp"]
-MOLEGRAD = ["--enable_streaming=True", "--streaming_rank_k=8", "--streaming_momentum=lowrank"]
+TORCHRUN_TINY = TINY_BASE_TRAIN_ARGS + ["--total_batch_size=256", "--eval_every=-1", "--num_iterations=4",
+                                       "--save_every=2", "--keep_checkpoints=0", "--model_tag=ddp"]
+MOLEGRAD = ["--molegrad=True", "--molegrad_rank_k=8", "--molegrad_momentum=lowrank"]
 
 
 def test_torchrun_base_train_resumes_exactly_and_refuses_another_world_size(base_dir, capsys):

@@ -11,30 +11,9 @@ from nanochat.sampling import sample_next_token
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.ops import chunked_softcap_cross_entropy, norm, relu_squared_linear
 from nanochat.optim import setup_optimizers
+from tests.helpers import VOCAB, random_tokens, tiny_config, tiny_model
 
 torch.set_num_threads(1)
-
-VOCAB = 97
-
-
-def tiny_config(**overrides) -> GPTConfig:
-    fields = dict(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
-    fields.update(overrides)
-    return GPTConfig(**fields)
-
-
-def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> GPT:
-    """A small model whose zero-initialised matrices are perturbed, so every path carries signal."""
-    torch.manual_seed(seed)
-    model = GPT(tiny_config(**overrides)).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
-def random_tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,8 +27,8 @@ def test_config_from_depth_sizes_width_and_heads(depth, n_embd, n_head):
 
 
 def test_config_from_depth_forwards_options():
-    cfg = config_from_depth(4, VOCAB, 64, n_kv_head=1, recompute="mlp", streaming_rank_k=8)
-    assert (cfg.n_kv_head, cfg.recompute, cfg.streaming_rank_k) == (1, "mlp", 8)
+    cfg = config_from_depth(4, VOCAB, 64, n_kv_head=1, recompute="mlp", molegrad_rank_k=8)
+    assert (cfg.n_kv_head, cfg.recompute, cfg.molegrad_rank_k) == (1, "mlp", 8)
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -61,10 +40,10 @@ def test_config_from_depth_forwards_options():
     (dict(n_layer=-1), "n_layer"),
     (dict(softcap=0.0), "softcap"),
     (dict(recompute="all"), "recompute"),
-    (dict(streaming_targets="mlp"), "streaming_targets"),
-    (dict(streaming_rank_k=-1), "streaming_rank_k"),
-    (dict(streaming_power_iters=-2), "streaming_power_iters"),
-    (dict(streaming_warm_start_decay=1.0), "streaming_warm_start_decay"),
+    (dict(molegrad_targets="mlp"), "molegrad_targets"),
+    (dict(molegrad_rank_k=-1), "molegrad_rank_k"),
+    (dict(molegrad_power_iters=-2), "molegrad_power_iters"),
+    (dict(molegrad_warm_start_decay=1.0), "molegrad_warm_start_decay"),
 ])
 def test_bad_config_raises_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):

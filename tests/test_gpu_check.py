@@ -13,8 +13,8 @@ from nanochat.common import RunContext
 
 torch.set_num_threads(1)
 
-TINY = ["--device=cpu", "--dtype=bfloat16", "--depth=1", "--seq_len=32", "--vocab_size=128", "--rank_k=8",
-        "--steps=1", "--warmup=1", "--threads=1"]
+GPU_CHECK_ARGS = ["--device=cpu", "--dtype=bfloat16", "--depth=1", "--seq_len=32", "--vocab_size=128", "--rank_k=8",
+                  "--steps=1", "--warmup=1", "--threads=1"]
 
 
 def last_json(out: str) -> dict:
@@ -22,7 +22,7 @@ def last_json(out: str) -> dict:
 
 
 def test_every_mode_runs_eager_and_the_deepest_depth_follows_the_budget(capsys):
-    summary = gpu_check.main(TINY + ["--compile_backend=", "--gpu_memory=4MiB", "--reserve=0B"])
+    summary = gpu_check.main(GPU_CHECK_ARGS + ["--compile_backend=", "--gpu_memory=4MiB", "--reserve=0B"])
     out = capsys.readouterr().out
     assert last_json(out)["runs"] == json.loads(json.dumps(summary["runs"]))
     deepest = summary["deepest_lowest_depth"]
@@ -41,10 +41,10 @@ def test_every_mode_runs_eager_and_the_deepest_depth_follows_the_budget(capsys):
 
 
 def test_compiled_runs_and_the_time_budget(capsys):
-    summary = gpu_check.main(TINY + ["--modes=lowest", "--compile_backend=aot_eager", "--deepest=False"])
+    summary = gpu_check.main(GPU_CHECK_ARGS + ["--modes=lowest", "--compile_backend=aot_eager", "--deepest=False"])
     assert [run["compile"] for run in summary["runs"]] == ["eager", "aot_eager"]
     capsys.readouterr()
-    summary = gpu_check.main(TINY + ["--modes=dense", "--compile_backend=", "--deepest=False", "--time_budget_s=0"])
+    summary = gpu_check.main(GPU_CHECK_ARGS + ["--modes=dense", "--compile_backend=", "--deepest=False", "--time_budget_s=0"])
     assert summary["runs"] == [] and summary["skipped"] == ["d1 dense eager: time budget"]
     assert "skipped: d1 dense eager: time budget" in capsys.readouterr().out
 

@@ -19,10 +19,9 @@ import torch
 from nanochat.checkpoint import complete_steps, load_meta, load_model
 from nanochat.trainer import first_non_finite
 from scripts import base_train
-from tests.test_base_train import TINY
+from tests.helpers import REPO, TINY_BASE_TRAIN_ARGS
 
-REPO = Path(__file__).resolve().parent.parent
-RUN = TINY + ["--eval_every=-1", "--warmdown_ratio=0", "--keep_checkpoints=0"]
+RUN = TINY_BASE_TRAIN_ARGS + ["--eval_every=-1", "--warmdown_ratio=0", "--keep_checkpoints=0"]
 HUGE_LRS = ["--matrix_lr=1e6", "--embedding_lr=1e6", "--unembedding_lr=1e6"]
 
 

@@ -28,8 +28,7 @@ from nanochat.hf import (  # noqa: E402
 )
 from nanochat.optim import setup_optimizers  # noqa: E402
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
-from tests.helpers import WORDS, tiny_corpus_texts  # noqa: E402
-from tests.test_recipe import PIECE_SETS  # noqa: E402  (each piece alone, and all four)
+from tests.helpers import RECIPE_PIECE_SETS, TINY_BASE_TRAIN_ARGS, WORDS, tiny_corpus_texts  # noqa: E402
 
 HF_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
@@ -70,7 +69,7 @@ def hf_model(folder, **options):
 # the model
 
 def test_folder_has_the_hf_files_and_only_weights(tok, tmp_path):
-    model = tiny_gpt(tok, streaming_rank_k=4, streaming_targets="all")  # MoleGrad buffers must stay out
+    model = tiny_gpt(tok, molegrad_rank_k=4, molegrad_targets="all")  # MoleGrad buffers must stay out
     export_hf(model, tok, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == HF_FILES
     hf = transformers.NanoChatForCausalLM(transformers.AutoConfig.from_pretrained(tmp_path))
@@ -114,7 +113,7 @@ def test_round_trip_is_byte_identical(exported, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # recipe pieces: model_type nanochat_mole, transformers' NanoChat + the pieces in remote code
 
-@pytest.fixture(scope="module", params=PIECE_SETS, ids="+".join)
+@pytest.fixture(scope="module", params=RECIPE_PIECE_SETS, ids="+".join)
 def exported_pieces(tok, tmp_path_factory, request):
     """3 layers: backout after layer 1 (not the last, where the final norm would hide it), value
     embeddings on layers 0 and 2."""
@@ -250,8 +249,8 @@ def test_imported_model_continues_sft_with_the_same_losses(tok, exported):
 
 def test_import_with_molegrad_options_keeps_the_weights(exported):
     model, folder = exported
-    imported, _ = load_hf(folder, streaming_rank_k=4, sequence_len=64)
-    assert imported.config.streaming_rank_k == 4 and imported.config.sequence_len == 64
+    imported, _ = load_hf(folder, molegrad_rank_k=4, sequence_len=64)
+    assert imported.config.molegrad_rank_k == 4 and imported.config.sequence_len == 64
     assert torch.equal(imported.transformer.h[1].mlp.c_fc.weight, model.transformer.h[1].mlp.c_fc.weight)
 
 
@@ -461,10 +460,9 @@ def test_export_script_on_a_base_trained_with_every_piece(base_dir, tmp_path, ca
     from nanochat.checkpoint import load_model
     from scripts import base_train
     from scripts import export_hf as export_script
-    from tests.test_base_train import TINY
 
     pieces = ["--layer_lambdas=True", "--smear_gate=True", "--backout=True", "--value_embeds=True"]
-    base_train.main(TINY + ["--depth=2", "--num_iterations=3", "--model_tag=pieces"] + pieces)
+    base_train.main(TINY_BASE_TRAIN_ARGS + ["--depth=2", "--num_iterations=3", "--model_tag=pieces"] + pieces)
     capsys.readouterr()
     export_script.main(["-i", "base", "-c", "pieces", f"--out={tmp_path / 'out'}"])
     assert "trust_remote_code=True" in capsys.readouterr().out

@@ -12,8 +12,8 @@ import torch
 
 from bench import molegrad as molegrad_bench
 from nanochat import memory
-from nanochat.common import RunContext
-from nanochat.gpt import GPT, MEMORY_MODES, GPTConfig
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.model_flags import MEMORY_MODES
 from nanochat.optim import setup_optimizers
 from nanochat.memory import (
     block_saved_bytes_per_token,
@@ -25,33 +25,15 @@ from nanochat.memory import (
     plan_memory,
     saved_bytes,
 )
-from nanochat.streaming_linear import streaming_layers
-from nanochat.trainer import train_step
+from nanochat.molegrad import molegrad_layers
+from tests.helpers import PLANNER_MODES, TINY_GPT_CONFIG, assert_gradients_and_optimizer_state, tensor_bytes
 
 torch.set_num_threads(1)
-
-TINY = dict(sequence_len=16, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-def assert_gradients_and_optimizer_state(model, optimizers, layers, c: dict[str, int]) -> None:
-    """The planner's gradient, AdamW-moment and Muon-momentum bytes `c` equal what one real step holds."""
-    tokens = torch.randint(0, 97, (3, 17))
-    model(tokens[:, :-1], tokens[:, 1:]).backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None] + [layer.grad_factor for layer in layers]
-    assert tensor_bytes(grads) == c["gradients"]
-    cpu = RunContext(torch.device("cpu"), "cpu", torch.float32, False, 0, 0, 1)
-    train_step(model, optimizers, iter([(tokens[:, :-1], tokens[:, 1:])]), 1, cpu, 1.0, 0.95, 1.0)
-    adamw, muon = (tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)) for opt in optimizers)
-    assert (adamw, muon) == (c["AdamW moments"], c["Muon momentum"])
-
 
 
 def test_plan_components_match_hand_arithmetic_and_the_real_model():
     """d=32, V=97, 2 blocks, 2 heads of 16, 1 kv head, MoleGrad ffn_only k=4 low-rank, batch 3, bf16."""
-    config = GPTConfig(**TINY, streaming_rank_k=4, streaming_targets="ffn_only", streaming_momentum="lowrank")
+    config = GPTConfig(**TINY_GPT_CONFIG, molegrad_rank_k=4, molegrad_targets="ffn_only", molegrad_momentum="lowrank")
     plan = plan_memory(config, batch_size=3, dtype="bfloat16", grad_accum_steps=2, device_type="cpu")
     c = plan.components
     # per block: c_q 32x32, c_k 16x32, c_v 16x32, c_proj 32x32 (dense: 3072), c_fc 128x32, c_proj 32x128 (MoleGrad)
@@ -76,33 +58,20 @@ def test_plan_components_match_hand_arithmetic_and_the_real_model():
     model = GPT(config)
     optimizers = setup_optimizers(model)
     assert tensor_bytes(model.parameters()) == c["params"]
-    layers = streaming_layers(model)
+    layers = molegrad_layers(model)
     assert tensor_bytes(b for layer in layers for b in layer.buffers()) == c["MoleGrad buffers"]
     assert tensor_bytes([model.cos, model.sin]) == c["rotary tables"]
     assert_gradients_and_optimizer_state(model, optimizers, layers, c)
 
 
-MODES = {
-    "dense": {},
-    "recompute=mlp": dict(recompute="mlp"),
-    "recompute=block": dict(recompute="block"),
-    "ffn_only": dict(streaming_rank_k=8, streaming_targets="ffn_only"),
-    "attn_only": dict(streaming_rank_k=8, streaming_targets="attn_only"),
-    "all": dict(streaming_rank_k=8, streaming_targets="all"),
-    "all+recompute=mlp": dict(streaming_rank_k=8, streaming_targets="all", recompute="mlp"),
-    "keep_h": dict(streaming_rank_k=8, **MEMORY_MODES["keep_h"]),
-    "lowest": dict(streaming_rank_k=8, **MEMORY_MODES["lowest"]),
-}
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", list(PLANNER_MODES))
 def test_block_saved_bytes_formula_matches_hooks_at_two_widths(mode, dtype):
     """The per-token formula and the saved bf16 weight copies, exactly, at two widths (linear in d)
     and with grouped-query attention."""
     for width, heads, kv_heads in ((64, 2, 2), (128, 4, 2)):
         config = GPTConfig(sequence_len=96, vocab_size=97, n_layer=1, n_head=heads, n_kv_head=kv_heads, n_embd=width,
-                           **MODES[mode])
+                           **PLANNER_MODES[mode])
         per_token, fixed = measure_block_saved_bytes(config, dtype)
         item = memory.ITEMSIZE[dtype]
         assert per_token == block_saved_bytes_per_token(config, item), (width, per_token)
@@ -113,7 +82,7 @@ def test_block_saved_bytes_formula_matches_hooks_at_two_widths(mode, dtype):
 @pytest.mark.parametrize("mode", ["dense", "recompute=block", "all+recompute=mlp", "ffn_only", "keep_h", "lowest"])
 def test_whole_model_saved_bytes_equal_planned_activations(mode, dtype):
     """Everything a training forward saves (loss included), parameters, buffers and the batch excluded."""
-    config = GPTConfig(**TINY, **MODES[mode])
+    config = GPTConfig(**TINY_GPT_CONFIG, **PLANNER_MODES[mode])
     torch.manual_seed(0)
     model = GPT(config)
     tokens = torch.randint(0, 97, (3, 17))
@@ -126,9 +95,9 @@ def test_whole_model_saved_bytes_equal_planned_activations(mode, dtype):
 PEAK_MODES = {
     "dense": {},
     "recompute=block": dict(recompute="block"),
-    "MoleGrad default": dict(streaming_rank_k=16, streaming_targets="ffn_only"),
-    "lowest": dict(streaming_rank_k=16, **MEMORY_MODES["lowest"]),
-    "keep_h": dict(streaming_rank_k=16, **MEMORY_MODES["keep_h"]),
+    "MoleGrad default": dict(molegrad_rank_k=16, molegrad_targets="ffn_only"),
+    "lowest": dict(molegrad_rank_k=16, **MEMORY_MODES["lowest"]),
+    "keep_h": dict(molegrad_rank_k=16, **MEMORY_MODES["keep_h"]),
 }
 
 
@@ -186,8 +155,8 @@ def test_parse_size():
         parse_size("lots")
 
 
-RUN10 = ["--depth=12", "--max_seq_len=8192", "--device_batch_size=1", "--enable_streaming=True", "--streaming_rank_k=32",
-         "--streaming_target_layers=ffn_only", "--vocab_size=65536", "--gpu_memory=32GB", "--require_fit=True"]
+RUN10 = ["--depth=12", "--max_seq_len=8192", "--device_batch_size=1", "--molegrad=True", "--molegrad_rank_k=32",
+         "--molegrad_targets=ffn_only", "--vocab_size=65536", "--gpu_memory=32GB", "--require_fit=True"]
 
 
 def test_require_fit_exit_status(capsys):
@@ -205,9 +174,9 @@ def test_require_fit_exit_status(capsys):
 
 
 def test_molegrad_reduces_the_peak_and_sweep_finds_deeper_models(capsys):
-    dense = replace(memory.MemoryFlags(), enable_streaming=False).model_config()
-    molegrad = replace(memory.MemoryFlags(), enable_streaming=True, streaming_target_layers="all",
-                       streaming_momentum="lowrank").model_config()
+    dense = replace(memory.PlanFlags(), molegrad=False).model_config()
+    molegrad = replace(memory.PlanFlags(), molegrad=True, molegrad_targets="all",
+                       molegrad_momentum="lowrank").model_config()
     assert plan_memory(molegrad, 1).peak < plan_memory(dense, 1).peak
     deepest = memory.main(["--sweep_depths=True"])["deepest"]
     assert 0 < deepest["dense"] < deepest["recompute=block"] < deepest["lowest k32"]
@@ -222,9 +191,9 @@ def test_molegrad_reduces_the_peak_and_sweep_finds_deeper_models(capsys):
 def test_gpu_presets_are_real_card_memory_and_modes_validate(capsys):
     assert memory.gpu_bytes("24GB") == 24564 * 2**20 > 24 * 10**9  # nvidia-smi's total of a 24 GB card
     assert memory.gpu_bytes("23.5GiB") == int(23.5 * 2**30)
-    flags = replace(memory.MemoryFlags(), memory_mode="lowest")
+    flags = replace(memory.PlanFlags(), memory_mode="lowest")
     config = flags.model_config()
-    assert (config.recompute, config.streaming_targets, config.streaming_momentum, config.streaming_rank_k) == \
+    assert (config.recompute, config.molegrad_targets, config.molegrad_momentum, config.molegrad_rank_k) == \
         ("block", "all", "lowrank", 32)
     with pytest.raises(SystemExit) as e:
         memory.main(["--memory_mode=lowest", "--recompute=mlp"])
@@ -244,7 +213,7 @@ def test_bench_smoke_two_arms(tmp_path, capsys):
     assert [a["arm"] for a in arms] == ["dense", "molegrad_ffn_k16"] == [a["arm"] for a in summary["arms"]]
     for arm in arms:
         assert {"arm", "saved_bytes_per_token", "val_bpb", "step_s", "peak_bytes", "energy", "lr"} <= set(arm)
-    dense, streaming = arms
-    assert dense["energy"] is None and 0 < streaming["energy"] <= 1
-    assert streaming["saved_bytes_per_token"] < dense["saved_bytes_per_token"]
+    dense, compressed = arms
+    assert dense["energy"] is None and 0 < compressed["energy"] <= 1
+    assert compressed["saved_bytes_per_token"] < dense["saved_bytes_per_token"]
     assert (tmp_path / "plot-molegrad.png").stat().st_size > 0

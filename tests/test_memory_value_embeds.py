@@ -12,8 +12,6 @@ import torch
 
 from nanochat import memory
 from nanochat.gpt import GPT, RECIPE_PIECES, GPTConfig
-from tests.test_memory import MODES as MEMORY_TEST_MODES
-from tests.test_memory import assert_gradients_and_optimizer_state
 from nanochat.memory import (
     measure_block_saved_bytes,
     plan_memory,
@@ -24,23 +22,20 @@ from nanochat.memory import (
     value_embed_saved_weight_bytes,
 )
 from nanochat.optim import setup_optimizers
-from nanochat.streaming_linear import streaming_layers
+from nanochat.molegrad import molegrad_layers
+from tests.helpers import PLANNER_MODES, TINY_GPT_CONFIG, assert_gradients_and_optimizer_state, tensor_bytes
 
 torch.set_num_threads(1)
 
-TINY = dict(sequence_len=16, vocab_size=97, n_layer=3, n_head=2, n_kv_head=1, n_embd=32)
+THREE_BLOCK_CONFIG = {**TINY_GPT_CONFIG, "n_layer": 3}  # blocks 0 and 2 carry value embeddings
 ALL_PIECES = {name: True for name in RECIPE_PIECES}
-MODES = {name: MEMORY_TEST_MODES[name] for name in ("dense", "recompute=mlp", "recompute=block", "ffn_only", "all", "keep_h", "lowest")}
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+MODES = {name: PLANNER_MODES[name] for name in ("dense", "recompute=mlp", "recompute=block", "ffn_only", "all", "keep_h", "lowest")}
 
 
 def test_value_embedding_components_match_hand_arithmetic_and_the_real_model():
     """d=32, V=97, 3 blocks (0 and 2 carry), 2 heads of 16, 1 kv head (kv_dim 16), MoleGrad ffn_only
     k=4 low-rank, batch 3, bf16, every recipe piece on."""
-    base = GPTConfig(**TINY, streaming_rank_k=4, streaming_targets="ffn_only", streaming_momentum="lowrank")
+    base = GPTConfig(**THREE_BLOCK_CONFIG, molegrad_rank_k=4, molegrad_targets="ffn_only", molegrad_momentum="lowrank")
     config = replace(base, **ALL_PIECES)
     assert value_embed_layers(config) == 2 and value_embed_layers(replace(config, n_layer=4)) == 2
     c0 = plan_memory(base, 3, "bfloat16", grad_accum_steps=2, device_type="cpu").components
@@ -61,7 +56,7 @@ def test_value_embedding_components_match_hand_arithmetic_and_the_real_model():
     model = GPT(config)
     optimizers = setup_optimizers(model)
     assert tensor_bytes(model.parameters()) == c["params"] == 4 * memory.num_params(config) == 4 * model.num_params()
-    assert_gradients_and_optimizer_state(model, optimizers, streaming_layers(model), c)
+    assert_gradients_and_optimizer_state(model, optimizers, molegrad_layers(model), c)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -99,7 +94,7 @@ def test_whole_model_saved_bytes_with_recipe_pieces_equal_planned_activations(pi
     output, or the next block's input) and batch 1 and 3 (the smear gate's input slice is a view, or a copy)."""
     for n_layer in (2, 3):
         for batch in (1, 3):
-            config = GPTConfig(**{**TINY, "n_layer": n_layer}, **MODES[mode], **PIECE_SETS[pieces])
+            config = GPTConfig(**{**TINY_GPT_CONFIG, "n_layer": n_layer}, **MODES[mode], **PIECE_SETS[pieces])
             torch.manual_seed(0)
             model = GPT(config)
             tokens = torch.randint(0, 97, (batch, 17))
@@ -115,10 +110,10 @@ def test_whole_model_saved_bytes_with_recipe_pieces_equal_planned_activations(pi
 
 
 def test_value_embeds_flag_reaches_the_plan_and_the_sweep_shows_its_price(capsys):
-    common = ["--max_seq_len=8192", "--device_batch_size=1", "--vocab_size=65536", "--streaming_rank_k=32", "--gpu_memory=32GB"]
-    flags = replace(memory.MemoryFlags(), value_embeds=True, depth=20)
+    common = ["--max_seq_len=8192", "--device_batch_size=1", "--vocab_size=65536", "--molegrad_rank_k=32", "--gpu_memory=32GB"]
+    flags = replace(memory.PlanFlags(), value_embeds=True, depth=20)
     assert flags.model_config().value_embeds and flags.model_config(memory_mode="lowest").value_embeds
-    assert not memory.MemoryFlags().model_config().value_embeds
+    assert not memory.PlanFlags().model_config().value_embeds
     plain = memory.main(["--depth=20", *common])
     with_ve = memory.main(["--depth=20", "--value_embeds=True", *common])
     out = capsys.readouterr().out

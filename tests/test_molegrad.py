@@ -20,14 +20,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat.checkpoint import load_model_state_strict
 from nanochat.common import RunContext
-from nanochat.gpt import GPT, MEMORY_MODES, GPTConfig
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.model_flags import MEMORY_MODES
 from nanochat.memory import saved_bytes
-from nanochat.optim import Muon, setup_optimizers, update_subspaces, zeropower_via_newtonschulz5
-from nanochat.streaming_linear import STREAMING_TARGET_LINEARS, StreamingLinear, streaming_layers
+from nanochat.molegrad import MoleGradStep
+from nanochat.optim import Muon, setup_optimizers, zeropower_via_newtonschulz5
+from nanochat.molegrad import MOLEGRAD_TARGET_LINEARS, MoleGradLinear, molegrad_layers
 from nanochat.trainer import train_step
 from scripts import base_train
-from tests.test_base_train import TINY
-from tests.test_streaming_linear import dense_grad
+from tests.helpers import TINY_BASE_TRAIN_ARGS, dense_grad
 
 torch.set_num_threads(1)
 
@@ -38,14 +39,14 @@ CPU = RunContext(torch.device("cpu"), "cpu", torch.float32, False, 0, 0, 1)  # f
 def tiny_gpt(rank_k: int = 0, targets: str = "all", momentum: str = "dense", **overrides) -> GPT:
     """Two blocks, width 32, in float64, every matrix perturbed so that every path carries signal."""
     fields = dict(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                  streaming_rank_k=rank_k, streaming_targets=targets, streaming_momentum=momentum)
+                  molegrad_rank_k=rank_k, molegrad_targets=targets, molegrad_momentum=momentum)
     fields.update(overrides)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**fields)).double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    for layer in streaming_layers(model):
+    for layer in molegrad_layers(model):
         layer.reset_subspace()  # Q orthonormal to float64 precision, not float32's
     return model
 
@@ -66,11 +67,11 @@ def batches(steps: int, batch: int = 4, length: int = 16, seed: int = 1) -> list
 
 
 def full_rank(model: GPT) -> None:
-    """Every StreamingLinear becomes one of rank k = in_features with Q = I: MoleGrad keeps all of x."""
+    """Every MoleGradLinear becomes one of rank k = in_features with Q = I: MoleGrad keeps all of x."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, StreamingLinear):
-                full = StreamingLinear(child.in_features, child.out_features, rank_k=child.in_features,
+            if isinstance(child, MoleGradLinear):
+                full = MoleGradLinear(child.in_features, child.out_features, rank_k=child.in_features,
                                        seed=child.seed).double()
                 with torch.no_grad():
                     full.weight.copy_(child.weight)
@@ -81,33 +82,33 @@ def full_rank(model: GPT) -> None:
 # ---------------------------------------------------------------------------------------------
 # wiring
 
-@pytest.mark.parametrize("targets", list(STREAMING_TARGET_LINEARS))
-def test_targets_choose_the_streaming_linears(targets):
-    model = tiny_gpt(rank_k=8, targets=targets, streaming_power_iters=2, streaming_warm_start_decay=0.9)
-    streaming = {name for name, m in model.named_modules() if isinstance(m, StreamingLinear)}
-    expected = {f"transformer.h.{i}.{linear}" for i in range(2) for linear in STREAMING_TARGET_LINEARS[targets]}
-    assert streaming == expected
-    layers = streaming_layers(model)
+@pytest.mark.parametrize("targets", list(MOLEGRAD_TARGET_LINEARS))
+def test_targets_choose_the_molegrad_linears(targets):
+    model = tiny_gpt(rank_k=8, targets=targets, molegrad_power_iters=2, molegrad_warm_start_decay=0.9)
+    compressed = {name for name, m in model.named_modules() if isinstance(m, MoleGradLinear)}
+    expected = {f"transformer.h.{i}.{linear}" for i in range(2) for linear in MOLEGRAD_TARGET_LINEARS[targets]}
+    assert compressed == expected
+    layers = molegrad_layers(model)
     assert all((m.rank_k, m.power_iters, m.warm_start_decay) == (8, 2, 0.9) for m in layers)
     assert len({m.seed for m in layers}) == len(layers)  # distinct subspaces
     assert all(m.weight.dtype == m.Q.dtype == torch.float64 for m in layers)
-    assert not any(isinstance(m, StreamingLinear) for m in tiny_gpt(rank_k=0).modules())
+    assert not any(isinstance(m, MoleGradLinear) for m in tiny_gpt(rank_k=0).modules())
 
 
 def test_init_like_dense_and_reset_subspaces():
     torch.manual_seed(0)
     dense = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
     torch.manual_seed(0)
-    streaming = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                              streaming_rank_k=4, streaming_targets="all"))
-    for (name, p), q in zip(dense.named_parameters(), streaming.parameters()):
+    compressed = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                              molegrad_rank_k=4, molegrad_targets="all"))
+    for (name, p), q in zip(dense.named_parameters(), compressed.parameters()):
         assert torch.equal(p, q), name
-    start = [m.Q.clone() for m in streaming_layers(streaming)]
-    optimizers = setup_optimizers(streaming)
-    train_step(streaming, optimizers, iter(batches(1)), 1, CPU, 1.0, 0.95, 1.0)
-    assert all(m.num_updates == 1 and not torch.equal(m.Q, q) for m, q in zip(streaming_layers(streaming), start))
-    streaming.init_weights()
-    assert all(m.num_updates == 0 and torch.equal(m.Q, q) for m, q in zip(streaming_layers(streaming), start))
+    start = [m.Q.clone() for m in molegrad_layers(compressed)]
+    optimizers = setup_optimizers(compressed)
+    train_step(compressed, optimizers, iter(batches(1)), 1, CPU, 1.0, 0.95, 1.0)
+    assert all(m.num_updates == 1 and not torch.equal(m.Q, q) for m, q in zip(molegrad_layers(compressed), start))
+    compressed.init_weights()
+    assert all(m.num_updates == 0 and torch.equal(m.Q, q) for m, q in zip(molegrad_layers(compressed), start))
 
 
 def test_state_dict_round_trip_and_low_precision_cast():
@@ -119,11 +120,11 @@ def test_state_dict_round_trip_and_low_precision_cast():
     assert all(torch.is_tensor(v) for v in state.values())
     fresh = tiny_gpt(rank_k=4)
     load_model_state_strict(fresh, state, "test")
-    for a, b in zip(streaming_layers(model), streaming_layers(fresh)):
+    for a, b in zip(molegrad_layers(model), molegrad_layers(fresh)):
         assert (b.num_updates, b.seed) == (a.num_updates, a.seed) == (2, a.seed)
         assert torch.equal(a.Q, b.Q) and torch.equal(a.sketch, b.sketch)
     fresh.to(torch.bfloat16)  # as an inference engine might: only the weights are cast
-    for layer in streaming_layers(fresh):
+    for layer in molegrad_layers(fresh):
         assert layer.weight.dtype == torch.bfloat16
         assert {layer.Q.dtype, layer.scouts.dtype, layer.sketch.dtype, layer.input_energy.dtype} == {torch.float64}
     with torch.no_grad():
@@ -131,7 +132,7 @@ def test_state_dict_round_trip_and_low_precision_cast():
 
 
 def test_rank_larger_than_a_targeted_width_is_rejected():
-    with pytest.raises(ValueError, match=r"--streaming_rank_k=33 .*at most 32.*n_embd=32"):
+    with pytest.raises(ValueError, match=r"^molegrad_rank_k=33: expected 1 <= molegrad_rank_k <= in_features=32"):
         tiny_gpt(rank_k=33, targets="attn_only")
     assert tiny_gpt(rank_k=32, targets="ffn_only").transformer.h[0].mlp.c_proj.rank_k == 32
 
@@ -151,24 +152,24 @@ def test_recompute_with_molegrad_gives_the_same_step(recompute):
 # exactness: at k = in (Q orthogonal and square) MoleGrad is dense training
 
 @pytest.mark.parametrize("momentum", ["dense", "lowrank"])
-@pytest.mark.parametrize("targets", list(STREAMING_TARGET_LINEARS))
+@pytest.mark.parametrize("targets", list(MOLEGRAD_TARGET_LINEARS))
 def test_full_rank_training_steps_equal_dense(targets, momentum):
     """Three optimizer steps with clipping, weight decay and subspace updates (Q rotates but stays
     square): losses, gradient norms and every weight equal dense training's."""
     dense = tiny_gpt(rank_k=0)
-    streaming = tiny_gpt(rank_k=4, targets=targets, momentum=momentum)
-    full_rank(streaming)
-    load_model_state_strict(dense, {k: v for k, v in streaming.state_dict().items() if k in dense.state_dict()}, "dense")
+    compressed = tiny_gpt(rank_k=4, targets=targets, momentum=momentum)
+    full_rank(compressed)
+    load_model_state_strict(dense, {k: v for k, v in compressed.state_dict().items() if k in dense.state_dict()}, "dense")
     runs = {}
-    for name, model in (("dense", dense), ("streaming", streaming)):
+    for name, model in (("dense", dense), ("molegrad", compressed)):
         optimizers = optimizers_of(model)
         runs[name] = [train_step(model, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 0.5) for batch in batches(3)]
-    for (loss_d, norm_d), (loss_s, norm_s) in zip(runs["dense"], runs["streaming"]):
+    for (loss_d, norm_d), (loss_s, norm_s) in zip(runs["dense"], runs["molegrad"]):
         assert loss_s == pytest.approx(loss_d, abs=1e-12) and norm_s == pytest.approx(norm_d, abs=1e-10)
     assert runs["dense"][0][1] > 0.5  # clipping was active
-    assert all(m.num_updates == 3 for m in streaming_layers(streaming))
+    assert all(m.num_updates == 3 for m in molegrad_layers(compressed))
     for name, p in dense.named_parameters():
-        torch.testing.assert_close(streaming.get_parameter(name), p, atol=1e-10, rtol=0, msg=name)
+        torch.testing.assert_close(compressed.get_parameter(name), p, atol=1e-10, rtol=0, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,9 +199,9 @@ def test_saved_bytes_per_token(autocast):
         "dense": {},
         "recompute=mlp": dict(recompute="mlp"),
         "recompute=block": dict(recompute="block"),
-        "MoleGrad ffn_only k=32": dict(streaming_rank_k=k, streaming_targets="ffn_only"),
-        "MoleGrad attn_only k=32": dict(streaming_rank_k=k, streaming_targets="attn_only"),
-        "MoleGrad all k=32": dict(streaming_rank_k=k, streaming_targets="all"),
+        "MoleGrad ffn_only k=32": dict(molegrad_rank_k=k, molegrad_targets="ffn_only"),
+        "MoleGrad attn_only k=32": dict(molegrad_rank_k=k, molegrad_targets="attn_only"),
+        "MoleGrad all k=32": dict(molegrad_rank_k=k, molegrad_targets="all"),
     }
     measured = {name: per_token(d, "block", autocast, **config) for name, config in arms.items()}
     print(f"\nbytes saved for backward per token, one block, d={d}, {'bf16 autocast' if autocast else 'fp32'}")
@@ -216,7 +217,7 @@ def test_saved_bytes_per_token(autocast):
     # MoleGrad adds its x Q (k per Linear) and keeps nothing else
     assert measured["MoleGrad attn_only k=32"][0] == dense + 4 * k * item
     # the MLP alone: its normed input (d, which its norm keeps), 2k, and the norm's fp32 row scale
-    mlp, shapes = per_token(d, "mlp", autocast, streaming_rank_k=k, streaming_targets="ffn_only")
+    mlp, shapes = per_token(d, "mlp", autocast, molegrad_rank_k=k, molegrad_targets="ffn_only")
     assert mlp == (d + 2 * k) * item + 4
     assert not any(shape[-1] == 4 * d for shape in shapes)
 
@@ -285,10 +286,10 @@ def test_two_processes_equal_one_and_communicate_only_factors(tmp_path):
         for name, value in single.state_dict().items():
             torch.testing.assert_close(state[name], value, atol=1e-10, rtol=0, msg=name)
     reduced = {tuple(shape) for shape in json.loads(outputs[0][0].strip().splitlines()[-1])}
-    weights = {tuple(m.weight.shape) for m in streaming_layers(single)}
-    factors = {(m.out_features, m.rank_k) for m in streaming_layers(single)}
+    weights = {tuple(m.weight.shape) for m in molegrad_layers(single)}
+    factors = {(m.out_features, m.rank_k) for m in molegrad_layers(single)}
     # sketch (in, k+e), energy and tokens (1,); () is the loss and the clipping norm
-    statistics = {(m.in_features, m.rank_k + m.explore_k) for m in streaming_layers(single)} | {(1,), ()}
+    statistics = {(m.in_features, m.rank_k + m.explore_k) for m in molegrad_layers(single)} | {(1,), ()}
     dense = {tuple(single.transformer.wte.weight.shape)}
     assert reduced == factors | statistics | dense and not reduced & weights
 
@@ -302,12 +303,12 @@ def test_muon_on_factors_matches_dense_reference(momentum, rule):
     which after each rotation of Q is the old image projected onto the new subspace, its step
     times the rule's r (unit: 1; dense_norm: √(min(12, 16) / min(12, 4)) = √3)."""
     torch.manual_seed(0)
-    layer = StreamingLinear(16, 12, rank_k=4, seed=3).double()
+    layer = MoleGradLinear(16, 12, rank_k=4, seed=3).double()
     layer.reset_subspace()  # Q orthonormal to float64 precision, not float32's
     mu, lr, wd = 0.9, 0.1, 0.1
     r = 3 ** 0.5 if rule == "dense_norm" else 1.0
     opt = Muon([layer.weight], lr=lr, momentum=mu, weight_decay=wd, ns_dtype=torch.float64,
-               streaming=[layer], streaming_momentum=momentum, lowrank_step_rule=rule)
+               molegrad=[layer], molegrad_momentum=momentum, lowrank_step_rule=rule)
     reference = torch.nn.Parameter(layer.weight.detach().clone())
     reference_opt = Muon([reference], lr=lr, momentum=mu, weight_decay=wd, ns_dtype=torch.float64)
     image = torch.zeros(12, 16, dtype=torch.float64)  # the low-rank momentum's dense image m Qᵀ
@@ -326,7 +327,7 @@ def test_muon_on_factors_matches_dense_reference(momentum, rule):
         opt.step()
         torch.testing.assert_close(layer.weight.detach(), reference.detach(), atol=1e-10, rtol=0)
         q_old = layer.Q.clone()
-        update_subspaces(layer, [opt])
+        MoleGradStep(layer).finish([opt])
         assert (layer.Q - q_old).abs().max() > 0.01  # Q really rotates
         if momentum == "lowrank":
             image = image @ layer.Q @ layer.Q.T  # projection of the old image onto the new subspace
@@ -339,7 +340,7 @@ def lowrank_and_dense_steps(out_features: int, in_features: int, rule: str, lr: 
     """W's change under one low-rank Muon step (rank-8 factor) and one dense Muon step on the
     full-rank gradient of the same batch, from the same W."""
     torch.manual_seed(0)
-    layer = StreamingLinear(in_features, out_features, rank_k=8, seed=1).double()
+    layer = MoleGradLinear(in_features, out_features, rank_k=8, seed=1).double()
     layer.reset_subspace()
     dense = torch.nn.Parameter(layer.weight.detach().clone())
     x = torch.randn(256, in_features, dtype=torch.float64)
@@ -348,7 +349,7 @@ def lowrank_and_dense_steps(out_features: int, in_features: int, rule: str, lr: 
     steps = {}
     for name, param, opt in (
             ("lowrank", layer.weight, Muon([layer.weight], lr=lr, momentum=0.0, ns_dtype=torch.float64,
-                                           streaming=[layer], streaming_momentum="lowrank", lowrank_step_rule=rule)),
+                                           molegrad=[layer], molegrad_momentum="lowrank", lowrank_step_rule=rule)),
             ("dense", dense, Muon([dense], lr=lr, momentum=0.0, ns_dtype=torch.float64))):
         start = param.detach().clone()
         opt.step()
@@ -384,10 +385,10 @@ def test_the_dense_norm_rule_at_lr_is_the_unit_rule_at_lr_times_r():
 
 def mode_gpt(mode: str, rank_k: int = 4, **overrides) -> GPT:
     """tiny_gpt in a MEMORY_MODES preset."""
-    return tiny_gpt(rank_k=rank_k, **overrides, **{"targets": MEMORY_MODES[mode]["streaming_targets"],
-                                      "momentum": MEMORY_MODES[mode]["streaming_momentum"],
+    return tiny_gpt(rank_k=rank_k, **overrides, **{"targets": MEMORY_MODES[mode]["molegrad_targets"],
+                                      "momentum": MEMORY_MODES[mode]["molegrad_momentum"],
                                       **{k: v for k, v in MEMORY_MODES[mode].items()
-                                         if k not in ("streaming_targets", "streaming_momentum")}})
+                                         if k not in ("molegrad_targets", "molegrad_momentum")}})
 
 
 def compiled(model: GPT) -> torch.nn.Module:
@@ -402,19 +403,19 @@ def test_memory_modes_at_full_rank_equal_dense(mode, compile):
     """lowest (block recompute, h kept inside it, low-rank momentum) and keep_h at k = in: three
     steps equal dense training (eager) to float64 rounding, also when compiled (aot_eager)."""
     dense = tiny_gpt(rank_k=0)
-    streaming = mode_gpt(mode)
-    full_rank(streaming)
-    load_model_state_strict(dense, {k: v for k, v in streaming.state_dict().items() if k in dense.state_dict()}, "dense")
+    compressed = mode_gpt(mode)
+    full_rank(compressed)
+    load_model_state_strict(dense, {k: v for k, v in compressed.state_dict().items() if k in dense.state_dict()}, "dense")
     runs = {}
-    for name, model in (("dense", dense), ("streaming", streaming)):
+    for name, model in (("dense", dense), ("molegrad", compressed)):
         optimizers = optimizers_of(model)
-        runner = compiled(model) if compile and name == "streaming" else model
+        runner = compiled(model) if compile and name == "molegrad" else model
         runs[name] = [train_step(runner, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 0.5) for batch in batches(3)]
-    for (loss_d, norm_d), (loss_s, norm_s) in zip(runs["dense"], runs["streaming"]):
+    for (loss_d, norm_d), (loss_s, norm_s) in zip(runs["dense"], runs["molegrad"]):
         assert loss_s == pytest.approx(loss_d, abs=1e-12) and norm_s == pytest.approx(norm_d, abs=1e-10)
-    assert all(m.num_updates == 3 and m.tokens_step.item() == 0 for m in streaming_layers(streaming))
+    assert all(m.num_updates == 3 and m.tokens_step.item() == 0 for m in molegrad_layers(compressed))
     for name, p in dense.named_parameters():
-        torch.testing.assert_close(streaming.get_parameter(name), p, atol=1e-10, rtol=0, msg=name)
+        torch.testing.assert_close(compressed.get_parameter(name), p, atol=1e-10, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("mode", ["default", *MEMORY_MODES])
@@ -430,7 +431,7 @@ def test_ten_compiled_steps_compile_once_and_match_eager(mode):
             train_step(runner, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 1.0)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert all(m.num_updates == 10 for m in streaming_layers(twin))
+    assert all(m.num_updates == 10 for m in molegrad_layers(twin))
     for (name, a), b in zip(eager.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
 
@@ -464,9 +465,9 @@ def test_lowest_mode_keeps_no_layer_input_no_weight_copy_and_computes_h_once(mod
     copy of a block weight (the autocast cache is not used); backward computes h = x W1ᵀ once per
     block (the recompute) and never again. The same checks fail for MoleGrad without recompute."""
     torch.manual_seed(0)
-    options = MEMORY_MODES["lowest"] if mode == "lowest" else dict(streaming_targets="all", streaming_momentum="lowrank")
+    options = MEMORY_MODES["lowest"] if mode == "lowest" else dict(molegrad_targets="all", molegrad_momentum="lowrank")
     model = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                          streaming_rank_k=4, **options))
+                          molegrad_rank_k=4, **options))
     N, d = 3 * 16, 32
     weight_shapes = {tuple(p.shape) for p in model.transformer.h.parameters()}
     tokens = torch.randint(0, VOCAB, (3, 17))
@@ -485,20 +486,20 @@ def test_lowest_mode_keeps_no_layer_input_no_weight_copy_and_computes_h_once(mod
     checks = (not wide, len(narrow_bf16) <= 2, not weight_copies, len(h_in_backward) == model.config.n_layer)
     if mode == "lowest":
         assert checks == (True, True, True, True), (wide, len(narrow_bf16), weight_copies, len(h_in_backward))
-    else:  # the h that the streaming MLP recomputes, its inputs kept: what the lowest mode removes
+    else:  # the h that the compressed MLP recomputes, its inputs kept: what the lowest mode removes
         assert checks[1] is False and len(h_in_backward) == model.config.n_layer
-    assert all(m.tokens_step.item() == N for m in streaming_layers(model))  # statistics taken once
+    assert all(m.tokens_step.item() == N for m in molegrad_layers(model))  # statistics taken once
 
 
 # ---------------------------------------------------------------------------------------------
 # the script: resume, flags, learning
 
-MOLEGRAD = TINY + ["--enable_streaming=True", "--streaming_rank_k=8", "--streaming_target_layers=all"]
+MOLEGRAD = TINY_BASE_TRAIN_ARGS + ["--molegrad=True", "--molegrad_rank_k=8", "--molegrad_targets=all"]
 
 
 @pytest.mark.parametrize("momentum", ["dense", "lowrank"])
 def test_resume_with_molegrad_is_bit_exact(base_dir, momentum):
-    argv = MOLEGRAD + [f"--streaming_momentum={momentum}", "--num_iterations=6", "--eval_every=-1", "--save_every=3",
+    argv = MOLEGRAD + [f"--molegrad_momentum={momentum}", "--num_iterations=6", "--eval_every=-1", "--save_every=3",
                        "--keep_checkpoints=0"]
     full = base_train.main(argv + [f"--model_tag=full_{momentum}"])
     base_train.main(argv + [f"--model_tag=resumed_{momentum}"])
@@ -509,33 +510,34 @@ def test_resume_with_molegrad_is_bit_exact(base_dir, momentum):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--streaming_rank_k=0"], "--streaming_rank_k: expected >= 1, got 0"),
-        (["--enable_streaming=True", "--streaming_rank_k=65"], "--streaming_rank_k=65 (GPTConfig.streaming_rank_k): "
-                                                                "expected at most 64, the input width n_embd=64"),
-        (["--streaming_target_layers=bogus"], "--streaming_target_layers: expected one of ffn_only|attn_only|all"),
-        (["--streaming_warm_start_decay=1.5"], "--streaming_warm_start_decay: expected a value in [0, 1), got 1.5"),
-        (["--streaming_power_iters=0"], "--streaming_power_iters: expected >= 1, got 0"),
-        (["--streaming_momentum=heavy"], "--streaming_momentum: expected one of dense|lowrank"),
-        (["--streaming_momentum=lowrank"], "--streaming_momentum=lowrank: low-rank momentum needs MoleGrad"),
-        (["--streaming_keep_h=True"], "--streaming_keep_h=True (GPTConfig.streaming_keep_h): needs MoleGrad on the MLP"),
+        (["--molegrad_rank_k=0"], "--molegrad_rank_k=0: expected 1 <= molegrad_rank_k"),
+        (["--molegrad=True", "--molegrad_rank_k=65"], "--molegrad_rank_k=65: expected 1 <= molegrad_rank_k <= "
+                                                      "in_features=64, the input width"),
+        (["--enable_streaming=True", "--streaming_rank_k=65"], "--molegrad_rank_k=65: expected"),  # the seed's names
+        (["--molegrad_targets=bogus"], "--molegrad_targets: expected one of ffn_only|attn_only|all"),
+        (["--molegrad_warm_start_decay=1.5"], "--molegrad_warm_start_decay=1.5: expected a value in [0, 1)"),
+        (["--molegrad_power_iters=0"], "--molegrad_power_iters=0: expected >= 1"),
+        (["--molegrad_momentum=heavy"], "--molegrad_momentum: expected one of dense|lowrank"),
+        (["--molegrad_momentum=lowrank"], "--molegrad_momentum=lowrank: low-rank momentum needs MoleGrad"),
+        (["--molegrad_keep_h=True"], "--molegrad_keep_h=True: needs MoleGrad on the MLP"),
         (["--memory_mode=lowest", "--recompute=mlp"], "--recompute=mlp: contradicts --memory_mode=lowest, which sets recompute=block"),
-        (["--memory_mode=keep_h", "--streaming_target_layers=ffn_only"], None),
+        (["--memory_mode=keep_h", "--molegrad_targets=ffn_only"], None),
         (["--memory_mode=fast"], "--memory_mode: expected one of custom|low|lowest|keep_h"),
     ],
 )
 def test_bad_molegrad_flags_fail_in_one_line(base_dir, capsys, argv, message):
     if message is None:  # ffn_only is the flag's default: a default never contradicts a mode
-        assert base_train.main(TINY + ["--num_iterations=1"] + argv) is not None
+        assert base_train.main(TINY_BASE_TRAIN_ARGS + ["--num_iterations=1"] + argv) is not None
         return
     with pytest.raises(SystemExit) as e:
-        base_train.main(TINY + ["--num_iterations=2"] + argv)
+        base_train.main(TINY_BASE_TRAIN_ARGS + ["--num_iterations=2"] + argv)
     assert e.value.code in (1, 2)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
 
 def test_training_with_small_rank_lowers_val_bpb(base_dir):
-    out = base_train.main(MOLEGRAD + ["--streaming_rank_k=4", "--num_iterations=30", "--eval_every=30",
+    out = base_train.main(MOLEGRAD + ["--molegrad_rank_k=4", "--num_iterations=30", "--eval_every=30",
                                       "--model_tag=learn_molegrad", "--matrix_lr=0.05"])
     first, last = out["history"][0]["val_bpb"], out["history"][-1]["val_bpb"]
     assert last < 0.8 * first, (first, last)

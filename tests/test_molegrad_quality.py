@@ -13,10 +13,10 @@ from bench import molegrad_quality as quality
 from nanochat.common import compute_init
 from nanochat.gpt import GPT
 from nanochat.trainer import train_step
+from tests.helpers import TINY_BENCH_ARGS
 
-TINY = ["--n_embd=32", "--n_head=2", "--seq_len=16", "--batch_size=2", "--vocab_size=300", "--tokenizer_chars=100000",
-        "--tokens_per_param=0.03", "--budget_fractions=0.25,0.5", "--lr_multipliers=0.5,4", "--eval_tokens=64",
-        "--energy_probes=1", "--jobs=1", "--dtype=float32"]
+QUALITY_ARGS = TINY_BENCH_ARGS + ["--tokens_per_param=0.03", "--budget_fractions=0.25,0.5", "--lr_multipliers=0.5,4",
+                                  "--energy_probes=1", "--dtype=float32"]
 ARMS = "dense_muon,dense_adamw,galore_k2,molegrad_k2,flagship_k2"
 
 
@@ -25,7 +25,7 @@ def result(trained_tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("quality") / "q.json"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NANOCHAT_BASE_DIR", str(trained_tiny_base))
-        quality.main(TINY + [f"--arms={ARMS}", f"--out={out}"])
+        quality.main(QUALITY_ARGS + [f"--arms={ARMS}", f"--out={out}"])
     return out
 
 
@@ -69,7 +69,7 @@ def test_the_lr_is_chosen_on_the_selection_split_and_reported_on_the_held_out_on
 
 def test_held_out_and_selection_splits_are_disjoint(trained_tiny_base, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained_tiny_base))
-    cfg = quality.parse_args(quality.QualityConfig, TINY + ["--eval_tokens=256"])
+    cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS + ["--eval_tokens=256"])
     data = quality.prepare_data(cfg, tmp_path / "cache.pt")
     selection = {tuple(row.tolist()) for batch in data.selection for row in batch}
     heldout = {tuple(row.tolist()) for batch in data.heldout for row in batch}
@@ -80,7 +80,7 @@ def test_held_out_and_selection_splits_are_disjoint(trained_tiny_base, tmp_path,
 
 def test_galore_builds_its_projector_from_the_first_non_zero_gradient():
     torch.manual_seed(0)
-    cfg = quality.parse_args(quality.QualityConfig, TINY)
+    cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS)
     config = quality.model_config(cfg, "galore_k2", vocab_size=64)
     model = GPT(config)
     optimizers = quality.make_optimizers(model, "galore_k2", 0.01, steps=8, cfg=cfg)
@@ -115,11 +115,11 @@ def test_galore_builds_its_projector_from_the_first_non_zero_gradient():
 def test_a_rerun_resumes_from_the_results_file(result, trained_tiny_base, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained_tiny_base))
     before = json.loads(result.read_text())["runs"]
-    quality.main(TINY + [f"--arms={ARMS}", f"--out={result}"])
+    quality.main(QUALITY_ARGS + [f"--arms={ARMS}", f"--out={result}"])
     assert json.loads(result.read_text())["runs"] == before
     assert f"{len(before)} runs found in {result}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        quality.main(TINY + ["--n_embd=64", f"--out={result}"])
+        quality.main(QUALITY_ARGS + ["--n_embd=64", f"--out={result}"])
     assert e.value.code == 1 and "holds results of other settings" in capsys.readouterr().err
 
 

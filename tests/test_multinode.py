@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from tests.test_base_train import TINY
-from tests.test_distributed import REPO, same_tensors
+from tests.helpers import REPO, TINY_BASE_TRAIN_ARGS, same_tensors
 
-ARGS = TINY + ["--total_batch_size=256", "--eval_every=-1", "--num_iterations=4", "--save_every=2", "--keep_checkpoints=0"]
+ARGS = TINY_BASE_TRAIN_ARGS + ["--total_batch_size=256", "--eval_every=-1", "--num_iterations=4", "--save_every=2", "--keep_checkpoints=0"]
 FILES = ("model_000004.pt", "state_000004_rank0.pt", "state_000004_rank1.pt")
 
 

@@ -31,15 +31,20 @@ from nanochat.optim import (
     zeropower_via_newtonschulz5,
     zeropower_via_polar_express,
 )
-from nanochat.streaming_linear import streaming_layers
+from nanochat.molegrad import molegrad_layers
 from nanochat.trainer import auto_total_batch_size, scaling_params, train_step
 from scripts import base_train
-from tests.test_base_train import TINY
-from tests.test_gpt import VOCAB, random_tokens, tiny_model
+from tests.helpers import (
+    MID_TRAIN_ARGS,
+    RECIPE_PIECE_SETS,
+    TINY_BASE_TRAIN_ARGS,
+    VOCAB,
+    copy_checkpoint,
+    random_tokens,
+    tiny_model,
+)
 
 torch.set_num_threads(1)
-
-PIECE_SETS = [(name,) for name in RECIPE_PIECES] + [RECIPE_PIECES]
 
 
 def recipe_model(pieces: tuple[str, ...], dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> GPT:
@@ -83,7 +88,7 @@ def test_init_matches_upstream_values():
     assert model.transformer.h[1].attn.ve_gate is None
 
 
-@pytest.mark.parametrize("pieces", PIECE_SETS, ids="+".join)
+@pytest.mark.parametrize("pieces", RECIPE_PIECE_SETS, ids="+".join)
 def test_shapes_and_causality_with_each_piece(pieces):
     model = recipe_model(pieces)
     idx = random_tokens(2, 12)
@@ -99,7 +104,7 @@ def test_shapes_and_causality_with_each_piece(pieces):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # every piece learns
 
 
-@pytest.mark.parametrize("pieces", PIECE_SETS, ids="+".join)
+@pytest.mark.parametrize("pieces", RECIPE_PIECE_SETS, ids="+".join)
 def test_kv_cache_decode_equals_full_forward(pieces):
     """Prefill 5 tokens, a 3-token chunk after them, then one token at a time; also a batch-1 prefill
     copied to batch 2 (the Engine's path). Every position's logits equal the full forward's."""
@@ -147,7 +152,7 @@ def test_recompute_gives_the_same_gradients_with_all_pieces(recompute):
 
 
 def test_molegrad_trains_with_all_pieces():
-    model = recipe_model(RECIPE_PIECES, dtype=torch.float32, streaming_rank_k=4, streaming_targets="all")
+    model = recipe_model(RECIPE_PIECES, dtype=torch.float32, molegrad_rank_k=4, molegrad_targets="all")
     optimizers = setup_optimizers(model, normuon=True, cautious_weight_decay=True, orthogonalizer="polar_express",
                                   weight_decay=0.1)
     idx = random_tokens(2, 16)
@@ -283,7 +288,7 @@ def test_plain_weight_decay_scales_with_width():
 
 
 def test_lowrank_momentum_refuses_normuon_and_cautious_decay():
-    model = recipe_model((), streaming_rank_k=4, streaming_momentum="lowrank")
+    model = recipe_model((), molegrad_rank_k=4, molegrad_momentum="lowrank")
     with pytest.raises(ValueError, match=r"^--normuon=True: needs the dense update"):
         setup_optimizers(model, normuon=True)
     with pytest.raises(ValueError, match=r"^--cautious_weight_decay=True: needs the dense update"):
@@ -302,8 +307,8 @@ def ddp_recipe_rank(rank: int, world_size: int, work_dir: str) -> None:
         distributed.init_process_group("gloo", init_method=f"file://{work_dir}/store", rank=rank, world_size=world_size)
     ctx = RunContext(torch.device("cpu"), "cpu", torch.float32, world_size > 1, rank, rank, world_size)  # no autocast
     try:
-        model = recipe_model(RECIPE_PIECES, streaming_rank_k=4, streaming_targets="attn_only")
-        for layer in streaming_layers(model):
+        model = recipe_model(RECIPE_PIECES, molegrad_rank_k=4, molegrad_targets="attn_only")
+        for layer in molegrad_layers(model):
             layer.reset_subspace()  # Q orthonormal in float64
         optimizers = setup_optimizers(model, weight_decay=0.1, orthogonalizer="polar_express", normuon=True,
                                       cautious_weight_decay=True)
@@ -345,7 +350,7 @@ ALL_ON = ["--layer_lambdas=True", "--smear_gate=True", "--backout=True", "--valu
 
 
 def test_resume_is_bit_exact_with_every_piece_on(base_dir):
-    args = TINY + ALL_ON + ["--num_iterations=6", "--eval_every=-1", "--save_every=3", "--keep_checkpoints=0"]
+    args = TINY_BASE_TRAIN_ARGS + ALL_ON + ["--num_iterations=6", "--eval_every=-1", "--save_every=3", "--keep_checkpoints=0"]
     full = base_train.main(args + ["--model_tag=full"])
     base_train.main(args + ["--model_tag=resumed"])
     resumed = base_train.main(args + ["--model_tag=resumed", "--resume_from_step=3"])
@@ -360,9 +365,9 @@ def test_resume_is_bit_exact_with_every_piece_on(base_dir):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--normuon=True", "--enable_streaming=True", "--streaming_rank_k=4", "--streaming_momentum=lowrank"],
+        (["--normuon=True", "--molegrad=True", "--molegrad_rank_k=4", "--molegrad_momentum=lowrank"],
          "--normuon=True: needs the dense update of every matrix"),
-        (["--cautious_weight_decay=True", "--enable_streaming=True", "--memory_mode=lowest"],
+        (["--cautious_weight_decay=True", "--molegrad=True", "--memory_mode=lowest"],
          "--cautious_weight_decay=True: needs the dense update of every matrix"),
         (["--muon_orthogonalizer=svd"], "--muon_orthogonalizer: expected one of newton_schulz|polar_express"),
         (["--normuon_beta2=1.0"], "--normuon_beta2: expected a value in [0, 1)"),
@@ -372,7 +377,7 @@ def test_resume_is_bit_exact_with_every_piece_on(base_dir):
 )
 def test_bad_recipe_flags_are_one_clear_line(base_dir, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        base_train.main(TINY + ["--num_iterations=2"] + argv)
+        base_train.main(TINY_BASE_TRAIN_ARGS + ["--num_iterations=2"] + argv)
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
@@ -395,7 +400,7 @@ def test_auto_total_batch_size_follows_the_power_law():
 
 
 def test_base_train_auto_batch_size(base_dir, capsys):
-    out = base_train.main(TINY + ["--total_batch_size=-1", "--num_iterations=1", "--eval_every=-1", "--model_tag=auto"])
+    out = base_train.main(TINY_BASE_TRAIN_ARGS + ["--total_batch_size=-1", "--num_iterations=1", "--eval_every=-1", "--model_tag=auto"])
     printed = capsys.readouterr().out
     tokens = int(printed.split("auto batch size: ")[1].split(" tokens")[0].replace(",", ""))
     assert tokens % (4 * 32) == 0 and f"= {tokens:,} tokens/step" in printed  # whole 4 x 32 passes, then used
@@ -407,11 +412,10 @@ def test_base_train_auto_batch_size(base_dir, capsys):
 
 def test_mid_train_keeps_the_pieces_and_resumes_bit_exactly(base_dir):
     from scripts import mid_train
-    from tests.test_chat_train import MID, copy_checkpoint
 
-    base_train.main(TINY + ALL_ON + ["--num_iterations=2", "--eval_every=-1", "--model_tag=recipe"])
-    run = MID + OPTIMIZER_ON + ["--source_tag=recipe", "--num_iterations=4", "--eval_every=-1", "--save_every=2",
-                                   "--keep_checkpoints=0"]
+    base_train.main(TINY_BASE_TRAIN_ARGS + ALL_ON + ["--num_iterations=2", "--eval_every=-1", "--model_tag=recipe"])
+    run = MID_TRAIN_ARGS + OPTIMIZER_ON + ["--source_tag=recipe", "--num_iterations=4", "--eval_every=-1",
+                                          "--save_every=2", "--keep_checkpoints=0"]
     full = mid_train.main(run + ["--model_tag=recipe_full"])
     copy_checkpoint(base_dir, "mid", "recipe_full", "recipe_resumed", 2)
     resumed = mid_train.main(run + ["--model_tag=recipe_resumed", "--resume_from_step=2"])
@@ -420,12 +424,12 @@ def test_mid_train_keeps_the_pieces_and_resumes_bit_exactly(base_dir):
     assert "value_embeds.1.weight" in state and "backout_lambda" in state
 
 
-def test_a_later_stage_refuses_a_piece_its_checkpoint_lacks(base_dir, capsys):
+def test_later_stages_take_no_model_piece_flags(base_dir, capsys):
+    """The pieces shape the weights: base_train chooses them, later stages keep their checkpoint's."""
     from scripts import mid_train
-    from tests.test_chat_train import MID
 
     with pytest.raises(SystemExit) as e:
-        mid_train.main(MID + ["--source_tag=tiny", "--num_iterations=1", "--smear_gate=True"])
-    assert e.value.code != 0
+        mid_train.main(MID_TRAIN_ARGS + ["--source_tag=tiny", "--num_iterations=1", "--smear_gate=True"])
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--smear_gate=True: the model from " in err[0] and "keeps its checkpoint's architecture" in err[0], err
+    assert err == ["error: --smear_gate: unknown flag (see --help)"], err

@@ -10,10 +10,10 @@ import pytest
 
 from bench import recipe
 from nanochat.gpt import GPT
+from tests.helpers import TINY_BENCH_ARGS
 
-TINY = ["--n_embd=32", "--n_head=2", "--n_layer=2", "--seq_len=16", "--batch_size=2", "--vocab_size=300",
-        "--tokenizer_chars=100000", "--tokens_per_param=0.1", "--screen_fraction=0.25", "--eval_tokens=64",
-        "--seeds=2", "--jobs=1", "--speed_rounds=1", "--speed_steps=1", "--speed_threads=1"]
+RECIPE_BENCH_ARGS = TINY_BENCH_ARGS + ["--n_layer=2", "--tokens_per_param=0.1", "--screen_fraction=0.25", "--seeds=2",
+                                       "--speed_rounds=1", "--speed_steps=1", "--speed_threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def result(trained_tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe") / "r.json"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NANOCHAT_BASE_DIR", str(trained_tiny_base))
-        recipe.main(TINY + [f"--out={out}"])
+        recipe.main(RECIPE_BENCH_ARGS + [f"--out={out}"])
     return out
 
 
@@ -103,11 +103,11 @@ def test_each_arm_changes_what_it_names():
 def test_a_rerun_resumes_and_other_settings_are_refused(result, trained_tiny_base, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained_tiny_base))
     before = json.loads(result.read_text())["runs"]
-    recipe.main(TINY + [f"--out={result}"])
+    recipe.main(RECIPE_BENCH_ARGS + [f"--out={result}"])
     assert json.loads(result.read_text())["runs"] == before
     assert f"{len(before)} runs found in {result}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        recipe.main(TINY + ["--n_embd=64", f"--out={result}"])
+        recipe.main(RECIPE_BENCH_ARGS + ["--n_embd=64", f"--out={result}"])
     assert e.value.code == 1 and "holds results of other settings" in capsys.readouterr().err
 
 

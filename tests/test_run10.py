@@ -6,15 +6,12 @@ offline local corpus. Marked slow: it runs every stage of the pipeline.
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.test_core_eval import bundle_zip
+from tests.helpers import REPO, bundle_zip
 
-REPO = Path(__file__).resolve().parent.parent
-
-TINY = {
+TINY_RUN10_ENV = {
     "DEPTH": "1", "SEQ": "64", "DEVICE_BATCH": "2", "TOTAL_BATCH": "128", "RANK_K": "8", "VOCAB": "512",
     "TOK_CHARS": "300000", "DATA_SOURCE": "local", "BASE_STEPS": "4", "MID_STEPS": "2", "SFT_STEPS": "2",
     "RL_STEPS": "1", "EVAL_PROBLEMS": "2", "CORE_PER_TASK": "2", "CHAT_SEQ": "64", "EVAL_TOKENS": "256",
@@ -26,7 +23,7 @@ TINY = {
 @pytest.mark.slow
 def test_run10_commands_with_tiny_sizes(tmp_path, http_server):
     http_server.files["/eval_bundle.zip"] = bundle_zip()
-    env = {**os.environ, **TINY, "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
+    env = {**os.environ, **TINY_RUN10_ENV, "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
            "NANOCHAT_EVAL_BUNDLE_URL": f"{http_server.url}/eval_bundle.zip",
            "NANOCHAT_HF_URL": "http://127.0.0.1:9", "WANDB_RUN": "dummy"}
     proc = subprocess.run(["bash", str(REPO / "run10.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -36,4 +33,4 @@ def test_run10_commands_with_tiny_sizes(tmp_path, http_server):
                     "## Midtraining", "## Chat SFT", "## Chat RL", "## Chat evaluation mid", "## Chat evaluation sft",
                     "## Chat evaluation rl"):
         assert heading in report, heading
-    assert "MoleGrad" in proc.stdout  # base_train ran with the streaming flags
+    assert "MoleGrad" in proc.stdout  # base_train ran with the MoleGrad flags

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from nanochat.engine import Engine
 from nanochat.serving import MAX_BODY_BYTES, ReplyText
 from nanochat.tokenizer import Tokenizer, chat_prompt, get_tokenizer
-from tests.test_chat_web import HELLO, make_app, serve
+from tests.helpers import HELLO, make_app, serve
 
 MODEL = "nanochat-base-tiny"
 PROMPT = [{"role": "user", "content": "the gradient"}]  # the tiny model's greedy reply is long (to "hello" it is empty)

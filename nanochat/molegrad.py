@@ -46,13 +46,13 @@ Q's version is no Python int that a compiled graph would guard on: forward saves
 Q moved before backward fails there through autograd's in-place check (eager). update_subspace()
 runs outside the model's forward, so outside any compiled graph.
 
-Memory: streaming_mlp() saves d + 2k values per token (x; h recomputed in backward) or, with
+Memory: molegrad_mlp() saves d + 2k values per token (x; h recomputed in backward) or, with
 keep_h, 4d + 2k (h instead of x: the backward skips recomputing it); what each variant saves, and why ReLU² makes
 compressing W2's input worthless unless h is recomputed: docs/memory.md.
 """
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -74,17 +74,30 @@ def orthonormalize(matrix: Tensor) -> Tensor:
 
 
 # Muon's momentum for a MoleGrad matrix: dense (out, in), or (out, k) factors in Q's coordinates
-STREAMING_MOMENTA = ("dense", "lowrank")
-# --streaming_target_layers -> the Linears of every block (GPT's names) that MoleGrad compresses
-STREAMING_TARGET_LINEARS = {
+MOLEGRAD_MOMENTA = ("dense", "lowrank")
+# --molegrad_targets -> the Linears of every block (GPT's names) that MoleGrad compresses
+MOLEGRAD_TARGET_LINEARS = {
     "ffn_only": ("mlp.c_fc", "mlp.c_proj"),
     "attn_only": ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj"),
     "all": ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
 }
-STREAMING_TARGETS = tuple(STREAMING_TARGET_LINEARS)
+MOLEGRAD_TARGETS = tuple(MOLEGRAD_TARGET_LINEARS)
 
 
-class StreamingLinear(nn.Module):
+def check_options(rank_k: int, power_iters: int, warm_start_decay: float, in_features: int | None = None,
+                  prefix: str = "") -> None:
+    """The value checks of MoleGrad's options, for a layer and for a model's config alike (`prefix`
+    names the option as its owner spells it, e.g. "molegrad_"); in_features None: no upper bound on k."""
+    if rank_k < 1 or (in_features is not None and rank_k > in_features):
+        bound = f" <= in_features={in_features}, the input width of the compressed Linears" if in_features is not None else ""
+        raise ValueError(f"{prefix}rank_k={rank_k}: expected 1 <= {prefix}rank_k{bound}")
+    if power_iters < 1:
+        raise ValueError(f"{prefix}power_iters={power_iters}: expected >= 1")
+    if not 0.0 <= warm_start_decay < 1.0:
+        raise ValueError(f"{prefix}warm_start_decay={warm_start_decay}: expected a value in [0, 1)")
+
+
+class MoleGradLinear(nn.Module):
     """Drop-in for nn.Linear(in_features, out_features, bias=False) with MoleGrad weight gradients.
 
     rank_k: directions that compress the input (1 ≤ rank_k ≤ in_features).
@@ -97,17 +110,12 @@ class StreamingLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank_k: int, power_iters: int = 1,
                  warm_start_decay: float = 0.95, explore_k: int | None = None, seed: int = 0):
         super().__init__()
-        if not 1 <= rank_k <= in_features:
-            raise ValueError(f"rank_k={rank_k}: expected 1 <= rank_k <= in_features={in_features}")
+        check_options(rank_k, power_iters, warm_start_decay, in_features)
         if explore_k is None:
             explore_k = min(4, in_features - rank_k)
         if not 0 <= explore_k <= in_features - rank_k:
             raise ValueError(f"explore_k={explore_k}: expected 0 <= explore_k <= "
                              f"in_features - rank_k = {in_features - rank_k}")
-        if power_iters < 1:
-            raise ValueError(f"power_iters={power_iters}: expected >= 1")
-        if not 0.0 <= warm_start_decay < 1.0:
-            raise ValueError(f"warm_start_decay={warm_start_decay}: expected 0 <= decay < 1")
         self.in_features, self.out_features = in_features, out_features
         self.rank_k, self.explore_k = rank_k, explore_k
         self.power_iters, self.warm_start_decay, self.seed = power_iters, warm_start_decay, seed
@@ -196,7 +204,7 @@ class StreamingLinear(nn.Module):
             xq = x2d @ self.Q.to(dtype)                                  # (N, k)
             if self.training and self.observing:
                 self.add_statistics(*subspace_statistics(x2d, xq, self.scouts, self.power_iters), x2d.shape[0])
-        return StreamingLinearFunction.apply(x, self.weight, xq, self.Q, self.grad_sink)
+        return MoleGradLinearFunction.apply(x, self.weight, xq, self.Q, self.grad_sink)
 
     @torch.no_grad()
     def add_statistics(self, sketch: Tensor, energy: Tensor, tokens: int) -> None:
@@ -235,7 +243,7 @@ class StreamingLinear(nn.Module):
 
 
 @torch.no_grad()
-def move_subspaces(layers: list[StreamingLinear], observed: list[bool] | None = None) -> list[tuple[Tensor, Tensor]]:
+def move_subspaces(layers: list[MoleGradLinear], observed: list[bool] | None = None) -> list[tuple[Tensor, Tensor]]:
     """update_subspace() of every layer, (Q_old, Q_new) each, with one eigh and one QR per group of
     layers of the same shapes (the attention Linears of all blocks are one group) and at most one
     host sync (`observed`: whether each layer saw tokens this step; None = read tokens_step).
@@ -245,15 +253,18 @@ def move_subspaces(layers: list[StreamingLinear], observed: list[bool] | None = 
         R = sym(Bᵀ S) = V Λ Vᵀ,  S ← S V            Rayleigh–Ritz, strongest first, signs kept
         S[:, -1] ← fresh direction; B ← orth(S)     QR with diag(R) ≥ 0
         S[:, -1] ← λ_(t-1) B[:, -1]                 the fresh one starts at the weakest kept energy
+    Every layer's factor gradient is dropped (the one place it is cleared: the step is over, and
+    once Q moves it would be expressed in the old basis).
     """
     for layer in layers:
+        layer.grad_factor = None
         if layer.sketch.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"subspace buffers are {layer.sketch.dtype}: expected float32 or "
                              f"float64; cast only the weight to low precision")
     if observed is None:
         observed = (torch.cat([layer.tokens_step for layer in layers]) > 0).tolist() if layers else []
     moved: list[tuple[Tensor, Tensor] | None] = [None] * len(layers)
-    groups: dict[tuple, list[tuple[int, StreamingLinear, Tensor]]] = {}
+    groups: dict[tuple, list[tuple[int, MoleGradLinear, Tensor]]] = {}
     for index, (layer, seen) in enumerate(zip(layers, observed)):
         q_old = layer.Q.clone()
         if not seen:
@@ -290,12 +301,11 @@ def move_subspaces(layers: list[StreamingLinear], observed: list[bool] | None = 
                 statistic.zero_()
             layer.num_updates += 1
             layer.counters[1].add_(1)
-            layer.grad_factor = None
             moved[index] = (q_old, layer.Q.clone())
     return moved
 
 
-def _read_counters_after_load(layer: StreamingLinear, incompatible_keys) -> None:
+def _read_counters_after_load(layer: MoleGradLinear, incompatible_keys) -> None:
     layer.seed, layer.num_updates = (int(value) for value in layer.counters.tolist())
     layer.grad_factor = None
 
@@ -320,7 +330,7 @@ def _saved_tensors_q_unchanged(ctx) -> tuple[Tensor, ...]:
                            "between); call it once per step, after optimizer.step()") from e
 
 
-class StreamingLinearFunction(torch.autograd.Function):
+class MoleGradLinearFunction(torch.autograd.Function):
     """y = x Wᵀ saving x Q instead of x; backward gives dX exactly and Gᵀ x Q as the sink's gradient.
 
     x (..., in); weight (out, in); xq = x Q (N, k) in the compute dtype; Q (in, k), saved only so
@@ -346,7 +356,7 @@ class StreamingLinearFunction(torch.autograd.Function):
         return grad_x, None, None, None, grad_factor
 
 
-class StreamingMLPFunction(torch.autograd.Function):
+class MoleGradMLPFunction(torch.autograd.Function):
     """y = relu²(x W1ᵀ) W2ᵀ with MoleGrad on W1 and W2, saving x Q1, relu²(h) Q2 and either x (h is
     recomputed in backward) or h (keep_h: 4d values per token more, no recompute).
 
@@ -386,7 +396,7 @@ class StreamingMLPFunction(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None, grad_fc, grad_proj, None, None, None
 
 
-def streaming_mlp(x: Tensor, fc: StreamingLinear, proj: StreamingLinear, keep_h: bool = False) -> Tensor:
+def molegrad_mlp(x: Tensor, fc: MoleGradLinear, proj: MoleGradLinear, keep_h: bool = False) -> Tensor:
     """proj(relu²(fc(x))), x: (..., d), output in the compute dtype, saving d + 2k values per token
     (keep_h: 5d + 2k, and backward does not recompute h) instead of dense's 5d."""
     if fc.out_features != proj.in_features:
@@ -401,26 +411,51 @@ def streaming_mlp(x: Tensor, fc: StreamingLinear, proj: StreamingLinear, keep_h:
         xq = x2d @ fc.Q.to(dtype)                                       # (N, k1)
         if observe:
             fc.add_statistics(*subspace_statistics(x2d, xq, fc.scouts, fc.power_iters), x2d.shape[0])
-    y, sketch, energy = StreamingMLPFunction.apply(x2d, fc.weight, proj.weight, xq, fc.Q, proj.Q, proj.scouts,
+    y, sketch, energy = MoleGradMLPFunction.apply(x2d, fc.weight, proj.weight, xq, fc.Q, proj.Q, proj.scouts,
                                                    fc.grad_sink, proj.grad_sink, keep_h, observe, proj.power_iters)
     if observe:
         proj.add_statistics(sketch, energy, x2d.shape[0])
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def streaming_layers(model: nn.Module) -> list[StreamingLinear]:
-    return [module for module in model.modules() if isinstance(module, StreamingLinear)]
+def molegrad_layers(model: nn.Module) -> list[MoleGradLinear]:
+    return [module for module in model.modules() if isinstance(module, MoleGradLinear)]
 
 
-def zero_factor_grad(model: nn.Module) -> None:
-    for layer in streaming_layers(model):
-        layer.grad_factor = None
+class MoleGradStep:
+    """MoleGrad's part of one optimizer step: the training step's only way in.
+
+    Before the optimizer step, `statistics()` are what several processes sum (all-reduce) so that
+    every rank moves its Q alike, and `gradients()` hands over the factor gradients (a MoleGrad
+    weight has no .grad) for the clip and the all-reduce. After it, `finish(optimizers)` moves every
+    subspace one step (move_subspaces: batched, one host sync, the factor gradients dropped) and
+    carries the optimizers' state kept in Q's coordinates along (their `transport_subspace`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = molegrad_layers(model)
+
+    def statistics(self) -> list[Tensor]:
+        return [statistic for layer in self.layers for statistic in layer.step_statistics()]
+
+    def gradients(self) -> dict[int, Tensor]:
+        """id(weight) -> its layer's factor gradient (out, k): dW = grad_factor Qᵀ, ‖dW‖ = ‖grad_factor‖."""
+        return {id(layer.weight): layer.grad_factor for layer in self.layers if layer.grad_factor is not None}
+
+    @torch.no_grad()
+    def finish(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        for layer, (q_old, q_new) in zip(self.layers, move_subspaces(self.layers)):
+            if q_new is q_old:  # no training forward since the last update: Q did not move
+                continue
+            for opt in optimizers:
+                transport = getattr(opt, "transport_subspace", None)
+                if transport is not None:
+                    transport(layer, q_old, q_new)
 
 
 @contextmanager
 def statistics_paused(model: nn.Module) -> Iterator[None]:
     """MoleGrad layers of `model` take no statistics inside (a recompute reruns their forward)."""
-    layers = streaming_layers(model)
+    layers = molegrad_layers(model)
     for layer in layers:
         layer.observing = False
     try:

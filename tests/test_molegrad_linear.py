@@ -6,18 +6,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.streaming_linear import (
-    StreamingLinear, move_subspaces, orthonormalize, streaming_layers, streaming_mlp, zero_factor_grad,
+from nanochat.molegrad import (
+    MoleGradLinear, MoleGradStep, move_subspaces, orthonormalize, molegrad_layers, molegrad_mlp,
 )
+from tests.helpers import dense_grad
 
 torch.set_num_threads(1)
-
-
-def dense_grad(layer: StreamingLinear) -> torch.Tensor | None:
-    """grad_factor @ Qᵀ: (out, in), the dense gradient the factor stands for (a reference only)."""
-    if layer.grad_factor is None:
-        return None
-    return layer.grad_factor @ layer.Q.to(layer.grad_factor.dtype).T
 
 
 class ReluSquared(torch.autograd.Function):
@@ -60,7 +54,7 @@ def random_orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
     return orthonormalize(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
 
 
-def track(layer: StreamingLinear, basis: torch.Tensor, steps: int, generator: torch.Generator,
+def track(layer: MoleGradLinear, basis: torch.Tensor, steps: int, generator: torch.Generator,
           noise: float = 0.1) -> torch.Tensor:
     """steps of training forward + update_subspace on inputs from basis; returns the last x."""
     for _ in range(steps):
@@ -70,10 +64,10 @@ def track(layer: StreamingLinear, basis: torch.Tensor, steps: int, generator: to
     return x
 
 
-def streaming_pair(d: int, rank_fc: int, rank_proj: int) -> tuple[StreamingLinear, StreamingLinear]:
+def molegrad_pair(d: int, rank_fc: int, rank_proj: int) -> tuple[MoleGradLinear, MoleGradLinear]:
     """fc: d -> 4d and proj: 4d -> d, in float64."""
-    return (StreamingLinear(d, 4 * d, rank_k=rank_fc).double(),
-            StreamingLinear(4 * d, d, rank_k=rank_proj).double())
+    return (MoleGradLinear(d, 4 * d, rank_k=rank_fc).double(),
+            MoleGradLinear(4 * d, d, rank_k=rank_proj).double())
 
 
 def saved_values_per_token(run, params: list[torch.Tensor], tokens: int) -> float:
@@ -94,22 +88,22 @@ def saved_values_per_token(run, params: list[torch.Tensor], tokens: int) -> floa
 
 def test_constructor_validates_arguments():
     with pytest.raises(ValueError, match="rank_k=0"):
-        StreamingLinear(8, 4, rank_k=0)
+        MoleGradLinear(8, 4, rank_k=0)
     with pytest.raises(ValueError, match="rank_k=9.*in_features=8"):
-        StreamingLinear(8, 4, rank_k=9)
+        MoleGradLinear(8, 4, rank_k=9)
     with pytest.raises(ValueError, match="explore_k=3"):
-        StreamingLinear(8, 4, rank_k=6, explore_k=3)
+        MoleGradLinear(8, 4, rank_k=6, explore_k=3)
     with pytest.raises(ValueError, match="power_iters=0"):
-        StreamingLinear(8, 4, rank_k=2, power_iters=0)
+        MoleGradLinear(8, 4, rank_k=2, power_iters=0)
     with pytest.raises(ValueError, match="warm_start_decay=1.0"):
-        StreamingLinear(8, 4, rank_k=2, warm_start_decay=1.0)
-    assert StreamingLinear(8, 4, rank_k=8).explore_k == 0
-    assert StreamingLinear(64, 4, rank_k=8).explore_k == 4
+        MoleGradLinear(8, 4, rank_k=2, warm_start_decay=1.0)
+    assert MoleGradLinear(8, 4, rank_k=8).explore_k == 0
+    assert MoleGradLinear(64, 4, rank_k=8).explore_k == 4
 
 
-def test_mlp_with_streaming_linears_is_exact_at_full_rank():
+def test_mlp_with_molegrad_linears_is_exact_at_full_rank():
     d = 6
-    fc, proj = streaming_pair(d, rank_fc=d, rank_proj=4 * d)
+    fc, proj = molegrad_pair(d, rank_fc=d, rank_proj=4 * d)
     fc.Q.copy_(torch.eye(d))
     proj.Q.copy_(torch.eye(4 * d))
     ref_fc, ref_proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
@@ -126,7 +120,7 @@ def test_mlp_with_streaming_linears_is_exact_at_full_rank():
 
 
 def test_low_rank_factor_matches_slow_reference():
-    layer = StreamingLinear(12, 7, rank_k=5, seed=1).double()
+    layer = MoleGradLinear(12, 7, rank_k=5, seed=1).double()
     layer.Q.copy_(random_orthonormal(12, 5, seed=2))
     x = torch.randn(3, 4, 12, dtype=torch.float64, requires_grad=True)
     grad_y = torch.randn(3, 4, 7, dtype=torch.float64)
@@ -138,11 +132,11 @@ def test_low_rank_factor_matches_slow_reference():
 
 
 def test_micro_batches_add_up_to_one_batch():
-    layer = StreamingLinear(10, 6, rank_k=3).double()
+    layer = MoleGradLinear(10, 6, rank_k=3).double()
     x, grad_y = torch.randn(8, 10, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
     layer(x).backward(grad_y)
     whole, sketch_whole = layer.grad_factor.clone(), layer.sketch_step.clone()
-    zero_factor_grad(layer)
+    layer.grad_factor = None
     for statistic in layer.step_statistics():
         statistic.zero_()
     for half in (slice(0, 4), slice(4, 8)):
@@ -153,7 +147,7 @@ def test_micro_batches_add_up_to_one_batch():
 
 def test_full_width_input_is_not_saved():
     n_tokens, d_in, d_out = 32, 64, 48  # d_out != n_tokens: the weight cannot pass for x
-    layer = StreamingLinear(d_in, d_out, rank_k=8)
+    layer = MoleGradLinear(d_in, d_out, rank_k=8)
     x = torch.randn(4, 8, d_in, requires_grad=True)
     shapes = []
 
@@ -171,7 +165,7 @@ def test_full_width_input_is_not_saved():
 def test_subspace_tracking_finds_principal_subspace(power_iters):
     generator = torch.Generator().manual_seed(0)
     basis = random_orthonormal(64, 8, seed=1)
-    layer = StreamingLinear(64, 16, rank_k=8, power_iters=power_iters, seed=3)
+    layer = MoleGradLinear(64, 16, rank_k=8, power_iters=power_iters, seed=3)
     x = track(layer, basis, steps=40, generator=generator)
     captured = energy_fraction(x, layer.Q)
     assert captured >= 0.95 * oracle_fraction(x, 8)
@@ -180,13 +174,13 @@ def test_subspace_tracking_finds_principal_subspace(power_iters):
 
 
 def test_subspace_update_is_deterministic():
-    layers = [StreamingLinear(32, 8, rank_k=4, seed=5) for _ in range(2)]
+    layers = [MoleGradLinear(32, 8, rank_k=4, seed=5) for _ in range(2)]
     basis = random_orthonormal(32, 6, seed=1)
     for layer in layers:
         track(layer, basis, steps=10, generator=torch.Generator().manual_seed(0))
     assert torch.equal(layers[0].Q, layers[1].Q)
     assert torch.equal(layers[0].sketch, layers[1].sketch)
-    assert not torch.equal(StreamingLinear(32, 8, rank_k=4, seed=6).Q, layers[0].Q)
+    assert not torch.equal(MoleGradLinear(32, 8, rank_k=4, seed=6).Q, layers[0].Q)
 
 
 @pytest.mark.parametrize("explore_k", [0, 2])
@@ -195,7 +189,7 @@ def test_exploration_finds_an_orthogonal_subspace(explore_k):
     alone reaches it only through rounding errors, once the old directions' energy has decayed;
     a fresh direction per update finds it within a few steps."""
     generator = torch.Generator().manual_seed(0)
-    layer = StreamingLinear(32, 8, rank_k=4, explore_k=explore_k, seed=2).double()
+    layer = MoleGradLinear(32, 8, rank_k=4, explore_k=explore_k, seed=2).double()
     track(layer, random_orthonormal(32, 4, seed=1), steps=10, generator=generator, noise=0.0)
     tracked = torch.cat([layer.Q, layer.scouts], dim=1)
     new_basis = random_orthonormal(32, 4, seed=3)
@@ -208,7 +202,7 @@ def test_exploration_finds_an_orthogonal_subspace(explore_k):
 
 
 def test_update_returns_both_bases_and_drops_the_factor():
-    layer = StreamingLinear(16, 8, rank_k=4)
+    layer = MoleGradLinear(16, 8, rank_k=4)
     layer(torch.randn(10, 16)).sum().backward()
     q_old, q_new = layer.update_subspace()
     assert layer.grad_factor is None and layer.num_updates == 1
@@ -219,7 +213,7 @@ def test_update_returns_both_bases_and_drops_the_factor():
 
 
 def test_update_between_forward_and_backward_raises():
-    layer = StreamingLinear(16, 8, rank_k=4)
+    layer = MoleGradLinear(16, 8, rank_k=4)
     y = layer(torch.randn(10, 16))
     layer.update_subspace()
     with pytest.raises(RuntimeError, match="update_subspace"):
@@ -229,14 +223,14 @@ def test_update_between_forward_and_backward_raises():
 def test_state_dict_resumes_exactly():
     basis = random_orthonormal(32, 6, seed=1)
     generator = torch.Generator().manual_seed(0)
-    layer = StreamingLinear(32, 8, rank_k=4, seed=5)
+    layer = MoleGradLinear(32, 8, rank_k=4, seed=5)
     track(layer, basis, steps=5, generator=generator)
     state = {name: value.clone() if torch.is_tensor(value) else value
              for name, value in layer.state_dict().items()}
     assert set(state) == {"weight", "Q", "scouts", "sketch", "input_energy", "captured_energy",
                           "counters"}
     assert all(torch.is_tensor(value) for value in state.values())
-    resumed = StreamingLinear(32, 8, rank_k=4, seed=99)
+    resumed = MoleGradLinear(32, 8, rank_k=4, seed=99)
     resumed.load_state_dict(state)
     for model in (layer, resumed):
         track(model, basis, steps=3, generator=torch.Generator().manual_seed(1))
@@ -245,23 +239,30 @@ def test_state_dict_resumes_exactly():
 
 def test_meta_device_init_then_reset():
     with torch.device("meta"):
-        layer = StreamingLinear(16, 8, rank_k=4, seed=3)
+        layer = MoleGradLinear(16, 8, rank_k=4, seed=3)
     layer.to_empty(device="cpu")
     layer.reset_subspace()
-    assert torch.equal(layer.Q, StreamingLinear(16, 8, rank_k=4, seed=3).Q)
+    assert torch.equal(layer.Q, MoleGradLinear(16, 8, rank_k=4, seed=3).Q)
 
 
 def test_gradient_helpers():
-    model = nn.Sequential(StreamingLinear(12, 6, rank_k=3).double(), nn.Tanh(),
-                          StreamingLinear(6, 4, rank_k=2).double())
+    model = nn.Sequential(MoleGradLinear(12, 6, rank_k=3).double(), nn.Tanh(),
+                          MoleGradLinear(6, 4, rank_k=2).double())
     model(torch.randn(5, 12, dtype=torch.float64)).sum().backward()
-    layers = streaming_layers(model)
+    layers = molegrad_layers(model)
     assert len(layers) == 2
     for layer in layers:
         # ‖grad_factor Qᵀ‖ = ‖grad_factor‖ (Q orthonormal): what clipping relies on
         torch.testing.assert_close(layer.grad_factor.square().sum(), dense_grad(layer).square().sum())
-    zero_factor_grad(model)
+    step = MoleGradStep(model)
+    gradients = step.gradients()  # what the training step clips and all-reduces
+    assert set(gradients) == {id(layer.weight) for layer in layers}
+    assert all(gradients[id(layer.weight)] is layer.grad_factor for layer in layers)
+    q_before = [layer.Q.clone() for layer in layers]
+    step.finish([])  # after the optimizer step: Q moves, the factor gradients are dropped (the one place)
     assert all(layer.grad_factor is None for layer in layers)
+    assert all(not torch.equal(layer.Q, q) for layer, q in zip(layers, q_before))
+    assert step.gradients() == {}
 
 
 def test_relu_squared_matches_eager_and_saves_only_its_input():
@@ -274,15 +275,15 @@ def test_relu_squared_matches_eager_and_saves_only_its_input():
 
 
 @pytest.mark.parametrize("keep_h", [False, True])
-def test_streaming_mlp_is_exact_at_full_rank(keep_h):
+def test_molegrad_mlp_is_exact_at_full_rank(keep_h):
     d = 6
-    fc, proj = streaming_pair(d, rank_fc=d, rank_proj=4 * d)
+    fc, proj = molegrad_pair(d, rank_fc=d, rank_proj=4 * d)
     fc.Q.copy_(random_orthonormal(d, d, seed=1))
     proj.Q.copy_(random_orthonormal(4 * d, 4 * d, seed=2))
     w_fc, w_proj = (layer.weight.detach().clone().requires_grad_() for layer in (fc, proj))
     x = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    streaming_mlp(x, fc, proj, keep_h).sin().sum().backward()
+    molegrad_mlp(x, fc, proj, keep_h).sin().sum().backward()
     F.linear(F.relu(F.linear(x_ref, w_fc)).square(), w_proj).sin().sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=0)
     torch.testing.assert_close(dense_grad(fc), w_fc.grad, atol=1e-10, rtol=0)
@@ -292,7 +293,7 @@ def test_streaming_mlp_is_exact_at_full_rank(keep_h):
 
 def test_mlp_saved_values_per_token():
     d, k, tokens = 32, 4, 16
-    fc, proj = StreamingLinear(d, 4 * d, rank_k=k), StreamingLinear(4 * d, d, rank_k=k)
+    fc, proj = MoleGradLinear(d, 4 * d, rank_k=k), MoleGradLinear(4 * d, d, rank_k=k)
     dense_fc, dense_proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
     params = [fc.weight, proj.weight, dense_fc.weight, dense_proj.weight, fc.Q, proj.Q]  # Q: a buffer, no memory
     x = torch.randn(tokens, d, requires_grad=True)
@@ -300,8 +301,8 @@ def test_mlp_saved_values_per_token():
         "dense": (lambda: dense_proj(F.relu(dense_fc(x)).square()), 9 * d),
         "MoleGrad on both linears": (lambda: proj(F.relu(fc(x)).square()), 4 * d + 2 * k),
         "... with relu_squared()": (lambda: proj(relu_squared(fc(x))), 4 * d + 2 * k),
-        "streaming_mlp()": (lambda: streaming_mlp(x, fc, proj), d + 2 * k),
-        "streaming_mlp(keep_h=True)": (lambda: streaming_mlp(x, fc, proj, keep_h=True), 4 * d + 2 * k),
+        "molegrad_mlp()": (lambda: molegrad_mlp(x, fc, proj), d + 2 * k),
+        "molegrad_mlp(keep_h=True)": (lambda: molegrad_mlp(x, fc, proj, keep_h=True), 4 * d + 2 * k),
     }
     for name, (run, expected) in modes.items():
         measured = saved_values_per_token(run, params, tokens)
@@ -311,8 +312,8 @@ def test_mlp_saved_values_per_token():
 
 def test_bf16_autocast_runs_and_accumulates_in_fp32():
     d = 16
-    layer = StreamingLinear(d, d, rank_k=4)
-    fc, proj = StreamingLinear(d, 4 * d, rank_k=4), StreamingLinear(4 * d, d, rank_k=4)
+    layer = MoleGradLinear(d, d, rank_k=4)
+    fc, proj = MoleGradLinear(d, 4 * d, rank_k=4), MoleGradLinear(4 * d, d, rank_k=4)
     x = torch.randn(2, 8, d, requires_grad=True)
     saved_dtypes = set()
 
@@ -323,13 +324,13 @@ def test_bf16_autocast_runs_and_accumulates_in_fp32():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = streaming_mlp(layer(x), fc, proj)
+            y = molegrad_mlp(layer(x), fc, proj)
     assert y.dtype == torch.bfloat16 and saved_dtypes == {torch.bfloat16}
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32
     assert all(m.grad_factor.dtype == torch.float32 for m in (layer, fc, proj))
     x_ref = x.detach().clone().requires_grad_()
-    streaming_mlp(layer(x_ref), fc, proj).sum().backward()
+    molegrad_mlp(layer(x_ref), fc, proj).sum().backward()
     scale = x_ref.grad.abs().max().item()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0.1, atol=0.1 * scale)
 
@@ -340,8 +341,8 @@ def test_moving_many_subspaces_at_once_equals_one_by_one():
     stays put."""
     generator = torch.Generator().manual_seed(0)
     def layers():
-        return [StreamingLinear(16, 8, rank_k=4, seed=1).double(), StreamingLinear(16, 12, rank_k=4, seed=2).double(),
-                StreamingLinear(24, 8, rank_k=3, seed=3).double(), StreamingLinear(16, 8, rank_k=4, seed=4).double()]
+        return [MoleGradLinear(16, 8, rank_k=4, seed=1).double(), MoleGradLinear(16, 12, rank_k=4, seed=2).double(),
+                MoleGradLinear(24, 8, rank_k=3, seed=3).double(), MoleGradLinear(16, 8, rank_k=4, seed=4).double()]
     together, alone = layers(), layers()
     inputs = [torch.randn(40, layer.in_features, generator=generator, dtype=torch.float64) for layer in together]
     for group in (together, alone):
