@@ -33,7 +33,7 @@ split (the next --eval_tokens tokens, disjoint). Seeds (model init): --seeds at 
 budget, one at the others; mean and spread (max - min) are reported.
 
 Per arm: held-out val bpb, gap to dense Muon (%), captured gradient energy (share of the dense
-dW's energy the compressed update sees; bench/molegrad.py's probe), median step time, training
+dW's energy the compressed update sees; bench/runner.py's probe), median step time, training
 FLOPs per token (6N + attention for dense layers; for a compressed (out, in) layer 4·out·in for
 forward and dX plus 2k(in + out) for x Q and the factor and 2·in·(k + scouts) for its sketch),
 optimizer-state bytes of the block matrices, and val bpb at equal FLOPs: dense Muon's curve
@@ -50,43 +50,48 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
-from multiprocessing import get_context
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.molegrad import captured_energy
-from nanochat.common import RunContext, compute_init, print0, run_main
+from bench.runner import (
+    REPO,
+    TokenData,
+    captured_energy,
+    dense_twin,
+    drive,
+    init_worker,
+    load_results,
+    make_pool,
+    prepare_data,
+    print_goals,
+    provenance,
+    run_in_worker,
+    write_json,
+)
+from nanochat.common import RunContext, print0, run_main
 from nanochat.config import ConfigError, Flags, UserError, check, parse_args
-from nanochat.dataloader import DataLoader
-from nanochat.dataset import iter_texts
 from nanochat.gpt import BLOCK_LINEARS, GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import explore_k
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, lowrank_step_scale, setup_optimizers
-from nanochat.report import git_info, hardware_info, software_info
-from nanochat.tokenizer import Tokenizer
+from nanochat.model_flags import MEMORY_SETTINGS, MemoryFlags
 from nanochat.trainer import train_step
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "molegrad_quality.json"
-# arm -> (optimizer family, GPTConfig memory options without the rank)
+# arm family -> (optimizer family, memory setting: model_flags.MEMORY_SETTINGS, at the arm's rank)
 FAMILIES = {
-    "dense_muon": ("muon", {}),
-    "dense_adamw": ("adamw", {}),
-    "galore": ("galore", {}),
-    "molegrad": ("muon", {"molegrad_targets": "ffn_only", "molegrad_momentum": "dense"}),
-    "flagship": ("muon", {"molegrad_targets": "all", "molegrad_momentum": "lowrank"}),
-    "lowrank": ("muon", {"molegrad_targets": "ffn_only", "molegrad_momentum": "lowrank"}),  # which half of the flagship costs
+    "dense_muon": ("muon", "dense"),
+    "dense_adamw": ("adamw", "dense"),
+    "galore": ("galore", "dense"),
+    "molegrad": ("muon", "molegrad_ffn"),
+    "flagship": ("muon", "molegrad_all_lowrank"),
+    "lowrank": ("muon", "molegrad_ffn_lowrank"),  # which half of the flagship costs
 }
 # Low-rank momentum arms run the product's default step rule, pinned so that the results stay
 # comparable if the default changes; `unit_rule_lr` in the JSON is lr x r, the unit rule's equivalent
@@ -158,9 +163,10 @@ def parse_arm(arm: str) -> tuple[str, int]:
 
 def model_config(cfg: QualityConfig, arm: str, vocab_size: int) -> GPTConfig:
     family, rank = parse_arm(arm)
-    options = {"molegrad_rank_k": rank, **FAMILIES[family][1]} if family in ("molegrad", "lowrank", "flagship") else {}
+    setting = FAMILIES[family][1]
+    flags = replace(MemoryFlags(), **MEMORY_SETTINGS[setting], **({"molegrad_rank_k": rank} if rank else {}))
     return GPTConfig(sequence_len=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_kv_head=cfg.n_head, n_embd=cfg.n_embd, **options)
+                     n_kv_head=cfg.n_head, n_embd=cfg.n_embd, **flags.memory_options())
 
 
 def block_params(config: GPTConfig) -> int:
@@ -224,51 +230,6 @@ def state_bytes(config: GPTConfig, family: str, rank: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# data: tokenized once, shared by every run (and every worker process) through a cache file
-
-@dataclass
-class QualityData:
-    train: torch.Tensor  # (steps, batch, seq_len + 1) int32: the training stream of the largest budget
-    selection: torch.Tensor  # (batches, batch, seq_len + 1): where the LR is chosen
-    heldout: torch.Tensor  # (batches, batch, seq_len + 1): where every number is reported
-    token_bytes: torch.Tensor  # (vocab,) bytes per token id
-    vocab_size: int
-
-    def batches(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(b[:, :-1].long(), b[:, 1:].long()) for b in rows]
-
-
-def stack_batches(loader: DataLoader, count: int) -> torch.Tensor:
-    rows = []
-    for _ in range(count):
-        inputs, targets = loader.next_batch()
-        rows.append(torch.cat((inputs, targets[:, -1:]), dim=1).to(torch.int32))  # targets = inputs shifted by one
-    return torch.stack(rows)
-
-
-def prepare_data(cfg: QualityConfig, cache: Path, steps: int | None = None) -> QualityData:
-    """Train the bench's tokenizer, tokenize the train stream (`steps` batches, default the largest
-    budget's) and the two val splits; cached. Reads cfg's vocab_size, tokenizer_chars, seq_len,
-    batch_size and eval_tokens only (bench/recipe.py passes its own config)."""
-    steps = budgets(cfg)[-1] if steps is None else steps
-    key = {"vocab_size": cfg.vocab_size, "tokenizer_chars": cfg.tokenizer_chars, "seq_len": cfg.seq_len,
-           "batch_size": cfg.batch_size, "steps": steps, "eval_tokens": cfg.eval_tokens}
-    if cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        if saved["key"] == json.dumps(key, sort_keys=True):
-            return QualityData(saved["train"], saved["selection"], saved["heldout"], saved["token_bytes"], int(saved["vocab_size"]))
-    tokenizer = Tokenizer.train_from_iterator(iter_texts("train", cfg.tokenizer_chars, 10_000), cfg.vocab_size)
-    train = DataLoader(tokenizer, cfg.batch_size, cfg.seq_len, "train")
-    val = DataLoader(tokenizer, cfg.batch_size, cfg.seq_len, "val")
-    eval_batches = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len))
-    data = QualityData(stack_batches(train, steps), stack_batches(val, eval_batches),
-                       stack_batches(val, eval_batches), tokenizer.token_bytes(), tokenizer.get_vocab_size())
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": json.dumps(key, sort_keys=True), **{k: v for k, v in asdict(data).items()}}, cache)
-    return data
-
-
-# ---------------------------------------------------------------------------------------------
 # optimizers
 
 def make_galore(model: GPT, lr: float, rank: int, gap: int, scale: float) -> torch.optim.Optimizer:
@@ -299,7 +260,7 @@ def make_optimizers(model: GPT, arm: str, lr: float, steps: int, cfg: QualityCon
     matrix_lr = lr (dense and MoleGrad arms), AdamW at lr, or GaLore at lr."""
     family, rank = parse_arm(arm)
     optimizers = setup_optimizers(model, matrix_lr=lr, lowrank_step_rule=LOWRANK_STEP_RULE)
-    kind = FAMILIES.get(family, ("muon", {}))[0] if family != "dense_adamw" else "adamw"
+    kind = FAMILIES.get(family, ("muon", "dense"))[0] if family != "dense_adamw" else "adamw"
     if kind == "muon":
         return optimizers
     if kind == "adamw":
@@ -313,7 +274,7 @@ def make_optimizers(model: GPT, arm: str, lr: float, steps: int, cfg: QualityCon
 
 def family_kind(arm: str) -> str:
     family, _ = parse_arm(arm)
-    return "adamw" if family == "dense_adamw" else FAMILIES.get(family, ("muon", {}))[0]
+    return "adamw" if family == "dense_adamw" else FAMILIES.get(family, ("muon", "dense"))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,14 +292,14 @@ class RunSpec:
         return f"{self.arm}|{self.steps}|{self.lr:.6g}|{self.seed}"
 
 
-def train_run(spec: RunSpec, data: QualityData, cfg: QualityConfig, ctx: RunContext) -> dict[str, Any]:
+def train_run(spec: RunSpec, data: TokenData, cfg: QualityConfig, ctx: RunContext) -> dict[str, Any]:
     """spec.steps optimizer steps from the seeded init; bpb on both splits, step times, energy."""
     config = model_config(cfg, spec.arm, data.vocab_size)
     torch.manual_seed(spec.seed)
     model = GPT(config)
     optimizers = make_optimizers(model, spec.arm, spec.lr, spec.steps, cfg)
     probed = config.molegrad_rank_k > 0 or spec.arm.startswith("galore")
-    twin = GPT(GPTConfig(**{**asdict(config), "molegrad_rank_k": 0})) if probed and cfg.energy_probes else None
+    twin = dense_twin(config) if probed and cfg.energy_probes else None
     probe_every = max(1, spec.steps // cfg.energy_probes) if cfg.energy_probes else 0
     train = data.batches(data.train[:spec.steps])
     times, energies, finite = [], [], True
@@ -364,44 +325,6 @@ def train_run(spec: RunSpec, data: QualityData, cfg: QualityConfig, ctx: RunCont
             "selection_bpb": bpb(data.selection), "heldout_bpb": bpb(data.heldout),
             "step_s": statistics.median(times[1:] or times), "energy": statistics.mean(energies) if energies else None,
             "seconds": time.perf_counter() - t_start}
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(cfg_dict: dict[str, Any], cache: str) -> None:
-    cfg = QualityConfig(**cfg_dict)
-    _WORKER["cfg"] = cfg
-    _WORKER["ctx"] = compute_init(device="cpu", dtype=cfg.dtype, threads=1)
-    _WORKER["data"] = prepare_data(cfg, Path(cache))
-
-
-def _worker_run(spec: RunSpec) -> dict[str, Any]:
-    return train_run(spec, _WORKER["data"], _WORKER["cfg"], _WORKER["ctx"])
-
-
-class InlinePool:
-    """--jobs=1: each run in this process, when submitted."""
-
-    def __enter__(self) -> InlinePool:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def submit(self, fn: Any, spec: RunSpec) -> Future:
-        future: Future = Future()
-        future.set_result(fn(spec))
-        return future
-
-
-def make_pool(jobs: int, initializer: Any, initargs: tuple) -> Any:
-    """`jobs` spawned worker processes, each set up by initializer(*initargs); jobs=1: this process."""
-    if jobs == 1:
-        initializer(*initargs)
-        return InlinePool()
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=initializer,
-                               initargs=initargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,18 +375,6 @@ def needed_specs(runs: dict[str, dict[str, Any]], cfg: QualityConfig) -> list[Ru
 def final_specs(cfg: QualityConfig, arm: str, lr: float) -> list[RunSpec]:
     steps = budgets(cfg)
     return [RunSpec(arm, s, lr, 0) for s in steps[:-1]] + [RunSpec(arm, steps[-1], lr, seed) for seed in range(cfg.seeds)]
-
-
-def load_results(path: Path, cfg: QualityConfig) -> dict[str, dict[str, Any]]:
-    """Finished runs of a previous invocation with the same model and data settings."""
-    if not path.exists():
-        return {}
-    saved = json.loads(path.read_text())
-    same = {k: v for k, v in saved.get("config", {}).items() if k not in ("arms", "jobs", "out")} == \
-        {k: v for k, v in asdict(cfg).items() if k not in ("arms", "jobs", "out")}
-    if not same:
-        raise UserError(f"{path} holds results of other settings: pass another --out, or delete it to start over")
-    return {run["key"]: run for run in saved.get("runs", [])}
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -551,22 +462,6 @@ def goals(arms: dict[str, Any], cfg: QualityConfig) -> dict[str, bool | None]:
 # ---------------------------------------------------------------------------------------------
 # output
 
-def provenance(argv: list[str], module: str = "bench.molegrad_quality") -> dict[str, Any]:
-    def run(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    try:
-        galore = version("galore-torch")
-    except PackageNotFoundError:
-        galore = "not installed"
-    return {"command": f"python -m {module} " + shlex.join(argv), "git": git_info(),
-            "git_revision": run(["git", "rev-parse", "HEAD"]), "git_diff_stat": run(["git", "diff", "--stat", "HEAD"]),
-            "machine": hardware_info(), "software": {**software_info(), "galore_torch": galore}}
-
-
 def plot(arms: dict[str, Any], path: Path) -> Path | None:
     from nanochat.report import pyplot
 
@@ -610,48 +505,13 @@ def print_table(arms: dict[str, Any], cfg: QualityConfig) -> None:
         print0(line + (f"{eq:>+8.1f}%" if eq is not None else f"{'-':>9}"))
 
 
-def write_json(path: Path, value: dict[str, Any]) -> None:
-    """`value` as JSON at `path`, atomically (a crash never leaves half a results file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
-
-
-def drive(pool: Any, worker: Any, needed: Any, runs: dict[str, dict[str, Any]], revision: str,
-          finished: Any) -> None:
-    """Submit every spec `needed(runs)` calls for and is not done or queued, collect results as
-    they finish (each stamped with the git revision, stored in `runs`, then `finished(spec,
-    result)`: print and save), and ask again, until nothing is pending: the plan may grow with the
-    results (an LR sweep's edge, a combination chosen from a screen)."""
-    pending: dict[Future, Any] = {}
-    queued = set(runs)
-    while True:
-        for spec in needed(runs):
-            if spec.key not in queued:
-                queued.add(spec.key)
-                pending[pool.submit(worker, spec)] = spec
-        if not pending:
-            return
-        future = next(as_completed(list(pending)))
-        spec = pending.pop(future)
-        result = {**future.result(), "git_revision": revision}
-        runs[result["key"]] = result
-        finished(spec, result)
-
-
-def print_goals(goals: dict[str, bool | None]) -> None:
-    for goal, passed in goals.items():
-        print0(f"  {'n/a ' if passed is None else 'PASS' if passed else 'FAIL'}  {goal}")
-
-
 def run(cfg: QualityConfig, argv: list[str]) -> dict[str, Any]:
     out = Path(cfg.out)
     cache = out.with_suffix(".tokens.pt")
-    runs = load_results(out, cfg)
+    runs = load_results(out, cfg, ignored=("arms", "jobs", "out"))
     started, load_before = time.strftime("%Y-%m-%dT%H:%M:%S"), os.getloadavg()
-    data = prepare_data(cfg, cache)
-    info = provenance(argv)
+    data = prepare_data(cfg, cache, budgets(cfg)[-1])
+    info = provenance(argv, "bench.molegrad_quality")
 
     def save() -> dict[str, Any]:
         arms = summarize(runs, cfg, data.vocab_size)
@@ -670,8 +530,8 @@ def run(cfg: QualityConfig, argv: list[str]) -> dict[str, Any]:
                f"{result['heldout_bpb']:.4f} (selection {result['selection_bpb']:.4f}), {result['seconds']:.0f} s")
         save()
 
-    with make_pool(cfg.jobs, _worker_init, (asdict(cfg), str(cache))) as pool:
-        drive(pool, _worker_run, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
+    with make_pool(cfg.jobs, init_worker, (QualityConfig, asdict(cfg), str(cache), budgets(cfg)[-1], train_run)) as pool:
+        drive(pool, run_in_worker, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
     result = save()
     print_table(result["arms"], cfg)
     print_goals(result["goals"])

@@ -4,8 +4,9 @@ combination against it at >= 10 tokens per block parameter, 3 seeds, equal token
     python -m bench.recipe                     # ~40 min on 2 CPU cores (2 runs at a time, 1 thread each)
     python -m bench.recipe --jobs=1 --n_layer=2 --n_embd=64 --tokens_per_param=0.5 --seeds=1 --out=/tmp/r.json
 
-"Current recipe" is base_train's defaults (TrainFlags: Muon with Newton-Schulz, no weight decay,
-warmdown 0.2, grad clip 1.0, no model pieces). Each arm changes only the flags it names:
+"Current recipe" is base_train's defaults (its flag groups TrainFlags and ModelFlags: Muon with
+Newton-Schulz, no weight decay, warmdown 0.2, grad clip 1.0, no model pieces, dense training). Each
+arm changes only the flags it names:
 
   layer_lambdas  smear_gate  backout  value_embeds     the model pieces (docs/recipe.md)
   polar_express  normuon                               Muon's orthogonaliser / variance reduction
@@ -16,7 +17,7 @@ warmdown 0.2, grad clip 1.0, no model pieces). Each arm changes only the flags i
 The model: --n_layer 4 blocks of width 96 (442k block parameters; 4 layers so that the pieces
 that act across depth, value embeddings on alternating layers, the x0 lambdas and backout, have
 depth to act on), context 256, the bench's own BPE tokenizer of --vocab_size 2048 trained on the
-corpus (bench/molegrad_quality.py's data code: the same tokenizer, splits and cache format).
+corpus (bench/runner.py's data code, as bench/molegrad_quality.py: the same tokenizer, splits and cache format).
 Every arm runs at base_train's default LRs: the screen asks whether a piece pays at the recipe's
 settings, not after retuning (a piece that needs another LR shows up as a loss here).
 
@@ -47,26 +48,38 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.molegrad_quality import QualityData, drive, make_pool, prepare_data, print_goals, provenance, write_json
+from bench.runner import (
+    REPO,
+    TokenData,
+    drive,
+    init_worker,
+    load_results,
+    make_pool,
+    prepare_data,
+    print_goals,
+    provenance,
+    run_in_worker,
+    write_json,
+)
 from nanochat.common import RunContext, compute_init, print0, run_main
-from nanochat.config import Flags, UserError, check, parse_args
+from nanochat.config import Flags, check, parse_args
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import measure_allocated_peak, plan_memory
+from nanochat.model_flags import MEMORY_SETTINGS, ModelFlags
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, setup_optimizers
-from nanochat.trainer import AUTO_BATCH_REF_DEPTH, RECIPE_PIECES, TrainFlags, auto_total_batch_size, train_step
+from nanochat.trainer import AUTO_BATCH_REF_DEPTH, TrainFlags, auto_total_batch_size, train_step
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "recipe.json"
 UPSTREAM_WEIGHT_DECAY = 0.28  # upstream nanochat's base_train default (cautious, for Muon's matrices)
 
-# arm -> the TrainFlags it changes from base_train's defaults
+# arm -> the flags (ArmFlags) it changes from base_train's defaults
 ARMS: dict[str, dict[str, Any]] = {
     "current": {},
     "layer_lambdas": {"layer_lambdas": True},
@@ -82,6 +95,8 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 WEIGHT_DECAY_ARMS = ("weight_decay", "cautious_wd", "wd_by_width")  # nested: at most one joins
 PLAN_DEPTHS = (20, 26)
+# config fields a rerun may change and still resume from the results file
+RESUMABLE = ("arms", "also_final", "jobs", "out", "measure_memory", "speed_rounds", "speed_steps", "speed_threads")
 PLAN_SEQ_LEN, PLAN_VOCAB = 8192, 65536
 
 
@@ -134,10 +149,16 @@ class RecipeConfig(Flags):
         return [arm for arm in self.also_final.split(",") if arm]
 
 
-def train_flags(overrides: dict[str, Any]) -> TrainFlags:
+@dataclass
+class ArmFlags(ModelFlags, TrainFlags):
+    """base_train's flag groups (as scripts/base_train.py's config, without its run-length flags):
+    what an arm changes."""
+
+
+def train_flags(overrides: dict[str, Any]) -> ArmFlags:
     """base_train's flags with the arm's changes (total_batch_size is base_train's own flag: the
     bench applies it itself, in accumulation())."""
-    flags = TrainFlags(**{k: v for k, v in overrides.items() if k != "total_batch_size"})
+    flags = ArmFlags(**{k: v for k, v in overrides.items() if k != "total_batch_size"})
     flags.validate()
     return flags
 
@@ -194,7 +215,7 @@ class RunSpec:
         return f"{self.arm}|{json.dumps(dict(self.overrides), sort_keys=True)}|{self.tokens}|{self.seed}"
 
 
-def train_run(spec: RunSpec, data: QualityData, cfg: RecipeConfig, ctx: RunContext) -> dict[str, Any]:
+def train_run(spec: RunSpec, data: TokenData, cfg: RecipeConfig, ctx: RunContext) -> dict[str, Any]:
     """base_train's step on the bench's token stream with the arm's flags; bpb on both splits."""
     overrides = dict(spec.overrides)
     flags = train_flags(overrides)
@@ -227,20 +248,6 @@ def train_run(spec: RunSpec, data: QualityData, cfg: RecipeConfig, ctx: RunConte
             "steps": steps, "micro_batches_per_step": accum, "seed": spec.seed,
             "selection_bpb": bpb(data.selection), "heldout_bpb": bpb(data.heldout),
             "tokens_per_s": accum * cfg.batch_size * cfg.seq_len / step_s, "seconds": time.perf_counter() - t_start}
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(cfg_dict: dict[str, Any], cache: str, steps: int) -> None:
-    cfg = RecipeConfig(**cfg_dict)
-    _WORKER["cfg"] = cfg
-    _WORKER["ctx"] = compute_init(device="cpu", dtype=cfg.dtype, threads=1)
-    _WORKER["data"] = prepare_data(cfg, Path(cache), steps)
-
-
-def _worker_run(spec: RunSpec) -> dict[str, Any]:
-    return train_run(spec, _WORKER["data"], _WORKER["cfg"], _WORKER["ctx"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,21 +295,10 @@ def needed_specs(runs: dict[str, dict[str, Any]], cfg: RecipeConfig) -> list[Run
     return specs + (final_specs(cfg, pieces) if pieces is not None else [])
 
 
-def load_results(path: Path, cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
-    if not path.exists():
-        return {}
-    saved = json.loads(path.read_text())
-    ignored = ("arms", "also_final", "jobs", "out", "measure_memory", "speed_rounds", "speed_steps", "speed_threads")
-    if {k: v for k, v in saved.get("config", {}).items() if k not in ignored} != \
-            {k: v for k, v in asdict(cfg).items() if k not in ignored}:
-        raise UserError(f"{path} holds results of other settings: pass another --out, or delete it to start over")
-    return {run["key"]: run for run in saved.get("runs", [])}
-
-
 # ---------------------------------------------------------------------------------------------
 # memory: measured at the bench size, planned at GPU sizes
 
-def measure_speed(cfg: RecipeConfig, arms: dict[str, dict[str, Any]], data: QualityData) -> dict[str, dict[str, float]]:
+def measure_speed(cfg: RecipeConfig, arms: dict[str, dict[str, Any]], data: TokenData) -> dict[str, dict[str, float]]:
     """Tokens/s of each arm's training step, alone in this process (the pool is gone by then) with
     --speed_threads threads: --speed_rounds rounds, every arm once per round (interleaved, so
     drift hits every arm alike), median step time; the load average before and after."""
@@ -323,7 +319,7 @@ def measure_speed(cfg: RecipeConfig, arms: dict[str, dict[str, Any]], data: Qual
             stream = iter(batches * (1 + accum * (cfg.speed_steps + 1) // len(batches)))
             for _ in range(cfg.speed_steps if round_ else 1):
                 t0 = time.perf_counter()
-                train_step(model, optimizers, stream, accum, ctx, 1.0, 0.95, clip)
+                train_step(model, optimizers, stream, accum, ctx, grad_clip=clip)
                 if round_:
                     times[arm].append((time.perf_counter() - t0) / accum)
     tokens = cfg.batch_size * cfg.seq_len
@@ -333,14 +329,14 @@ def measure_speed(cfg: RecipeConfig, arms: dict[str, dict[str, Any]], data: Qual
 
 def planned_memory(overrides: dict[str, Any]) -> dict[str, float]:
     """Planned peak GiB at d20 / d26, 8192 x 1 tokens, bf16, grad accumulation: dense and
-    --memory_mode=lowest (k = 32), with the arm's model pieces (optimizer pieces hold only
-    per-row vectors, which the planner leaves out)."""
-    pieces = {name: getattr(train_flags(overrides), name) for name in RECIPE_PIECES}
-    modes = {"dense": {}, "lowest": TrainFlags(memory_mode="lowest", molegrad_rank_k=32).memory_options()}
+    --memory_mode=lowest (k = 32, the default), with the arm's model pieces (optimizer pieces hold
+    only per-row vectors, which the planner leaves out)."""
+    flags = train_flags(overrides)
     out = {}
     for depth in PLAN_DEPTHS:
-        for mode, memory in modes.items():
-            config = config_from_depth(depth, PLAN_VOCAB, PLAN_SEQ_LEN, **memory, **pieces)
+        for mode in ("dense", "lowest"):
+            options = replace(flags, **MEMORY_SETTINGS[mode]).model_options()
+            config = config_from_depth(depth, PLAN_VOCAB, PLAN_SEQ_LEN, **options)
             out[f"d{depth}_{mode}_gib"] = plan_memory(config, 1, "bfloat16", 2).peak / 2 ** 30
     return out
 
@@ -436,7 +432,7 @@ def print_table(summary: dict[str, Any]) -> None:
 def run(cfg: RecipeConfig, argv: list[str]) -> dict[str, Any]:
     out = Path(cfg.out)
     cache = out.with_suffix(".tokens.pt")
-    runs = load_results(out, cfg)
+    runs = load_results(out, cfg, ignored=RESUMABLE)
     started, load_before = time.strftime("%Y-%m-%dT%H:%M:%S"), os.getloadavg()
     _, largest = budgets(cfg)
     steps = largest // (cfg.batch_size * cfg.seq_len)
@@ -462,8 +458,8 @@ def run(cfg: RecipeConfig, argv: list[str]) -> dict[str, Any]:
                f"(selection {result['selection_bpb']:.4f}), {result['tokens_per_s']:.0f} tok/s, {result['seconds']:.0f} s")
         save()
 
-    with make_pool(cfg.jobs, _worker_init, (asdict(cfg), str(cache), steps)) as pool:
-        drive(pool, _worker_run, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
+    with make_pool(cfg.jobs, init_worker, (RecipeConfig, asdict(cfg), str(cache), steps, train_run)) as pool:
+        drive(pool, run_in_worker, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
     arms = {arm: arm_flags(arm) for arm in cfg.arm_names() + cfg.also_final_arms()}
     pieces = chosen_pieces(runs, cfg) or []
     if pieces:

@@ -15,7 +15,14 @@ from typing import Any, Callable
 import torch
 
 from nanochat.chat_data import PADDED, ChatBatches, Mixture, epoch_steps
-from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_model_dir, last_step, load_model
+from nanochat.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    checkpoint_history,
+    is_checkpoint_path,
+    load_model,
+    resolve_checkpoint,
+)
 from nanochat.common import RunContext, init_wandb, peak_flops, print0, run_main
 from nanochat.config import CHECKPOINT_KINDS, TASK_SOURCES, CheckpointFlags, check, source_field, to_dict
 from nanochat.gpt import GPT
@@ -39,10 +46,14 @@ from nanochat.trainer import (
 @dataclass
 class ChatTrainFlags(TrainFlags, CheckpointFlags):
     """Flags shared by mid_train, chat_sft and chat_rl (each adds its batch and eval sizes):
-    -i/--source, -c/--model_tag and --step name the checkpoint to start from; the run writes to
-    <stage>_checkpoints/<--model_tag, default the source's directory name>."""
+    -i/--source, -c/--model_tag and --step name the checkpoint to start from (-c: a tag, a checkpoint
+    directory or a model_NNNNNN.pt file); the run writes to <stage>_checkpoints/<the -c tag, default
+    the source's directory name>."""
 
     source: str = source_field("base", ("base", "mid"))
+    model_tag: str = field(default="", metadata={"short": "-c", "help": (
+        "checkpoint to start from: a tag (d12), a checkpoint directory or a model_NNNNNN.pt file (that step); "
+        "a tag also names the directory this run writes (default: the source's directory name)")})
     source_tag: str = field(default="", metadata={"help": "source checkpoint directory when it differs from --model_tag"})
     max_seq_len: int = field(default=2048, metadata={"help": "context length in tokens"})
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps (-1 = about one epoch of the mixture)"})
@@ -65,7 +76,9 @@ class ChatStage:
     name: str  # checkpoint kind and meta "stage": mid | sft
     title: str  # its section of the report card
     mode: str  # PACKED | PADDED
-    train_mixture: Callable[[str], Mixture]  # task source -> the training mixture
+    # (task source, training history: the source's checkpoint_history metas, then this stage's
+    # {"stage", "model_config", "device_type", "world_size"}) -> the training mixture
+    train_mixture: Callable[[str, list[dict[str, Any]]], Mixture]
     val_mixture: Callable[[str], Mixture]  # task source -> held-out conversations
     grad_accum: Callable[[Any, int], int]  # (flags, world size) -> micro-batches per optimizer step
     val_rows: Callable[[Any], int]  # flags -> rows (all ranks) per val bpb evaluation
@@ -91,6 +104,7 @@ class StartingPoint:
     checkpoint_dir: Path  # where this stage writes
     start_step: int
     resumed: tuple[dict[str, Any], dict[str, Any]] | None  # (rank state, meta) of the resumed checkpoint
+    history: list[dict[str, Any]]  # metas of the checkpoints the model was trained from, oldest first
 
 
 def start_chat_stage(cfg: ChatTrainFlags, stage_name: str, ctx: RunContext) -> StartingPoint:
@@ -100,14 +114,16 @@ def start_chat_stage(cfg: ChatTrainFlags, stage_name: str, ctx: RunContext) -> S
     if cfg.init_from_hf:
         src_dir, src_step = Path(cfg.init_from_hf), 0
     else:
+        tag = cfg.source_tag or cfg.model_tag
         try:
-            src_dir = find_model_dir(cfg.source, cfg.source_tag or cfg.model_tag)
+            src_dir, src_step = resolve_checkpoint(cfg.source, tag, cfg.step)
         except CheckpointError as e:
             earlier = [kind for kind in CHECKPOINT_KINDS[:CHECKPOINT_KINDS.index(stage_name)] if kind != cfg.source]
-            hint = f" (or start from an earlier stage with --source={'|'.join(earlier)})" if earlier else ""
+            hint = (f" (or start from an earlier stage with --source={'|'.join(earlier)})"
+                    if earlier and not is_checkpoint_path(tag) else "")
             raise CheckpointError(f"{stage_name}: {e}{hint}") from None
-        src_step = cfg.step if cfg.step >= 0 else last_step(src_dir)
-    ckpt_dir = checkpoint_dir(stage_name, cfg.model_tag or src_dir.name)
+    out_tag = cfg.model_tag if cfg.model_tag and not is_checkpoint_path(cfg.model_tag) else src_dir.name
+    ckpt_dir = checkpoint_dir(stage_name, out_tag)
     resuming = cfg.resume_from_step >= 0
     overrides = {**cfg.memory_options(), "sequence_len": cfg.max_seq_len}
     with flag_errors():  # e.g. a MoleGrad rank above this model's width
@@ -131,7 +147,7 @@ def start_chat_stage(cfg: ChatTrainFlags, stage_name: str, ctx: RunContext) -> S
     else:
         print0(f"{stage_name}: starting from {src_dir} step {src_step}")
     return StartingPoint(model, optimizers, tokenizer, tokenizer_dir, src_dir, src_step, ckpt_dir,
-                         max(0, cfg.resume_from_step), resumed)
+                         max(0, cfg.resume_from_step), resumed, checkpoint_history(meta))
 
 
 def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, Any]:
@@ -148,7 +164,9 @@ def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, A
         rank_state, meta = start.resumed
         loader_state, val_bpb = rank_state["loader"], meta.get("val_bpb")
 
-    train_mixture = stage.train_mixture(cfg.task_source)
+    this_stage = {"stage": stage.name, "model_config": asdict(model.config), "device_type": ctx.device_type,
+                  "world_size": ctx.world_size}
+    train_mixture = stage.train_mixture(cfg.task_source, [*start.history, this_stage])
     val_mixture = stage.val_mixture(cfg.task_source)
     train_loader = ChatBatches(tokenizer, train_mixture, stage.mode, cfg.device_batch_size, cfg.max_seq_len, ctx.device,
                                ctx.rank, ctx.world_size, state=loader_state)

@@ -18,7 +18,7 @@ weights (the next training batch's loss: a resumed run computes exactly this los
 whether it was `healthy` (nanochat.trainer.Guard). Pruning never deletes the newest healthy one.
 
 How a checkpoint becomes a model, for every entry point: `load_model` (a stage's checkpoint by
-kind/tag/step, or a directory) builds the GPT from the saved model_config, with `overrides` for
+kind and -c: a tag, a directory or a model_NNNNNN.pt file; or a directory) builds the GPT from the saved model_config, with `overrides` for
 the fields a run may change (memory options, context length), and loads the weights;
 `load_chat_model` adds the tokenizer and the inference dtype for chat_cli/chat_web/chat_eval.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import re
 import warnings
@@ -42,6 +43,7 @@ from nanochat.hf import load_hf
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 META_RE = re.compile(r"^meta_(\d{6})\.json$")
+MODEL_FILE_RE = re.compile(r"^model_(\d{6})\.pt$")
 STALE_TMP_RE = re.compile(r"^\.(model|state|meta)_\d{6}.*\.tmp$")  # common.atomic_write's temp names
 TRAIN_SCRIPT = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}
 
@@ -226,18 +228,61 @@ def load_model_state_strict(model: torch.nn.Module, state: dict[str, torch.Tenso
     model.load_state_dict(state, strict=True)
 
 
-def find_model_dir(kind: str, model_tag: str = "") -> Path:
-    """The checkpoint directory for `kind` (base|mid|sft|rl): `model_tag`, or the newest one."""
-    root = get_base_dir() / f"{kind}_checkpoints"
-    if model_tag:
-        directory = root / model_tag
+def is_checkpoint_path(model_tag: str) -> bool:
+    """Whether -c names a path (a checkpoint directory or a model_NNNNNN.pt file) rather than a tag
+    under <kind>_checkpoints/ (d12): it has a path separator, starts with ~ or is . or .., or ends in .pt."""
+    return (model_tag.endswith(".pt") or "/" in model_tag or os.sep in model_tag or model_tag in (".", "..")
+            or model_tag.startswith("~"))
+
+
+def resolve_checkpoint(kind: str, model_tag: str = "", step: int = -1) -> tuple[Path, int]:
+    """(directory, step) of the complete checkpoint that -c and --step name. -c is a tag under
+    <kind>_checkpoints/ (d12), a checkpoint directory, or a model_NNNNNN.pt file (that step of its
+    directory); empty, the newest directory of `kind` (base|mid|sft|rl). --step -1 is the last
+    complete step. A file and a --step that disagree are refused, naming both."""
+    if model_tag.endswith(".pt"):
+        path = Path(model_tag).expanduser()
+        match = MODEL_FILE_RE.match(path.name)
+        if match is None:
+            raise CheckpointError(f"{model_tag}: expected a checkpoint's model_NNNNNN.pt file (e.g. model_000100.pt), "
+                                  f"a checkpoint directory or a tag (d12)")
+        file_step = int(match.group(1))
+        if step >= 0 and step != file_step:
+            raise CheckpointError(f"{model_tag} is step {file_step} but --step={step}: give one of them")
+        if not path.is_file():
+            raise CheckpointError(f"missing checkpoint file {path}")
+        load_meta(path.parent, file_step)  # a checkpoint exists iff its meta file does
+        return path.parent, file_step
+    if is_checkpoint_path(model_tag):
+        directory = Path(model_tag).expanduser()
+        if not complete_steps(directory):
+            what = "no complete checkpoint (meta_NNNNNN.json) in" if directory.is_dir() else "no checkpoint directory"
+            raise CheckpointError(f"{what} {directory}")
+    elif model_tag:
+        directory = get_base_dir() / f"{kind}_checkpoints" / model_tag
         if not complete_steps(directory):
             raise CheckpointError(f"no complete {kind} checkpoint in {directory}")
-        return directory
-    candidates = [d for d in root.iterdir() if d.is_dir() and complete_steps(d)] if root.is_dir() else []
-    if not candidates:
-        raise CheckpointError(f"no {kind} checkpoints under {root}: train one first (python -m scripts.{TRAIN_SCRIPT.get(kind, kind)})")
-    return max(candidates, key=lambda d: (d / f"meta_{complete_steps(d)[-1]:06d}.json").stat().st_mtime)
+    else:
+        root = get_base_dir() / f"{kind}_checkpoints"
+        candidates = [d for d in root.iterdir() if d.is_dir() and complete_steps(d)] if root.is_dir() else []
+        if not candidates:
+            raise CheckpointError(f"no {kind} checkpoints under {root}: train one first "
+                                  f"(python -m scripts.{TRAIN_SCRIPT.get(kind, kind)})")
+        directory = max(candidates, key=lambda d: (d / f"meta_{complete_steps(d)[-1]:06d}.json").stat().st_mtime)
+    return directory, step if step >= 0 else complete_steps(directory)[-1]
+
+
+def checkpoint_history(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metas of the checkpoints a checkpoint was trained from, oldest first, ending with `meta`
+    (each chat stage's meta names its source: {"dir", "step"}). Stops at a source that is gone or
+    unreadable, or at a start from a Hugging Face folder: the first entry is then not a "base" stage."""
+    history = [meta]
+    while isinstance(source := history[0].get("source"), dict) and len(history) < len(TRAIN_SCRIPT) + 1:
+        try:
+            history.insert(0, load_meta(Path(source["dir"]), int(source["step"])))
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            break
+    return history
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:
@@ -271,7 +316,8 @@ def load_model(
     hf_dir: str | Path = "",
 ) -> tuple[GPT, dict[str, Any]]:
     """A trained GPT (in eval mode) and its metadata, from the last (or given) complete step of
-    `directory`, or of the newest/`model_tag` checkpoint directory of kind `source`, or from the
+    `directory`, or of the checkpoint that `model_tag` (-c: a tag, directory or model_NNNNNN.pt
+    file; empty = the newest of kind `source`) and `step` name (resolve_checkpoint), or from the
     Hugging Face NanoChat folder `hf_dir` (--init_from_hf, nanochat/hf.py) when given.
 
     `overrides`: GPTConfig fields that differ from the saved model_config (recompute, MoleGrad
@@ -283,8 +329,9 @@ def load_model(
         model.eval()
         return model, {"checkpoint_dir": str(hf_dir), "step": 0, "model_config": dataclasses.asdict(model.config),
                        "tokenizer_dir": str(hf_dir)}
-    directory = Path(directory) if directory is not None else find_model_dir(source, model_tag)
-    if step < 0:
+    if directory is None:
+        directory, step = resolve_checkpoint(source, model_tag, step)
+    elif step < 0:
         step = last_step(directory)
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {directory}")

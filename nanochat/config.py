@@ -232,8 +232,9 @@ class CheckpointFlags(Flags):
     """Which checkpoint a script reads: every entry point that loads a trained model takes these."""
 
     source: str = source_field("sft")
-    model_tag: str = field(default="", metadata={"short": "-c", "help": "checkpoint directory name, e.g. d12 (empty = the newest)"})
-    step: int = field(default=-1, metadata={"help": "checkpoint step (-1 = the last complete one)"})
+    model_tag: str = field(default="", metadata={"short": "-c", "help": (
+        "checkpoint: a tag (d12), a checkpoint directory, or a model_NNNNNN.pt file (that step) (empty = the newest)")})
+    step: int = field(default=-1, metadata={"help": "checkpoint step (-1 = the last complete one, or the -c file's)"})
     init_from_hf: str = field(default="", metadata={
         "help": "a Hugging Face NanoChat folder (model + tokenizer) to start from instead of -i/-c/--step"})
 

@@ -7,6 +7,9 @@ benches take these groups, and they alone turn flags into GPTConfig options.
 - `ModelFlags`: MemoryFlags and the four recipe pieces, which shape the weights; only base_train
   (and the planner) take it: later stages keep their checkpoint's architecture.
 
+MEMORY_SETTINGS names the settings that the benches and the planner compare (dense, recompute_block,
+molegrad_ffn, lowest, ...), each once.
+
 Each flag is named like the GPTConfig field it sets; the seed's spellings (--enable_streaming,
 --streaming_rank_k, --streaming_target_layers, --streaming_*) are aliases. MoleGrad is on when
 `--molegrad` is, or a memory mode is chosen: `molegrad_on()`, the one place that says so. Value
@@ -126,3 +129,20 @@ class ModelFlags(MemoryFlags):
 
     def model_options(self) -> dict[str, Any]:
         return {**self.memory_options(), **{name: getattr(self, name) for name in RECIPE_PIECES}}
+
+
+# The memory settings that the benches and the planner's --sweep_depths compare, each spelled once:
+# name -> MemoryFlags overrides. An arm is a bench's flags with its setting's overrides applied
+# (dataclasses.replace, then .memory_options()): MoleGrad at the flags' --molegrad_rank_k (a bench
+# may name another rank as <setting>_k<rank>); the flags it leaves at their defaults keep the
+# setting what its name says.
+MEMORY_SETTINGS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "recompute_mlp": dict(recompute="mlp"),
+    "recompute_block": dict(recompute="block"),
+    "molegrad_ffn": dict(molegrad=True, molegrad_targets="ffn_only"),  # MoleGrad's defaults: MLP Linears, dense momentum
+    "molegrad_ffn_lowrank": dict(molegrad=True, molegrad_targets="ffn_only", molegrad_momentum="lowrank"),
+    "molegrad_all": dict(molegrad=True, molegrad_targets="all"),
+    "molegrad_all_lowrank": dict(molegrad=True, molegrad_targets="all", molegrad_momentum="lowrank"),
+    **{mode: dict(memory_mode=mode) for mode in MEMORY_MODES},  # low, lowest, keep_h
+}

@@ -1,8 +1,9 @@
 """tcmalloc, loaded in one place: entry points re-exec themselves with it preloaded.
 
-glibc malloc makes small tensor ops 5-10x slower than tcmalloc on the 2-core CPU machines (README),
-so `python -m scripts.X`, `python -m bench.X` and the test suite (tests/conftest.py) call
-`reexec_with_tcmalloc` before torch is imported. runs/setup_env.sh only installs the library.
+glibc malloc makes small tensor ops 5-10x slower than tcmalloc on the 2-core CPU machines
+(docs/cpu_notes.md), so `python -m scripts.X`, `python -m bench.X` and the test suite (the pytest
+plugin tests/tcmalloc_plugin.py, loaded by pyproject.toml's addopts) call `reexec_with_tcmalloc`
+before torch is imported. runs/setup_env.sh only installs the library.
 Opt out with NANOCHAT_TCMALLOC=0. This module imports nothing of nanochat and not torch.
 """
 

@@ -431,7 +431,8 @@ def save_training_state(
     if ctx.ddp:
         distributed.barrier("checkpoint save")  # every rank's state is on disk before the meta file marks it complete
     if ctx.master:
-        save_checkpoint(directory, step, None, None, {**meta, "world_size": ctx.world_size}, rank=ctx.rank, keep_last=keep_last)
+        meta = {**meta, "world_size": ctx.world_size, "device_type": ctx.device_type}  # what trained it, for the identity data
+        save_checkpoint(directory, step, None, None, meta, rank=ctx.rank, keep_last=keep_last)
     if ctx.ddp:
         distributed.barrier("checkpoint save")
     if guard is not None:

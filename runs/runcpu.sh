@@ -20,7 +20,7 @@ SFT_STEPS=${SFT_STEPS:-100}
 RL_STEPS=${RL_STEPS:-20}
 EVAL_PROBLEMS=${EVAL_PROBLEMS:-100}
 # the 2026 model pieces (bench/recipe.py: +12% val bpb at equal tokens on CPU); the GPU defaults leave them
-# off (memory at 8192 tokens, and export without remote code: README "Recipe flags"). RECIPE= turns them off.
+# off (memory at 8192 tokens, and export without remote code: docs/recipe.md "Defaults, and why"). RECIPE= turns them off.
 RECIPE=${RECIPE---layer_lambdas=True --smear_gate=True --backout=True --value_embeds=True}
 CHAT_TASKS=${CHAT_TASKS:-ARC-Easy,ARC-Challenge,MMLU,GSM8K,SpellingBee,Arithmetic}  # HumanEval: 0 at this size, slow
 TAG="d$DEPTH"

@@ -95,7 +95,7 @@ def check_memory_fits(config: GPTConfig, device_batch_size: int, grad_accum: int
           f"--depth={config.n_layer} (width {config.n_embd}) with --device_batch_size={device_batch_size} x "
           f"{config.sequence_len} tokens: the memory plan of a training step needs {peak / GiB:.1f} GiB, "
           f"{ctx.device} has {available / GiB:.1f} GiB available (python -m nanochat.memory shows the plan); "
-          f"lower --depth, --device_batch_size or --max_seq_len, or try --memory_mode=lowest")
+          f"lower --depth, --device_batch_size or --max_seq_len, or try --memory_mode=low (or lowest)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

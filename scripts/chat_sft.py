@@ -16,7 +16,7 @@ with mid_train. Flags: `--help`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from nanochat.chat_data import PADDED
 from nanochat.chat_train import ChatStage, ChatTrainFlags, run_chat_training
@@ -29,7 +29,7 @@ from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
 from tasks.gsm8k import GSM8K
-from tasks.identity import Identity
+from tasks.identity import Identity, TrainingRun
 from tasks.registry import chat_val_mixture, make_task
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
@@ -67,7 +67,9 @@ class ChatSFTConfig(ChatTrainFlags):
         return self.eval_examples
 
 
-def train_mixture(source: str) -> Task:
+def train_mixture(source: str, history: Sequence[dict[str, Any]] = ()) -> Task:
+    """`history`: the checkpoint metas this model was trained from and this stage (nanochat.chat_train),
+    which the identity conversations describe; empty, they say nothing of the training."""
     # the synthetic tasks keep their share (offline they are most of the data: the hub tasks are
     # a few stand-in rows), so finetuning on chat does not unlearn the calculator and counting
     return TaskMixture([
@@ -75,7 +77,7 @@ def train_mixture(source: str) -> Task:
         ARC("ARC-Challenge", "train", source=source),  # 1.1K
         GSM8K("main", "train", source=source),  # 7.5K
         SmolTalk("train", source=source, stop=10_000),  # 10K
-        Identity(size=1000),
+        Identity(size=1000, run=TrainingRun.from_history(history)),
         Arithmetic(size=4000),
         SimpleSpelling(size=300),
         SpellingBee(size=4000),

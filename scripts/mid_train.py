@@ -14,7 +14,7 @@ nanochat.chat_train.run_chat_training, shared with chat_sft. Flags: `--help`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from nanochat.chat_data import PACKED
 from nanochat.chat_train import ChatStage, ChatTrainFlags, run_chat_training
@@ -23,7 +23,7 @@ from nanochat.trainer import grad_accum_steps
 from tasks.arithmetic import Arithmetic
 from tasks.common import Task, TaskMixture
 from tasks.gsm8k import GSM8K
-from tasks.identity import Identity
+from tasks.identity import Identity, TrainingRun
 from tasks.mmlu import MMLU
 from tasks.registry import chat_val_mixture
 from tasks.smoltalk import SmolTalk
@@ -49,7 +49,9 @@ class MidTrainConfig(ChatTrainFlags):
         return max(1, self.eval_tokens // self.max_seq_len)
 
 
-def train_mixture(source: str) -> Task:
+def train_mixture(source: str, history: Sequence[dict[str, Any]] = ()) -> Task:
+    """`history`: the checkpoint metas this model was trained from and this stage (nanochat.chat_train),
+    which the identity conversations describe; empty, they say nothing of the training."""
     # Online, SmolTalk and MMLU dominate. Offline the hub tasks are a few stand-in rows each, so
     # the synthetic tasks are the data: calculator calls and letter counting get most of it, and
     # spelling words out (memorising each word's letters, which a tiny model cannot) a little.
@@ -58,7 +60,7 @@ def train_mixture(source: str) -> Task:
         MMLU("auxiliary_train", "train", source=source),  # multiple choice (100K)
         GSM8K("main", "train", source=source),  # math with calculator calls (7.5K)
         Arithmetic(size=50_000),  # calculator calls on generated word problems
-        Identity(size=1000),  # who the model is
+        Identity(size=1000, run=TrainingRun.from_history(history)),  # who the model is
         SimpleSpelling(size=20_000),  # word -> letters
         SpellingBee(size=150_000),  # count letters with a Python call (copying the word: the harder one)
     ])

@@ -1,16 +1,48 @@
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-# Tests never touch ~/.cache: each test gets its own artifact directory unless it sets one itself.
+# The suite never reads or writes the user's artifacts or caches, whatever the environment says:
+# every variable that names an artifact or cache directory points into a temporary directory.
+# Each test gets its own (under its tmp_path); the session's, set in pytest_configure before any
+# test module is imported, covers libraries that read them once at import (huggingface_hub),
+# session fixtures (built before a test's fixtures run) and the compiler caches, which stay per
+# session so that a kernel one test compiles is reused by the next. Subprocesses inherit them.
+PER_TEST_DIRS = ("NANOCHAT_BASE_DIR", "HF_HOME", "HF_DATASETS_CACHE", "HF_HUB_CACHE", "XDG_CACHE_HOME", "TORCH_HOME",
+                 "MPLCONFIGDIR")
+PER_SESSION_DIRS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+_caller_environment: dict[str, str | None] = {}
+_session_dir: list[str] = []
+
+
+def pytest_configure(config) -> None:
+    root = tempfile.mkdtemp(prefix="nanochat-tests-")
+    _session_dir.append(root)
+    for name in (*PER_TEST_DIRS, *PER_SESSION_DIRS, "WANDB_RUN"):
+        _caller_environment[name] = os.environ.get(name)
+    for name in (*PER_TEST_DIRS, *PER_SESSION_DIRS):
+        os.environ[name] = os.path.join(root, name.lower())
+    os.environ["WANDB_RUN"] = "dummy"
+
+
+def pytest_unconfigure(config) -> None:
+    for name, value in _caller_environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    for root in _session_dir:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_base_dir(tmp_path, monkeypatch):
-    if "NANOCHAT_BASE_DIR" not in os.environ or os.environ["NANOCHAT_BASE_DIR"].startswith(str(tmp_path.parent.parent)):
-        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "nanochat_base"))
+def _isolated_dirs(tmp_path, monkeypatch):
+    for name in PER_TEST_DIRS:
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
     monkeypatch.setenv("WANDB_RUN", "dummy")
-    yield
 
 
 # The tiny model, trained once per test session (a depth-1 base model, checkpoint tag "tiny", with

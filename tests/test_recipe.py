@@ -370,7 +370,7 @@ def test_resume_is_bit_exact_with_every_piece_on(base_dir):
         (["--cautious_weight_decay=True", "--molegrad=True", "--memory_mode=lowest"],
          "--cautious_weight_decay=True: needs the dense update of every matrix"),
         (["--muon_orthogonalizer=svd"], "--muon_orthogonalizer: expected one of newton_schulz|polar_express"),
-        (["--normuon_beta2=1.0"], "--normuon_beta2: expected a value in [0, 1)"),
+        (["--normuon_beta2=1.0"], "--normuon_beta2=1.0: expected a value in [0, 1)"),
         (["--resume_from_step=10", "--model_tag=tiny", "--num_iterations=12", "--value_embeds=True"],
          "--value_embeds: the checkpoint at step 10 in "),
     ],
