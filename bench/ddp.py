@@ -2,8 +2,10 @@
 dense against MoleGrad.
 
     python -m bench.ddp                                    # width 512, 2 blocks, k=32, 3 steps
-    python -m bench.ddp --n_embd=768 --rank_k=16 --arms=dense,molegrad,molegrad_lowrank
+    python -m bench.ddp --n_embd=768 --molegrad_rank_k=16 --arms=dense,molegrad,molegrad_lowrank
 
+Arms: dense, molegrad (MoleGrad on --molegrad_targets at --molegrad_rank_k, dense momentum),
+molegrad_lowrank (the same, low-rank momentum); each is the memory flags with its ARMS overrides.
 Every arm trains the same model from the same init on the same global batches through
 trainer.train_step, once in this process and once in two gloo processes that each take half of
 every batch (the sharded optimizers, as under torchrun). Reported per arm: the loss after the last
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +35,22 @@ from nanochat.common import RunContext
 from nanochat.config import check, parse_args
 from nanochat.distributed import record_traffic
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.model_flags import MemoryFlags
+from nanochat.molegrad import molegrad_layers
 from nanochat.optim import Muon, setup_optimizers
-from nanochat.molegrad import MOLEGRAD_TARGETS, molegrad_layers
 from nanochat.trainer import train_step
 
-# arm -> MoleGrad momentum (None = dense training)
-ARMS = {"dense": None, "molegrad": "dense", "molegrad_lowrank": "lowrank"}
+# arm -> MemoryFlags overrides
+ARMS = {"dense": {}, "molegrad": dict(molegrad=True, molegrad_momentum="dense"),
+        "molegrad_lowrank": dict(molegrad=True, molegrad_momentum="lowrank")}
 TAGS = ("gradient", "parameter", "molegrad factor", "molegrad statistics", "scalar")
 OPTIMIZER = dict(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.1)
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(MemoryFlags):
+    """Two CPU processes against one: equal results, and the bytes a step sends, dense against MoleGrad."""
+
     n_embd: int = field(default=512, metadata={"help": "model width"})
     n_layer: int = field(default=2, metadata={"help": "transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
@@ -53,25 +59,24 @@ class BenchConfig:
     seq_len: int = field(default=64, metadata={"help": "tokens per row"})
     batch_size: int = field(default=8, metadata={"help": "rows per step, all ranks together"})
     steps: int = field(default=3, metadata={"help": "optimizer steps per arm"})
-    rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k"})
-    targets: str = field(default="ffn_only", metadata={"help": "MoleGrad targets", "choices": MOLEGRAD_TARGETS})
     dtype: str = field(default="float32", metadata={"help": "weights and compute (Newton–Schulz included)",
                                                    "choices": ("float32", "float64")})
     arms: str = field(default="dense,molegrad", metadata={"help": f"comma-separated, from {'|'.join(ARMS)}"})
     seed: int = field(default=0, metadata={"help": "init and data seed"})
 
     def validate(self) -> None:
+        super().validate()
         unknown = [name for name in self.arms.split(",") if name not in ARMS]
         check(not unknown, f"--arms: unknown arm(s) {unknown}, expected some of {'|'.join(ARMS)}")
         check(self.batch_size % 2 == 0, f"--batch_size: expected an even number of rows (two ranks), got {self.batch_size}")
         check(self.steps >= 1, f"--steps: expected >= 1, got {self.steps}")
+        for name in self.arms.split(","):
+            replace(self, **ARMS[name]).memory_options()  # a flag against the arm's preset: ConfigError
 
 
 def build_model(cfg: BenchConfig, arm: str) -> GPT:
-    momentum = ARMS[arm]
     config = GPTConfig(sequence_len=cfg.seq_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, molegrad_rank_k=cfg.rank_k if momentum else 0,
-                       molegrad_targets=cfg.targets, molegrad_momentum=momentum or "dense")
+                       n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, **replace(cfg, **ARMS[arm]).memory_options())
     torch.manual_seed(cfg.seed)
     model = GPT(config)
     model.init_weights()
@@ -96,7 +101,7 @@ def train_arm(cfg: BenchConfig, arm: str, ctx: RunContext) -> dict[str, Any]:
         tokens = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=generator)
         batch = (tokens[mine, :-1], tokens[mine, 1:])
         with record_traffic() as traffic:
-            loss, _ = train_step(model, optimizers, iter([batch]), 1, ctx, 1.0, 0.95, 1.0)
+            loss, _ = train_step(model, optimizers, iter([batch]), 1, ctx)
         losses.append(loss)
         traffic_per_step.append(traffic.bytes_by_tag())
         shapes |= traffic.shapes()
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(BenchConfig, argv, prog="python -m bench.ddp")
     rows = [summarize(arm, result) for arm, result in run_all(cfg).items()]
     print(f"width {cfg.n_embd}, {cfg.n_layer} blocks, vocab {cfg.vocab_size}, {cfg.batch_size}x{cfg.seq_len} tokens/step, "
-          f"{cfg.steps} steps, {cfg.dtype}; MoleGrad k={cfg.rank_k} on {cfg.targets}; bytes = sent per rank per step (ring model)")
+          f"{cfg.steps} steps, {cfg.dtype}; MoleGrad k={cfg.molegrad_rank_k} on {cfg.molegrad_targets}; bytes = sent per rank per step (ring model)")
     print(f"{'arm':<18}{'loss 1 proc':>12}{'loss 2 procs':>13}{'|dW|/|W|':>10}{'max |dW|':>10}  {'at':<26}{'ranks ==':>9}"
           f"{'bytes/step':>12}" + "".join(f"{tag:>20}" for tag in TAGS))
     for r in rows:

@@ -5,14 +5,15 @@
     python -m bench.gpu_check --device=cpu --depth=1 --seq_len=64 --vocab_size=256 --steps=2 \\
         --compile_backend=aot_eager    # tiny, what tests/test_gpu_check.py runs
 
-For each depth, each mode (MODES: dense, recompute=block, MoleGrad default = ffn_only with dense
-momentum, low and lowest = gpt.MEMORY_MODES) that the planner fits, eager and compiled: `steps`
-training steps (trainer.train_step, batch 1, no accumulation) after `warmup`. Reported: the planned
-peak (memory.plan_memory), the measured peak beyond what was allocated before the model was built
-(torch.cuda.max_memory_allocated; none on CPU, where `python -m nanochat.memory --measure=True`
-measures one), median tokens/s, and MFU = tokens/s x GPT.estimate_flops() (dense-equivalent FLOPs,
-so MoleGrad's smaller dW matmuls show as higher MFU) / common.peak_flops. Runs that would start
-after --time_budget_s are skipped and listed. A table, then one JSON line.
+For each depth, each mode (--modes: memory settings of nanochat.model_flags.MEMORY_SETTINGS applied
+to the memory flags, MoleGrad at --molegrad_rank_k; all = MODES: dense, recompute_block,
+molegrad_ffn (MoleGrad's defaults: MLP Linears, dense momentum), low and lowest) that the planner
+fits, eager and compiled: `steps` training steps (trainer.train_step, batch 1, no accumulation)
+after `warmup`. Reported: the planned peak (memory.plan_memory), the measured peak beyond what was
+allocated before the model was built (torch.cuda.max_memory_allocated; none on CPU, where
+`python -m nanochat.memory --measure=True` measures one), median tokens/s, and MFU = tokens/s x
+GPT.estimate_flops() (dense-equivalent FLOPs, so MoleGrad's smaller dW matmuls show as higher MFU)
+/ common.peak_flops. Runs that would start after --time_budget_s are skipped and listed. A table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -21,31 +22,25 @@ import gc
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from nanochat.common import RunContext, compute_init, peak_flops, print0
 from nanochat.config import check, parse_args
-from nanochat.gpt import GPT, GPTConfig, apply_memory_mode, config_from_depth
-from nanochat.memory import GiB, format_size, gpu_bytes, num_params, parse_size, plan_memory
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.memory import GiB, format_size, gpu_bytes, parse_size, plan_memory
+from nanochat.model_flags import MEMORY_SETTINGS, MemoryFlags
 from nanochat.optim import setup_optimizers
 from nanochat.trainer import train_step
 
-# name -> (memory mode, GPTConfig options); MoleGrad at --rank_k
-MODES = {
-    "dense": ("custom", dict(recompute="none", molegrad_rank_k=0)),
-    "recompute=block": ("custom", dict(recompute="block", molegrad_rank_k=0)),
-    "MoleGrad default": ("custom", dict(molegrad_targets="ffn_only", molegrad_momentum="dense")),
-    "low": ("low", {}),
-    "lowest": ("lowest", {}),
-}
+MODES = ("dense", "recompute_block", "molegrad_ffn", "low", "lowest")  # --modes=all; any of MEMORY_SETTINGS runs
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}  # nanochat.memory's --dtype
 
 
 @dataclass
-class GpuCheckConfig:
+class GpuCheckConfig(MemoryFlags):
     """Planned vs measured peak, tokens/s and MFU per memory mode, eager and compiled."""
 
     device: str = field(default="", metadata={"help": "cuda|cpu (empty = autodetect)"})
@@ -53,8 +48,8 @@ class GpuCheckConfig:
     depth: int = field(default=12, metadata={"help": "the first depth checked"})
     seq_len: int = field(default=8192, metadata={"help": "tokens per sequence (batch 1)"})
     vocab_size: int = field(default=65536, metadata={"help": "vocabulary"})
-    rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k"})
-    modes: str = field(default="all", metadata={"help": f"comma-separated from {'|'.join(MODES)}, or all"})
+    modes: str = field(default="all", metadata={"help": f"comma-separated memory settings, from {'|'.join(MEMORY_SETTINGS)}, "
+                                                        f"or all ({','.join(MODES)})"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0 = all cores)"})
     steps: int = field(default=3, metadata={"help": "timed training steps per run"})
     warmup: int = field(default=2, metadata={"help": "untimed steps first (compilation happens here)"})
@@ -68,28 +63,28 @@ class GpuCheckConfig:
     seed: int = field(default=42, metadata={"help": "model init and token seed"})
 
     def validate(self) -> None:
-        for name in ("depth", "seq_len", "rank_k", "steps"):
+        super().validate()
+        for name in ("depth", "seq_len", "steps"):
             check(getattr(self, name) >= 1, f"--{name}: expected >= 1, got {getattr(self, name)}")
         check(self.vocab_size >= 2, f"--vocab_size: expected >= 2, got {self.vocab_size}")
         check(self.warmup >= 0, f"--warmup: expected >= 0, got {self.warmup}")
-        unknown = [name for name in self.mode_names() if name not in MODES]
-        check(not unknown, f"--modes: unknown mode(s) {', '.join(unknown)}; expected some of {'|'.join(MODES)} or all")
+        unknown = [name for name in self.mode_names() if name not in MEMORY_SETTINGS]
+        check(not unknown, f"--modes: unknown mode(s) {', '.join(unknown)}; expected some of {'|'.join(MEMORY_SETTINGS)} or all")
         for name, parse in (("gpu_memory", gpu_bytes), ("reserve", parse_size)):
             if getattr(self, name):
                 try:
                     parse(getattr(self, name))
                 except ValueError as e:
                     check(False, f"--{name}: {e}")
-
+        for name in self.mode_names():
+            replace(self, **MEMORY_SETTINGS[name]).memory_options()  # a flag against the mode's preset: ConfigError
 
     def mode_names(self) -> list[str]:
         return list(MODES) if self.modes == "all" else [name for name in self.modes.split(",") if name]
 
 
 def mode_config(name: str, depth: int, cfg: GpuCheckConfig) -> GPTConfig:
-    mode, options = MODES[name]
-    return config_from_depth(depth, cfg.vocab_size, cfg.seq_len,
-                             **apply_memory_mode(mode, {"molegrad_rank_k": cfg.rank_k, **options}))
+    return config_from_depth(depth, cfg.vocab_size, cfg.seq_len, **replace(cfg, **MEMORY_SETTINGS[name]).memory_options())
 
 
 def planned_peak(config: GPTConfig, ctx: RunContext) -> int:
@@ -113,7 +108,7 @@ def deepest_lowest_depth(cfg: GpuCheckConfig, ctx: RunContext) -> int:
 
 
 def run_mode(config: GPTConfig, backend: str, cfg: GpuCheckConfig, ctx: RunContext) -> dict[str, Any]:
-    """warmup + steps training steps; measured peak (CUDA), median tokens/s, MFU."""
+    """warmup + steps training steps; the model's parameters, measured peak (CUDA), median tokens/s, MFU."""
     cuda = ctx.device_type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -123,6 +118,7 @@ def run_mode(config: GPTConfig, backend: str, cfg: GpuCheckConfig, ctx: RunConte
     torch.manual_seed(cfg.seed)
     with torch.device(ctx.device):
         model = GPT(config)
+    params = sum(p.numel() for p in model.parameters())
     optimizers = setup_optimizers(model)
     runner = torch.compile(model, backend=backend) if backend else model
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -136,15 +132,15 @@ def run_mode(config: GPTConfig, backend: str, cfg: GpuCheckConfig, ctx: RunConte
     try:
         for _ in range(cfg.warmup + cfg.steps):
             t0 = time.perf_counter()
-            train_step(runner, optimizers, stream, 1, ctx, 1.0, 0.95, 1.0)
+            train_step(runner, optimizers, stream, 1, ctx)
             ctx.synchronize()
             times.append(time.perf_counter() - t0)
         measured = torch.cuda.max_memory_allocated() - baseline if cuda else None
         tok_per_s = config.sequence_len / statistics.median(times[cfg.warmup:])
-        result = {"measured_bytes": measured, "tok_per_s": tok_per_s,
+        result = {"params": params, "measured_bytes": measured, "tok_per_s": tok_per_s,
                   "mfu": 100 * tok_per_s * model.estimate_flops() / peak_flops(ctx), "error": None}
     except torch.cuda.OutOfMemoryError:
-        result = {"measured_bytes": None, "tok_per_s": None, "mfu": None, "error": "out of memory"}
+        result = {"params": params, "measured_bytes": None, "tok_per_s": None, "mfu": None, "error": "out of memory"}
     del model, optimizers, runner, stream
     gc.collect()
     if backend:
@@ -166,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.cuda.get_device_properties(ctx.device).total_memory if ctx.device_type == "cuda" else None)
     device_name = torch.cuda.get_device_name(ctx.device) if ctx.device_type == "cuda" else "cpu"
     print0(f"gpu check on {device_name}, {DTYPE_NAMES[ctx.dtype]}, {cfg.seq_len} tokens x 1, vocab {cfg.vocab_size:,}, "
-           f"MoleGrad k={cfg.rank_k}; deepest lowest-mode depth for "
+           f"MoleGrad k={cfg.molegrad_rank_k}; deepest lowest-mode depth for "
            f"{format_size(budget) if budget else 'no budget'}: {deepest or '-'}")
     print0(f"{'depth':>5} {'mode':<18}{'compile':>10}{'planned':>12}{'measured':>12}{'error':>8}{'tok/s':>10}{'MFU %':>7}")
     runs, skipped = [], []
@@ -183,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 skipped.append(f"d{depth} {name} {label}: planned {format_size(planned)} does not fit")
                 continue
             result = run_mode(config, backend, cfg, ctx)
-            row = {"depth": depth, "params": num_params(config), "mode": name, "compile": label,
-                   "planned_bytes": planned, **result}
+            row = {"depth": depth, "mode": name, "compile": label, "planned_bytes": planned, **result}
             measured = result["measured_bytes"]
             error = f"{100 * (planned / measured - 1):+.1f}%" if measured else "-"
             print0(f"{depth:>5} {name:<18}{label:>10}{format_size(planned):>12}"

@@ -1,14 +1,14 @@
-"""Step speed of the memory modes side by side: dense, recompute=block, MoleGrad default, keep_h,
-lowest (eager and torch.compile'd), on one model, one process, arms interleaved.
+"""Step speed of the memory modes side by side: dense, recompute_block, molegrad_ffn (MoleGrad's
+defaults), keep_h, lowest (eager and torch.compile'd), on one model, one process, arms interleaved.
 
     python -m bench.memory_modes                   # d8 (width 512), vocab 8192, seq 512: ~5 min on 2 CPU cores
     python -m bench.memory_modes --arms=dense,keep_h --rounds=3
 
-Each arm builds the model as base_train does for that mode (MoleGrad rank --rank_k; keep_h and
-lowest compress every block Linear with low-rank momentum) and runs optimizer steps on random
-tokens. Steps are taken in rounds, one step of every arm per round, so that a change in machine
+Each arm builds the model as base_train does for its memory setting (nanochat.model_flags.MEMORY_SETTINGS,
+applied to this bench's memory flags: MoleGrad at --molegrad_rank_k; keep_h and lowest compress every
+block Linear with low-rank momentum) and runs optimizer steps on random tokens. Steps are taken in rounds, one step of every arm per round, so that a change in machine
 load hits every arm alike; the first --warmup rounds are discarded (compilation happens there) and
-the median of the rest is reported, with tokens/s and its ratio to dense and to recompute=block.
+the median of the rest is reported, with tokens/s and its ratio to dense and to recompute_block.
 Compile arms count the graphs dynamo compiled (one compilation = one graph, no recompiles).
 Timing needs a quiet machine: check `cat /proc/loadavg` first. Table, goals, then one JSON line.
 """
@@ -19,38 +19,34 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from nanochat.common import compute_init, run_main
-from nanochat.config import Flags, check, parse_args
-from nanochat.gpt import GPT, apply_memory_mode, config_from_depth
+from nanochat.config import check, parse_args
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.model_flags import MEMORY_SETTINGS, MemoryFlags
 from nanochat.optim import setup_optimizers
 from nanochat.trainer import train_step
 
-# arm -> (GPTConfig memory options before the mode is applied, --memory_mode, compiled)
-ARMS: dict[str, tuple[dict[str, Any], str, bool]] = {
-    "dense": ({}, "custom", False),
-    "recompute_block": ({"recompute": "block"}, "custom", False),
-    "molegrad": ({"molegrad_targets": "ffn_only"}, "custom", False),
-    "keep_h": ({}, "keep_h", False),
-    "lowest": ({}, "lowest", False),
-    "lowest_compiled": ({}, "lowest", True),
+# arm -> (memory setting, compiled)
+ARMS: dict[str, tuple[str, bool]] = {
+    **{name: (name, False) for name in ("dense", "recompute_block", "molegrad_ffn", "keep_h", "lowest")},
+    "lowest_compiled": ("lowest", True),
 }
 
 
 @dataclass
-class MemoryModesConfig(Flags):
-    """Tokens/s of dense, recompute=block, MoleGrad default, keep_h and lowest (eager, compiled)."""
+class MemoryModesConfig(MemoryFlags):
+    """Tokens/s of dense, recompute_block, molegrad_ffn, keep_h and lowest (eager, compiled)."""
 
     arms: str = field(default=",".join(ARMS), metadata={"help": f"comma-separated from {'|'.join(ARMS)}"})
     depth: int = field(default=8, metadata={"help": "model size (as base_train --depth; 8 -> width 512)"})
     vocab_size: int = field(default=8192, metadata={"help": "vocabulary (random tokens)"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row"})
     device_batch_size: int = field(default=4, metadata={"help": "rows per step"})
-    rank_k: int = field(default=32, metadata={"help": "MoleGrad rank k"})
     rounds: int = field(default=5, metadata={"help": "measured rounds (one step of every arm each)"})
     warmup: int = field(default=2, metadata={"help": "discarded rounds (compilation happens here)"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype", "choices": ("auto", "float32", "bfloat16")})
@@ -61,21 +57,25 @@ class MemoryModesConfig(Flags):
         unknown = [a for a in self.arms.split(",") if a not in ARMS]
         check(not unknown, f"--arms: unknown arm(s) {unknown}, expected some of {'|'.join(ARMS)}")
         check(self.rounds >= 1 and self.warmup >= 0, f"--rounds: expected >= 1 (and --warmup >= 0), got {self.rounds}")
+        for name in self.arms.split(","):
+            arm_flags(name, self).memory_options()  # a flag against the arm's preset: ConfigError
+
+
+def arm_flags(name: str, cfg: MemoryModesConfig) -> MemoryFlags:
+    """The bench's memory flags with the arm's memory setting applied."""
+    return replace(cfg, **MEMORY_SETTINGS[ARMS[name][0]])
 
 
 class Arm:
     """One mode's model, optimizers and batch stream."""
 
     def __init__(self, name: str, cfg: MemoryModesConfig, ctx) -> None:
-        options, mode, compiled = ARMS[name]
-        rank = 0 if name in ("dense", "recompute_block") else cfg.rank_k
-        options = apply_memory_mode(mode, {"molegrad_rank_k": rank, **options})
         torch.manual_seed(0)
-        self.name, self.compiled = name, compiled
-        self.config = config_from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, **options)
+        self.name, self.compiled = name, ARMS[name][1]
+        self.config = config_from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, **arm_flags(name, cfg).memory_options())
         self.model = GPT(self.config).to(ctx.device)
         self.optimizers = setup_optimizers(self.model)
-        self.forward = torch.compile(self.model) if compiled else self.model
+        self.forward = torch.compile(self.model) if self.compiled else self.model
         self.generator = torch.Generator().manual_seed(1)
         self.times: list[float] = []
         self.cfg, self.ctx = cfg, ctx
@@ -84,7 +84,7 @@ class Arm:
         tokens = torch.randint(0, self.cfg.vocab_size, (self.cfg.device_batch_size, self.cfg.max_seq_len + 1), generator=self.generator)
         batch = (tokens[:, :-1].to(self.ctx.device), tokens[:, 1:].to(self.ctx.device))
         t0 = time.perf_counter()
-        train_step(self.forward, self.optimizers, iter([batch]), 1, self.ctx, 1.0, 0.95, 1.0)
+        train_step(self.forward, self.optimizers, iter([batch]), 1, self.ctx)
         self.ctx.synchronize()
         return time.perf_counter() - t0
 
@@ -116,18 +116,18 @@ def run(cfg: MemoryModesConfig) -> dict[str, Any]:
         return results[a]["tok_per_s"] / results[b]["tok_per_s"] if a in results and b in results else None
 
     checks = {
-        "lowest >= 1.15x the tokens/s of recompute=block": ratio("lowest", "recompute_block"),
+        "lowest >= 1.15x the tokens/s of recompute_block": ratio("lowest", "recompute_block"),
         "keep_h >= 1.10x the tokens/s of dense": ratio("keep_h", "dense"),
         "compiled lowest >= eager lowest": ratio("lowest_compiled", "lowest"),
     }
-    needed = {"lowest >= 1.15x the tokens/s of recompute=block": 1.15, "keep_h >= 1.10x the tokens/s of dense": 1.10,
+    needed = {"lowest >= 1.15x the tokens/s of recompute_block": 1.15, "keep_h >= 1.10x the tokens/s of dense": 1.10,
               "compiled lowest >= eager lowest": 1.0}
     goals = {goal: None if value is None else bool(value >= needed[goal]) for goal, value in checks.items()}
     if "lowest_compiled" in results:
         goals["compiled lowest: one compilation"] = results["lowest_compiled"]["graphs_compiled"] == 1
     width = arms[0].config.n_embd
     print(f"depth {cfg.depth} (width {width}), vocab {cfg.vocab_size}, {cfg.device_batch_size} x {cfg.max_seq_len} tokens/step, "
-          f"MoleGrad k={cfg.rank_k}, {ctx.dtype}, {torch.get_num_threads()} threads, {cfg.rounds} rounds after {cfg.warmup}; "
+          f"MoleGrad k={cfg.molegrad_rank_k}, {ctx.dtype}, {torch.get_num_threads()} threads, {cfg.rounds} rounds after {cfg.warmup}; "
           f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"{'arm':<17}{'step s':>8}{'tok/s':>9}{'vs dense':>10}{'vs block':>10}")
     for name, r in results.items():

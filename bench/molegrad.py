@@ -3,11 +3,13 @@
     python -m bench.molegrad                                     # every arm: 8-9 min, 1 thread of a 2-core CPU
     python -m bench.molegrad --arms=dense,molegrad_ffn_k32 --lr_sweep=False --steps=8
 
-Arms (--arms, comma-separated, default all): dense; recompute (exact recompute of the MLP,
-recompute=mlp); galore (galore_torch.GaLoreAdamW at rank --galore_rank on the six Linears of every
+Arms (--arms, comma-separated, default all): a memory setting (nanochat.model_flags.MEMORY_SETTINGS,
+applied to this bench's memory flags: MoleGrad at --molegrad_rank_k), or <setting>_k<rank> for
+MoleGrad at that rank, or galore. All: dense; recompute_mlp (exact recompute of the MLP);
+recompute_block; galore (galore_torch.GaLoreAdamW at rank --galore_rank on the six Linears of every
 block, set up as below); molegrad_{ffn,all}_k{16,32,64} (MoleGrad on the MLP Linears or on all six,
-dense Muon momentum, base_train's defaults otherwise); recompute_block (recompute=block);
-lowest_k32, keep_h_k32 (--memory_mode=lowest / keep_h at k=32).
+dense Muon momentum, base_train's defaults otherwise); lowest, keep_h (--memory_mode=lowest /
+keep_h).
 
 Per arm, printed as a table, written to --out_dir/molegrad.json and plotted (plot-molegrad.png,
 nanochat.report.plot_molegrad):
@@ -55,10 +57,11 @@ from typing import Any
 
 import torch
 
+from bench.runner import block_matrices, captured_energy, dense_twin, print_goals
 from nanochat.common import RunContext, compute_init, print0
 from nanochat.config import UserError, check, parse_args
 from nanochat.dataloader import DataLoader
-from nanochat.gpt import BLOCK_LINEARS, GPT, MEMORY_MODES, GPTConfig, config_from_depth
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import (
     FP32,
@@ -69,28 +72,28 @@ from nanochat.memory import (
     measure_peak,
     plan_memory,
 )
+from nanochat.model_flags import MEMORY_SETTINGS, MemoryFlags
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, setup_optimizers
 from nanochat.report import plot_molegrad, report_dir
-from nanochat.molegrad import MoleGradLinear
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.trainer import train_step
 
 MATRIX_LRS = (0.02, 0.04, 0.08)  # Muon (36 steps favour high LRs: 0.01 was never best)
 GALORE_LRS = (0.01, 0.02, 0.04)  # AdamW under GaLore
 MOLEGRAD_RANKS = (16, 32, 64)
-TARGETS = {"ffn": "ffn_only", "all": "all"}
-# the memory modes (gpt.MEMORY_MODES) at k=32: lowest against recompute_block, keep_h against dense
-MODE_ARMS = {"lowest_k32": "lowest", "keep_h_k32": "keep_h"}
-ARM_NAMES = ("dense", "recompute", "recompute_block", "galore") + tuple(
-    f"molegrad_{t}_k{k}" for t in TARGETS for k in MOLEGRAD_RANKS) + tuple(MODE_ARMS)
+# --arms=all (arm_setting reads the names): the rank sweep, and lowest and keep_h at --molegrad_rank_k
+# (lowest against recompute_block, keep_h against dense)
+ARM_NAMES = ("dense", "recompute_mlp", "recompute_block", "galore") + tuple(
+    f"{setting}_k{k}" for setting in ("molegrad_ffn", "molegrad_all") for k in MOLEGRAD_RANKS) + ("lowest", "keep_h")
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}  # nanochat.memory's --dtype
 
 
 @dataclass
-class MoleGradBenchConfig:
+class MoleGradBenchConfig(MemoryFlags):
     """MoleGrad vs dense, exact recompute and GaLore on the same model, data and tokens."""
 
-    arms: str = field(default="all", metadata={"help": f"comma-separated from {'|'.join(ARM_NAMES)}, or all"})
+    arms: str = field(default="all", metadata={"help": f"comma-separated from {'|'.join(ARM_NAMES)}, or all; any memory "
+                                                       f"setting ({'|'.join(MEMORY_SETTINGS)}), MoleGrad ones also <setting>_k<rank>"})
     depth: int = field(default=4, metadata={"help": "transformer blocks (4 -> width 256)"})
     max_seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     device_batch_size: int = field(default=8, metadata={"help": "sequences per step"})
@@ -113,16 +116,18 @@ class MoleGradBenchConfig:
                                                        "(default $NANOCHAT_BASE_DIR/report)"})
 
     def validate(self) -> None:
+        super().validate()
         for name in ("depth", "max_seq_len", "device_batch_size", "steps", "eval_tokens", "galore_rank",
                      "galore_update_proj_gap", "synthetic_vocab"):
             check(getattr(self, name) >= 1, f"--{name}: expected >= 1, got {getattr(self, name)}")
         check(0 <= self.warmup < self.steps, f"--warmup: expected 0 <= warmup < steps={self.steps}, got {self.warmup}")
         check(self.energy_every >= 0, f"--energy_every: expected >= 0, got {self.energy_every}")
-        unknown = [name for name in self.arm_names() if name not in ARM_NAMES]
-        check(not unknown, f"--arms: unknown arm(s) {', '.join(unknown)}; expected some of {'|'.join(ARM_NAMES)} or all")
+        unknown = [name for name in self.arm_names() if arm_setting(name) is None]
+        check(not unknown, f"--arms: unknown arm(s) {', '.join(unknown)}; expected some of {'|'.join(ARM_NAMES)}, "
+                           f"or all, or a setting of {'|'.join(MEMORY_SETTINGS)} (MoleGrad ones + _k<rank>)")
         width = config_from_depth(self.depth, 2, self.max_seq_len).n_embd
         for name in self.arm_names():
-            rank = arm_options(name).get("molegrad_rank_k", 0)
+            rank = arm_flags(name, self).memory_options()["molegrad_rank_k"]
             check(rank <= width, f"--arms: {name} needs rank {rank} <= the width {width} of --depth={self.depth}")
 
     def arm_names(self) -> list[str]:
@@ -132,29 +137,31 @@ class MoleGradBenchConfig:
 # ---------------------------------------------------------------------------------------------
 # arms
 
-def arm_options(name: str) -> dict[str, Any]:
-    """GPTConfig fields of an arm (GaLore trains the dense model)."""
-    if name == "recompute":
-        return {"recompute": "mlp"}
-    if name == "recompute_block":
-        return {"recompute": "block"}
-    if name in MODE_ARMS:
-        return {"molegrad_rank_k": 32, **MEMORY_MODES[MODE_ARMS[name]]}
-    if name.startswith("molegrad_"):
-        _, targets, rank = name.split("_")
-        return {"molegrad_rank_k": int(rank[1:]), "molegrad_targets": TARGETS[targets]}
-    return {}
+def arm_setting(name: str) -> tuple[str, int | None] | None:
+    """(memory setting, rank) of an arm: 'lowest' -> ('lowest', None), at --molegrad_rank_k;
+    'molegrad_ffn_k16' -> ('molegrad_ffn', 16); 'galore' -> ('dense', None): GaLore trains the dense
+    model. None: not an arm."""
+    if name == "galore":
+        return "dense", None
+    if name in MEMORY_SETTINGS:
+        return name, None
+    setting, _, rank = name.rpartition("_k")
+    if setting in MEMORY_SETTINGS and rank.isdigit() and int(rank) >= 1 and \
+            replace(MemoryFlags(), **MEMORY_SETTINGS[setting]).molegrad_on():
+        return setting, int(rank)
+    return None
+
+
+def arm_flags(name: str, cfg: MoleGradBenchConfig) -> MemoryFlags:
+    """This bench's memory flags with the arm's setting applied."""
+    setting, rank = arm_setting(name)
+    return replace(cfg, **MEMORY_SETTINGS[setting], **({"molegrad_rank_k": rank} if rank else {}))
 
 
 def lr_grid(name: str, cfg: MoleGradBenchConfig) -> tuple[float, ...]:
     if name == "galore":
         return GALORE_LRS if cfg.lr_sweep else (cfg.galore_lr,)
     return MATRIX_LRS if cfg.lr_sweep else (cfg.matrix_lr,)
-
-
-def block_matrices(model: GPT) -> dict[str, torch.nn.Module]:
-    """'<layer>.<linear name>' -> the Linear, for every block."""
-    return {f"{i}.{name}": block.get_submodule(name) for i, block in enumerate(model.transformer.h) for name in BLOCK_LINEARS}
 
 
 def make_optimizers(model: GPT, name: str, lr: float, cfg: MoleGradBenchConfig) -> list[torch.optim.Optimizer]:
@@ -187,47 +194,6 @@ def galore_state_bytes(config: GPTConfig, rank: int) -> int:
         projected, projection = (out * r, r * inp) if out >= inp else (r * inp, out * r)
         per_block += FP32 * (2 * projected + projection)
     return config.n_layer * per_block
-
-
-# ---------------------------------------------------------------------------------------------
-# captured gradient energy
-
-def energy_of(grad: torch.Tensor, layer: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> float | None:
-    """‖captured part of grad‖² / ‖grad‖² for a MoleGrad layer or a GaLore matrix; None for a dense
-    one, or for a zero gradient (every block matrix but c_proj at init, as c_proj starts at 0)."""
-    total = grad.square().sum()
-    if total == 0:
-        return None
-    if isinstance(layer, MoleGradLinear):
-        return float((grad @ layer.Q.to(grad.dtype)).square().sum() / total)  # ‖dW Q‖²
-    for opt in optimizers:
-        group = next((g for g in opt.param_groups if "rank" in g and any(p is layer.weight for p in g["params"])), None)
-        if group is None:
-            continue
-        state = opt.state.get(layer.weight, {})
-        if "projector" not in state or state["step"] % group["update_proj_gap"] == 0:
-            # this step's projection is the top-r SVD of this gradient: it keeps the top-r energy
-            singular = torch.linalg.svdvals(grad)
-            return float(singular[:group["rank"]].square().sum() / singular.square().sum())
-        ortho = state["projector"].ortho_matrix
-        captured = grad @ ortho.t() if grad.shape[0] >= grad.shape[1] else ortho.t() @ grad
-        return float(captured.square().sum() / total)
-    return None
-
-
-def captured_energy(model: GPT, twin: GPT, optimizers: list[torch.optim.Optimizer],
-                    batch: tuple[torch.Tensor, torch.Tensor], ctx: RunContext) -> float | None:
-    """Mean over compressed matrices of the energy of this step's dense gradient they capture."""
-    twin_keys = twin.state_dict().keys()
-    twin.load_state_dict({key: value for key, value in model.state_dict().items() if key in twin_keys})
-    twin.zero_grad(set_to_none=True)
-    with ctx.autocast():
-        loss = twin(*batch)
-    loss.backward()
-    dense = block_matrices(twin)
-    energies = [energy_of(dense[key].weight.grad.float(), layer, optimizers) for key, layer in block_matrices(model).items()]
-    energies = [e for e in energies if e is not None]
-    return sum(energies) / len(energies) if energies else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +253,7 @@ def train_run(name: str, config: GPTConfig, lr: float, data: BenchData, cfg: Mol
     model = GPT(config)
     optimizers = make_optimizers(model, name, lr, cfg)
     compressed = name == "galore" or config.molegrad_rank_k > 0
-    twin = GPT(replace(config, molegrad_rank_k=0, recompute="none", molegrad_keep_h=False,
-                       molegrad_momentum="dense")) if compressed and cfg.energy_every > 0 else None
+    twin = dense_twin(config) if compressed and cfg.energy_every > 0 else None
     times, energies, finite = [], [], True
     for step, batch in enumerate(data.train):
         if twin is not None and step % cfg.energy_every == 0:
@@ -297,7 +262,7 @@ def train_run(name: str, config: GPTConfig, lr: float, data: BenchData, cfg: Mol
                 energies.append(energy)
         t0 = time.perf_counter()
         loss, _ = train_step(model, optimizers, iter([batch]), 1, ctx, get_lr_multiplier(step, cfg.steps),
-                             get_muon_momentum(step), 1.0)
+                             get_muon_momentum(step))
         times.append(time.perf_counter() - t0)
         if not math.isfinite(loss):
             finite = False
@@ -309,7 +274,7 @@ def train_run(name: str, config: GPTConfig, lr: float, data: BenchData, cfg: Mol
 
 def run_arm(name: str, data: BenchData, cfg: MoleGradBenchConfig, ctx: RunContext) -> dict[str, Any]:
     dtype = DTYPE_NAMES[ctx.dtype]
-    config = config_from_depth(cfg.depth, data.vocab_size, cfg.max_seq_len, **arm_options(name))
+    config = config_from_depth(cfg.depth, data.vocab_size, cfg.max_seq_len, **arm_flags(name, cfg).memory_options())
     saved, _ = measure_block_saved_bytes(config, dtype)
     plan = plan_memory(config, cfg.device_batch_size, dtype, grad_accum_steps=1, device_type="cpu")
     peak = plan.peak
@@ -349,9 +314,10 @@ def goals(results: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
     default = "molegrad_ffn_k32"
     return {
         "default MoleGrad block saves <= 6d per token": compare(get(default, "saved_d"), 6.0, lambda a, b: a <= b),
-        "default MoleGrad saves less than recompute": compare(get(default, "saved_bytes_per_token"),
-                                                              get("recompute", "saved_bytes_per_token"), lambda a, b: a < b),
-        "default MoleGrad step time <= recompute": compare(get(default, "step_s"), get("recompute", "step_s"), lambda a, b: a <= b),
+        "default MoleGrad saves less than recompute_mlp": compare(get(default, "saved_bytes_per_token"),
+                                                                  get("recompute_mlp", "saved_bytes_per_token"), lambda a, b: a < b),
+        "default MoleGrad step time <= recompute_mlp": compare(get(default, "step_s"), get("recompute_mlp", "step_s"),
+                                                               lambda a, b: a <= b),
         "default MoleGrad step time <= dense": compare(get(default, "step_s"), get("dense", "step_s"), lambda a, b: a <= b),
         "MoleGrad k=32 val bpb within +2% of dense": compare(get(default, "val_bpb"), get("dense", "val_bpb"),
                                                              lambda a, b: a <= 1.02 * b),
@@ -359,9 +325,9 @@ def goals(results: dict[str, dict[str, Any]]) -> dict[str, bool | None]:
                                                              lambda a, b: a <= 1.01 * b),
         "MoleGrad all k=32 val bpb below GaLore rank 32": compare(get("molegrad_all_k32", "val_bpb"), get("galore", "val_bpb"),
                                                                   lambda a, b: a < b),
-        "lowest >= 1.15x the tokens/s of recompute=block": compare(get("lowest_k32", "step_s"), get("recompute_block", "step_s"),
+        "lowest >= 1.15x the tokens/s of recompute_block": compare(get("lowest", "step_s"), get("recompute_block", "step_s"),
                                                                    lambda a, b: 1.15 * a <= b),
-        "keep_h >= 1.10x the tokens/s of dense": compare(get("keep_h_k32", "step_s"), get("dense", "step_s"),
+        "keep_h >= 1.10x the tokens/s of dense": compare(get("keep_h", "step_s"), get("dense", "step_s"),
                                                          lambda a, b: 1.10 * a <= b),
     }
 
@@ -394,8 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            f"LR sweep {'on' if cfg.lr_sweep else 'off'}, {elapsed:.0f} s; step times are noisy on a shared machine")
     print_table(results, dense_bpb)
     checked = goals(by_name)
-    for goal, passed in checked.items():
-        print0(f"  {'n/a ' if passed is None else 'PASS' if passed else 'FAIL'}  {goal}")
+    print_goals(checked)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "molegrad.json").write_text(json.dumps({"config": asdict(cfg), "data": data.source, "arms": results}, indent=1))

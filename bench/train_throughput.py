@@ -3,9 +3,10 @@
     python -m bench.train_throughput                       # d6, seq 512, batch 32, 16384 tokens/step
     python -m bench.train_throughput --arms=auto,fp32      # several settings side by side
 
-Each arm builds the same model the way base_train does and runs optimizer steps on random tokens
-(the data pipeline is benchmarked separately by the dataloader); the first --warmup steps are
-discarded and the median of the rest is reported. MFU = model FLOPs/token (6N + attention) x
+Each arm builds the same model the way base_train does (with the memory flags: --recompute,
+--molegrad, --memory_mode, ...) and runs optimizer steps on random tokens (the data pipeline is
+benchmarked separately by the dataloader); the first --warmup steps are discarded and the median of
+the rest is reported. MFU = model FLOPs/token (6N + attention) x
 tokens/s / the bf16 dense matmul peak on all cores measured here (before and after the arms). Table, then one JSON line.
 """
 
@@ -21,6 +22,7 @@ import torch
 from nanochat.common import compute_init, matmul_flops, set_cpu_threads
 from nanochat.config import parse_args
 from nanochat.gpt import GPT, config_from_depth
+from nanochat.model_flags import MemoryFlags
 from nanochat.optim import setup_optimizers
 from nanochat.trainer import grad_accum_steps, train_step
 
@@ -29,7 +31,9 @@ ARMS = {"auto": ("auto", 0), "fp32": ("float32", 0), "bf16": ("bfloat16", 0), "b
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(MemoryFlags):
+    """Training throughput and MFU, with the matmul peak measured in the same run."""
+
     depth: int = 6
     max_seq_len: int = 512
     device_batch_size: int = 32
@@ -38,13 +42,12 @@ class BenchConfig:
     steps: int = field(default=4, metadata={"help": "measured optimizer steps per arm"})
     warmup: int = field(default=1, metadata={"help": "discarded steps per arm"})
     arms: str = field(default="auto", metadata={"help": f"comma-separated, from {'|'.join(ARMS)}"})
-    recompute: str = field(default="none", metadata={"choices": ("none", "mlp", "block")})
 
 
 def run_arm(cfg: BenchConfig, name: str) -> dict:
     dtype_name, threads = ARMS[name]
     ctx = compute_init(dtype=dtype_name, seed=0, threads=threads)
-    model_config = config_from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, recompute=cfg.recompute)
+    model_config = config_from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, **cfg.memory_options())
     model = GPT(model_config).to(ctx.device)
     model.init_weights()
     optimizers = setup_optimizers(model, 0.004, 0.2, 0.02, 0.0)
@@ -60,7 +63,7 @@ def run_arm(cfg: BenchConfig, name: str) -> dict:
     times = []
     for i in range(cfg.warmup + cfg.steps):
         t0 = time.perf_counter()
-        train_step(model, optimizers, stream, grad_accum, ctx, 1.0, 0.95, 1.0)
+        train_step(model, optimizers, stream, grad_accum, ctx)
         ctx.synchronize()
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)

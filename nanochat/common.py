@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 from nanochat import distributed
-from nanochat.config import DEVICES, DTYPES, ConfigError, RuntimeFlags, UserError
+from nanochat.config import DTYPES, ConfigError, RuntimeFlags, UserError, check_device
 
 T = TypeVar("T")
 
@@ -116,12 +116,7 @@ def autodetect_device_type(override: str = "") -> str:
     import torch
 
     if override:
-        if override not in DEVICES:
-            raise ConfigError(f"--device: expected one of {'|'.join(DEVICES)}, got {override!r}")
-        if override == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device=cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
-        if override == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("--device=mps: MPS is not available here")
+        check_device(override)
         return override
     if torch.cuda.is_available():
         return "cuda"

@@ -210,16 +210,19 @@ class RuntimeFlags(Flags):
         super().validate()
         check(not (self.compile and self.compile_refused), f"--compile: not supported here: {self.compile_refused}")
         check(self.threads >= 0, f"--threads: expected >= 0 (0 = all cores), got {self.threads}")
-        if self.device == "":
-            return
-        check(self.device in DEVICES, f"--device: expected one of {'|'.join(DEVICES)} (or empty = autodetect), "
-                                      f"got {self.device!r}")
-        import torch
+        if self.device != "":
+            check_device(self.device)
 
-        check(self.device != "cuda" or torch.cuda.is_available(),
-              "--device=cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
-        check(self.device != "mps" or torch.backends.mps.is_available(),
-              "--device=mps: MPS is not available here (torch.backends.mps.is_available() is False)")
+
+def check_device(device: str) -> None:
+    """ConfigError unless `device` is one of DEVICES and available here (the one device check)."""
+    check(device in DEVICES, f"--device: expected one of {'|'.join(DEVICES)} (or empty = autodetect), got {device!r}")
+    import torch
+
+    check(device != "cuda" or torch.cuda.is_available(),
+          "--device=cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    check(device != "mps" or torch.backends.mps.is_available(),
+          "--device=mps: MPS is not available here (torch.backends.mps.is_available() is False)")
 
 
 def source_field(default: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> Any:

@@ -24,7 +24,10 @@ another activation or rotary variant, no softcap...) is refused with one line na
 A model trained with recipe pieces (GPTConfig.recipe_pieces: layer lambdas, smear gate, backout,
 value embeddings) is exported as model_type "nanochat_mole": transformers' NanoChat plus the pieces,
 in modeling_nanochat_mole.py (a copy of nanochat/hf_recipe.py) that config.json's auto_map names, so
-it loads with trust_remote_code=True; the pieces' weights keep our names under model. (and
+it loads with trust_remote_code=True, and so does its tokenizer: AutoTokenizer reads config.json
+first, and without that flag transformers asks on stdin before running the code it names (nothing
+in the folder can avoid that short of claiming transformers' own model type, which would load the
+model without its pieces); the pieces' weights keep our names under model. (and
 model.layers.{i}.self_attn.ve_gate). A model without pieces stays plain "nanochat", no code.
 Needs the `hf` extra (safetensors); transformers itself only to run the exported folder.
 """

@@ -71,39 +71,24 @@ dense fits depth 21 and --memory_mode=lowest 24 (docs/recipe.md).
 
 from __future__ import annotations
 
-import gc
-import json
-import os
+import functools
 import re
-import subprocess
 import sys
-import weakref
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from dataclasses import astuple, dataclass, field, replace
+from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from nanochat.common import RunContext, cpu_has_native_bf16
+from nanochat.common import cpu_has_native_bf16
 from nanochat.config import check, parse_args
-from nanochat.gpt import (
-    BLOCK_LINEARS,
-    GPT,
-    RECIPE_PIECES,
-    ROTARY_LENGTH_FACTOR,
-    SMEAR_GATE_CHANNELS,
-    VE_GATE_CHANNELS,
-    GPTConfig,
-    config_from_depth,
-    has_value_embed,
-)
+from nanochat.gpt import BLOCK_LINEARS, GPT, RECIPE_PIECES, ROTARY_LENGTH_FACTOR, GPTConfig, config_from_depth
+from nanochat.memory_measure import measure_allocated_peak, measure_peak
+from nanochat.model_flags import MEMORY_SETTINGS, ModelFlags, flag_errors
+from nanochat.molegrad import MoleGradLinear, molegrad_layers
 from nanochat.ops import LOSS_CHUNK_ROWS
-from nanochat.optim import setup_optimizers
-from nanochat.model_flags import ModelFlags, flag_errors
-from nanochat.molegrad import MOLEGRAD_TARGET_LINEARS
+from nanochat.optim import Muon, setup_optimizers
 
 # --dtype: the compute dtype, spelled as every other entry point (master weights are fp32 either way)
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 ITEMSIZE = {"bfloat16": 2, "float32": 4}
 FP32 = 4    # master weights, gradients, optimizer moments, norm scales, SDPA's logsumexp
 INT64 = 8   # token ids
@@ -111,132 +96,107 @@ GiB = 2**30
 MiB = 2**20
 # exit status of --require_fit when the plan does not fit
 DOES_NOT_FIT = 3
-# the fresh process that --measure runs on CPU: freed blocks of >= 64 KiB go back to the system at
-# once (mmap), the heap is trimmed, one arena, one thread, and no tcmalloc (it keeps freed memory)
-MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1",
-               "NANOCHAT_TCMALLOC": "0", "OMP_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------------------------------------
-# bytes saved for backward, measured
+# the model's facts: read off the model and its optimizers
 
-def saved_bytes(run: Callable[[], Any], exclude: list[torch.Tensor]) -> tuple[int, list[tuple[int, ...]]]:
-    """Bytes of the distinct storages autograd keeps while run() executes, and the saved shapes.
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a training step's memory depends on that the model and its optimizers hold (read_model).
+    Sizes are elements of fp32 tensors unless named bytes."""
 
-    Storages of `exclude` (parameters, buffers, inputs that exist anyway) are not counted; a storage
-    saved by several ops (a norm's output that the next Linear keeps too) is counted once.
-    """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages, shapes = {}, []
+    linears: dict[str, tuple[int, int]]  # (out, in) of each Linear of a block, by name (gpt.BLOCK_LINEARS)
+    molegrad: tuple[str, ...]            # the names of those that are MoleGrad layers
+    embedding: int                       # wte: vocab x d
+    head: int                            # lm_head: vocab x d
+    ve_gate: tuple[int, int] | None      # (out, in) of a carrying block's value-embedding gate
+    smear_channels: int                  # the smear gate's input channels (0: no smear gate)
+    rotary_bytes: int                    # the cos and sin tables
+    adamw_largest: int                   # AdamW's largest tensor
+    muon_largest: tuple[int, int]        # Muon's largest matrix
+    # sums over the whole model (ADDITIVE)
+    params: int                          # every parameter
+    gradients: int                       # p.grad of every dense parameter and MoleGrad's (out, k) factors
+    adamw: int                           # AdamW's parameters: embedding, head, recipe pieces
+    adamw_tensors: int                   # ... as tensors (a step count each)
+    muon_momentum: int                   # Muon's momentum: (out, in) per matrix, (out, k) per MoleGrad matrix with low-rank momentum
+    molegrad_buffer_bytes: int           # the buffers of every MoleGrad layer (subspace, statistics, gradient sink)
+    value_embeds: int                    # blocks that carry a value-embedding table
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-            shapes.append(tuple(tensor.shape))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(storages.values()), shapes
-
-
-def measure_block_saved_bytes(config: GPTConfig, dtype: str, lengths: tuple[int, int] = (32, 96),
-                              batch_size: int = 2) -> tuple[float, float]:
-    """One block of `config` (fp32 weights, bf16 autocast or fp32): (bytes saved per token, bytes
-    saved whatever the length), from the saved bytes at two sequence lengths. With value_embeds the
-    block carries one (the only block is the last), and its lookup runs inside the measurement."""
-    torch.manual_seed(0)
-    model = GPT(replace(config, n_layer=1, sequence_len=max(lengths)))
-    block, d = model.transformer.h[0], config.n_embd
-    autocast = dtype == "bfloat16"
-    sizes = []
-    for length in lengths:
-        x = torch.randn(batch_size, length, d, requires_grad=True)
-        idx = torch.randint(0, config.vocab_size, (batch_size, length))
-        cos, sin = model.cos[:length].to(DTYPES[dtype]), model.sin[:length].to(DTYPES[dtype])
-
-        def run():
-            ve = model.value_embeds["0"](idx) if model.value_embeds is not None else None
-            return block(x, cos, sin, None, ve)
-
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            size, _ = saved_bytes(run, [*model.parameters(), *model.buffers(), cos, sin, idx])
-        sizes.append(size)
-    per_token = (sizes[1] - sizes[0]) / (batch_size * (lengths[1] - lengths[0]))
-    return per_token, sizes[0] - per_token * batch_size * lengths[0]
+    @property
+    def dense_block(self) -> int:
+        """Elements of one block's dense (not MoleGrad) Linears."""
+        return sum(out * inp for name, (out, inp) in self.linears.items() if name not in self.molegrad)
 
 
-# ---------------------------------------------------------------------------------------------
-# the model's shapes
-
-def block_linear_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each Linear of one block, by name (BLOCK_LINEARS)."""
-    d, kv = config.n_embd, config.n_kv_head * config.head_dim
-    shapes = {"attn.c_q": (config.n_head * config.head_dim, d), "attn.c_k": (kv, d), "attn.c_v": (kv, d),
-              "attn.c_proj": (d, d), "mlp.c_fc": (4 * d, d), "mlp.c_proj": (d, 4 * d)}
-    assert tuple(shapes) == BLOCK_LINEARS
-    return shapes
+ADDITIVE = ("params", "gradients", "adamw", "adamw_tensors", "muon_momentum", "molegrad_buffer_bytes", "value_embeds")
 
 
-def molegrad_names(config: GPTConfig) -> tuple[str, ...]:
-    """The Linears of each block that are MoleGrad layers."""
-    return MOLEGRAD_TARGET_LINEARS[config.molegrad_targets] if config.molegrad_rank_k > 0 else ()
+def read_model(config: GPTConfig) -> ModelFacts:
+    """The ModelFacts of GPT(config) with base_train's optimizers (setup_optimizers), built on the
+    meta device: shapes without memory or values.
+
+    Building every block of a deep model costs seconds per sweep, and the blocks repeat with
+    period two (value embeddings sit on every second block, counted from the last): every sum is
+    affine in n_layer at a fixed parity. So the model is built at the two smallest depths of
+    n_layer's parity, p (1 or 2) and p + 2, and its sums extended to n_layer from them
+    (tests/test_memory.py checks this against the whole model)."""
+    smallest = 2 - config.n_layer % 2
+    small, large = built_model_facts(config, smallest), built_model_facts(config, smallest + 2)
+    blocks = (config.n_layer - smallest) // 2  # pairs of blocks beyond the smallest model
+    return replace(small, **{name: getattr(small, name) + blocks * (getattr(large, name) - getattr(small, name))
+                             for name in ADDITIVE})
 
 
-def explore_k(in_features: int, rank_k: int) -> int:
-    """MoleGradLinear's default number of scout directions."""
-    return min(4, in_features - rank_k)
+def built_model_facts(config: GPTConfig, n_layer: int) -> ModelFacts:
+    """ModelFacts of GPT(config) at n_layer blocks; recompute and keep_h change how forward runs,
+    not what the model holds, so models that differ only there share one build (cached)."""
+    model_config = replace(config, n_layer=n_layer, recompute="none", molegrad_keep_h=False)
+    return _built_model_facts(astuple(model_config))
 
 
-def value_embed_layers(config: GPTConfig) -> int:
-    """How many blocks carry a value embedding (gpt.has_value_embed: the last and every second one
-    before it; 0 with value_embeds off)."""
-    return sum(has_value_embed(config, i) for i in range(config.n_layer))
-
-
-def ve_gate_shape(config: GPTConfig) -> tuple[int, int]:
-    """(out, in) of a carrying block's value-embedding gate, a Muon matrix inside the block."""
-    return config.n_kv_head, min(VE_GATE_CHANNELS, config.n_embd)
-
-
-def recipe_adamw_numels(config: GPTConfig) -> list[int]:
-    """Sizes of the recipe pieces' AdamW parameters, one per tensor (optim.recipe_adam_groups): the
-    value embeddings (vocab x kv_dim each), resid and x0 lambdas (n_layer each), the smear gate
-    (1 x 24) and its lambda, backout's lambda. Empty with every piece off."""
-    kv = config.n_kv_head * config.head_dim
-    sizes = [config.vocab_size * kv] * value_embed_layers(config)
-    if config.layer_lambdas:
-        sizes += [config.n_layer, config.n_layer]
-    if config.smear_gate:
-        sizes += [min(SMEAR_GATE_CHANNELS, config.n_embd), 1]
-    if config.backout:
-        sizes.append(1)
-    return sizes
-
-
-def recipe_muon_numel(config: GPTConfig) -> int:
-    """Elements of the recipe pieces' Muon matrices: the value-embedding gates of the carrying blocks."""
-    out, inp = ve_gate_shape(config)
-    return value_embed_layers(config) * out * inp
-
-
-def num_params(config: GPTConfig) -> int:
-    """Every parameter: embedding, head, the blocks' Linears and the recipe pieces that are on."""
-    block = sum(out * inp for out, inp in block_linear_shapes(config).values())
-    return (2 * config.vocab_size * config.n_embd + config.n_layer * block
-            + sum(recipe_adamw_numels(config)) + recipe_muon_numel(config))
+@functools.lru_cache(maxsize=4096)
+def _built_model_facts(fields: tuple) -> ModelFacts:
+    with torch.device("meta"):
+        model = GPT(GPTConfig(*fields))
+    adamw, muon = setup_optimizers(model)
+    if not (isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)):
+        raise TypeError(f"setup_optimizers: expected [AdamW, Muon], got [{type(adamw).__name__}, {type(muon).__name__}]")
+    block = model.transformer.h[-1]  # the last block carries a value embedding if any does
+    adamw_params = [p for group in adamw.param_groups for p in group["params"]]
+    muon_groups = [(group, p) for group in muon.param_groups for p in group["params"]]
+    factors = {id(layer.weight): layer.grad_sink.numel() for layer in molegrad_layers(model)}  # (out, k) each
+    return ModelFacts(
+        linears={name: tuple(block.get_submodule(name).weight.shape) for name in BLOCK_LINEARS},
+        molegrad=tuple(name for name in BLOCK_LINEARS if isinstance(block.get_submodule(name), MoleGradLinear)),
+        embedding=model.transformer.wte.weight.numel(),
+        head=model.lm_head.weight.numel(),
+        ve_gate=tuple(block.attn.ve_gate.weight.shape) if block.attn.ve_gate is not None else None,
+        smear_channels=model.smear_gate.in_features if model.smear_gate is not None else 0,
+        rotary_bytes=sum(t.numel() * t.element_size() for t in (model.cos, model.sin)),
+        adamw_largest=max(p.numel() for p in adamw_params),
+        muon_largest=tuple(max((p for _, p in muon_groups), key=torch.Tensor.numel).shape),
+        params=sum(p.numel() for p in model.parameters()),
+        gradients=sum(p.numel() for p in model.parameters() if id(p) not in factors) + sum(factors.values()),
+        adamw=sum(p.numel() for p in adamw_params),
+        adamw_tensors=len(adamw_params),
+        muon_momentum=sum(factors[id(p)] if id(p) in factors and group["molegrad_momentum"] == "lowrank" else p.numel()
+                          for group, p in muon_groups),
+        molegrad_buffer_bytes=sum(b.numel() * b.element_size() for layer in molegrad_layers(model) for b in layer.buffers()),
+        value_embeds=len(model.value_embeds) if model.value_embeds is not None else 0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # activations: what autograd saves
 
 def block_saved_bytes_per_token(config: GPTConfig, itemsize: int) -> int:
-    """Bytes one block saves for backward per token (module docstring; measured by tests)."""
+    """Bytes one block saves for backward per token (docs/memory.md; measured by tests)."""
     d, k = config.n_embd, config.molegrad_rank_k
     if config.recompute == "block":
         return FP32 * d  # the block's input, kept by the checkpoint
-    compressed = molegrad_names(config)
+    compressed = read_model(config).molegrad
     # normed x, q, attention output (d each), k, v; norm scales of x, q and k; SDPA's logsumexp
     attention = itemsize * (3 * d + 2 * config.n_kv_head * config.head_dim)
     attention += FP32 * (1 + 2 * config.n_head + config.n_kv_head)
@@ -257,8 +217,8 @@ def autocast_weight_names(config: GPTConfig) -> tuple[str, ...]:
     """Dense Linears whose weight F.linear casts to bf16 under autocast (cached until forward ends);
     the dense MLP's c_proj is cast inside ReLUSquaredLinear instead, and MoleGrad layers cast their
     weight where they use it: both transiently."""
-    compressed = molegrad_names(config)
-    return tuple(name for name in BLOCK_LINEARS if name != "mlp.c_proj" and name not in compressed)
+    facts = read_model(config)
+    return tuple(name for name in facts.linears if name != "mlp.c_proj" and name not in facts.molegrad)
 
 
 def block_saved_weight_bytes(config: GPTConfig, itemsize: int) -> int:
@@ -266,7 +226,8 @@ def block_saved_weight_bytes(config: GPTConfig, itemsize: int) -> int:
     Linears outside a recomputed region (MoleGrad layers save the fp32 weight, the parameter)."""
     if itemsize == FP32 or config.recompute == "block":
         return 0
-    compressed, shapes = molegrad_names(config), block_linear_shapes(config)
+    facts = read_model(config)
+    compressed, shapes = facts.molegrad, facts.linears
     saved = [name for name in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj") if name not in compressed]
     if config.recompute == "none" and "mlp.c_fc" not in compressed:
         saved.append("mlp.c_fc")
@@ -290,7 +251,7 @@ def value_embed_saved_weight_bytes(config: GPTConfig, itemsize: int) -> int:
     under block recompute)."""
     if not config.value_embeds or itemsize == FP32 or config.recompute == "block":
         return 0
-    out, inp = ve_gate_shape(config)
+    out, inp = read_model(config).ve_gate
     return itemsize * out * inp
 
 
@@ -312,7 +273,7 @@ def recipe_saved_bytes(config: GPTConfig, batch_size: int, itemsize: int) -> int
     if config.layer_lambdas:
         size += (L - 1) * FP32 * N * d + (FP32 * N * d if config.smear_gate else 0)
     if config.smear_gate:
-        rows, channels = batch_size * (T - 1), min(SMEAR_GATE_CHANNELS, d)
+        rows, channels = batch_size * (T - 1), read_model(config).smear_channels
         copied = itemsize != FP32 or batch_size > 1
         size += rows * ((itemsize * channels if copied else 0) + itemsize + FP32)
         size += itemsize * channels if itemsize != FP32 else 0
@@ -368,20 +329,13 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     item = ITEMSIZE[dtype]
     d, V, L, T, k = config.n_embd, config.vocab_size, config.n_layer, config.sequence_len, config.molegrad_rank_k
     N = batch_size * T
-    shapes, compressed = block_linear_shapes(config), molegrad_names(config)
-    dense_block = sum(out * inp for name, (out, inp) in shapes.items() if name not in compressed)
-    factors = sum(out * k for name, (out, _) in shapes.items() if name in compressed)
+    # shapes, parameters, optimizer state and MoleGrad's buffers: read off the model (read_model)
+    model = read_model(config)
+    shapes, compressed, dense_block = model.linears, model.molegrad, model.dense_block
     lowrank = config.molegrad_momentum == "lowrank"
-    momentum = dense_block + (factors if lowrank else sum(out * inp for name, (out, inp) in shapes.items()
-                                                         if name in compressed))
-    subspace = sum(FP32 * (3 * (k + explore_k(inp, k)) * inp + out * k) + 36
-                   for name, (out, inp) in shapes.items() if name in compressed)
-    embedding = V * d
     # recipe pieces (GPTConfig.recipe_pieces): value embeddings (vocab x kv_dim per carrying block)
     # and the small lambdas and gates are AdamW parameters, the value-embedding gates Muon matrices
-    kv, n_ve = config.n_kv_head * config.head_dim, value_embed_layers(config)
-    recipe_adamw = recipe_adamw_numels(config)
-    recipe_muon = recipe_muon_numel(config)
+    kv, n_ve = config.n_kv_head * config.head_dim, model.value_embeds
     pieces = config.recipe_pieces()
     small = [piece for piece in pieces if piece != "value_embeds"]  # pieces with a few scalars or a tiny gate
     ve_note = f", value embeddings {n_ve} x {V}x{kv}" if n_ve else ""
@@ -393,17 +347,17 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     def add(name: str, size: int, note: str) -> None:
         c[name], notes[name] = int(size), note
 
-    add("params", FP32 * num_params(config), f"fp32 master weights: embedding and head {V}x{d} each, {L} blocks"
+    add("params", FP32 * model.params, f"fp32 master weights: embedding and head {V}x{d} each, {L} blocks"
         + (ve_note + " and their gates" if n_ve else "") + small_note)
-    add("AdamW moments", 2 * FP32 * (2 * embedding + sum(recipe_adamw)) + FP32 * (2 + len(recipe_adamw)),
+    add("AdamW moments", 2 * FP32 * model.adamw + FP32 * model.adamw_tensors,
         "exp_avg, exp_avg_sq (fp32) of embedding, head" + ve_note + small_note + "; a step count per tensor")
-    add("Muon momentum", FP32 * (L * momentum + recipe_muon),
+    add("Muon momentum", FP32 * model.muon_momentum,
         "(out, in) per block matrix" + (f"; MoleGrad matrices (out, {k})" if compressed and lowrank else "")
         + (f"; {n_ve} value-embedding gates" if n_ve else ""))
-    add("MoleGrad buffers", L * subspace, "Q, scouts, sketch, step sketch: 3(k+e) x in, gradient sink out x k, fp32 per layer" if compressed else "-")
-    add("rotary tables", 2 * FP32 * ROTARY_LENGTH_FACTOR * T * config.head_dim, f"cos, sin: {ROTARY_LENGTH_FACTOR}T x head_dim fp32")
+    add("MoleGrad buffers", model.molegrad_buffer_bytes, "Q, scouts, sketch, step sketch: 3(k+e) x in, gradient sink out x k, fp32 per layer" if compressed else "-")
+    add("rotary tables", model.rotary_bytes, f"cos, sin: {ROTARY_LENGTH_FACTOR}T x head_dim fp32")
     add("batch", INT64 * batch_size * (T + 1), "token ids, int64")
-    add("gradients", FP32 * (2 * embedding + L * dense_block + L * factors + sum(recipe_adamw) + recipe_muon),
+    add("gradients", FP32 * model.gradients,
         "fp32 p.grad of dense params" + (ve_note.replace(",", " (with", 1) + ")" if n_ve else "")
         + (f"; MoleGrad (out, {k}) factors" if compressed else ""))
     rotary_copies = 2 * T * config.head_dim * item if item != FP32 else 0
@@ -417,16 +371,16 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
         if set(pieces) - {"value_embeds"} else "-")
     add("activations: embedding", N * (FP32 * d + FP32) - (N * FP32 * d if config.recompute == "block" else 0),
         "normed embedding output, fp32" + (" (block 0's checkpoint keeps the same tensor)" if config.recompute == "block" else ""))
-    add("activations: LM head", N * (2 * item * d + FP32) + FP32 * embedding,
+    add("activations: LM head", N * (2 * item * d + FP32) + FP32 * model.head,
         f"final norm and dloss/dhidden ({N} x {d}), dloss/dW_head ({V}x{d} fp32)")
     rows = min(LOSS_CHUNK_ROWS, N)
     # sigmoid, exp and s(1-s) in fp32; dz in the compute dtype (torch.mul(..., out=) casts as it
-    # writes: no fp32 temporary, measure_allocated_peak); the previous chunk's dz is still
+    # writes: no fp32 temporary, memory_measure.measure_allocated_peak); the previous chunk's dz is still
     # referenced while the next one is computed
     fp32_copies = 3
     dz_copies = 2 if N > rows else 1
     add("transient: loss chunk", rows * V * (fp32_copies * FP32 + dz_copies * item)
-        + (item * embedding if item != FP32 else 0) + 2 * FP32 * N,
+        + (item * model.head if item != FP32 else 0) + 2 * FP32 * N,
         f"{rows} x {V} logits: {fp32_copies} fp32 + {dz_copies} compute-dtype copies"
         + (", head weight in bf16" if item != FP32 else ""))
     cast_cache = item * sum(shapes[name][0] * shapes[name][1] for name in autocast_weight_names(config))
@@ -449,11 +403,11 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     weight_grad_copies = FP32 + (item if item != FP32 else 0)  # fp32 p.grad, and under bf16 the bf16 matmul result
     add("transient: backward workspace", N * (mlp_temporaries + 2 * FP32 * d) + recomputed + weight_grad_copies * dense_block,
         "one block: h and dh (N x 4d each), residual gradients, recomputed activations, its weight gradients")
-    largest = max(shapes.values(), key=lambda s: s[0] * s[1])
+    largest = model.muon_largest
     ns_item = 2 if device_type == "cuda" or cpu_has_native_bf16() else 4
     muon_workspace = (FP32 + 3 * ns_item) * largest[0] * largest[1] + 3 * ns_item * min(largest) ** 2
-    adamw_workspace = 0 if device_type == "cuda" else 2 * FP32 * embedding  # sqrt(v), then / bias correction
-    embedding_grad = (FP32 * embedding if grad_accum_steps > 1 else 0) + 2 * FP32 * N * d
+    adamw_workspace = 0 if device_type == "cuda" else 2 * FP32 * model.adamw_largest  # sqrt(v), then / bias correction
+    embedding_grad = (FP32 * model.embedding if grad_accum_steps > 1 else 0) + 2 * FP32 * N * d
     add("transient: optimizer workspace", max(muon_workspace, adamw_workspace, embedding_grad),
         "largest of Newton-Schulz on the largest matrix, AdamW's denominator (not fused), the embedding's new gradient")
 
@@ -469,7 +423,7 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
     phases = {name: sum(c[p] for p in names) for name, names in parts.items()}
     # backward starts with the head's gradient (V x d) beside the saved one, and keeps it (unless it
     # is added into an accumulated one) while the blocks run backward
-    head_grad = FP32 * embedding
+    head_grad = FP32 * model.head
     phases["backward"] += max(head_grad + N * item * d, 0 if grad_accum_steps > 1 else head_grad)
     # backout: d loss/d x_mid (fp32 N x d) lives from the start of the blocks' backward until block
     # n_layer // 2 (where only backout kept x_mid, in its place). With a recompute the blocks'
@@ -529,140 +483,6 @@ def format_size(size: float) -> str:
     if abs(size) >= GiB:
         return f"{size / GiB:.2f} GiB"
     return f"{size / MiB:.1f} MiB"
-
-
-# ---------------------------------------------------------------------------------------------
-# measured: a real training step
-
-def training_setup(config: GPTConfig, batch_size: int, dtype: str, device: str):
-    """A fresh model, base_train's optimizers, a stream of random (inputs, targets) micro-batches
-    and the RunContext: what a measured training step needs."""
-    ctx = RunContext(torch.device(device), device, DTYPES[dtype], False, 0, 0, 1)
-    with torch.device(device):
-        model = GPT(config)
-    optimizers = setup_optimizers(model)
-    generator = torch.Generator().manual_seed(0)
-
-    def batches():
-        while True:
-            tokens = torch.randint(0, config.vocab_size, (batch_size, config.sequence_len + 1), generator=generator)
-            tokens = tokens.to(device)
-            yield tokens[:, :-1], tokens[:, 1:]
-
-    return model, optimizers, batches(), ctx
-
-
-def run_training_steps(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int, steps: int,
-                       device: str) -> GPT:
-    """`steps` optimizer steps of base_train's kind on random tokens (the first creates the
-    optimizer state, so steady state needs 2)."""
-    from nanochat.trainer import train_step
-
-    model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, device)
-    for _ in range(steps):
-        train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
-    return model
-
-
-class AllocationTracker(TorchDispatchMode):
-    """The most bytes of tensor storage alive at once while it is active: the storages of `alive`
-    (tensors that exist already) and of every op's outputs until they are freed. The CPU analogue
-    of torch.cuda.max_memory_allocated: allocated bytes, whether or not their pages are touched."""
-
-    def __init__(self, alive: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.live = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
-        self.current = sum(self.live.values())
-        self.peak = self.current
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key not in self.live and storage.nbytes() > 0:
-                    self.live[key] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    weakref.finalize(storage, self._free, key)
-        self.peak = max(self.peak, self.current)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-
-def measure_allocated_peak(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int = 2) -> int:
-    """Peak bytes of tensor storage of a steady training step (after one that creates the optimizer
-    state), in this process, on CPU: model, optimizer state, gradients, activations, temporaries."""
-    from nanochat.trainer import train_step
-
-    model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, "cpu")
-    train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
-    state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    with AllocationTracker([*model.parameters(), *model.buffers(), *state]) as tracker:
-        train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
-    return tracker.peak
-
-
-def resident_bytes(field: str = "VmRSS") -> int:
-    """This process's resident set (VmRSS) or its high-water mark (VmHWM), from /proc/self/status.
-
-    Not getrusage's ru_maxrss: Linux keeps that across execve, so a process started from a large
-    parent would report the parent's size."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field} line")
-
-
-def reset_high_water() -> None:
-    """VmHWM := VmRSS now (Linux >= 4.0), so that earlier peaks (imports, warm-up) do not count."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def measure_child(spec: str) -> None:
-    """Runs in the fresh process that measure_peak starts; prints one JSON line."""
-    args = json.loads(spec)
-    config = GPTConfig(**args["config"])
-    torch.set_num_threads(1)
-    # one step first, at the same shapes, so that the baseline holds the code and the libraries'
-    # caches for them (oneDNN's bf16 matmul primitives: ~7 MiB), which are not training state
-    run_training_steps(config, args["batch_size"], args["dtype"], args["grad_accum_steps"], 1, "cpu")
-    gc.collect()
-    baseline = resident_bytes()
-    reset_high_water()
-    run_training_steps(config, args["batch_size"], args["dtype"], args["grad_accum_steps"], args["steps"], "cpu")
-    print(json.dumps({"peak_bytes": resident_bytes("VmHWM") - baseline, "baseline_bytes": baseline}))
-
-
-def measure_peak(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int = 2, steps: int = 2,
-                 device: str = "cpu") -> int:
-    """Measured peak bytes of `steps` training steps, beyond what the process held before."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        gc.collect()
-        torch.cuda.empty_cache()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run_training_steps(config, batch_size, dtype, grad_accum_steps, steps, device)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
-    if device != "cpu":
-        raise ValueError(f"device: expected cpu or cuda, got {device!r}")
-    spec = json.dumps({"config": asdict(config), "batch_size": batch_size, "dtype": dtype,
-                       "grad_accum_steps": grad_accum_steps, "steps": steps})
-    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
-    env.update(MEASURE_ENV)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    code = "import sys; from nanochat.memory import measure_child; measure_child(sys.argv[1])"
-    result = subprocess.run([sys.executable, "-c", code, spec], env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"measuring process failed (status {result.returncode}): {result.stderr.strip()[-2000:]}")
-    return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,19 +561,14 @@ def fit_line(peak: int, reserve: int, budget: int, budget_text: str) -> tuple[bo
                   f"{format_size(reserve)} = {format_size(need)}, headroom {format_size(budget - need)}")
 
 
-# name -> the memory flags of the settings --sweep_depths compares (the others at their defaults;
-# MoleGrad at --molegrad_rank_k, the recipe pieces as the flags say)
+# name -> the memory flags of the settings --sweep_depths compares: model_flags.MEMORY_SETTINGS (the
+# other memory flags at their defaults; MoleGrad at --molegrad_rank_k, the recipe pieces as the flags say)
 SWEEP_ARMS: dict[str, dict[str, Any]] = {
-    "dense": {},
-    "recompute=block": dict(recompute="block"),
-    "MoleGrad ffn k32": dict(molegrad=True),
-    "MoleGrad all k32 lowrank": dict(molegrad=True, molegrad_targets="all", molegrad_momentum="lowrank"),
-    "keep_h k32": dict(memory_mode="keep_h"),
-    "low k32": dict(memory_mode="low"),
-    "lowest k32": dict(memory_mode="lowest"),
-    # a width-proportional rank (k = width / 4, k/in = 1/4 for c_q..c_fc, 1/16 for the MLP's c_proj):
+    **{name: MEMORY_SETTINGS[name] for name in
+       ("dense", "recompute_block", "molegrad_ffn", "molegrad_all_lowrank", "keep_h", "low", "lowest")},
+    # lowest at a width-proportional rank (k = width / 4, k/in = 1/4 for c_q..c_fc, 1/16 for the MLP's c_proj):
     # the largest rank bench.molegrad_quality measured for every Linear compressed (+4.4% val bpb, gap growing)
-    "lowest k=w/4": dict(memory_mode="lowest", rank_per_width=0.25),
+    "lowest_k=w/4": dict(MEMORY_SETTINGS["lowest"], rank_per_width=0.25),
 }
 
 
@@ -764,6 +579,13 @@ def sweep_arm_flags(flags: PlanFlags, arm: str, width: int) -> PlanFlags:
     pieces = {name: getattr(flags, name) for name in RECIPE_PIECES}
     return replace(PlanFlags(), depth=flags.depth, max_seq_len=flags.max_seq_len, vocab_size=flags.vocab_size,
                    molegrad_rank_k=rank, **pieces, **options)
+
+
+def sweep_label(arm: str, rank_k: int) -> str:
+    """A SWEEP_ARMS setting's column in the table: its name, and the rank where it trains at --molegrad_rank_k."""
+    options = SWEEP_ARMS[arm]
+    at_flag_rank = "rank_per_width" not in options and replace(PlanFlags(), **options).molegrad_on()
+    return f"{arm}_k{rank_k}" if at_flag_rank else arm
 
 
 def sweep_depths(flags: PlanFlags, max_depth: int = 64) -> dict[str, Any]:
@@ -786,19 +608,18 @@ def sweep_depths(flags: PlanFlags, max_depth: int = 64) -> dict[str, Any]:
             for variant, off in variants.items():
                 config = replace(arm_flags, **off).model_config(depth)
                 peak = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps).peak
-                peaks[variant][arm], params[variant] = peak, num_params(config)
+                peaks[variant][arm], params[variant] = peak, read_model(config).params
                 if peak + reserve <= budget:
                     deepest[variant][arm] = depth
         rows.append((depth, width, params, peaks))
         if all(peak + reserve > budget for by_arm in peaks.values() for peak in by_arm.values()):
             break
-    k = flags.molegrad_rank_k
     with_pieces = f", recipe pieces {'+'.join(pieces)}" if pieces else ""
     print(f"peak training memory by depth: {flags.device_batch_size} x {flags.max_seq_len} tokens, vocab {flags.vocab_size:,}, "
           f"{'bf16 autocast' if flags.dtype == 'bfloat16' else 'fp32'} compute, fp32 master weights, "
           f"{'gradient accumulation' if flags.grad_accum_steps > 1 else 'one micro-batch per step'}{with_pieces}; GiB, "
           f"x = does not fit in {flags.gpu_memory} with {flags.reserve} reserve")
-    names = [arm.replace("k32", f"k{k}") for arm in SWEEP_ARMS]
+    names = [sweep_label(arm, flags.molegrad_rank_k) for arm in SWEEP_ARMS]
     shown = {depth for by_arm in deepest.values() for depth in by_arm.values()}
     printed = [row for row in rows if not row[0] % 2 or row[0] in shown or row[0] == rows[-1][0]]
     header = f"{'depth':>5}{'width':>6}{'params':>9}" + "".join(f"{name:>{len(name) + 3}}" for name in names)

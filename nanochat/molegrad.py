@@ -152,7 +152,10 @@ class MoleGradLinear(nn.Module):
 
     @torch.no_grad()
     def reset_subspace(self) -> None:
-        """A random orthonormal subspace from the seed; call it after to_empty() of a meta model."""
+        """A random orthonormal subspace from the seed; call it after to_empty() of a meta model
+        (on the meta device there are no values to set: nothing is drawn)."""
+        if self.Q.is_meta:
+            return
         generator = torch.Generator().manual_seed(self.seed)
         tracked = self.rank_k + self.explore_k
         basis = orthonormalize(torch.randn(self.in_features, tracked, generator=generator,

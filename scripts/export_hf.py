@@ -3,8 +3,8 @@
 Writes config.json, model.safetensors (weights only), generation_config.json, tokenizer.json and
 tokenizer_config.json (with the chat template) into --out; `AutoModelForCausalLM.from_pretrained(DIR)`
 and `AutoTokenizer.from_pretrained(DIR)` then run it (nanochat/hf.py). A model with recipe pieces
-(--layer_lambdas, --smear_gate, --backout, --value_embeds) also gets modeling_nanochat_mole.py and
-loads with `trust_remote_code=True`. Needs `pip install -e .[hf]`.
+(--layer_lambdas, --smear_gate, --backout, --value_embeds) also gets modeling_nanochat_mole.py, and
+both its model and its tokenizer load with `trust_remote_code=True`. Needs `pip install -e .[hf]`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     pieces = model.config.recipe_pieces()
     if pieces:
         print0(f"recipe pieces {'+'.join(pieces)}: transformers' NanoChat lacks them, so the folder carries its own code; "
-               f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+               f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) and "
+               f"AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)")
     return {"out": str(out), "checkpoint": meta["checkpoint_dir"], "step": meta["step"]}
 
 

@@ -39,6 +39,12 @@ from nanochat.trainer import train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
+
+def needs_extra(module: str, extra: str):
+    """`module`, imported; without it the calling test (or module) is skipped, naming the extra that installs it."""
+    __tracebackhide__ = True  # the skip is reported at the caller's line
+    return pytest.importorskip(module, reason=f"needs {module.split('.')[0]}: pip install -e '.[{extra}]' (the {extra} extra)")
+
 # ---------------------------------------------------------------------------------------------
 # the tiny corpus, tokenizer and base model
 
@@ -178,7 +184,7 @@ def assert_gradients_and_optimizer_state(model, optimizers, layers, c: dict[str,
     grads = [p.grad for p in model.parameters() if p.grad is not None] + [layer.grad_factor for layer in layers]
     assert tensor_bytes(grads) == c["gradients"]
     cpu = RunContext(torch.device("cpu"), "cpu", torch.float32, False, 0, 0, 1)
-    train_step(model, optimizers, iter([(tokens[:, :-1], tokens[:, 1:])]), 1, cpu, 1.0, 0.95, 1.0)
+    train_step(model, optimizers, iter([(tokens[:, :-1], tokens[:, 1:])]), 1, cpu)
     adamw, muon = (tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)) for opt in optimizers)
     assert (adamw, muon) == (c["AdamW moments"], c["Muon momentum"])
 

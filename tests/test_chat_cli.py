@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHAT_CLI_ARGS = ["-i", "base", "-c", "tiny", "--max_tokens=12", "--threads=1"]
 
 
+@pytest.mark.multiprocess
 def test_one_shot_prompt_prints_a_reply_and_exits_0(base_dir):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
     # (the tiny model's greedy reply to "hello" is empty; to this prompt it is not)

@@ -230,6 +230,7 @@ def test_disconnect_stops_generation_and_frees_the_worker(slow_server):
 # ---------------------------------------------------------------------------------------------
 # the UI in a real browser
 
+@pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium (runs/setup_env.sh installs it)")
 def test_ui_streams_regenerates_edits_in_chromium(slow_server):
     from playwright.sync_api import sync_playwright

@@ -1,6 +1,7 @@
 """Checkpoints: atomic, complete-only, clear errors on corrupt or mismatched files."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +10,11 @@ import nanochat.checkpoint as ckpt
 from nanochat.checkpoint import (
     CheckpointError,
     complete_steps,
+    is_checkpoint_path,
     last_step,
     load_checkpoint,
     load_model_state_strict,
+    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -129,3 +132,74 @@ def test_an_unreadable_file_is_one_line_without_escapes(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(tmp_path, 1)
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and "UnpicklingError: Weights only load failed" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# -c: a tag, a checkpoint directory or a model_NNNNNN.pt file
+
+@pytest.fixture
+def sft_run(tmp_path, monkeypatch):
+    """$NANOCHAT_BASE_DIR/sft_checkpoints/d12 with complete checkpoints at steps 5 and 10."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    directory = tmp_path / "sft_checkpoints" / "d12"
+    save(directory, 5)
+    save(directory, 10)
+    return directory
+
+
+def test_c_takes_a_tag_a_directory_or_a_model_file(sft_run, monkeypatch):
+    assert resolve_checkpoint("sft", "d12") == (sft_run, 10)
+    assert resolve_checkpoint("sft", "d12", 5) == (sft_run, 5)
+    assert resolve_checkpoint("sft", "") == (sft_run, 10)  # the newest directory
+    assert resolve_checkpoint("sft", str(sft_run)) == (sft_run, 10)
+    assert resolve_checkpoint("sft", f"{sft_run}/") == (sft_run, 10)
+    assert resolve_checkpoint("base", str(sft_run / "model_000005.pt")) == (sft_run, 5)  # a path needs no kind
+    assert resolve_checkpoint("sft", str(sft_run / "model_000005.pt"), 5) == (sft_run, 5)  # --step agreeing
+    monkeypatch.chdir(sft_run.parent)
+    assert resolve_checkpoint("sft", "d12/model_000010.pt") == (Path("d12"), 10)
+    assert resolve_checkpoint("sft", "./d12") == (Path("d12"), 10)
+    assert [is_checkpoint_path(c) for c in ("d12", "d12/", "/abs", "~/x", ".", "model_000001.pt")] == [False] + [True] * 5
+
+
+@pytest.mark.parametrize("name, step, error", [
+    ("model_000005.pt", 10, r"model_000005.pt is step 5 but --step=10: give one of them"),
+    ("model_000007.pt", -1, r"missing checkpoint file .*model_000007.pt"),
+    ("weights.pt", -1, r"weights.pt: expected a checkpoint's model_NNNNNN.pt file"),
+    ("nowhere", -1, r"no checkpoint directory .*nowhere"),
+])
+def test_c_names_what_is_wrong_in_one_line(sft_run, name, step, error):
+    with pytest.raises(CheckpointError, match=error) as e:
+        resolve_checkpoint("sft", str(sft_run / name), step)
+    assert "\n" not in str(e.value)
+
+
+def test_c_refuses_a_model_file_whose_checkpoint_is_incomplete(sft_run):
+    (sft_run / "model_000007.pt").write_bytes(b"")  # a save that never wrote its meta
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint at step 7 .*available steps: \[5, 10\]"):
+        resolve_checkpoint("sft", str(sft_run / "model_000007.pt"))
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint \(meta_NNNNNN.json\) in"):
+        resolve_checkpoint("sft", str(sft_run.parent))
+
+
+def test_every_reader_takes_a_model_file(base_dir, capsys):
+    """The loader of chat_cli/chat_web/chat_eval/base_eval/base_loss/export_hf (load_chat_model)
+    and the chat training stages' source read -c path/to/model_NNNNNN.pt as that step."""
+    from nanochat.checkpoint import load_chat_model, load_meta
+    from nanochat.config import CheckpointFlags
+    from scripts import chat_cli, mid_train
+    from tests.helpers import MID_TRAIN_ARGS
+
+    directory = base_dir / "base_checkpoints" / "tiny"
+    file = str(directory / "model_000010.pt")
+    _, _, meta = load_chat_model(CheckpointFlags(source="base", model_tag=file), torch.device("cpu"))
+    assert meta["checkpoint_dir"] == str(directory) and meta["step"] == 10
+    chat = ["-i", "base", "--max_tokens=8", "--threads=1", "-p", "the gradient", "-t", "0"]
+    assert chat_cli.main(chat + ["-c", file]) == chat_cli.main(chat + ["-c", "tiny"])
+    with pytest.raises(SystemExit):
+        chat_cli.main(chat + ["-c", file, "--step=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model_000010.pt is step 10 but --step=3" in err[0], err
+    result = mid_train.main(MID_TRAIN_ARGS + ["-c", file, "--num_iterations=1", "--eval_every=0"])
+    assert (result["source_dir"], result["source_step"]) == (str(directory), 10)
+    assert result["checkpoint_dir"] == str(base_dir / "mid_checkpoints" / "tiny")  # the source directory's name
+    assert load_meta(base_dir / "mid_checkpoints" / "tiny", 1)["source"]["step"] == 10

@@ -482,6 +482,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tok, bundle_dir, serve, tmp_path):
     server = serve([bundle_zip()])
     tok.save(tmp_path / "tok")

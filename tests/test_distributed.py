@@ -25,7 +25,7 @@ from tests.helpers import REPO, TINY_BASE_TRAIN_ARGS, same_tensors
 
 ARMS = ("dense", "molegrad", "molegrad_lowrank")
 TINY_MODEL = BenchConfig(n_embd=32, n_layer=2, n_head=4, n_kv_head=2, vocab_size=97, seq_len=16, batch_size=4,
-                         steps=3, rank_k=4, targets="all", dtype="float64", arms=",".join(ARMS))
+                         steps=3, molegrad_rank_k=4, molegrad_targets="all", dtype="float64", arms=",".join(ARMS))
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def two_vs_one():
         return run_all(TINY_MODEL)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("arm", ARMS)
 def test_two_processes_equal_one_and_ranks_agree_bitwise(two_vs_one, arm):
     single, (rank0, rank1) = two_vs_one[arm]["single"], two_vs_one[arm]["ranks"]
@@ -48,12 +49,13 @@ def test_two_processes_equal_one_and_ranks_agree_bitwise(two_vs_one, arm):
         assert any(name.endswith(".Q") for name in single["model"])
 
 
+@pytest.mark.multiprocess
 def test_molegrad_sends_only_factors_and_statistics(two_vs_one):
     """No (out, in) tensor of a MoleGrad layer crosses; its bytes are those of (out, k) + (in, k+e)."""
     result = two_vs_one["molegrad"]["ranks"][0]
     weights = [tuple(shape) for shape in result["molegrad_weights"]]  # (out, in) per MoleGrad layer
     assert weights and not set(weights) & {tuple(shape) for shape in result["shapes"]}
-    k, explore, itemsize = TINY_MODEL.rank_k, 4, 8  # float64; w = 2: an all-reduce sends n bytes per rank
+    k, explore, itemsize = TINY_MODEL.molegrad_rank_k, 4, 8  # float64; w = 2: an all-reduce sends n bytes per rank
     factors = sum(out * k * itemsize for out, _ in weights)
     sketches = sum(inp * (k + explore) * itemsize for _, inp in weights)
     energy_and_tokens = 2 * 8 * len(weights)
@@ -65,6 +67,7 @@ def test_molegrad_sends_only_factors_and_statistics(two_vs_one):
     assert dense["bytes_per_step"] - row["bytes_per_step"] == dense_weights - factors - sketches - energy_and_tokens
 
 
+@pytest.mark.multiprocess
 def test_optimizer_state_is_sharded(two_vs_one):
     """Dense: AdamW and Muon state split between the ranks. MoleGrad: Muon state replicated."""
     for arm, replicated_muon in (("dense", False), ("molegrad", True)):
@@ -137,6 +140,7 @@ TORCHRUN_TINY = TINY_BASE_TRAIN_ARGS + ["--total_batch_size=256", "--eval_every=
 MOLEGRAD = ["--molegrad=True", "--molegrad_rank_k=8", "--molegrad_momentum=lowrank"]
 
 
+@pytest.mark.multiprocess
 def test_torchrun_base_train_resumes_exactly_and_refuses_another_world_size(base_dir, capsys):
     """Two ranks x 4 rows x 32 tokens = 256 tokens/step, no accumulation; save at 2 and 4. MoleGrad
     on the MLP, so that Q, its statistics and the low-rank momentum resume too."""
@@ -164,6 +168,7 @@ def test_torchrun_base_train_resumes_exactly_and_refuses_another_world_size(base
     assert "saved with world size 2, this run has world size 1" in err[0], err
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("fault", ["die@2", "stall@2"])
 def test_a_dead_or_stuck_rank_ends_the_run_with_a_clear_error(base_dir, tmp_path, fault):
     """die: rank 1 exits; torchrun stops rank 0. stall: rank 1 hangs; rank 0's collective times out

@@ -13,7 +13,7 @@ from nanochat.common import RunContext
 
 torch.set_num_threads(1)
 
-GPU_CHECK_ARGS = ["--device=cpu", "--dtype=bfloat16", "--depth=1", "--seq_len=32", "--vocab_size=128", "--rank_k=8",
+GPU_CHECK_ARGS = ["--device=cpu", "--dtype=bfloat16", "--depth=1", "--seq_len=32", "--vocab_size=128", "--molegrad_rank_k=8",
                   "--steps=1", "--warmup=1", "--threads=1"]
 
 
@@ -26,7 +26,7 @@ def test_every_mode_runs_eager_and_the_deepest_depth_follows_the_budget(capsys):
     out = capsys.readouterr().out
     assert last_json(out)["runs"] == json.loads(json.dumps(summary["runs"]))
     deepest = summary["deepest_lowest_depth"]
-    cfg = gpu_check.GpuCheckConfig(depth=1, seq_len=32, vocab_size=128, rank_k=8)
+    cfg = gpu_check.GpuCheckConfig(depth=1, seq_len=32, vocab_size=128, molegrad_rank_k=8)
     cpu = RunContext(torch.device("cpu"), "cpu", torch.bfloat16, False, 0, 0, 1)
     planned = [gpu_check.planned_peak(gpu_check.mode_config("lowest", depth, cfg), cpu) for depth in (deepest, deepest + 1)]
     assert deepest > 1 and planned[0] <= 4 * 2**20 < planned[1]

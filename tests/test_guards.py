@@ -162,6 +162,7 @@ base_train.main(sys.argv[1:])
 """
 
 
+@pytest.mark.multiprocess
 def test_a_save_killed_midway_leaves_no_temp_file_after_resume(base_dir, tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(KILLED_MID_SAVE)

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("safetensors")
-transformers = pytest.importorskip("transformers")
+from tests.helpers import needs_extra
+
+pytestmark = pytest.mark.hf
+needs_extra("safetensors", "hf")
+transformers = needs_extra("transformers", "hf")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -38,11 +46,11 @@ def tok() -> Tokenizer:
     return Tokenizer.train_from_iterator(tiny_corpus_texts(100, seed=1) + ["print(12 + 345)\n🦊 naïve café"], 320)
 
 
-def tiny_gpt(tok: Tokenizer, seed: int = 0, n_layer: int = 2, **options) -> GPT:
+def tiny_gpt(tok: Tokenizer, seed: int = 0, n_layer: int = 2, sequence_len: int = 32, **options) -> GPT:
     """Depth 2 with GQA (4 query heads on 2 kv heads), weights moved off their init (the zero c_proj
     would hide the blocks) so every tensor matters."""
     torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=32, vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=4, n_kv_head=2,
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=4, n_kv_head=2,
                        n_embd=64, **options)
     model = GPT(config)
     with torch.no_grad():
@@ -475,12 +483,16 @@ def test_export_script_on_a_base_trained_with_every_piece(base_dir, tmp_path, ca
         torch.testing.assert_close(theirs, model(idx), rtol=0, atol=1e-4)
 
 
-def test_chat_sft_from_an_exported_folder_trains_exactly_like_the_checkpoint(base_dir, tmp_path):
+def test_chat_sft_from_an_exported_folder_trains_exactly_like_the_checkpoint(base_dir, tmp_path, monkeypatch):
     import json
 
     from nanochat.checkpoint import last_step
     from scripts import chat_sft, export_hf as export_script
 
+    # the identity conversations describe the training history, which a checkpoint knows and an
+    # HF folder does not: both runs get the same (none), so that their batches are the same
+    train_mixture = chat_sft.train_mixture
+    monkeypatch.setattr(chat_sft, "train_mixture", lambda source, history: train_mixture(source))
     export_script.main(["-i", "base", "-c", "tiny", f"--out={tmp_path / 'hf'}"])
     sft = ["--max_seq_len=128", "--device_batch_size=4", "--task_source=offline", "--threads=1", "--dtype=float32",
            "--examples_per_step=8", "--eval_every=-1", "--eval_examples=8", "--eval_metrics_max_problems=0",
@@ -564,3 +576,76 @@ def test_hub_style_config_is_accepted(exported, tmp_path):
     imported, _ = load_hf(target)
     assert imported.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), imported.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# a fresh process with stdin closed, as a script or notebook runs: the tokenizer and the README's
+# example load without a prompt or a warning, for both kinds
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_MARKER = "<!-- export example: tests/test_hf.py runs this block -->"
+PROMPT = "Do you wish to run the custom code"
+
+
+@pytest.fixture(scope="module", params=["nanochat", "nanochat_mole"])
+def export_kind(tok, request) -> tuple[str, GPT]:
+    """A model of each export kind: plain, or with every recipe piece (its own code), with a context
+    long enough for the README's generation."""
+    pieces = {name: True for name in RECIPE_PIECES} if request.param == "nanochat_mole" else {}
+    return request.param, tiny_gpt(tok, n_layer=3, sequence_len=256, **pieces)
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter, stdin closed (a prompt would read EOF), offline, with its own
+    HF_HOME (transformers copies remote code under it)."""
+    env = {**os.environ, "HF_HOME": str(cwd / "hf_home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=300)
+
+
+def unexpected_output(stderr: str) -> list[str]:
+    """What stderr says besides transformers' "Loading weights" progress bar: warnings, prompts, errors."""
+    return [line for line in re.split(r"[\r\n]+", stderr) if line.strip() and not line.lstrip().startswith("Loading weights")]
+
+
+@pytest.mark.multiprocess
+def test_tokenizer_loads_without_a_prompt_or_warning_and_encodes_like_ours(export_kind, tok, tmp_path):
+    """A nanochat_mole folder's config.json names its own code, and AutoTokenizer reads config.json
+    first: it takes trust_remote_code=True as the model does (without it transformers asks)."""
+    kind, model = export_kind
+    export_hf(model, tok, tmp_path / "export")
+    remote = ", trust_remote_code=True" if kind == "nanochat_mole" else ""
+    texts = ["the model learns", "print(12 + 345)\n🦊 naïve café", "<|user_start|> as text", ""]
+    result = run_python(f"""
+import json
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("export"{remote})
+texts = {texts!r}
+print(json.dumps([tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] for text in texts]))
+""", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert PROMPT not in result.stdout and not unexpected_output(result.stderr), result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [tok.encode(text) for text in texts]
+
+
+def readme_export_block() -> str:
+    text = README.read_text(encoding="utf-8")
+    assert README_MARKER in text, f"README.md lacks the line {README_MARKER!r} before its export example's python block"
+    block = re.match(r"\s*```python\n(.*?)\n```", text.split(README_MARKER, 1)[1], re.S)
+    assert block, f"README.md: expected a ```python block right after {README_MARKER!r}"
+    return block.group(1)
+
+
+@pytest.mark.multiprocess
+def test_readme_export_example_runs_as_written(export_kind, tok, tmp_path):
+    """The block after the README's marker, unchanged, in a directory where the folder it names
+    (its first `name = "relative/path"` line) holds an export of each kind."""
+    kind, model = export_kind
+    code = readme_export_block()
+    folder = re.search(r"^\w+ = [\"']([^\"']+)[\"']", code, re.M)
+    assert folder and not Path(folder.group(1)).is_absolute(), \
+        f"README.md's export example should name its folder as a relative path in a variable (folder = \"hf/d12\"):\n{code}"
+    export_hf(model, tok, tmp_path / folder.group(1))
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, f"the README's export example fails on a {kind} folder:\n{result.stderr}"
+    assert PROMPT not in result.stdout and not unexpected_output(result.stderr), result.stderr

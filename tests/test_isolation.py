@@ -13,8 +13,11 @@ import sys
 
 import pytest
 
-from tests.conftest import PER_SESSION_DIRS, PER_TEST_DIRS
 from tests.helpers import REPO
+
+# what a user may have exported (the README asks for NANOCHAT_BASE_DIR), and HOME for ~/.cache
+USER_DIRS = ("NANOCHAT_BASE_DIR", "HF_HOME", "HF_DATASETS_CACHE", "HF_HUB_CACHE", "XDG_CACHE_HOME", "TORCH_HOME",
+             "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "HOME")
 
 # each failed, or wrote into the user's directory, while the suite honoured an exported NANOCHAT_BASE_DIR
 WRITERS_AND_READERS = [
@@ -29,7 +32,7 @@ WRITERS_AND_READERS = [
 
 @pytest.mark.multiprocess
 def test_the_suite_leaves_the_users_directories_alone(tmp_path):
-    sentinels = {name: tmp_path / name.lower() for name in (*PER_TEST_DIRS, *PER_SESSION_DIRS, "HOME")}
+    sentinels = {name: tmp_path / name.lower() for name in USER_DIRS}
     for path in sentinels.values():
         path.mkdir()
     # a user-site install stays importable with HOME moved

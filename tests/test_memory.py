@@ -26,7 +26,7 @@ from nanochat.memory import (
     saved_bytes,
 )
 from nanochat.molegrad import molegrad_layers
-from tests.helpers import PLANNER_MODES, TINY_GPT_CONFIG, assert_gradients_and_optimizer_state, tensor_bytes
+from tests.helpers import PLANNER_MODES, TINY_GPT_CONFIG, assert_gradients_and_optimizer_state, needs_extra, tensor_bytes
 
 torch.set_num_threads(1)
 
@@ -134,6 +134,7 @@ def test_allocation_tracker_counts_live_storage_once():
     assert tracker.peak == 8000 and tracker.current == 4000 + d.numel() * 4
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", [mode if mode == "lowest" else pytest.param(mode, marks=pytest.mark.slow)
                                   for mode in PEAK_MODES])  # ~8 s each: the flagship always, the rest when slow
 def test_predicted_peak_close_to_measured_cpu_peak(mode):
@@ -179,12 +180,12 @@ def test_molegrad_reduces_the_peak_and_sweep_finds_deeper_models(capsys):
                        molegrad_momentum="lowrank").model_config()
     assert plan_memory(molegrad, 1).peak < plan_memory(dense, 1).peak
     deepest = memory.main(["--sweep_depths=True"])["deepest"]
-    assert 0 < deepest["dense"] < deepest["recompute=block"] < deepest["lowest k32"]
-    assert deepest["dense"] < deepest["MoleGrad all k32 lowrank"] < deepest["lowest k32"]
-    assert deepest["dense"] <= deepest["keep_h k32"]
+    assert 0 < deepest["dense"] < deepest["recompute_block"] < deepest["lowest"]
+    assert deepest["dense"] < deepest["molegrad_all_lowrank"] < deepest["lowest"]
+    assert deepest["dense"] <= deepest["keep_h"]
     # the width-proportional rank costs depth: k = width/4 keeps more than k = 32 at every width >= 128
-    assert deepest["recompute=block"] <= deepest["lowest k=w/4"] < deepest["lowest k32"]
-    assert deepest["lowest k=w/4"] <= deepest["low k32"]  # README: the flagship at its largest measured rank buys nothing over low
+    assert deepest["recompute_block"] <= deepest["lowest_k=w/4"] < deepest["lowest"]
+    assert deepest["lowest_k=w/4"] <= deepest["low"]  # README: the flagship at its largest measured rank buys nothing over low
     assert "deepest that fits 8192 tokens x 1 in 32GB: dense depth" in capsys.readouterr().out
 
 
@@ -202,6 +203,7 @@ def test_gpu_presets_are_real_card_memory_and_modes_validate(capsys):
 
 def test_bench_smoke_two_arms(tmp_path, capsys):
     """No corpus in the test's base dir: the synthetic stream; JSON keys that report.py reads, the PNG."""
+    needs_extra("matplotlib", "plot")
     argv = ["--arms=dense,molegrad_ffn_k16", "--depth=1", "--max_seq_len=32", "--device_batch_size=2", "--steps=3",
             "--warmup=1", "--lr_sweep=False", "--energy_every=1", "--eval_tokens=128", "--synthetic_vocab=256",
             f"--out_dir={tmp_path}"]

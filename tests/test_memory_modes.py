@@ -4,9 +4,9 @@ from bench import memory_modes
 
 
 def test_memory_modes_bench_runs_every_eager_arm(capsys):
-    arms = "dense,recompute_block,molegrad,keep_h,lowest"
+    arms = "dense,recompute_block,molegrad_ffn,keep_h,lowest"
     summary = memory_modes.main([f"--arms={arms}", "--depth=1", "--vocab_size=64", "--max_seq_len=16",
-                                 "--device_batch_size=2", "--rank_k=4", "--rounds=2", "--warmup=1", "--threads=1",
+                                 "--device_batch_size=2", "--molegrad_rank_k=4", "--rounds=2", "--warmup=1", "--threads=1",
                                  "--dtype=float32"])
     assert list(summary["results"]) == arms.split(",")
     for name, result in summary["results"].items():

@@ -129,6 +129,6 @@ def test_value_embeds_flag_reaches_the_plan_and_the_sweep_shows_its_price(capsys
     assert all(0 < deepest[arm] < without[arm] for arm in deepest)
     assert without == memory.main(["--sweep_depths=True", *common])["deepest"]
     price = result["price_bytes"]
-    assert price["dense"][20] > 16 * 10 * 65536 * 1280 and price["lowest k32"][26] > 16 * 13 * 65536 * 1664
+    assert price["dense"][20] > 16 * 10 * 65536 * 1280 and price["lowest"][26] > 16 * 13 * 65536 * 1664
     assert "what value_embeds add to the peak" in out and "without value_embeds: dense depth" in out
     assert "recipe pieces value_embeds" in out

@@ -105,7 +105,7 @@ def test_init_like_dense_and_reset_subspaces():
         assert torch.equal(p, q), name
     start = [m.Q.clone() for m in molegrad_layers(compressed)]
     optimizers = setup_optimizers(compressed)
-    train_step(compressed, optimizers, iter(batches(1)), 1, CPU, 1.0, 0.95, 1.0)
+    train_step(compressed, optimizers, iter(batches(1)), 1, CPU)
     assert all(m.num_updates == 1 and not torch.equal(m.Q, q) for m, q in zip(molegrad_layers(compressed), start))
     compressed.init_weights()
     assert all(m.num_updates == 0 and torch.equal(m.Q, q) for m, q in zip(molegrad_layers(compressed), start))
@@ -115,7 +115,7 @@ def test_state_dict_round_trip_and_low_precision_cast():
     model = tiny_gpt(rank_k=4)
     optimizers = optimizers_of(model)
     for batch in batches(2):
-        train_step(model, optimizers, iter([batch]), 1, CPU, 1.0, 0.95, 1.0)
+        train_step(model, optimizers, iter([batch]), 1, CPU)
     state = model.state_dict()
     assert all(torch.is_tensor(v) for v in state.values())
     fresh = tiny_gpt(rank_k=4)
@@ -266,6 +266,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_and_communicate_only_factors(tmp_path):
     """Each of two gloo processes takes half of every batch: the same model as one process."""
     single = tiny_gpt(rank_k=4, momentum="lowrank")

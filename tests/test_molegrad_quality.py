@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from bench import molegrad_quality as quality
+from bench import runner
 from nanochat.common import compute_init
 from nanochat.gpt import GPT
 from nanochat.trainer import train_step
-from tests.helpers import TINY_BENCH_ARGS
+from tests.helpers import TINY_BENCH_ARGS, needs_extra
 
 QUALITY_ARGS = TINY_BENCH_ARGS + ["--tokens_per_param=0.03", "--budget_fractions=0.25,0.5", "--lr_multipliers=0.5,4",
                                   "--energy_probes=1", "--dtype=float32"]
@@ -22,6 +23,8 @@ ARMS = "dense_muon,dense_adamw,galore_k2,molegrad_k2,flagship_k2"
 
 @pytest.fixture(scope="module")
 def result(trained_tiny_base, tmp_path_factory):
+    needs_extra("galore_torch", "bench")  # the galore arm
+    needs_extra("matplotlib", "plot")  # the picture
     out = tmp_path_factory.mktemp("quality") / "q.json"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NANOCHAT_BASE_DIR", str(trained_tiny_base))
@@ -70,7 +73,7 @@ def test_the_lr_is_chosen_on_the_selection_split_and_reported_on_the_held_out_on
 def test_held_out_and_selection_splits_are_disjoint(trained_tiny_base, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained_tiny_base))
     cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS + ["--eval_tokens=256"])
-    data = quality.prepare_data(cfg, tmp_path / "cache.pt")
+    data = runner.prepare_data(cfg, tmp_path / "cache.pt", quality.budgets(cfg)[-1])
     selection = {tuple(row.tolist()) for batch in data.selection for row in batch}
     heldout = {tuple(row.tolist()) for batch in data.heldout for row in batch}
     assert selection and heldout and not selection & heldout
@@ -79,6 +82,7 @@ def test_held_out_and_selection_splits_are_disjoint(trained_tiny_base, tmp_path,
 
 
 def test_galore_builds_its_projector_from_the_first_non_zero_gradient():
+    needs_extra("galore_torch", "bench")
     torch.manual_seed(0)
     cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS)
     config = quality.model_config(cfg, "galore_k2", vocab_size=64)

@@ -17,9 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import REPO, TINY_BASE_TRAIN_ARGS, same_tensors
+
+pytestmark = pytest.mark.multiprocess
 
 ARGS = TINY_BASE_TRAIN_ARGS + ["--total_batch_size=256", "--eval_every=-1", "--num_iterations=4", "--save_every=2", "--keep_checkpoints=0"]
 FILES = ("model_000004.pt", "state_000004_rank0.pt", "state_000004_rank1.pt")

@@ -2,15 +2,15 @@
 
 import json
 
-import matplotlib.image as mpimg
 import pytest
 
 from nanochat import report
 from scripts import base_loss, base_train
-from tests.helpers import build_tiny_base_dir
+from tests.helpers import build_tiny_base_dir, needs_extra
 
 
 def test_report_from_a_tiny_run(tmp_path, monkeypatch):
+    mpimg = needs_extra("matplotlib.image", "plot")
     base = build_tiny_base_dir(tmp_path / "base")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     report.reset()
@@ -53,7 +53,7 @@ def test_summary_separates_the_val_bpb_measurements_and_marks_smoke_tests():
 
 def test_curve_plots_have_labelled_axes(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    import matplotlib.pyplot as plt
+    plt = needs_extra("matplotlib.pyplot", "plot")
 
     saved = []
     monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))

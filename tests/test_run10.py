@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import REPO, bundle_zip
+from tests.helpers import REPO, bundle_zip, needs_extra
 
 TINY_RUN10_ENV = {
     "DEPTH": "1", "SEQ": "64", "DEVICE_BATCH": "2", "TOTAL_BATCH": "128", "RANK_K": "8", "VOCAB": "512",
@@ -20,8 +20,10 @@ TINY_RUN10_ENV = {
 }
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_run10_commands_with_tiny_sizes(tmp_path, http_server):
+    needs_extra("matplotlib", "plot")  # the report card's plots
     http_server.files["/eval_bundle.zip"] = bundle_zip()
     env = {**os.environ, **TINY_RUN10_ENV, "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
            "NANOCHAT_EVAL_BUNDLE_URL": f"{http_server.url}/eval_bundle.zip",
