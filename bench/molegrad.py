@@ -14,7 +14,7 @@ keep_h).
 Per arm, printed as a table, written to --out_dir/molegrad.json and plotted (plot-molegrad.png,
 nanochat.report.plot_molegrad):
 - saved_bytes_per_token: bytes one block saves for backward per token, measured with saved-tensor
-  hooks (nanochat.memory.measure_block_saved_bytes), also in units of d values of the compute dtype;
+  hooks (nanochat.memory_measure.measure_block_saved_bytes), also in units of d values of the compute dtype;
 - peak_bytes: peak memory of a training step of this micro-batch predicted by nanochat.memory (for
   GaLore: the dense plan with Muon's momentum replaced by GaLore's moments and projectors; its
   gradients and activations are dense); --measure_peak also measures it on CPU (not for GaLore);
@@ -63,15 +63,8 @@ from nanochat.config import UserError, check, parse_args
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.memory import (
-    FP32,
-    ITEMSIZE,
-    block_linear_shapes,
-    format_size,
-    measure_block_saved_bytes,
-    measure_peak,
-    plan_memory,
-)
+from nanochat.memory import FP32, ITEMSIZE, format_size, plan_memory, read_model
+from nanochat.memory_measure import measure_block_saved_bytes, measure_peak
 from nanochat.model_flags import MEMORY_SETTINGS, MemoryFlags
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, setup_optimizers
 from nanochat.report import plot_molegrad, report_dir
@@ -189,7 +182,7 @@ def galore_state_bytes(config: GPTConfig, rank: int) -> int:
     """GaLore's state for the block matrices: two moments of the projected gradient and the
     projection, fp32: (out, r) moments and (r, in) projection for out >= in, else (r, in) and (out, r)."""
     per_block = 0
-    for out, inp in block_linear_shapes(config).values():
+    for out, inp in read_model(config).linears.values():
         r = min(rank, out, inp)
         projected, projection = (out * r, r * inp) if out >= inp else (r * inp, out * r)
         per_block += FP32 * (2 * projected + projection)
@@ -275,7 +268,7 @@ def train_run(name: str, config: GPTConfig, lr: float, data: BenchData, cfg: Mol
 def run_arm(name: str, data: BenchData, cfg: MoleGradBenchConfig, ctx: RunContext) -> dict[str, Any]:
     dtype = DTYPE_NAMES[ctx.dtype]
     config = config_from_depth(cfg.depth, data.vocab_size, cfg.max_seq_len, **arm_flags(name, cfg).memory_options())
-    saved, _ = measure_block_saved_bytes(config, dtype)
+    saved = measure_block_saved_bytes(config, dtype).per_token
     plan = plan_memory(config, cfg.device_batch_size, dtype, grad_accum_steps=1, device_type="cpu")
     peak = plan.peak
     if name == "galore":

@@ -76,9 +76,9 @@ from bench.runner import (
 )
 from nanochat.common import RunContext, print0, run_main
 from nanochat.config import ConfigError, Flags, UserError, check, parse_args
-from nanochat.gpt import BLOCK_LINEARS, GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.memory import explore_k
+from nanochat.memory import read_model
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, lowrank_step_scale, setup_optimizers
 from nanochat.model_flags import MEMORY_SETTINGS, MemoryFlags
 from nanochat.trainer import train_step
@@ -170,7 +170,8 @@ def model_config(cfg: QualityConfig, arm: str, vocab_size: int) -> GPTConfig:
 
 
 def block_params(config: GPTConfig) -> int:
-    return config.n_layer * 12 * config.n_embd ** 2
+    """Parameters of the blocks' Linears (nanochat.memory.read_model: the model's own shapes)."""
+    return config.n_layer * sum(out * inp for out, inp in read_model(config).linears.values())
 
 
 def budgets(cfg: QualityConfig) -> list[int]:
@@ -180,32 +181,18 @@ def budgets(cfg: QualityConfig) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs and optimizer state
-
-def linear_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each Linear of a block."""
-    d, kv = config.n_embd, config.n_kv_head * config.head_dim
-    return {"attn.c_q": (d, d), "attn.c_k": (kv, d), "attn.c_v": (kv, d), "attn.c_proj": (d, d),
-            "mlp.c_fc": (4 * d, d), "mlp.c_proj": (d, 4 * d)}
-
-
-def compressed(config: GPTConfig) -> tuple[str, ...]:
-    if config.molegrad_rank_k == 0:
-        return ()
-    return BLOCK_LINEARS if config.molegrad_targets == "all" else ("mlp.c_fc", "mlp.c_proj")
-
+# FLOPs and optimizer state (the shapes, MoleGrad layers, ranks and scouts: nanochat.memory.read_model)
 
 def training_flops_per_token(config: GPTConfig) -> float:
     """Forward + backward FLOPs per token (module docstring): GPT.estimate_flops' 6N + attention,
     with each compressed Linear's dense dW (2·out·in) replaced by MoleGrad's work."""
-    d, vocab, k = config.n_embd, config.vocab_size, config.molegrad_rank_k
-    shapes = linear_shapes(config)
-    dense_linears = 6 * sum(o * i for o, i in shapes.values()) * config.n_layer
+    model = read_model(config)
+    dense_linears = 6 * sum(o * i for o, i in model.linears.values()) * config.n_layer
     attention = 12 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
-    total = dense_linears + 6 * d * vocab + attention
-    for name in compressed(config):
-        out, inp = shapes[name]
-        total += config.n_layer * (-2 * out * inp + 2 * k * (inp + out) + 2 * inp * (k + explore_k(inp, k)))
+    total = dense_linears + 6 * config.n_embd * config.vocab_size + attention
+    for name, (k, scouts) in model.molegrad.items():
+        out, inp = model.linears[name]
+        total += config.n_layer * (-2 * out * inp + 2 * k * (inp + out) + 2 * inp * (k + scouts))
     return float(total)
 
 
@@ -213,17 +200,18 @@ def state_bytes(config: GPTConfig, family: str, rank: int) -> int:
     """fp32 optimizer state of the block matrices: Muon momentum (out, in), or (out, k) low-rank
     momentum; MoleGrad's Q (in, k) and sketch (in, k + scouts); AdamW's two moments; GaLore's two
     moments of the projected gradient (rank r) and its projector."""
-    k = rank
+    model = read_model(config)
     total = 0
-    for name, (out, inp) in linear_shapes(config).items():
+    for name, (out, inp) in model.linears.items():
         if family == "adamw":
             total += 2 * out * inp
         elif family == "galore":  # proj_type "std": the smaller side is projected
-            r = min(k, out, inp)
+            r = min(rank, out, inp)
             total += 2 * out * r + r * inp if out >= inp else 2 * r * inp + out * r
-        elif name in compressed(config):
+        elif name in model.molegrad:
+            k, scouts = model.molegrad[name]
             momentum = out * k if config.molegrad_momentum == "lowrank" else out * inp
-            total += momentum + inp * k + inp * (k + explore_k(inp, k))
+            total += momentum + inp * k + inp * (k + scouts)
         else:
             total += out * inp
     return 4 * config.n_layer * total

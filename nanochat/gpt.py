@@ -343,7 +343,10 @@ class GPT(nn.Module):
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.register_load_state_dict_post_hook(_recompute_rotary_after_load)
-        self.init_weights()
+        if self.lm_head.weight.is_meta:  # no values to set (init_weights() runs after to_empty()): shapes only
+            self._init_rotary()
+        else:
+            self.init_weights()
 
     def _linear(self, in_features: int, out_features: int, layer_idx: int, name: str) -> nn.Module:
         """Every Linear of the blocks is made here; name is one of BLOCK_LINEARS ("mlp.c_fc", ...).

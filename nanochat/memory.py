@@ -1,4 +1,4 @@
-"""Peak training memory: predicted by component, checked against a measured training step.
+"""Peak training memory: predicted by component from the model itself, checked against measured steps.
 
     python -m nanochat.memory --depth=12 --max_seq_len=8192 --device_batch_size=1 --molegrad=True \\
         --molegrad_rank_k=32 --molegrad_targets=ffn_only --gpu_memory=32GB --require_fit=True
@@ -7,66 +7,16 @@
     python -m nanochat.memory --sweep_depths=True      # the deepest model that fits, per memory mode
     python -m nanochat.memory --sweep_depths=True --value_embeds=True   # ... and what value embeddings cost
 
-What a training step keeps alive (bytes; d = width, L = blocks, V = vocabulary, N = tokens of a
-micro-batch, T = sequence length, item = 2 under bf16 autocast, 4 in fp32):
-- always: fp32 parameters, the optimizer state (AdamW's two moments for the embedding and the head,
-  Muon's momentum: (out, in) per matrix, or (out, k) for MoleGrad matrices with low-rank momentum),
-  MoleGrad's subspace buffers (Q, scouts, sketch, this step's sketch: 3(k+e) x in floats per layer,
-  and the (out, k) leaf whose gradient is the factor),
-  the rotary tables (2 x 10T x head_dim floats) and the batch (int64).
-- gradients: fp32 p.grad of every dense parameter and MoleGrad's (out, k) factors. They exist from
-  backward to the optimizer step; with gradient accumulation (--grad_accum_steps > 1) those of the
-  earlier micro-batches are alive during the next forward.
-- activations, what autograd saves for backward (`block_saved_bytes_per_token`, measured with
-  `saved_bytes` and checked against these formulas by tests/test_memory.py): per block and token
-      attention  item (3d + 2 n_kv_head head_dim) [+ 4k item with MoleGrad]
-                 + 4 (1 + n_head + n_kv_head) norm scales + 4 n_head (SDPA's logsumexp)
-      MLP        dense 5d item + 4; MoleGrad (d + 2k) item + 4, keep_h + 4d item; recompute=mlp 4d (its fp32 input)
-      recompute=block: 4d (the block's fp32 input) in place of both
-  plus, under autocast, the bf16 copies of the dense Linears' weights that their backward keeps;
-  the embedding's normed output (4d + 4 per token), the final norm (item d + 4), the chunked loss's
-  d loss/d hidden (item d per token) and d loss/d W_head (V x d fp32), and under bf16 the cos/sin
-  slices in bf16.
-- recipe pieces (--layer_lambdas, --smear_gate, --backout, --value_embeds: GPTConfig's, as
-  TrainFlags takes them): value embeddings are a vocab x kv_dim fp32 table per carrying block
-  (gpt.has_value_embed: the last block and every second one before it) with AdamW's two moments and
-  its fp32 gradient, plus an (n_kv_head, 12) gate, a Muon matrix; per carrying block and token they
-  keep the looked-up row (4 kv_dim) and, without block recompute, the gate's sigmoid and 3 sigmoid
-  (2 item n_kv_head) (`value_embed_saved_bytes_per_token`). The other pieces' scalars and gate are
-  AdamW parameters too; what they keep outside the blocks (`recipe_saved_bytes`): layer lambdas
-  each block's un-mixed input (4d per token from block 1 on), the smear gate its 24 input channels
-  and two gates per position, backout x_mid (4d) or, where the next block keeps x_mid anyway, with
-  a recompute its gradient during the blocks' backward (4d).
-- transients: one chunk of the loss (rows = 1024 tokens x V: sigmoid, exp, s(1-s) in fp32, dz in the
-  compute dtype written through an fp32 temporary under bf16, and the previous chunk's dz, still
-  referenced) with the head weight cast to the compute dtype; autocast's cache of bf16 weight
-  copies (all forward long); one block's backward workspace (h and d h, recomputed activations); the
-  optimizer's (Muon's Newton-Schulz on the largest matrix, AdamW's denominator without fused kernels,
-  the embedding's new gradient before it is added to the accumulated one).
-
-The peak is the largest of three moments: the end of forward (inside the loss), the start of
-backward, and the optimizer step (all gradients, no activations). A CUDA allocator adds its own
-fragmentation and the context (--reserve). `--measure` runs real training steps and compares:
-on CUDA torch.cuda.max_memory_allocated; on CPU the high-water mark of the resident set (VmHWM, reset
-after a warm-up step at the same shapes, so that code and oneDNN's primitive caches are left out) of
-a fresh process whose glibc malloc returns freed blocks to the system at once (no tcmalloc), minus
-its resident set before the model was built.
-
-Checked on CPU (tests/test_memory.py; e.g. `python -m nanochat.memory --depth=4 --max_seq_len=1024
---device_batch_size=4 --vocab_size=8192 --dtype=bfloat16 --grad_accum_steps=1 --measure=True`): saved
-bytes exactly; peaks within 5% of the allocated bytes (AllocationTracker, like CUDA's
-max_memory_allocated) and 8% of the resident set, for dense, recompute, MoleGrad and the memory modes,
-with value embeddings (and every recipe piece) on as well.
-
-What fits (`python -m nanochat.memory --sweep_depths=True --gpu_memory=16GB|24GB|32GB`, card presets
-of real memory, GPU_PRESETS): 8192 tokens x 1, vocab 65,536, bf16 compute, fp32 master weights; on a
-32 GB card dense fits depth 29, recompute=block 32, MoleGrad ffn k=32 33, --memory_mode=keep_h 36,
---memory_mode=lowest 45 (table for every card: docs/memory.md). At this batch the model state
-(weights, gradients, momentum) is most of the memory, so MoleGrad's missing (out, in) gradients and
-momenta count for more than its smaller activations. Value embeddings (--value_embeds=True) add
-16 bytes (weights, gradient, two moments) per vocab x kv_dim entry of each carrying block: +12.9 GiB
-at depth 20 and +21.8 GiB at depth 26 (8192 x 1, dense or --memory_mode=lowest), so on a 32 GB card
-dense fits depth 21 and --memory_mode=lowest 24 (docs/recipe.md).
+`plan_memory(config, batch_size, dtype, grad_accum_steps)` gives the bytes of each component of a
+training step (parameters, optimizer state, gradients, MoleGrad's buffers, activations, transients)
+and of its three largest moments (the end of forward, the start of backward, the optimizer step):
+the peak is the largest. What the model and its optimizers hold (each Linear's (out, in), which are
+MoleGrad layers, parameter counts, AdamW's tensors and Muon's matrices) is read off GPT(config) built
+on the meta device with base_train's optimizers (`read_model`); only what autograd saves and the
+transients are formulas, in d = width, L = blocks, V = vocabulary, N = tokens of a micro-batch,
+k = MoleGrad's rank, checked against saved-tensor hooks and measured peaks (nanochat/memory_measure.py,
+tests/test_memory.py). Each component, and how close the plan comes to the measured peak:
+docs/memory.md.
 """
 
 from __future__ import annotations
@@ -74,7 +24,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -107,7 +57,7 @@ class ModelFacts:
     Sizes are elements of fp32 tensors unless named bytes."""
 
     linears: dict[str, tuple[int, int]]  # (out, in) of each Linear of a block, by name (gpt.BLOCK_LINEARS)
-    molegrad: tuple[str, ...]            # the names of those that are MoleGrad layers
+    molegrad: dict[str, tuple[int, int]]  # those that are MoleGrad layers: (rank k, scout directions e)
     embedding: int                       # wte: vocab x d
     head: int                            # lm_head: vocab x d
     ve_gate: tuple[int, int] | None      # (out, in) of a carrying block's value-embedding gate
@@ -117,10 +67,11 @@ class ModelFacts:
     muon_largest: tuple[int, int]        # Muon's largest matrix
     # sums over the whole model (ADDITIVE)
     params: int                          # every parameter
-    gradients: int                       # p.grad of every dense parameter and MoleGrad's (out, k) factors
     adamw: int                           # AdamW's parameters: embedding, head, recipe pieces
     adamw_tensors: int                   # ... as tensors (a step count each)
-    muon_momentum: int                   # Muon's momentum: (out, in) per matrix, (out, k) per MoleGrad matrix with low-rank momentum
+    muon: int                            # Muon's matrices: the blocks' Linears and value-embedding gates
+    molegrad_weights: int                # the weights of the MoleGrad layers (Muon matrices without p.grad)
+    molegrad_factors: int                # their factor gradients, (out, k) each
     molegrad_buffer_bytes: int           # the buffers of every MoleGrad layer (subspace, statistics, gradient sink)
     value_embeds: int                    # blocks that carry a value-embedding table
 
@@ -130,7 +81,8 @@ class ModelFacts:
         return sum(out * inp for name, (out, inp) in self.linears.items() if name not in self.molegrad)
 
 
-ADDITIVE = ("params", "gradients", "adamw", "adamw_tensors", "muon_momentum", "molegrad_buffer_bytes", "value_embeds")
+ADDITIVE = ("params", "adamw", "adamw_tensors", "muon", "molegrad_weights", "molegrad_factors", "molegrad_buffer_bytes",
+            "value_embeds")
 
 
 def read_model(config: GPTConfig) -> ModelFacts:
@@ -150,40 +102,45 @@ def read_model(config: GPTConfig) -> ModelFacts:
 
 
 def built_model_facts(config: GPTConfig, n_layer: int) -> ModelFacts:
-    """ModelFacts of GPT(config) at n_layer blocks; recompute and keep_h change how forward runs,
-    not what the model holds, so models that differ only there share one build (cached)."""
-    model_config = replace(config, n_layer=n_layer, recompute="none", molegrad_keep_h=False)
-    return _built_model_facts(astuple(model_config))
+    """ModelFacts of GPT(config) at n_layer blocks. Recompute and keep_h change how forward runs and
+    molegrad_momentum what Muon's step keeps (plan_memory), not what the model and its optimizers'
+    groups hold: models that differ only there share one build (cached)."""
+    built = dict(n_layer=n_layer, recompute="none", molegrad_keep_h=False, molegrad_momentum="dense")
+    return _built_model_facts(tuple(built.get(f.name, getattr(config, f.name)) for f in fields(GPTConfig)))
 
 
 @functools.lru_cache(maxsize=4096)
-def _built_model_facts(fields: tuple) -> ModelFacts:
+def _built_model_facts(values: tuple) -> ModelFacts:
     with torch.device("meta"):
-        model = GPT(GPTConfig(*fields))
+        model = GPT(GPTConfig(*values))
     adamw, muon = setup_optimizers(model)
     if not (isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)):
         raise TypeError(f"setup_optimizers: expected [AdamW, Muon], got [{type(adamw).__name__}, {type(muon).__name__}]")
     block = model.transformer.h[-1]  # the last block carries a value embedding if any does
+    modules = {name: block.get_submodule(name) for name in BLOCK_LINEARS}
     adamw_params = [p for group in adamw.param_groups for p in group["params"]]
-    muon_groups = [(group, p) for group in muon.param_groups for p in group["params"]]
-    factors = {id(layer.weight): layer.grad_sink.numel() for layer in molegrad_layers(model)}  # (out, k) each
+    muon_params = [p for group in muon.param_groups for p in group["params"]]
+    layers = molegrad_layers(model)
+    if {id(layer.weight) for layer in layers} - {id(p) for p in muon_params}:
+        raise ValueError("setup_optimizers: expected every MoleGrad layer's weight among Muon's matrices")
     return ModelFacts(
-        linears={name: tuple(block.get_submodule(name).weight.shape) for name in BLOCK_LINEARS},
-        molegrad=tuple(name for name in BLOCK_LINEARS if isinstance(block.get_submodule(name), MoleGradLinear)),
+        linears={name: tuple(module.weight.shape) for name, module in modules.items()},
+        molegrad={name: (module.rank_k, module.explore_k) for name, module in modules.items()
+                  if isinstance(module, MoleGradLinear)},
         embedding=model.transformer.wte.weight.numel(),
         head=model.lm_head.weight.numel(),
         ve_gate=tuple(block.attn.ve_gate.weight.shape) if block.attn.ve_gate is not None else None,
         smear_channels=model.smear_gate.in_features if model.smear_gate is not None else 0,
         rotary_bytes=sum(t.numel() * t.element_size() for t in (model.cos, model.sin)),
         adamw_largest=max(p.numel() for p in adamw_params),
-        muon_largest=tuple(max((p for _, p in muon_groups), key=torch.Tensor.numel).shape),
+        muon_largest=tuple(max(muon_params, key=torch.Tensor.numel).shape),
         params=sum(p.numel() for p in model.parameters()),
-        gradients=sum(p.numel() for p in model.parameters() if id(p) not in factors) + sum(factors.values()),
         adamw=sum(p.numel() for p in adamw_params),
         adamw_tensors=len(adamw_params),
-        muon_momentum=sum(factors[id(p)] if id(p) in factors and group["molegrad_momentum"] == "lowrank" else p.numel()
-                          for group, p in muon_groups),
-        molegrad_buffer_bytes=sum(b.numel() * b.element_size() for layer in molegrad_layers(model) for b in layer.buffers()),
+        muon=sum(p.numel() for p in muon_params),
+        molegrad_weights=sum(layer.weight.numel() for layer in layers),
+        molegrad_factors=sum(layer.grad_sink.numel() for layer in layers),  # the factor's home, (out, k)
+        molegrad_buffer_bytes=sum(b.numel() * b.element_size() for layer in layers for b in layer.buffers()),
         value_embeds=len(model.value_embeds) if model.value_embeds is not None else 0,
     )
 
@@ -351,13 +308,15 @@ def plan_memory(config: GPTConfig, batch_size: int, dtype: str = "bfloat16", gra
         + (ve_note + " and their gates" if n_ve else "") + small_note)
     add("AdamW moments", 2 * FP32 * model.adamw + FP32 * model.adamw_tensors,
         "exp_avg, exp_avg_sq (fp32) of embedding, head" + ve_note + small_note + "; a step count per tensor")
-    add("Muon momentum", FP32 * model.muon_momentum,
+    # Muon's momentum: (out, in) per matrix, (out, k) per MoleGrad matrix with low-rank momentum (Muon._update_molegrad)
+    momentum = model.muon - (model.molegrad_weights - model.molegrad_factors if lowrank else 0)
+    add("Muon momentum", FP32 * momentum,
         "(out, in) per block matrix" + (f"; MoleGrad matrices (out, {k})" if compressed and lowrank else "")
         + (f"; {n_ve} value-embedding gates" if n_ve else ""))
     add("MoleGrad buffers", model.molegrad_buffer_bytes, "Q, scouts, sketch, step sketch: 3(k+e) x in, gradient sink out x k, fp32 per layer" if compressed else "-")
     add("rotary tables", model.rotary_bytes, f"cos, sin: {ROTARY_LENGTH_FACTOR}T x head_dim fp32")
     add("batch", INT64 * batch_size * (T + 1), "token ids, int64")
-    add("gradients", FP32 * model.gradients,
+    add("gradients", FP32 * (model.params - model.molegrad_weights + model.molegrad_factors),
         "fp32 p.grad of dense params" + (ve_note.replace(",", " (with", 1) + ")" if n_ve else "")
         + (f"; MoleGrad (out, {k}) factors" if compressed else ""))
     rotary_copies = 2 * T * config.head_dim * item if item != FP32 else 0

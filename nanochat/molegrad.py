@@ -46,9 +46,12 @@ Q's version is no Python int that a compiled graph would guard on: forward saves
 Q moved before backward fails there through autograd's in-place check (eager). update_subspace()
 runs outside the model's forward, so outside any compiled graph.
 
-Memory: molegrad_mlp() saves d + 2k values per token (x; h recomputed in backward) or, with
-keep_h, 4d + 2k (h instead of x: the backward skips recomputing it); what each variant saves, and why ReLU² makes
-compressing W2's input worthless unless h is recomputed: docs/memory.md.
+Memory: molegrad_mlp() saves d + 2k values per token: x, x Q1 and relu²(h) Q2 (h is recomputed in
+backward); with keep_h, h in place of x: 4d + 2k, and backward skips the recompute
+(tests/test_molegrad_linear.py::test_mlp_saved_values_per_token). In the model the RMSNorm before
+the MLP keeps x anyway, so per token the MoleGrad MLP saves d + 2k values, with keep_h 5d + 2k,
+against the dense MLP's 5d (x and h; tests/test_molegrad.py -k saved_bytes). What each variant
+saves, and why ReLU² makes compressing W2's input worthless unless h is recomputed: docs/memory.md.
 """
 
 from contextlib import contextmanager
@@ -361,7 +364,7 @@ class MoleGradLinearFunction(torch.autograd.Function):
 
 class MoleGradMLPFunction(torch.autograd.Function):
     """y = relu²(x W1ᵀ) W2ᵀ with MoleGrad on W1 and W2, saving x Q1, relu²(h) Q2 and either x (h is
-    recomputed in backward) or h (keep_h: 4d values per token more, no recompute).
+    recomputed in backward) or h (keep_h: 4d + 2k values per token instead of d + 2k, no recompute).
 
     x (N, d) in the compute dtype; w_fc (4d, d), w_proj (d_out, 4d); xq = x Q1 (N, k1); q_fc, q_proj
     saved only for the check that they did not move; the sinks (4d, k1), (d_out, k2) receive the
@@ -401,7 +404,8 @@ class MoleGradMLPFunction(torch.autograd.Function):
 
 def molegrad_mlp(x: Tensor, fc: MoleGradLinear, proj: MoleGradLinear, keep_h: bool = False) -> Tensor:
     """proj(relu²(fc(x))), x: (..., d), output in the compute dtype, saving d + 2k values per token
-    (keep_h: 5d + 2k, and backward does not recompute h) instead of dense's 5d."""
+    (keep_h: 4d + 2k, and backward does not recompute h). In the model, whose RMSNorm before the MLP
+    keeps x anyway, that is d + 2k (keep_h: 5d + 2k) against the dense MLP's 5d."""
     if fc.out_features != proj.in_features:
         raise ValueError(f"fc.out_features={fc.out_features} must equal "
                          f"proj.in_features={proj.in_features}")

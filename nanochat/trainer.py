@@ -42,7 +42,7 @@ from nanochat.checkpoint import (
 from nanochat.common import RunContext, print0
 from nanochat.config import RuntimeFlags, UserError, check, to_dict
 from nanochat.distributed import AVG, all_reduce, wait_all
-from nanochat.gpt import RECIPE_PIECES, GPTConfig, config_from_dict
+from nanochat.gpt import BLOCK_LINEARS, GPT, RECIPE_PIECES, GPTConfig, config_from_dict
 from nanochat.model_flags import MemoryFlags, flag_errors
 from nanochat.molegrad import MoleGradStep
 from nanochat.optim import (
@@ -125,9 +125,12 @@ AUTO_BATCH_EXPONENT = 0.383
 
 def scaling_params(config: GPTConfig) -> int:
     """The parameters the auto batch size scales with: the six Linears of every block and the LM
-    head (embeddings, value embeddings and the recipe pieces' small gates and scalars left out)."""
-    d, kv = config.n_embd, config.n_kv_head * config.head_dim
-    return config.n_layer * (2 * d * d + 2 * d * kv + 8 * d * d) + config.vocab_size * d
+    head (embeddings, value embeddings and the recipe pieces' small gates and scalars left out),
+    counted on the model itself, built on the meta device (no memory, no values)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    blocks = sum(block.get_submodule(name).weight.numel() for block in model.transformer.h for name in BLOCK_LINEARS)
+    return blocks + model.lm_head.weight.numel()
 
 
 def auto_total_batch_size(config: GPTConfig, ref_config: GPTConfig, tokens_per_pass: int) -> int:

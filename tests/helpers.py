@@ -1,6 +1,7 @@
 """What several test modules share (no test module imports another): the tiny corpus, tokenizer and
 base model built once per session, the tiny command lines and configs, small models and
-comparisons, the planner's test modes, the generated CORE bundle, and a uvicorn server for the app.
+comparisons, the planner's test modes, the generated CORE bundle and a fake model to score it, a
+uvicorn server for the chat app, and `needs_extra` (skip a test whose optional extra is missing).
 
 "Tiny" has three meanings here, one name each: TINY_BASE_TRAIN_ARGS (a depth-1 base_train run),
 TINY_GPT_CONFIG (GPTConfig fields of a 2-block width-32 model) and TINY_BENCH_ARGS (the model and
@@ -44,6 +45,7 @@ def needs_extra(module: str, extra: str):
     """`module`, imported; without it the calling test (or module) is skipped, naming the extra that installs it."""
     __tracebackhide__ = True  # the skip is reported at the caller's line
     return pytest.importorskip(module, reason=f"needs {module.split('.')[0]}: pip install -e '.[{extra}]' (the {extra} extra)")
+
 
 # ---------------------------------------------------------------------------------------------
 # the tiny corpus, tokenizer and base model

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.config import CheckpointFlags, RuntimeFlags
+from nanochat.model_flags import MemoryFlags
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = REPO / "nanochat"
@@ -126,3 +127,26 @@ def test_an_entry_point_that_cannot_compile_refuses_the_flag(name, capsys):
         importlib.import_module(name).main(["--compile=True"])
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("error: --compile: not supported here: ")
+
+
+BENCHES = sorted(module_name(p) for p in (REPO / "bench").glob("*.py") if p.name not in ("__init__.py", "runner.py"))
+# the benches that build models with memory options: they take the memory flag group
+MEMORY_BENCHES = ("bench.ddp", "bench.gpu_check", "bench.memory_modes", "bench.molegrad", "bench.train_throughput")
+
+
+def test_benches_share_code_only_through_bench_runner():
+    for path in (REPO / "bench").glob("*.py"):
+        others = sorted(m for m in imported_modules(path) if m.startswith("bench.") and m != "bench.runner")
+        assert not others, f"{path.name} imports {others}: shared bench code belongs in bench/runner.py"
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_every_bench_has_help_and_those_with_memory_options_take_the_memory_flags(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(name).main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m " + name) and "--rank_k " not in out
+    if name in MEMORY_BENCHES:
+        for f in dataclasses.fields(MemoryFlags):
+            assert f"--{f.name} " in out, f"{name} --help lacks the memory flag --{f.name}"

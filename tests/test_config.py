@@ -79,6 +79,7 @@ def test_to_dict_is_plain():
     assert d == {"depth": 3, "lr": 0.02, "molegrad": False, "target": "ffn_only", "source": "sft", "run": "dummy"}
 
 
+@pytest.mark.multiprocess
 def test_script_help_and_error_exit_codes():
     """A real entry point: --help exits 0 and lists flags; a bad flag exits 2 with one line."""
     ok = subprocess.run([sys.executable, "-m", "nanochat.dataset", "--help"], capture_output=True, text=True)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from nanochat.engine import KVCache
 from nanochat.sampling import sample_next_token
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.memory_measure import measure_block_saved_bytes, saved_bytes
 from nanochat.ops import chunked_softcap_cross_entropy, norm, relu_squared_linear
 from nanochat.optim import setup_optimizers
 from tests.helpers import VOCAB, random_tokens, tiny_config, tiny_model
@@ -179,13 +180,13 @@ def test_chunked_loss_keeps_no_vocab_sized_tensor():
     vocab, width = 500, 16
     weight = torch.randn(vocab, width, requires_grad=True)
 
-    def saved_bytes(tokens: int) -> int:
+    def loss_saved_bytes(tokens: int) -> int:
         hidden = torch.randn(tokens, width, requires_grad=True)
         targets = torch.randint(0, vocab, (tokens,))
-        return saved_tensor_bytes(lambda: chunked_softcap_cross_entropy(hidden, weight, targets, 15.0, chunk_rows=16),
-                                  exclude=[weight, hidden, targets])
+        return saved_bytes(lambda: chunked_softcap_cross_entropy(hidden, weight, targets, 15.0, chunk_rows=16),
+                           exclude=[weight, hidden, targets])[0]
 
-    per_token = (saved_bytes(96) - saved_bytes(32)) / 64
+    per_token = (loss_saved_bytes(96) - loss_saved_bytes(32)) / 64
     assert per_token <= width * 4
 
 
@@ -212,40 +213,14 @@ def test_custom_functions_gradcheck():
     torch.testing.assert_close(norm(h), F.rms_norm(h, (8,), eps=torch.finfo(h.dtype).eps))
 
 
-def saved_tensor_bytes(fn, exclude: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while `fn()` runs, except `exclude`'s."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
-def block_saved_bytes_per_token(recompute: str, autocast: bool) -> float:
-    """Saved bytes per token of one block (slope between two lengths, so constants cancel)."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, recompute=recompute))
-    block, dtype = model.transformer.h[0], torch.bfloat16 if autocast else torch.float32
-    sizes = []
-    for length in (32, 96):
-        x = torch.randn(2, length, 64, requires_grad=True)
-        cos, sin = model.cos[:length].to(dtype), model.sin[:length].to(dtype)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            sizes.append(saved_tensor_bytes(lambda: block(x, cos, sin), exclude=[*model.parameters(), cos, sin]))
-    return (sizes[1] - sizes[0]) / (2 * 64)
-
-
 @pytest.mark.parametrize("autocast", [False, True])
 def test_saved_bytes_per_recompute_mode(autocast):
+    """Saved bytes per token of one block (slope between two lengths, so constants cancel)."""
     d = 64
-    none, mlp, block = (block_saved_bytes_per_token(mode, autocast) for mode in ("none", "mlp", "block"))
+    none, mlp, block = (measure_block_saved_bytes(GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=1, n_head=2,
+                                                            n_kv_head=2, n_embd=d, recompute=mode),
+                                                  "bfloat16" if autocast else "float32").per_token
+                        for mode in ("none", "mlp", "block"))
     assert block < mlp < none
     itemsize = 2 if autocast else 4
     assert block == 4 * d  # only the block's input, the fp32 residual stream

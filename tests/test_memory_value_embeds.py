@@ -13,14 +13,13 @@ import torch
 from nanochat import memory
 from nanochat.gpt import GPT, RECIPE_PIECES, GPTConfig
 from nanochat.memory import (
-    measure_block_saved_bytes,
     plan_memory,
+    read_model,
     recipe_saved_bytes,
-    saved_bytes,
-    value_embed_layers,
     value_embed_saved_bytes_per_token,
     value_embed_saved_weight_bytes,
 )
+from nanochat.memory_measure import measure_block_saved_bytes, saved_bytes
 from nanochat.optim import setup_optimizers
 from nanochat.molegrad import molegrad_layers
 from tests.helpers import PLANNER_MODES, TINY_GPT_CONFIG, assert_gradients_and_optimizer_state, tensor_bytes
@@ -37,7 +36,7 @@ def test_value_embedding_components_match_hand_arithmetic_and_the_real_model():
     k=4 low-rank, batch 3, bf16, every recipe piece on."""
     base = GPTConfig(**THREE_BLOCK_CONFIG, molegrad_rank_k=4, molegrad_targets="ffn_only", molegrad_momentum="lowrank")
     config = replace(base, **ALL_PIECES)
-    assert value_embed_layers(config) == 2 and value_embed_layers(replace(config, n_layer=4)) == 2
+    assert read_model(config).value_embeds == 2 and read_model(replace(config, n_layer=4)).value_embeds == 2
     c0 = plan_memory(base, 3, "bfloat16", grad_accum_steps=2, device_type="cpu").components
     c = plan_memory(config, 3, "bfloat16", grad_accum_steps=2, device_type="cpu").components
     tables, gates = 2 * 97 * 16, 2 * 1 * 12  # value embeddings vocab x kv_dim, gates (n_kv_head, 12) per carrying block
@@ -55,7 +54,7 @@ def test_value_embedding_components_match_hand_arithmetic_and_the_real_model():
     torch.manual_seed(0)
     model = GPT(config)
     optimizers = setup_optimizers(model)
-    assert tensor_bytes(model.parameters()) == c["params"] == 4 * memory.num_params(config) == 4 * model.num_params()
+    assert tensor_bytes(model.parameters()) == c["params"] == 4 * read_model(config).params == 4 * model.num_params()
     assert_gradients_and_optimizer_state(model, optimizers, molegrad_layers(model), c)
 
 
@@ -69,11 +68,11 @@ def test_value_embedding_saved_bytes_match_hooks_at_two_widths(mode, dtype):
         plain = GPTConfig(sequence_len=96, vocab_size=97, n_layer=1, n_head=heads, n_kv_head=kv_heads, n_embd=width,
                           **MODES[mode])
         config = replace(plain, value_embeds=True)
-        per_token, fixed = measure_block_saved_bytes(config, dtype)
+        per_token, fixed, _ = measure_block_saved_bytes(config, dtype)
         assert per_token == memory.block_saved_bytes_per_token(config, item) + value_embed_saved_bytes_per_token(config, item)
         assert fixed == memory.block_saved_weight_bytes(config, item) + value_embed_saved_weight_bytes(config, item)
         assert value_embed_saved_bytes_per_token(config, item) >= 4 * kv_heads * (width // heads)  # the fp32 row
-        assert measure_block_saved_bytes(plain, dtype)[0] < per_token
+        assert measure_block_saved_bytes(plain, dtype).per_token < per_token
 
 
 PIECE_SETS = {
@@ -112,7 +111,7 @@ def test_whole_model_saved_bytes_with_recipe_pieces_equal_planned_activations(pi
 def test_value_embeds_flag_reaches_the_plan_and_the_sweep_shows_its_price(capsys):
     common = ["--max_seq_len=8192", "--device_batch_size=1", "--vocab_size=65536", "--molegrad_rank_k=32", "--gpu_memory=32GB"]
     flags = replace(memory.PlanFlags(), value_embeds=True, depth=20)
-    assert flags.model_config().value_embeds and flags.model_config(memory_mode="lowest").value_embeds
+    assert flags.model_config().value_embeds and replace(flags, memory_mode="lowest").model_config().value_embeds
     assert not memory.PlanFlags().model_config().value_embeds
     plain = memory.main(["--depth=20", *common])
     with_ve = memory.main(["--depth=20", "--value_embeds=True", *common])

@@ -22,7 +22,7 @@ from nanochat.checkpoint import load_model_state_strict
 from nanochat.common import RunContext
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.model_flags import MEMORY_MODES
-from nanochat.memory import saved_bytes
+from nanochat.memory_measure import measure_block_saved_bytes
 from nanochat.molegrad import MoleGradStep
 from nanochat.optim import Muon, setup_optimizers, zeropower_via_newtonschulz5
 from nanochat.molegrad import MOLEGRAD_TARGET_LINEARS, MoleGradLinear, molegrad_layers
@@ -176,20 +176,10 @@ def test_full_rank_training_steps_equal_dense(targets, momentum):
 # memory: bytes saved for backward per token
 
 def per_token(d: int, part: str, autocast: bool, **config) -> tuple[float, list[tuple[int, ...]]]:
-    """Saved bytes per token of one block (or its MLP), fp32 model, as the slope between two lengths."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=1, n_head=d // 64, n_kv_head=d // 64,
-                          n_embd=d, **config))
-    block, dtype = model.transformer.h[0], torch.bfloat16 if autocast else torch.float32
-    sizes = []
-    for length in (32, 96):
-        x = torch.randn(2, length, d, requires_grad=True)
-        cos, sin = model.cos[:length].to(dtype), model.sin[:length].to(dtype)
-        run = (lambda: block(x, cos, sin)) if part == "block" else (lambda: block.mlp(x))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            size, shapes = saved_bytes(run, [*model.parameters(), *model.buffers(), cos, sin])
-        sizes.append(size)
-    return (sizes[1] - sizes[0]) / (2 * 64), shapes
+    """Saved bytes per token of one block (or its MLP), fp32 model, and the saved shapes."""
+    config = GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=1, n_head=d // 64, n_kv_head=d // 64, n_embd=d, **config)
+    saved = measure_block_saved_bytes(config, "bfloat16" if autocast else "float32", part=part)
+    return saved.per_token, saved.shapes
 
 
 @pytest.mark.parametrize("autocast", [False, True])

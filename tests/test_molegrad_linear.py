@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.memory_measure import saved_bytes
 from nanochat.molegrad import (
     MoleGradLinear, MoleGradStep, move_subspaces, orthonormalize, molegrad_layers, molegrad_mlp,
 )
@@ -71,19 +72,8 @@ def molegrad_pair(d: int, rank_fc: int, rank_proj: int) -> tuple[MoleGradLinear,
 
 
 def saved_values_per_token(run, params: list[torch.Tensor], tokens: int) -> float:
-    """Values saved for backward by run(), one count per storage, parameters excluded."""
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            storages[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(storages.values()) / tokens
+    """float32 values saved for backward by run(), one count per storage, parameters excluded."""
+    return saved_bytes(run, params)[0] / (4 * tokens)
 
 
 def test_constructor_validates_arguments():

@@ -21,6 +21,7 @@ QUALITY_ARGS = TINY_BENCH_ARGS + ["--tokens_per_param=0.03", "--budget_fractions
 ARMS = "dense_muon,dense_adamw,galore_k2,molegrad_k2,flagship_k2"
 
 
+# the bench run of every test that takes `result` (marked slow): about a minute on 2 CPU cores
 @pytest.fixture(scope="module")
 def result(trained_tiny_base, tmp_path_factory):
     needs_extra("galore_torch", "bench")  # the galore arm
@@ -32,6 +33,7 @@ def result(trained_tiny_base, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_every_arm_runs_and_the_json_has_the_documented_fields(result):
     saved = json.loads(result.read_text())
     for key in ("command", "git_revision", "git_diff_stat", "machine", "software", "load_average_at_start", "config",
@@ -57,6 +59,7 @@ def test_every_arm_runs_and_the_json_has_the_documented_fields(result):
     assert (result.with_suffix(".png")).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_lr_is_chosen_on_the_selection_split_and_reported_on_the_held_out_one(result):
     saved = json.loads(result.read_text())
     runs = {r["key"]: r for r in saved["runs"]}
@@ -116,6 +119,7 @@ def test_galore_builds_its_projector_from_the_first_non_zero_gradient():
     assert torch.linalg.matrix_norm(basis @ basis.t() @ u - u) < 1e-3
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_from_the_results_file(result, trained_tiny_base, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained_tiny_base))
     before = json.loads(result.read_text())["runs"]

@@ -16,6 +16,7 @@ RECIPE_BENCH_ARGS = TINY_BENCH_ARGS + ["--n_layer=2", "--tokens_per_param=0.1", 
                                        "--speed_rounds=1", "--speed_steps=1", "--speed_threads=1"]
 
 
+# the bench run of every test that takes `result` (marked slow): about a minute on 2 CPU cores
 @pytest.fixture(scope="module")
 def result(trained_tiny_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe") / "r.json"
@@ -25,6 +26,7 @@ def result(trained_tiny_base, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_end_to_end_json_has_the_documented_fields(result):
     saved = json.loads(result.read_text())
     for key in ("command", "git_revision", "machine", "software", "load_average_at_start", "config", "block_params",
@@ -51,6 +53,7 @@ def test_end_to_end_json_has_the_documented_fields(result):
     assert len(saved["goals"]) == 2
 
 
+@pytest.mark.slow
 def test_the_combination_is_chosen_on_the_selection_split(result):
     saved = json.loads(result.read_text())
     screen, cfg = saved["summary"]["screen"], recipe.RecipeConfig(**saved["config"])
@@ -100,6 +103,7 @@ def test_each_arm_changes_what_it_names():
     assert recipe.accumulation(cfg, recipe.ARMS["auto_batch"], 300) >= 1
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_and_other_settings_are_refused(result, trained_tiny_base, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained_tiny_base))
     before = json.loads(result.read_text())["runs"]

@@ -223,6 +223,7 @@ def fuzz_server(tiny_base) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 def test_fuzzing_the_openapi_contract_gives_no_5xx(fuzz_server):
     """Schema-driven requests (valid and invalid) to every operation of /openapi.json: none may be
     a 5xx. Bounded: a fixed number of examples per operation and mode, derandomized."""
