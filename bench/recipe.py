@@ -31,7 +31,7 @@ selection split).
 Per arm: held-out val bpb, gain vs current (%), tokens/s (a separate phase after the quality
 runs, alone in one process: --speed_rounds rounds of every arm interleaved, --speed_threads
 threads, median step; the load average is recorded with it), measured peak allocated bytes of a
-training step at the bench size (tensor storage, nanochat.memory.measure_allocated_peak), and the
+training step at the bench size (tensor storage, nanochat.memory_measure.measure_allocated_peak), and the
 planned peak at d20 and d26 at 8192 x 1 tokens (nanochat.memory.plan_memory, bf16, dense and
 --memory_mode=lowest) so the memory price of value embeddings on a 32 GB card shows.
 
@@ -71,7 +71,8 @@ from nanochat.common import RunContext, compute_init, print0, run_main
 from nanochat.config import Flags, check, parse_args
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.memory import measure_allocated_peak, plan_memory
+from nanochat.memory import plan_memory
+from nanochat.memory_measure import measure_allocated_peak
 from nanochat.model_flags import MEMORY_SETTINGS, ModelFlags
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, setup_optimizers
 from nanochat.trainer import AUTO_BATCH_REF_DEPTH, TrainFlags, auto_total_batch_size, train_step

@@ -100,8 +100,11 @@ def measure_block_saved_bytes(config: GPTConfig, dtype: str, lengths: tuple[int,
 # ---------------------------------------------------------------------------------------------
 # a real training step
 
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (inputs, targets), each (batch_size, sequence_len)
+
+
 def training_setup(config: GPTConfig, batch_size: int, dtype: str,
-                   device: str) -> tuple[GPT, list[torch.optim.Optimizer], Iterator[tuple[torch.Tensor, torch.Tensor]], RunContext]:
+                   device: str) -> tuple[GPT, list[torch.optim.Optimizer], Batches, RunContext]:
     """A fresh model, base_train's optimizers, a stream of random (inputs, targets) micro-batches
     and the RunContext: what a measured training step needs."""
     ctx = RunContext(torch.device(device), device, DTYPES[dtype], False, 0, 0, 1)
@@ -125,7 +128,7 @@ def run_training_steps(config: GPTConfig, batch_size: int, dtype: str, grad_accu
     optimizer state, so steady state needs 2)."""
     model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, device)
     for _ in range(steps):
-        train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
+        train_step(model, optimizers, stream, grad_accum_steps, ctx)
     return model
 
 
@@ -161,10 +164,10 @@ def measure_allocated_peak(config: GPTConfig, batch_size: int, dtype: str, grad_
     """Peak bytes of tensor storage of a steady training step (after one that creates the optimizer
     state), in this process, on CPU: model, optimizer state, gradients, activations, temporaries."""
     model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, "cpu")
-    train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
+    train_step(model, optimizers, stream, grad_accum_steps, ctx)
     state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     with AllocationTracker([*model.parameters(), *model.buffers(), *state]) as tracker:
-        train_step(model, optimizers, stream, grad_accum_steps, ctx, 1.0, 0.95, 1.0)
+        train_step(model, optimizers, stream, grad_accum_steps, ctx)
     return tracker.peak
 
 

@@ -388,7 +388,7 @@ def compiled(model: GPT) -> torch.nn.Module:
     return torch.compile(model, backend="aot_eager")
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])  # compiled: ~15 s each
 @pytest.mark.parametrize("mode", list(MEMORY_MODES))
 def test_memory_modes_at_full_rank_equal_dense(mode, compile):
     """lowest (block recompute, h kept inside it, low-rank momentum) and keep_h at k = in: three

@@ -6,6 +6,8 @@ offline local corpus. Marked slow: it runs every stage of the pipeline.
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +29,8 @@ def test_run10_commands_with_tiny_sizes(tmp_path, http_server):
     http_server.files["/eval_bundle.zip"] = bundle_zip()
     env = {**os.environ, **TINY_RUN10_ENV, "NANOCHAT_BASE_DIR": str(tmp_path / "base"),
            "NANOCHAT_EVAL_BUNDLE_URL": f"{http_server.url}/eval_bundle.zip",
-           "NANOCHAT_HF_URL": "http://127.0.0.1:9", "WANDB_RUN": "dummy"}
+           "NANOCHAT_HF_URL": "http://127.0.0.1:9", "WANDB_RUN": "dummy",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # its `python` is this one
     proc = subprocess.run(["bash", str(REPO / "run10.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "base" / "report" / "report.md").read_text()
