@@ -64,7 +64,7 @@ def test_gradient_accumulation_matches_one_big_batch(base_dir):
         (["--divergence_factor=1"], "--divergence_factor: expected a number > 1"),
         (["--depth=1000"], "--depth=1000 (width 64000) with --device_batch_size=4 x 32 tokens: the memory plan of a "
                            "training step needs "),
-        (["--molegrad_rank_k=0"], "--molegrad_rank_k: expected >= 1"),
+        (["--molegrad_rank_k=0"], "--molegrad_rank_k=0: expected 1 <= molegrad_rank_k"),
         (["--molegrad_targets=mlp"], "--molegrad_targets: expected one of ffn_only|attn_only|all"),
     ],
 )

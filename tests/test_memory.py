@@ -162,7 +162,7 @@ def test_allocation_tracker_counts_live_storage_once():
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", [mode if mode == "lowest" else pytest.param(mode, marks=pytest.mark.slow)
-                                  for mode in PEAK_MODES])  # ~8 s each: the flagship always, the rest when slow
+                                  for mode in PEAK_MODES])  # ~40 s each on 2 busy cores: the flagship always, the rest when slow
 def test_predicted_peak_close_to_measured_cpu_peak(mode):
     """The same sizes against what the operating system sees: the resident-set high-water mark of a
     fresh process whose glibc returns freed memory at once (pages only count once touched, plus

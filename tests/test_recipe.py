@@ -289,9 +289,9 @@ def test_plain_weight_decay_scales_with_width():
 
 def test_lowrank_momentum_refuses_normuon_and_cautious_decay():
     model = recipe_model((), molegrad_rank_k=4, molegrad_momentum="lowrank")
-    with pytest.raises(ValueError, match=r"^--normuon=True: needs the dense update"):
+    with pytest.raises(ValueError, match=r"^normuon=True: needs the dense update"):
         setup_optimizers(model, normuon=True)
-    with pytest.raises(ValueError, match=r"^--cautious_weight_decay=True: needs the dense update"):
+    with pytest.raises(ValueError, match=r"^cautious_weight_decay=True: needs the dense update"):
         setup_optimizers(model, cautious_weight_decay=True)
     setup_optimizers(model, orthogonalizer="polar_express")  # an odd polynomial: fine in the subspace
 
