@@ -27,6 +27,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 WANDB_RUN=${WANDB_RUN:-dummy}
 
+DEVICE=${DEVICE:-cuda}                      # every stage runs here, or stops with one line (never a silent CPU fallback)
 DEPTH=${DEPTH:-12}
 SEQ=${SEQ:-8192}
 DEVICE_BATCH=${DEVICE_BATCH:-1}
@@ -54,7 +55,12 @@ if [ -z "${NANOCHAT_SKIP_SETUP:-}" ]; then
     source runs/setup_env.sh
 fi
 
-# 0. the memory plan for these settings, first: stop here if it does not fit the GPU
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # less fragmentation at the limit
+RUN="--device=$DEVICE"
+
+# 0. the machine (device name, capability, torch and CUDA versions, the training attention kernel),
+# then the memory plan for these settings: stop here if either is wrong
+python -m scripts.device_check --device="$DEVICE"
 MEMORY_FLAGS="--memory_mode=$MEMORY_MODE --molegrad_rank_k=$RANK_K"
 python -m nanochat.memory --depth="$DEPTH" --max_seq_len="$SEQ" --device_batch_size="$DEVICE_BATCH" $MEMORY_FLAGS \
     --vocab_size="$VOCAB" --gpu_memory="$GPU_MEMORY" --grad_accum_steps=$((TOTAL_BATCH / (DEVICE_BATCH * SEQ))) --require_fit=True
@@ -72,22 +78,22 @@ python -m scripts.tok_eval
 wait "$DATA_PID"
 
 # 3. pretraining at long context
-python -m scripts.base_train --run="$WANDB_RUN" --depth="$DEPTH" --max_seq_len="$SEQ" \
+python -m scripts.base_train $RUN --run="$WANDB_RUN" --depth="$DEPTH" --max_seq_len="$SEQ" \
     --device_batch_size="$DEVICE_BATCH" --total_batch_size="$TOTAL_BATCH" --target_param_data_ratio="$DATA_RATIO" \
     --num_iterations="$BASE_STEPS" --eval_tokens="$EVAL_TOKENS" --save_every=500 $MEMORY_FLAGS $EXTRA_TRAIN_FLAGS
-python -m scripts.base_loss --model_tag="d$DEPTH"
-python -m scripts.base_eval --model_tag="d$DEPTH" --max_per_task="$CORE_PER_TASK"
+python -m scripts.base_loss $RUN --model_tag="d$DEPTH"
+python -m scripts.base_eval $RUN --model_tag="d$DEPTH" --max_per_task="$CORE_PER_TASK"
 
 # 4. midtraining, SFT, RL (shorter context: conversations are short)
-python -m scripts.mid_train --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
+python -m scripts.mid_train $RUN --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
     --device_batch_size=$((DEVICE_BATCH * 4)) --total_batch_size=$((DEVICE_BATCH * 4 * CHAT_SEQ * 8)) \
     --num_iterations="$MID_STEPS" --eval_tokens="$EVAL_TOKENS" $MEMORY_FLAGS $EXTRA_TRAIN_FLAGS
-python -m scripts.chat_eval -i mid -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
-python -m scripts.chat_sft --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
+python -m scripts.chat_eval $RUN -i mid -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
+python -m scripts.chat_sft $RUN --run="$WANDB_RUN" --model_tag="d$DEPTH" --max_seq_len="$CHAT_SEQ" \
     --num_iterations="$SFT_STEPS" $MEMORY_FLAGS $EXTRA_TRAIN_FLAGS
-python -m scripts.chat_eval -i sft -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
-python -m scripts.chat_rl --run="$WANDB_RUN" --model_tag="d$DEPTH" --num_iterations="$RL_STEPS" $RL_FLAGS $MEMORY_FLAGS $EXTRA_TRAIN_FLAGS
-python -m scripts.chat_eval -i rl -c "d$DEPTH" -a GSM8K --max_problems="$EVAL_PROBLEMS"
+python -m scripts.chat_eval $RUN -i sft -c "d$DEPTH" --max_problems="$EVAL_PROBLEMS"
+python -m scripts.chat_rl $RUN --run="$WANDB_RUN" --model_tag="d$DEPTH" --num_iterations="$RL_STEPS" $RL_FLAGS $MEMORY_FLAGS $EXTRA_TRAIN_FLAGS
+python -m scripts.chat_eval $RUN -i rl -c "d$DEPTH" -a GSM8K --max_problems="$EVAL_PROBLEMS"
 
 # 5. the report card
 python -m nanochat.report generate

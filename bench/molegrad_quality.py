@@ -19,7 +19,13 @@ projected), molegrad_k{6,24} (today's default: MoleGrad on the MLP Linears, dens
 flagship_k{6,24,64} (--memory_mode=lowest's optimizer: every Linear compressed, low-rank momentum
 with its step-size rule; recompute and keep-h are exact, so they do not change quality),
 lowrank_k6 (the MLP Linears with low-rank momentum: which half of the flagship costs quality,
-its attention compression or its low-rank momentum). Low-rank arms run the default dense-norm step rule
+its attention compression or its low-rank momentum). Issue 26's arms, each the flagship with one
+change, at k6 and k24: ffnv_k* (--molegrad_targets=ffn_v: the MLP Linears and c_v compressed, q, k
+and the attention output dense; tests H1/H3, that q/k/o need what the inputs' principal subspace
+drops), unbiased_k* (--molegrad_subspace=unbiased: k - k//2 principal + k//2 random directions,
+rescaled to an unbiased gradient; tests H2 and H4, bias and a frozen subspace), gradient_k*
+(--molegrad_subspace=gradient: the subspace follows the weight gradient's second moment as well,
+from random probes; tests H1). Low-rank arms run the default dense-norm step rule
 (LOWRANK_STEP_RULE below); the JSON gives each arm's `unit_rule_lr` = lr x r, the unit rule's equivalent.
 No arm clips gradients (a compressed gradient's norm is only its captured part, so clipping
 would fire differently per arm).
@@ -33,7 +39,12 @@ split (the next --eval_tokens tokens, disjoint). Seeds (model init): --seeds at 
 budget, one at the others; mean and spread (max - min) are reported.
 
 Per arm: held-out val bpb, gap to dense Muon (%), captured gradient energy (share of the dense
-dW's energy the compressed update sees; bench/runner.py's probe), median step time, training
+dW's energy the compressed update sees; bench/runner.py's probe), subspace diagnostics (MoleGrad
+arms: at every probe, per layer type q, k, v, attn_proj, mlp_fc, mlp_proj, the captured share
+against the gradient's own top-k share, Q's overlap with D's top-k and with itself --overlap_delta
+steps earlier, per-head shares for attn_proj: bench/runner.py's layer_diagnostics; the JSON keeps
+every run's, the arm's entry its largest-budget seed-0 series, plotted beside the results as
+<out>_diagnostics.png), median step time, training
 FLOPs per token (6N + attention for dense layers; for a compressed (out, in) layer 4·out·in for
 forward and dX plus 2k(in + out) for x Q and the factor and 2·in·(k + scouts) for its sketch),
 optimizer-state bytes of the block matrices, and val bpb at equal FLOPs: dense Muon's curve
@@ -60,31 +71,36 @@ from typing import Any
 import torch
 
 from bench.runner import (
+    LAYER_TYPES,
     REPO,
     TokenData,
-    captured_energy,
+    dense_gradients,
     dense_twin,
     drive,
     init_worker,
     load_results,
     make_pool,
+    mean_energy,
+    molegrad_bases,
     prepare_data,
     print_goals,
     provenance,
     run_in_worker,
+    subspace_diagnostics,
     write_json,
 )
 from nanochat.common import RunContext, print0, run_main
 from nanochat.config import ConfigError, Flags, UserError, check, parse_args
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import BLOCK_LINEARS, GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import read_model
+from nanochat.molegrad import MoleGradLinear
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, lowrank_step_scale, setup_optimizers
 from nanochat.model_flags import MEMORY_SETTINGS, MemoryFlags
 from nanochat.trainer import train_step
 
 DEFAULT_OUT = REPO / "bench" / "results" / "molegrad_quality.json"
-# arm family -> (optimizer family, memory setting: model_flags.MEMORY_SETTINGS, at the arm's rank)
+# arm family -> (optimizer family, memory setting: model_flags.MEMORY_SETTINGS, at the arm's rank[, MemoryFlags overrides])
 FAMILIES = {
     "dense_muon": ("muon", "dense"),
     "dense_adamw": ("adamw", "dense"),
@@ -92,6 +108,10 @@ FAMILIES = {
     "molegrad": ("muon", "molegrad_ffn"),
     "flagship": ("muon", "molegrad_all_lowrank"),
     "lowrank": ("muon", "molegrad_ffn_lowrank"),  # which half of the flagship costs
+    # issue 26: the flagship with one change each
+    "ffnv": ("muon", "molegrad_all_lowrank", {"molegrad_targets": "ffn_v"}),
+    "unbiased": ("muon", "molegrad_all_lowrank", {"molegrad_subspace": "unbiased"}),
+    "gradient": ("muon", "molegrad_all_lowrank", {"molegrad_subspace": "gradient"}),
 }
 # Low-rank momentum arms run the product's default step rule, pinned so that the results stay
 # comparable if the default changes; `unit_rule_lr` in the JSON is lr x r, the unit rule's equivalent
@@ -105,7 +125,7 @@ class QualityConfig(Flags):
     """MoleGrad's quality against dense Muon, dense AdamW and GaLore, vs tokens, at GPU-like k/in."""
 
     arms: str = field(default="dense_muon,dense_adamw,galore_k6,molegrad_k6,lowrank_k6,flagship_k6,flagship_k24", metadata={
-        "help": "comma-separated: dense_muon, dense_adamw, or galore|molegrad|lowrank|flagship_k<rank>"})
+        "help": "comma-separated: dense_muon, dense_adamw, or galore|molegrad|lowrank|flagship|ffnv|unbiased|gradient_k<rank>"})
     n_embd: int = field(default=256, metadata={"help": "model width"})
     n_layer: int = field(default=1, metadata={"help": "transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
@@ -118,7 +138,8 @@ class QualityConfig(Flags):
     lr_multipliers: str = field(default="0.5,1,2,4", metadata={"help": "the LR sweep around each family's base LR"})
     seeds: int = field(default=2, metadata={"help": "model-init seeds at the largest budget"})
     eval_tokens: int = field(default=131072, metadata={"help": "tokens of the selection split, and of the held-out split"})
-    energy_probes: int = field(default=4, metadata={"help": "captured-energy probes per run (0 = none)"})
+    energy_probes: int = field(default=4, metadata={"help": "captured-energy probes per run (0 = none); MoleGrad arms log their subspace diagnostics there"})
+    overlap_delta: int = field(default=25, metadata={"help": "steps between the two subspaces whose overlap the diagnostics log"})
     galore_gap_fraction: float = field(default=0.125, metadata={"help": "GaLore's refresh gap as a fraction of the run"})
     galore_scale: float = field(default=0.25, metadata={"help": "GaLore's update scale"})
     jobs: int = field(default=2, metadata={"help": "runs at a time (each in its own process, 1 thread)"})
@@ -127,7 +148,7 @@ class QualityConfig(Flags):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("n_embd", "n_layer", "n_head", "seq_len", "batch_size", "seeds", "eval_tokens", "jobs"):
+        for name in ("n_embd", "n_layer", "n_head", "seq_len", "batch_size", "seeds", "eval_tokens", "jobs", "overlap_delta"):
             check(getattr(self, name) >= 1, f"--{name}: expected >= 1, got {getattr(self, name)}")
         check(self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0,
               f"--n_head: expected a divisor of --n_embd={self.n_embd} giving an even head size, got {self.n_head}")
@@ -139,6 +160,10 @@ class QualityConfig(Flags):
         for arm in self.arm_names():
             family, rank = parse_arm(arm)
             check(rank <= self.n_embd, f"--arms: {arm} needs rank {rank} <= --n_embd={self.n_embd}")
+            try:
+                model_config(self, arm, self.vocab_size)
+            except ValueError as e:
+                raise ConfigError(f"--arms: {arm}: {e}") from None
 
     def arm_names(self) -> list[str]:
         return [arm for arm in self.arms.split(",") if arm]
@@ -157,14 +182,15 @@ def parse_arm(arm: str) -> tuple[str, int]:
     family, _, rank = arm.rpartition("_k")
     if family not in FAMILIES or not rank.isdigit() or int(rank) < 1:
         raise ConfigError(f"--arms: unknown arm {arm!r}; expected dense_muon, dense_adamw or "
-                        f"galore|molegrad|lowrank|flagship_k<rank>")
+                        f"{'|'.join(f for f in FAMILIES if not f.startswith('dense'))}_k<rank>")
     return family, int(rank)
 
 
 def model_config(cfg: QualityConfig, arm: str, vocab_size: int) -> GPTConfig:
     family, rank = parse_arm(arm)
-    setting = FAMILIES[family][1]
-    flags = replace(MemoryFlags(), **MEMORY_SETTINGS[setting], **({"molegrad_rank_k": rank} if rank else {}))
+    setting, *overrides = FAMILIES[family][1:]
+    flags = replace(MemoryFlags(), **{**MEMORY_SETTINGS[setting], **(overrides[0] if overrides else {})},
+                    **({"molegrad_rank_k": rank} if rank else {}))
     return GPTConfig(sequence_len=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_kv_head=cfg.n_head, n_embd=cfg.n_embd, **flags.memory_options())
 
@@ -181,26 +207,38 @@ def budgets(cfg: QualityConfig) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPs and optimizer state (the shapes, MoleGrad layers, ranks and scouts: nanochat.memory.read_model)
+# FLOPs and optimizer state (the shapes: nanochat.memory.read_model; each MoleGrad layer's rank,
+# tracked width t (principal columns + scouts) and probes: the layer itself, built on the meta device)
+
+def compressed_linears(config: GPTConfig) -> dict[str, MoleGradLinear]:
+    """Block Linear name -> its MoleGradLinear in GPT(config) built on the meta device (no values)."""
+    with torch.device("meta"):
+        block = GPT(config).transformer.h[0]
+    return {name: block.get_submodule(name) for name in BLOCK_LINEARS if isinstance(block.get_submodule(name), MoleGradLinear)}
+
 
 def training_flops_per_token(config: GPTConfig) -> float:
     """Forward + backward FLOPs per token (module docstring): GPT.estimate_flops' 6N + attention,
-    with each compressed Linear's dense dW (2·out·in) replaced by MoleGrad's work."""
+    with each compressed Linear's dense dW (2·out·in) replaced by MoleGrad's work; the gradient
+    variant's probes add 2·t·(out + in) in backward (G R and xᵀ (G R))."""
     model = read_model(config)
     dense_linears = 6 * sum(o * i for o, i in model.linears.values()) * config.n_layer
     attention = 12 * config.n_layer * config.n_head * config.head_dim * config.sequence_len
     total = dense_linears + 6 * config.n_embd * config.vocab_size + attention
-    for name, (k, scouts) in model.molegrad.items():
+    for name, layer in compressed_linears(config).items():
         out, inp = model.linears[name]
-        total += config.n_layer * (-2 * out * inp + 2 * k * (inp + out) + 2 * inp * (k + scouts))
+        k, tracked = layer.rank_k, layer.sketch.shape[1]
+        probes = 2 * tracked * (out + inp) if layer.probes is not None else 0
+        total += config.n_layer * (-2 * out * inp + 2 * k * (inp + out) + 2 * inp * tracked + probes)
     return float(total)
 
 
 def state_bytes(config: GPTConfig, family: str, rank: int) -> int:
     """fp32 optimizer state of the block matrices: Muon momentum (out, in), or (out, k) low-rank
-    momentum; MoleGrad's Q (in, k) and sketch (in, k + scouts); AdamW's two moments; GaLore's two
-    moments of the projected gradient (rank r) and its projector."""
+    momentum; MoleGrad's Q (in, k), sketch (in, t) and the gradient variant's probes (out, t); AdamW's
+    two moments; GaLore's two moments of the projected gradient (rank r) and its projector."""
     model = read_model(config)
+    compressed = compressed_linears(config)
     total = 0
     for name, (out, inp) in model.linears.items():
         if family == "adamw":
@@ -208,10 +246,10 @@ def state_bytes(config: GPTConfig, family: str, rank: int) -> int:
         elif family == "galore":  # proj_type "std": the smaller side is projected
             r = min(rank, out, inp)
             total += 2 * out * r + r * inp if out >= inp else 2 * r * inp + out * r
-        elif name in model.molegrad:
-            k, scouts = model.molegrad[name]
-            momentum = out * k if config.molegrad_momentum == "lowrank" else out * inp
-            total += momentum + inp * k + inp * (k + scouts)
+        elif name in compressed:
+            layer = compressed[name]
+            momentum = out * layer.rank_k if config.molegrad_momentum == "lowrank" else out * inp
+            total += momentum + layer.Q.numel() + layer.sketch.numel() + (layer.probes.numel() if layer.probes is not None else 0)
         else:
             total += out * inp
     return 4 * config.n_layer * total
@@ -248,7 +286,7 @@ def make_optimizers(model: GPT, arm: str, lr: float, steps: int, cfg: QualityCon
     matrix_lr = lr (dense and MoleGrad arms), AdamW at lr, or GaLore at lr."""
     family, rank = parse_arm(arm)
     optimizers = setup_optimizers(model, matrix_lr=lr, lowrank_step_rule=LOWRANK_STEP_RULE)
-    kind = FAMILIES.get(family, ("muon", "dense"))[0] if family != "dense_adamw" else "adamw"
+    kind = family_kind(arm)
     if kind == "muon":
         return optimizers
     if kind == "adamw":
@@ -262,7 +300,7 @@ def make_optimizers(model: GPT, arm: str, lr: float, steps: int, cfg: QualityCon
 
 def family_kind(arm: str) -> str:
     family, _ = parse_arm(arm)
-    return "adamw" if family == "dense_adamw" else FAMILIES.get(family, ("muon", "dense"))[0]
+    return "adamw" if family == "dense_adamw" else FAMILIES[family][0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +319,9 @@ class RunSpec:
 
 
 def train_run(spec: RunSpec, data: TokenData, cfg: QualityConfig, ctx: RunContext) -> dict[str, Any]:
-    """spec.steps optimizer steps from the seeded init; bpb on both splits, step times, energy."""
+    """spec.steps optimizer steps from the seeded init; bpb on both splits, step times, energy, and
+    for MoleGrad arms the subspace diagnostics at every probe (each against Q --overlap_delta steps
+    earlier, or at step 0 for a probe before that)."""
     config = model_config(cfg, spec.arm, data.vocab_size)
     torch.manual_seed(spec.seed)
     model = GPT(config)
@@ -289,14 +329,23 @@ def train_run(spec: RunSpec, data: TokenData, cfg: QualityConfig, ctx: RunContex
     probed = config.molegrad_rank_k > 0 or spec.arm.startswith("galore")
     twin = dense_twin(config) if probed and cfg.energy_probes else None
     probe_every = max(1, spec.steps // cfg.energy_probes) if cfg.energy_probes else 0
+    probe_steps = {s for s in range(spec.steps) if s % probe_every == probe_every - 1} if twin is not None else set()
+    earlier_step = {s: max(0, s - cfg.overlap_delta) for s in probe_steps}
+    bases: dict[int, dict[str, torch.Tensor]] = {}  # step -> each MoleGrad layer's Q before that step
     train = data.batches(data.train[:spec.steps])
-    times, energies, finite = [], [], True
+    times, energies, diagnostics, finite = [], [], [], True
     t_start = time.perf_counter()
     for step, batch in enumerate(train):
-        if twin is not None and step % probe_every == probe_every - 1:
-            energy = captured_energy(model, twin, optimizers, batch, ctx)
+        if config.molegrad and step in earlier_step.values():
+            bases[step] = molegrad_bases(model)
+        if step in probe_steps:
+            gradients = dense_gradients(model, twin, batch, ctx)
+            energy = mean_energy(model, gradients, optimizers)
             if energy is not None:
                 energies.append(energy)
+            if config.molegrad:
+                diagnostics.append({"step": step, "delta": step - earlier_step[step],
+                                    "layers": subspace_diagnostics(model, gradients, bases[earlier_step[step]])})
         t0 = time.perf_counter()
         loss, _ = train_step(model, optimizers, iter([batch]), 1, ctx, get_lr_multiplier(step, spec.steps),
                              get_muon_momentum(step), grad_clip=0.0)
@@ -312,7 +361,7 @@ def train_run(spec: RunSpec, data: TokenData, cfg: QualityConfig, ctx: RunContex
     return {"key": spec.key, **asdict(spec), "tokens": spec.steps * cfg.batch_size * cfg.seq_len,
             "selection_bpb": bpb(data.selection), "heldout_bpb": bpb(data.heldout),
             "step_s": statistics.median(times[1:] or times), "energy": statistics.mean(energies) if energies else None,
-            "seconds": time.perf_counter() - t_start}
+            **({"diagnostics": diagnostics} if config.molegrad else {}), "seconds": time.perf_counter() - t_start}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,6 +452,7 @@ def summarize(runs: dict[str, dict[str, Any]], cfg: QualityConfig, vocab_size: i
                                                     "heldout_bpb": statistics.mean(seeds), "spread": max(seeds) - min(seeds)}
             energies = [r["energy"] for r in done if r["energy"] is not None]
             entry["energy"] = statistics.mean(energies) if energies else None
+            entry["diagnostics"] = diagnostics_series(done)
             entry["step_s"] = statistics.median([r["step_s"] for r in done]) if done else None
         arms[arm] = entry
     dense = arms.get("dense_muon")
@@ -418,6 +468,16 @@ def summarize(runs: dict[str, dict[str, Any]], cfg: QualityConfig, vocab_size: i
             if at is not None:
                 entry["bpb_vs_dense_at_equal_flops_pct"] = 100 * (largest["heldout_bpb"] / at - 1)
     return arms
+
+
+def diagnostics_series(done: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The arm's subspace diagnostics over training: those of its largest-budget run, seed 0 (None:
+    not a MoleGrad arm, or runs from before the diagnostics)."""
+    logged = [run for run in done if run.get("diagnostics")]
+    if not logged:
+        return None
+    run = max(logged, key=lambda r: (r["steps"], -r["seed"]))
+    return {"steps": run["steps"], "seed": run["seed"], "probes": run["diagnostics"]}
 
 
 def goals(arms: dict[str, Any], cfg: QualityConfig) -> dict[str, bool | None]:
@@ -474,6 +534,68 @@ def plot(arms: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def plot_diagnostics(arms: dict[str, Any], path: Path) -> Path | None:
+    """One row per MoleGrad arm: per layer type vs step, the captured share of the dense gradient
+    (solid) and the gradient's own top-k share (dashed); Q's overlap with itself --overlap_delta steps
+    earlier; attention c_proj's per-head captured share and share of dW at the last probe."""
+    from nanochat.report import pyplot
+
+    series = {arm: entry["diagnostics"] for arm, entry in arms.items() if entry.get("diagnostics")}
+    if not series:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(len(series), 3, figsize=(13, 3.0 * len(series)), squeeze=False)
+    colors = dict(zip(LAYER_TYPES.values(), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for row, (arm, diagnostics) in zip(axes, series.items()):
+        probes = diagnostics["probes"]
+        for kind, color in colors.items():
+            points = [(probe["step"] + 1, probe["layers"][kind]) for probe in probes if kind in probe["layers"]]
+            if not points:
+                continue
+            steps = [step for step, _ in points]
+            row[0].plot(steps, [m["captured"] for _, m in points], "-o", color=color, markersize=3, label=kind)
+            row[0].plot(steps, [m["optimal"] for _, m in points], "--", color=color)
+            overlaps = [(step, m["self_overlap"]) for step, m in points if m["self_overlap"] is not None]
+            if overlaps:
+                row[1].plot(*zip(*overlaps), "-o", color=color, markersize=3, label=kind)
+        heads = probes[-1]["layers"].get("attn_proj") if probes else None
+        if heads:
+            index = range(len(heads["head_share"]))
+            row[2].bar([i - 0.2 for i in index], [c if c is not None else math.nan for c in heads["head_captured"]],
+                       0.4, label="captured share of the head's dW")
+            row[2].bar([i + 0.2 for i in index], heads["head_share"], 0.4, label="head's share of dW")
+            row[2].set_xticks(list(index))
+            row[2].legend(fontsize=7)
+        else:
+            row[2].text(0.5, 0.5, "attention c_proj not compressed", ha="center", transform=row[2].transAxes)
+        row[0].set_ylabel(f"{arm}\n(steps {diagnostics['steps']})")
+        for ax, title in zip(row, ("captured (solid) vs top-k optimum (dashed)", "overlap with Q some steps earlier",
+                                   "attn c_proj per head, last probe")):
+            ax.set_title(title, fontsize=9)
+            ax.set_ylim(0, 1.05)
+        row[0].legend(fontsize=7)
+    for ax in axes[-1][:2]:
+        ax.set_xlabel("training step")
+    axes[-1][2].set_xlabel("head")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def print_diagnostics(arms: dict[str, Any]) -> None:
+    """Per MoleGrad arm, at its last probe: captured / top-k optimum, and the self overlap, per layer type."""
+    for arm, entry in arms.items():
+        probes = (entry.get("diagnostics") or {}).get("probes")
+        if not probes:
+            continue
+        parts = []
+        for kind, m in probes[-1]["layers"].items():
+            overlap = f"{m['self_overlap']:.2f}" if m["self_overlap"] is not None else "-"
+            parts.append(f"{kind} {m['captured']:.2f}/{m['optimal']:.2f} ov {overlap}")
+        print0(f"  {arm:<14} step {probes[-1]['step'] + 1}: " + ", ".join(parts))
+
+
 def tokens_text(tokens: int) -> str:
     return f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}k" if tokens >= 1e3 else str(tokens)
 
@@ -522,9 +644,12 @@ def run(cfg: QualityConfig, argv: list[str]) -> dict[str, Any]:
         drive(pool, run_in_worker, lambda done: needed_specs(done, cfg), runs, info["git_revision"], finished)
     result = save()
     print_table(result["arms"], cfg)
+    print0("subspace diagnostics (captured / gradient's own top-k share, overlap with Q --overlap_delta steps earlier):")
+    print_diagnostics(result["arms"])
     print_goals(result["goals"])
     picture = plot(result["arms"], out.with_suffix(".png"))
-    print0(f"wrote {out} and {picture}")
+    diagnostics = plot_diagnostics(result["arms"], out.with_name(out.stem + "_diagnostics.png"))
+    print0(f"wrote {out} and {picture}" + (f" and {diagnostics}" if diagnostics else ""))
     print0(json.dumps({"bench": "molegrad_quality", "out": str(out), "arms": result["arms"], "goals": result["goals"]}))
     return result
 

@@ -7,7 +7,8 @@
   plan, which may grow with the results, is done; results resumed from the bench's JSON file;
 - reporting: provenance (command, git revision and diff stat, machine, versions), atomic JSON, goals;
 - the captured-energy probe: the share of a step's dense weight gradient that a compressed update
-  (MoleGrad's dW Q, GaLore's projection) sees, computed on a dense twin of the model.
+  (MoleGrad's dW Q, GaLore's projection) sees, computed on a dense twin of the model; and, from the
+  same dense gradients, the per-layer-type subspace diagnostics of issue 26 (subspace_diagnostics).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import shlex
 import subprocess
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from multiprocessing import get_context
 from pathlib import Path
@@ -149,7 +150,9 @@ def load_results(path: Path, cfg: Any, ignored: tuple[str, ...]) -> dict[str, di
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    if {k: v for k, v in saved.get("config", {}).items() if k not in ignored} != \
+    # a field added to the config since the file was written counts at its default
+    defaults = {f.name: f.default for f in fields(cfg)}
+    if {k: v for k, v in {**defaults, **saved.get("config", {})}.items() if k not in ignored} != \
             {k: v for k, v in asdict(cfg).items() if k not in ignored}:
         raise UserError(f"{path} holds results of other settings: pass another --out, or delete it to start over")
     return {run["key"]: run for run in saved.get("runs", [])}
@@ -199,7 +202,8 @@ def block_matrices(model: GPT) -> dict[str, torch.nn.Module]:
 def dense_twin(config: GPTConfig) -> GPT:
     """The model of `config` with dense weight gradients (no MoleGrad, no recompute): the probe's
     reference, loaded with the trained model's weights before each probe."""
-    return GPT(replace(config, molegrad_rank_k=0, recompute="none", molegrad_keep_h=False, molegrad_momentum="dense"))
+    return GPT(replace(config, molegrad_rank_k=0, recompute="none", molegrad_keep_h=False, molegrad_momentum="dense",
+                       molegrad_subspace="principal"))
 
 
 def energy_of(grad: torch.Tensor, layer: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> float | None:
@@ -225,16 +229,98 @@ def energy_of(grad: torch.Tensor, layer: torch.nn.Module, optimizers: list[torch
     return None
 
 
-def captured_energy(model: GPT, twin: GPT, optimizers: list[torch.optim.Optimizer],
-                    batch: tuple[torch.Tensor, torch.Tensor], ctx: RunContext) -> float | None:
-    """Mean over compressed matrices of the energy of this step's dense gradient they capture."""
+def dense_gradients(model: GPT, twin: GPT, batch: tuple[torch.Tensor, torch.Tensor], ctx: RunContext) -> dict[str, torch.Tensor]:
+    """This step's dense weight gradient of every block matrix ('<layer>.<name>' -> (out, in) float32),
+    from the dense twin loaded with the model's weights; the model itself is not touched."""
     twin_keys = twin.state_dict().keys()
     twin.load_state_dict({key: value for key, value in model.state_dict().items() if key in twin_keys})
     twin.zero_grad(set_to_none=True)
     with ctx.autocast():
         loss = twin(*batch)
     loss.backward()
-    dense = block_matrices(twin)
-    energies = [energy_of(dense[key].weight.grad.float(), layer, optimizers) for key, layer in block_matrices(model).items()]
+    return {key: linear.weight.grad.float() for key, linear in block_matrices(twin).items()}
+
+
+def mean_energy(model: GPT, gradients: dict[str, torch.Tensor], optimizers: list[torch.optim.Optimizer]) -> float | None:
+    """Mean over compressed matrices of the energy of the dense gradients they capture (energy_of)."""
+    energies = [energy_of(gradients[key], layer, optimizers) for key, layer in block_matrices(model).items()]
     energies = [e for e in energies if e is not None]
     return sum(energies) / len(energies) if energies else None
+
+
+def captured_energy(model: GPT, twin: GPT, optimizers: list[torch.optim.Optimizer],
+                    batch: tuple[torch.Tensor, torch.Tensor], ctx: RunContext) -> float | None:
+    """Mean over compressed matrices of the energy of this step's dense gradient they capture."""
+    return mean_energy(model, dense_gradients(model, twin, batch, ctx), optimizers)
+
+
+# ---------------------------------------------------------------------------------------------
+# subspace diagnostics (issue 26): where MoleGrad's Q stands against the gradient it compresses
+
+# GPT's block Linears -> the layer types the diagnostics report
+LAYER_TYPES = {"attn.c_q": "q", "attn.c_k": "k", "attn.c_v": "v", "attn.c_proj": "attn_proj",
+               "mlp.c_fc": "mlp_fc", "mlp.c_proj": "mlp_proj"}
+
+
+def molegrad_bases(model: GPT) -> dict[str, torch.Tensor]:
+    """'<layer>.<name>' -> a copy of each MoleGrad layer's Q (in, k): what a later overlap compares with."""
+    return {key: layer.Q.detach().clone() for key, layer in block_matrices(model).items() if isinstance(layer, MoleGradLinear)}
+
+
+def layer_diagnostics(grad: torch.Tensor, layer: MoleGradLinear, earlier: torch.Tensor | None,
+                      n_head: int | None) -> dict[str, Any]:
+    """For one MoleGrad layer and this step's dense gradient D = dW (out, in), D ≠ 0; Q (in, k):
+        captured            ‖D Q‖² / ‖D‖²: the share of the gradient's energy the update can see
+        captured_principal  the same for Q's tracked principal columns alone (< captured only when unbiased)
+        optimal             Σ_(i≤k) σ_i² / Σ σ_i²: the best any k-dim input subspace captures (D's own top-k)
+        topk_overlap        ‖Qᵀ V_k‖²_F / k, V_k D's top-k right singular vectors: 1 = Q is D's subspace
+        self_overlap        ‖Qᵀ Q_earlier‖²_F / k: 1 = Q has not moved (a frozen subspace, H2)
+        q_max_row           max_i ‖Q[i, :]‖²: 1 = a column of Q is one input coordinate (massive activations, H3)
+    and, with n_head (attention's c_proj, input = the heads side by side), per head h: head_share
+    ‖D_h‖² / ‖D‖² and head_captured ‖(D Q Qᵀ)_h‖² / ‖D_h‖², D_h the head's input columns (H3)."""
+    q = layer.Q.to(grad.dtype)
+    total = grad.square().sum()
+    singular, right = torch.linalg.svd(grad, full_matrices=False)[1:]  # (r,), (r, in)
+    k = layer.rank_k
+    top = right[:k].T                                                     # (in, ≤k)
+    result: dict[str, Any] = {
+        "captured": float((grad @ q).square().sum() / total),
+        "captured_principal": float((grad @ q[:, :layer.principal_k]).square().sum() / total),
+        "optimal": float(singular[:k].square().sum() / singular.square().sum()),
+        "topk_overlap": float((q.T @ top).square().sum() / k),
+        "self_overlap": None if earlier is None else float((q.T @ earlier.to(q.dtype)).square().sum() / k),
+        "q_max_row": float(q.square().sum(dim=1).max()),
+    }
+    if n_head is not None:
+        captured = grad @ q @ q.T                                         # (out, in)
+        heads = grad.view(grad.shape[0], n_head, -1).square().sum(dim=(0, 2))          # (n_head,)
+        kept = captured.view(grad.shape[0], n_head, -1).square().sum(dim=(0, 2))
+        result["head_share"] = (heads / total).tolist()
+        result["head_captured"] = [float(c / h) if h > 0 else None for c, h in zip(kept, heads)]
+    return result
+
+
+def subspace_diagnostics(model: GPT, gradients: dict[str, torch.Tensor],
+                         earlier: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, Any]]:
+    """Layer type (LAYER_TYPES) -> layer_diagnostics averaged over the blocks, for every MoleGrad layer
+    whose dense gradient is not zero (c_proj starts at 0, so at init the other matrices' are); `earlier`:
+    molegrad_bases() of some steps before, for the self overlap."""
+    per_type: dict[str, list[dict[str, Any]]] = {}
+    for key, layer in block_matrices(model).items():
+        if not isinstance(layer, MoleGradLinear) or not bool(gradients[key].any()):
+            continue
+        name = key.split(".", 1)[1]
+        heads = model.config.n_head if name == "attn.c_proj" else None
+        previous = earlier.get(key) if earlier else None
+        per_type.setdefault(LAYER_TYPES[name], []).append(layer_diagnostics(gradients[key], layer, previous, heads))
+    return {kind: {metric: mean_of([entry[metric] for entry in entries]) for metric in entries[0]}
+            for kind, entries in per_type.items()}
+
+
+def mean_of(values: list[Any]) -> Any:
+    """The mean of floats, elementwise of equal-length lists; None where any value is None."""
+    if any(value is None for value in values):
+        return None
+    if isinstance(values[0], list):
+        return [mean_of(list(column)) for column in zip(*values)]
+    return sum(values) / len(values)

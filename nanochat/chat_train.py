@@ -23,7 +23,7 @@ from nanochat.checkpoint import (
     load_model,
     resolve_checkpoint,
 )
-from nanochat.common import RunContext, init_wandb, peak_flops, print0, run_main
+from nanochat.common import RunContext, device_summary, init_wandb, peak_flops, print0, run_main
 from nanochat.config import CHECKPOINT_KINDS, TASK_SOURCES, CheckpointFlags, check, source_field, to_dict
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
@@ -151,6 +151,7 @@ def start_chat_stage(cfg: ChatTrainFlags, stage_name: str, ctx: RunContext) -> S
 
 
 def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, Any]:
+    print0(device_summary(ctx))
     grad_accum = stage.grad_accum(cfg, ctx.world_size)
     rows_per_step = cfg.device_batch_size * ctx.world_size * grad_accum
 
@@ -233,7 +234,7 @@ def train(cfg: ChatTrainFlags, stage: ChatStage, ctx: RunContext) -> dict[str, A
         tok_per_s = tokens / stats["dt"]
         if step > start_step:
             timed_tokens, timed_s = timed_tokens + tokens, timed_s + stats["dt"]
-        mfu = 100.0 * tok_per_s * flops_per_token / (peak * ctx.world_size)
+        mfu = progress.mfu(tok_per_s)
         losses.append(loss)
         print0(f"step {step + 1:05d}/{num_iterations} | loss {loss:.4f} | grad norm {grad_norm:.3f} | lrm {lrm:.2f} | "
                f"epoch {train_loader.epoch} | {stats['dt'] * 1000:.0f} ms | {tok_per_s:,.0f} tok/s | MFU {mfu:.1f}% | "

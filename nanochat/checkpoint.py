@@ -10,8 +10,9 @@ Every file is written to a temporary name and renamed into place, and the meta f
 only after the others are complete: a checkpoint "exists" iff its meta file exists, so a save
 interrupted half-way leaves the previous checkpoint as the last good one; the temp files a killed
 save leaves (`.model_000200.pt.*.tmp`) are removed by the next save and by a resume. Loading uses
-`torch.load(weights_only=True)`: checkpoints hold tensors and plain containers only, and weights
-that are not finite are refused.
+`torch.load(weights_only=True, mmap=True)`: checkpoints hold tensors and plain containers only,
+tensors are read from the mapped file as they are copied where they go (no full copy in host RAM
+first), and weights that are not finite are refused.
 
 Health: a training run records in each meta, once it is known, the `loss` of the checkpoint's
 weights (the next training batch's loss: a resumed run computes exactly this loss first) and
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from nanochat.common import atomic_write, get_base_dir, resolve_dtype
+from nanochat.common import atomic_write, get_base_dir, print0, resolve_dtype
 from nanochat.config import CheckpointFlags, UserError
 from nanochat.gpt import GPT, GPTConfig, config_from_dict
 from nanochat.hf import load_hf
@@ -58,18 +59,31 @@ def checkpoint_dir(kind: str, model_tag: str) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch's CPU generator, Python's, and (with CUDA) the generator of
+    this rank's own GPU only (the current device), so the state file fits any number of visible GPUs."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_rng_to_plain(random.getstate())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore rng_state(). Older checkpoints hold a list with one CUDA state per GPU visible when
+    they were saved: the entry of this rank's device is taken; when there is none (fewer GPUs were
+    visible then), one line says that CUDA random numbers will differ from the original run."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" not in state or not torch.cuda.is_available():
+        return
+    device, cuda = torch.cuda.current_device(), state["cuda"]
+    if isinstance(cuda, (list, tuple)):
+        if device >= len(cuda):
+            print0(f"warning: the checkpoint holds CUDA RNG states for {len(cuda)} GPU(s), none for cuda:{device}: "
+                   f"CUDA random numbers after this resume differ from the original run's")
+            return
+        cuda = cuda[device]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def _python_rng_to_plain(state: tuple) -> list:
@@ -170,7 +184,7 @@ def _load(path: Path) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the weights-only unpickler's notes on pickle protocols
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for truncated/corrupt files
         raise CheckpointError(f"cannot read checkpoint file {path}: {load_failure(e)}") from e
 
@@ -340,11 +354,11 @@ def load_model(
         config = GPTConfig(**{**config_from_dict(meta["model_config"]), **(overrides or {})})
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint metadata in {directory} step {step} has no usable model_config: {e}") from e
-    model = GPT(config)
+    with torch.device(device):  # built where it runs: the weights go from the mapped file straight there
+        model = GPT(config)
     if weights:
         model_state, _, _ = load_checkpoint(directory, step, load_rank_state=False)
         load_weights(model, model_state, f"{directory} step {step}")
-    model.to(device)
     model.eval()
     return model, {**meta, "checkpoint_dir": str(directory), "step": step}
 

@@ -25,6 +25,7 @@ The flag groups every entry point shares are defined here once and inherited:
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -219,10 +220,23 @@ def check_device(device: str) -> None:
     check(device in DEVICES, f"--device: expected one of {'|'.join(DEVICES)} (or empty = autodetect), got {device!r}")
     import torch
 
-    check(device != "cuda" or torch.cuda.is_available(),
-          "--device=cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    check(device != "cuda" or torch.cuda.is_available(), f"--device=cuda: {cuda_unavailable_reason()}")
     check(device != "mps" or torch.backends.mps.is_available(),
           "--device=mps: MPS is not available here (torch.backends.mps.is_available() is False)")
+
+
+def cuda_unavailable_reason() -> str:
+    """Why torch sees no GPU, and what to do, in one line (the build, the environment, the driver)."""
+    import torch
+
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build: install the CUDA build (bash runs/setup_env.sh)"
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={hidden!r} hides every GPU"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but finds no usable GPU: no GPU, or an "
+            f"NVIDIA driver too old for CUDA {torch.version.cuda} (nvidia-smi shows the driver's CUDA version): "
+            f"update the driver, or install a torch build for an older CUDA (runs/setup_env.sh's TORCH_INDEX_URL)")
 
 
 def source_field(default: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> Any:

@@ -5,6 +5,8 @@
   (so a tiny model that cannot yet "talk" is still measured); batched with right padding.
 - generative (GSM8K, HumanEval, SpellingBee, Arithmetic): `num_samples` completions per problem through the
   Engine (KV cache, calculator tool); a problem counts as solved if any sample passes (pass@k).
+  Many problems decode together (`batch_size` samples at a time, Engine.generate_many); problem i
+  samples with seed i, so a problem's replies do not depend on the batch it decoded in.
 ChatCORE = mean over tasks of accuracy centred on the task's random baseline. The tasks by name
 are built by tasks/registry.py (the library does not import tasks/).
 """
@@ -16,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from nanochat import distributed
-from nanochat.engine import Engine
+from nanochat.engine import DECODE_BATCH_SIZE, Engine
 
 # task name -> accuracy of random guessing (the ChatCORE baseline)
 RANDOM_BASELINE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0,
@@ -60,24 +62,25 @@ def run_categorical(model: torch.nn.Module, tokenizer: Any, task: Any, max_probl
 
 def run_generative(engine: Engine, tokenizer: Any, task: Any, max_problems: int, num_samples: int, max_tokens: int,
                    temperature: float, top_k: int | None, device: torch.device, rank: int = 0, world_size: int = 1,
-                   on_problem: Callable[[int, bool], None] | None = None) -> float:
-    """pass@num_samples: a problem is solved if any sampled completion evaluates as correct."""
+                   on_problem: Callable[[int, bool], None] | None = None, batch_size: int = DECODE_BATCH_SIZE) -> float:
+    """pass@num_samples: a problem is solved if any sampled completion evaluates as correct.
+    on_problem(i, solved) is called as each problem finishes (not in index order)."""
     n = min(len(task), max_problems) if max_problems > 0 else len(task)
     indices = list(_rank_indices(n, rank, world_size))
-    passed = 0
-    for i in indices:
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        room = engine.max_len - len(prompt)
-        if room < 1:
+    conversations = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+    for i, prompt in zip(indices, prompts):
+        if len(prompt) >= engine.max_len:
             raise ValueError(f"{type(task).__name__} problem {i}: the prompt ({len(prompt)} tokens) does not fit the model's {engine.max_len} positions")
-        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=min(max_tokens, room),
-                                             temperature=temperature, top_k=top_k, seed=i)
-        replies = [tokenizer.decode(seq[len(prompt):]) for seq in sequences]
-        solved = any(bool(task.evaluate(conversation, reply)) for reply in replies)
+    passed = 0
+    generations = engine.generate_many(prompts, num_samples, max_tokens, temperature, top_k, seeds=indices,
+                                       batch_size=batch_size) if prompts else []
+    for p, sequences, _ in generations:
+        replies = [tokenizer.decode(seq[len(prompts[p]):]) for seq in sequences]
+        solved = any(bool(task.evaluate(conversations[p], reply)) for reply in replies)
         passed += solved
         if on_problem is not None:
-            on_problem(i, solved)
+            on_problem(indices[p], solved)
     passed, total = _all_reduce_counts(passed, len(indices), device)
     return passed / max(total, 1)
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from nanochat.ops import LOSS_CHUNK_ROWS, apply_rotary, chunked_softcap_cross_entropy, compute_dtype, norm, relu_squared_linear, rotary_tables
+from nanochat.ops import (LOSS_CHUNK_ROWS, apply_rotary, chunked_softcap_cross_entropy, compute_dtype, norm,
+                          relu_squared_linear, rotary_tables, softcap_logits)
 from nanochat.sampling import sample_next_token
 from nanochat.molegrad import (
     MOLEGRAD_MOMENTA,
@@ -40,11 +41,15 @@ if TYPE_CHECKING:
 
 RECOMPUTE_MODES = ("none", "mlp", "block")
 BLOCK_LINEARS = MOLEGRAD_TARGET_LINEARS["all"]  # every Linear of a block, by name
+# Up to this many tokens per forward (decoding), the LM head runs as (vocab, d) @ (d, tokens).
+DECODE_ROWS = 64
 # The rotary table covers this many times sequence_len, so sampling can run past the training context.
 ROTARY_LENGTH_FACTOR = 10
-# Training attention on CUDA runs in one of these SDPA kernels or fails: the math kernel would keep
-# (B, H, T, T) per layer, which no memory plan counts.
-TRAINING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+# Training attention on CUDA runs in one of these SDPA kernels, in this order, or fails: the math
+# kernel would keep (B, H, T, T) per layer, which no memory plan counts; cuDNN attention has other
+# workspaces and determinism than the two the planner was built on. Flash needs sm80+ and 16-bit
+# inputs; the memory-efficient kernel takes fp32 everywhere and bf16 only on sm80+.
+TRAINING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 # GPTConfig's recipe pieces (each adds parameters; transformers' NanoChat has none of them)
 RECIPE_PIECES = ("layer_lambdas", "smear_gate", "backout", "value_embeds")
 SMEAR_GATE_CHANNELS = 24  # input channels of the smear gate and of each value-embedding gate (as upstream)
@@ -71,6 +76,7 @@ class GPTConfig:
     molegrad_warm_start_decay: float = 0.95
     molegrad_momentum: str = "dense"  # dense | lowrank: Muon's momentum for MoleGrad matrices
     molegrad_keep_h: bool = False  # a MoleGrad MLP keeps h for backward instead of recomputing it
+    molegrad_subspace: str = "principal"  # principal | unbiased | gradient: what Q spans (nanochat/molegrad.py)
     # recipe pieces (upstream nanochat, 2026), all off by default; off, the model is the one above
     layer_lambdas: bool = False  # per-layer learnable x <- resid_lambdas[i] x + x0_lambdas[i] x0 before block i
     smear_gate: bool = False  # mix the previous token's embedding into each position through a learned gate
@@ -113,7 +119,7 @@ class GPTConfig:
 
 # GPTConfig's memory fields: how the model trains within memory, not what it computes
 MEMORY_OPTIONS = ("recompute", "molegrad_rank_k", "molegrad_targets", "molegrad_power_iters",
-                  "molegrad_warm_start_decay", "molegrad_momentum", "molegrad_keep_h")
+                  "molegrad_warm_start_decay", "molegrad_momentum", "molegrad_keep_h", "molegrad_subspace")
 
 
 def check_memory_options(options: dict[str, Any], n_embd: int | None = None) -> None:
@@ -133,11 +139,13 @@ def check_memory_options(options: dict[str, Any], n_embd: int | None = None) -> 
     # every target set holds Linears whose input is the model width (c_q, c_k, c_v, c_fc); with MoleGrad
     # off only the other options are checked (rank 1 stands in)
     check_options(rank or 1, o["molegrad_power_iters"], o["molegrad_warm_start_decay"], n_embd if rank else None,
-                  prefix="molegrad_")
+                  prefix="molegrad_", subspace=o["molegrad_subspace"] if rank else "principal")
     if rank == 0 and o["molegrad_momentum"] != "dense":
         raise ValueError(f"molegrad_momentum={o['molegrad_momentum']}: low-rank momentum needs MoleGrad on")
+    if rank == 0 and o["molegrad_subspace"] != "principal":
+        raise ValueError(f"molegrad_subspace={o['molegrad_subspace']}: needs MoleGrad on")
     if o["molegrad_keep_h"] and not (rank > 0 and "mlp.c_fc" in MOLEGRAD_TARGET_LINEARS[o["molegrad_targets"]]):
-        raise ValueError(f"molegrad_keep_h=True: needs MoleGrad on the MLP (targets ffn_only|all), got "
+        raise ValueError(f"molegrad_keep_h=True: needs MoleGrad on the MLP (targets ffn_only|ffn_v|all), got "
                          f"{'MoleGrad off' if rank == 0 else 'targets ' + o['molegrad_targets']}")
 
 
@@ -238,7 +246,9 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, H_kv, T_past + T, D)
             prefix = k.size(2) - T
-            if prefix == 0:
+            if kv_cache.attn_mask is not None:  # rows at different positions: each sees its own past
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.attn_mask, enable_gqa=gqa)
+            elif prefix == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             elif T == 1:  # one new token sees the whole cache
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -255,15 +265,29 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: boo
     if not (q.is_cuda and torch.is_grad_enabled() and q.requires_grad):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if torch.compiler.is_compiling():
-        with sdpa_kernel(TRAINING_SDPA_BACKENDS):
+        with sdpa_kernel(TRAINING_SDPA_BACKENDS, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     try:
-        with sdpa_kernel(TRAINING_SDPA_BACKENDS):
+        with sdpa_kernel(TRAINING_SDPA_BACKENDS, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     except RuntimeError as e:
+        major, minor = torch.cuda.get_device_capability(q.device)
         raise RuntimeError(f"attention: no flash/memory-efficient SDPA kernel for q {tuple(q.shape)} {q.dtype} "
-                           f"(head_dim {q.size(-1)}) in training; the math kernel would keep (B, H, T, T) per layer: "
-                           f"train with --dtype=bfloat16 and head_dim <= 256") from e
+                           f"(head_dim {q.size(-1)}) on a capability {major}.{minor} GPU in training; the math "
+                           f"kernel would keep (B, H, T, T) per layer: bf16 needs capability 8.0+ (else "
+                           f"--dtype=float32), head_dim at most 256") from e
+
+
+def training_attention_backend(device: torch.device, dtype: torch.dtype, n_head: int, head_dim: int,
+                               seq_len: int) -> str:
+    """The SDPA kernel training attention picks for these shapes ("FLASH_ATTENTION", ...), as
+    printed once at the start of a CUDA run; "none" when neither allowed kernel takes them."""
+    q = torch.empty(1, n_head, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+    if not q.is_cuda:
+        return SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)).name
+    with sdpa_kernel(TRAINING_SDPA_BACKENDS, set_priority=True):
+        choice = SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True))
+    return choice.name if choice in TRAINING_SDPA_BACKENDS else "none"
 
 
 class MLP(nn.Module):
@@ -361,7 +385,8 @@ class GPT(nn.Module):
             return MoleGradLinear(in_features, out_features, rank_k=cfg.molegrad_rank_k,
                                    power_iters=cfg.molegrad_power_iters,
                                    warm_start_decay=cfg.molegrad_warm_start_decay,
-                                   seed=layer_idx * len(BLOCK_LINEARS) + BLOCK_LINEARS.index(name))
+                                   seed=layer_idx * len(BLOCK_LINEARS) + BLOCK_LINEARS.index(name),
+                                   subspace=cfg.molegrad_subspace)
         return nn.Linear(in_features, out_features, bias=False)
 
     def _init_rotary(self) -> None:
@@ -425,13 +450,15 @@ class GPT(nn.Module):
 
     def estimate_flops(self) -> float:
         """Training FLOPs per token: 6 per non-embedding parameter (forward 2, backward 4; the
-        embedding is a lookup) plus attention's QKᵀ and AV, 12 * n_layer * n_head * head_dim * T
-        (counted for the full T x T matrix, as nanochat, not halved for causality)."""
+        embedding is a lookup) plus attention's QKᵀ and AV, counted causally as the kernels compute
+        them: query t sees t + 1 keys, (T + 1) / 2 on average, so 12 * n_layer * n_head * head_dim *
+        (T + 1) / 2, about half of the full T x T matrix that nanochat counts (which reads ~1.36x
+        higher MFU at depth 12 x 8192 tokens)."""
         cfg = self.config
         non_embedding = self.num_params() - self.transformer.wte.weight.numel()
         if self.value_embeds is not None:  # lookups too
             non_embedding -= sum(p.numel() for p in self.value_embeds.parameters())
-        attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.sequence_len
+        attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * (cfg.sequence_len + 1) / 2
         return float(6 * non_embedding + attention)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
@@ -439,14 +466,18 @@ class GPT(nn.Module):
         """idx (B, T) token ids. With targets (B, T) (-1 = ignored): the loss, a scalar for
         reduction mean/sum, (B, T) for "none". Without: softcapped logits (B, T, vocab) in float32
         (or the model's dtype if wider). With kv_cache, idx holds only the new tokens, placed
-        after the cache's current position."""
+        after each row's current position in the cache."""
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.get_pos()
         if start + T > self.rotary_seq_len:
             raise ValueError(f"sequence too long: positions up to {start + T} but the rotary table covers "
                              f"{self.rotary_seq_len} (= {ROTARY_LENGTH_FACTOR} x sequence_len)")
         dtype = compute_dtype(idx.device.type, self.lm_head.weight.dtype)
-        cos, sin = self.cos[start:start + T].to(dtype), self.sin[start:start + T].to(dtype)  # (T, 1, head_dim)
+        positions = None if kv_cache is None else kv_cache.positions(T)  # (B, T) when the cache's rows differ
+        if positions is None:
+            cos, sin = self.cos[start:start + T].to(dtype), self.sin[start:start + T].to(dtype)  # (T, 1, head_dim)
+        else:
+            cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (B, T, 1, head_dim)
         x = norm(self.transformer.wte(idx))  # (B, T, d)
         if self.config.recipe_pieces():
             x = self._recipe_trunk(idx, x, cos, sin, kv_cache)
@@ -455,9 +486,12 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, kv_cache)
         x = norm(x, dtype)  # (B, T, d) in the compute dtype
         if targets is None:
-            logits = F.linear(x, self.lm_head.weight.to(dtype))  # (B, T, vocab)
-            logits = logits.to(torch.promote_types(dtype, torch.float32))
-            return self.config.softcap * torch.tanh(logits / self.config.softcap)
+            weight, rows = self.lm_head.weight.to(dtype), x.view(B * T, -1)
+            if B * T <= DECODE_ROWS:  # (vocab, d) @ (d, N): F.linear's (N, d) @ (d, vocab) took 2.2x longer on CPU at N = 8
+                logits = (weight @ rows.T).T.contiguous()
+            else:
+                logits = F.linear(rows, weight)
+            return softcap_logits(logits.to(torch.promote_types(dtype, torch.float32)), self.config.softcap).view(B, T, -1)
         loss = chunked_softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
                                              self.config.softcap, loss_reduction, self.loss_chunk_rows)
         return loss.view(B, T) if loss_reduction == "none" else loss

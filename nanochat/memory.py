@@ -424,9 +424,24 @@ def parse_size(text: str) -> int:
 
 
 # --gpu_memory=16GB|24GB|32GB: a card of that class as the driver reports it (nvidia-smi's total,
-# e.g. RTX 5080 16303 MiB, RTX 4090 24564 MiB, RTX 5090 32607 MiB), not 10^9-byte gigabytes;
-# --reserve covers the CUDA context and the allocator's fragmentation.
+# e.g. RTX 5080 16303 MiB, RTX 4090 24564 MiB, RTX 5090 32607 MiB), not 10^9-byte gigabytes.
 GPU_PRESETS = {"16GB": 16303 * MiB, "24GB": 24564 * MiB, "32GB": 32607 * MiB}
+# What a plan leaves free on a GPU: max(2 GiB, 5% of its memory), for what no plan counts: the CUDA
+# context (~0.5 GiB, more when the card also drives a display), allocator fragmentation, cuBLAS
+# workspaces and FlashAttention's fp32 dq accumulator in backward.
+RESERVE_MIN = 2 * GiB
+RESERVE_FRACTION = 0.05
+
+
+def memory_reserve(total: int) -> int:
+    """Bytes to keep free beyond the plan on a GPU of `total` bytes (the planner's --reserve=auto,
+    base_train's fit check, bench/gpu_check.py's budget)."""
+    return max(RESERVE_MIN, int(RESERVE_FRACTION * total))
+
+
+def reserve_bytes(reserve: str, total: int) -> int:
+    """--reserve: "auto" (memory_reserve) or a size."""
+    return memory_reserve(total) if reserve == "auto" else parse_size(reserve)
 
 
 def gpu_bytes(text: str) -> int:
@@ -458,7 +473,8 @@ class PlanFlags(ModelFlags):
                 "forward (run10.sh: 32)"})
     gpu_memory: str = field(default="32GB", metadata={
         "help": f"memory of the GPU: {'|'.join(GPU_PRESETS)} (a card's real memory, GPU_PRESETS) or a size, e.g. 23.5GiB"})
-    reserve: str = field(default="1GiB", metadata={"help": "CUDA context and allocator fragmentation, added to the peak"})
+    reserve: str = field(default="auto", metadata={
+        "help": "kept free beyond the peak (context, fragmentation, workspaces): auto = max(2 GiB, 5% of --gpu_memory), or a size"})
     require_fit: bool = field(default=False, metadata={"help": f"exit with status {DOES_NOT_FIT} if it does not fit"})
     measure: bool = field(default=False, metadata={"help": "also run 2 real training steps and compare (CUDA if "
                                                            "available, else CPU: keep the model small)"})
@@ -473,7 +489,7 @@ class PlanFlags(ModelFlags):
         check(self.device_batch_size >= 1, f"--device_batch_size: expected >= 1, got {self.device_batch_size}")
         check(self.vocab_size >= 2, f"--vocab_size: expected >= 2, got {self.vocab_size}")
         check(self.grad_accum_steps >= 1, f"--grad_accum_steps: expected >= 1, got {self.grad_accum_steps}")
-        for name, parse in (("gpu_memory", gpu_bytes), ("reserve", parse_size)):
+        for name, parse in (("gpu_memory", gpu_bytes), ("reserve", lambda text: reserve_bytes(text, 0))):
             try:
                 parse(getattr(self, name))
             except ValueError as e:
@@ -549,7 +565,8 @@ def sweep_depths(flags: PlanFlags, max_depth: int = 64) -> dict[str, Any]:
     setting -> the deepest depth that fits (0 = none)}. With recipe pieces on (--value_embeds=True, ...) every setting is planned with and without them: the table
     gets a second part, what the pieces add to the peak, and the result "deepest_without_pieces"
     and "price_bytes" (setting -> depth -> bytes the pieces add)."""
-    budget, reserve = gpu_bytes(flags.gpu_memory), parse_size(flags.reserve)
+    budget = gpu_bytes(flags.gpu_memory)
+    reserve = reserve_bytes(flags.reserve, budget)
     pieces = [name for name in RECIPE_PIECES if getattr(flags, name)]
     variants = {"with": {}, "without": {name: False for name in RECIPE_PIECES}} if pieces else {"with": {}}
     deepest = {variant: {arm: 0 for arm in SWEEP_ARMS} for variant in variants}
@@ -573,7 +590,7 @@ def sweep_depths(flags: PlanFlags, max_depth: int = 64) -> dict[str, Any]:
     print(f"peak training memory by depth: {flags.device_batch_size} x {flags.max_seq_len} tokens, vocab {flags.vocab_size:,}, "
           f"{'bf16 autocast' if flags.dtype == 'bfloat16' else 'fp32'} compute, fp32 master weights, "
           f"{'gradient accumulation' if flags.grad_accum_steps > 1 else 'one micro-batch per step'}{with_pieces}; GiB, "
-          f"x = does not fit in {flags.gpu_memory} with {flags.reserve} reserve")
+          f"x = does not fit in {flags.gpu_memory} with {format_size(reserve)} reserve")
     names = [sweep_label(arm, flags.molegrad_rank_k) for arm in SWEEP_ARMS]
     shown = {depth for by_arm in deepest.values() for depth in by_arm.values()}
     printed = [row for row in rows if not row[0] % 2 or row[0] in shown or row[0] == rows[-1][0]]
@@ -613,7 +630,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = plan_memory(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps, plan_device)
     print(f"memory plan ({plan_device}): " + describe(config, flags.device_batch_size, flags.dtype, flags.grad_accum_steps))
     print(format_plan(plan))
-    fits, line = fit_line(plan.peak, parse_size(flags.reserve), gpu_bytes(flags.gpu_memory), flags.gpu_memory)
+    fits, line = fit_line(plan.peak, reserve_bytes(flags.reserve, gpu_bytes(flags.gpu_memory)), gpu_bytes(flags.gpu_memory),
+                          flags.gpu_memory)
     print(line)
     out: dict[str, Any] = {"peak_bytes": plan.peak, "fits": fits, "components": plan.components, "phases": plan.phases}
     if flags.measure:

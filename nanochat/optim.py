@@ -8,6 +8,12 @@ Recipe options (upstream nanochat's 2026 Muon, all off by default; docs/recipe.m
 instead of the fixed Newton–Schulz quintic, NorMuon variance reduction, cautious weight decay, and
 weight decay scaled by 1/width² (setup_optimizers).
 
+Precision (nanochat/precision.py, setup_optimizers' param_dtype, grad_dtype, optim_state; all off
+by default): both optimizers update a bf16 weight on an fp32 copy and round it back stochastically
+(`PrecisionStep`), read gradients through precision.gradient (p.grad or its fp32 accumulation
+buffer), and keep their states fp32 or 8-bit (Muon's momentum, dense or low-rank, and AdamW's two
+moments) through precision.OptimizerStates.
+
 Muon reads each dense gradient through `Muon._gradient(p)` and applies it through
 `Muon._update(p, grad, group)`. A MoleGrad matrix (a MoleGradLinear's weight, passed as
 `molegrad=`) has no p.grad: Muon reads the layer's factor gradient gq (out, k) and basis Q
@@ -60,6 +66,7 @@ import torch.nn as nn
 from nanochat import distributed
 from nanochat.common import resolve_dtype
 from nanochat.molegrad import MOLEGRAD_MOMENTA, MoleGradLinear, molegrad_layers
+from nanochat.precision import OptimizerStates, StochasticRounding, drop_gradients, gradient, prepare_parameters
 
 # Quintic Newton–Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so
 # small singular values grow fast; after 5 steps singular values land in roughly [0.7, 1.2]
@@ -189,24 +196,60 @@ class ShardedStep:
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        params = [p for group in self.param_groups for p in group["params"] if id(p) in self.owner and p.grad is not None]
-        pending = [distributed.reduce(p.grad, self.owner[id(p)], "gradient", op=distributed.AVG) for p in params]
+        params = [p for group in self.param_groups for p in group["params"] if id(p) in self.owner and gradient(p) is not None]
+        pending = [distributed.reduce(gradient(p), self.owner[id(p)], "gradient", op=distributed.AVG) for p in params]
         pending += [distributed.all_reduce(grad, tag, op=distributed.AVG) for tag, grad in self._replicated_gradients()]
         distributed.wait_all(pending)
-        for p in params:
-            if self.owner[id(p)] != self.rank:
-                p.grad = None  # the owner holds the averaged gradient; this copy is stale
+        drop_gradients(p for p in params if self.owner[id(p)] != self.rank)  # the owner holds the average; these are stale
         self._reduced = params
 
     def gradient_shards(self) -> list[torch.Tensor]:
         """After reduce_gradients(): the averaged gradients of the parameters this rank owns."""
-        return [p.grad for p in self._reduced or () if p.grad is not None]
+        return [gradient(p) for p in self._reduced or () if gradient(p) is not None]
 
     @torch.no_grad()
     def _broadcast_updated(self) -> None:
         pending = [distributed.broadcast(p, self.owner[id(p)], "parameter") for p in self._reduced or ()]
         distributed.wait_all(pending)
         self._reduced = None
+
+
+class PrecisionStep:
+    """bf16 weights and the states' representation (nanochat.precision), mixed into Muon and AdamW:
+    an update writes `_working(p)` (p itself, or an fp32 copy of a bf16 p) and `_commit(p, w)`
+    rounds that copy back stochastically; states go through `self.states` (fp32 or 8-bit)."""
+
+    def _init_precision(self, optim_state: str, seed: int) -> None:
+        self.states = OptimizerStates(optim_state)
+        self.rounding = StochasticRounding(seed, type(self).__name__)
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._param_index = {id(p): index for index, p in enumerate(params)}
+
+    @staticmethod
+    def _working(p: torch.Tensor) -> torch.Tensor:
+        return p.float() if p.dtype == torch.bfloat16 else p
+
+    def _rounding_step(self, p: torch.Tensor) -> int:
+        """p's update count, advanced (kept in the state, so that a resumed run draws the same bits)."""
+        state = self.state[p]
+        state["sr_step"] = state.get("sr_step", 0) + 1
+        return state["sr_step"]
+
+    def _commit(self, p: torch.Tensor, working: torch.Tensor) -> None:
+        """p <- working, stochastically rounded (random bits of p's index and update count)."""
+        if working is not p:
+            self.rounding.round_into(p, working, self._param_index[id(p)], self._rounding_step(p))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, then every floating-point state tensor in its saved dtype: torch casts them
+        to their parameter's dtype, which would round fp32 states and 8-bit scales of bf16 weights."""
+        super().load_state_dict(state_dict)
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(saved_ids, params):
+            for name, value in state_dict["state"].get(index, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point() and name != "step":
+                    self.state[p][name] = value.to(p.device)
 
 
 def check_recipe_options(orthogonalizer: str, ns_steps: int, normuon: bool, normuon_beta2: float,
@@ -226,7 +269,7 @@ def check_recipe_options(orthogonalizer: str, ns_steps: int, normuon: bool, norm
                          f"(--molegrad_momentum=lowrank, or a --memory_mode) never forms it: use --molegrad_momentum=dense")
 
 
-class Muon(ShardedStep, torch.optim.Optimizer):
+class Muon(ShardedStep, PrecisionStep, torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton–Schulz, for 2-D parameters.
 
     Per matrix: buf ← momentum·buf + (1 − momentum)·g; update = lerp(g, buf, momentum) (Nesterov)
@@ -251,6 +294,10 @@ class Muon(ShardedStep, torch.optim.Optimizer):
 
     sharded: each rank updates the dense matrices it owns (ShardedStep); None = when a process
     group of more than one rank is up.
+
+    Precision (nanochat.precision): a bf16 matrix is updated in fp32 and rounded back
+    stochastically (random bits from `seed`); optim_state "int8" keeps the momentum (dense or
+    low-rank) 8-bit.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 0.02, momentum: float = 0.95,
@@ -258,7 +305,8 @@ class Muon(ShardedStep, torch.optim.Optimizer):
                  ns_dtype: torch.dtype | None = None, molegrad: Iterable[MoleGradLinear] = (),
                  molegrad_momentum: str = "dense", sharded: bool | None = None,
                  orthogonalizer: str = "newton_schulz", normuon: bool = False, normuon_beta2: float = 0.9,
-                 cautious_weight_decay: bool = False, lowrank_step_rule: str = "dense_norm") -> None:
+                 cautious_weight_decay: bool = False, lowrank_step_rule: str = "dense_norm",
+                 optim_state: str = "float32", seed: int = 0) -> None:
         if lr < 0:
             raise ValueError(f"Muon lr: expected >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -291,6 +339,7 @@ class Muon(ShardedStep, torch.optim.Optimizer):
         if not set(self.molegrad) <= own:
             raise ValueError("Muon: every MoleGrad layer's weight must be one of the parameters")
         self._init_sharding(sharded, replicated=self.molegrad)
+        self._init_precision(optim_state, seed)
 
     def _replicated_gradients(self) -> list[tuple[str, torch.Tensor]]:
         return [("molegrad factor", layer.grad_factor) for layer in self.molegrad.values()
@@ -305,20 +354,20 @@ class Muon(ShardedStep, torch.optim.Optimizer):
 
     def _gradient(self, p: torch.Tensor) -> torch.Tensor | None:
         """The gradient Muon uses for p (None = skip p this step). Override to supply it another way."""
-        return p.grad
+        return gradient(p)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         """Momentum, orthogonalisation and the weight update of one matrix."""
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grad)
-        buf = state["momentum_buffer"]
-        momentum = group["momentum"]
+        state, momentum = self.state[p], group["momentum"]
+        buf = self.states.load(state, "momentum_buffer", p)                         # (out, in), fp32 or wider
+        grad = grad.to(buf.dtype)
         buf.lerp_(grad, 1 - momentum)
         update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        self.states.store(state, "momentum_buffer", buf)
         ortho = self._recipe_update(p, self._orthogonalise(update, group), group)
-        step_size = self._decay_and_step_size(p, group, ortho)
-        p.add_(ortho, alpha=step_size)
+        weight = self._working(p)
+        weight.add_(ortho, alpha=self._decay_and_step_size(weight, group, ortho))
+        self._commit(p, weight)
 
     def _update_molegrad(self, p: torch.Tensor, layer: MoleGradLinear, group: dict) -> None:
         """The step of a MoleGrad matrix from its factor gradient gq (out, k) and basis Q (in, k)."""
@@ -326,26 +375,26 @@ class Muon(ShardedStep, torch.optim.Optimizer):
             raise RuntimeError(f"Muon: the MoleGrad weight of shape {tuple(p.shape)} has a dense .grad; "
                                f"its gradient must come only from the layer's grad_factor")
         state, momentum = self.state[p], group["momentum"]
+        weight = self._working(p)
         if group["molegrad_momentum"] == "lowrank":
             factor = layer.grad_factor                                               # (out, k)
-            if "momentum_factor" not in state:
-                state["momentum_factor"] = torch.zeros_like(factor)
-            buf = state["momentum_factor"]                                           # (out, k)
+            buf = self.states.load(state, "momentum_factor", factor)                 # (out, k)
             buf.lerp_(factor, 1 - momentum)
             update = factor.lerp(buf, momentum) if group["nesterov"] else buf
-            ortho = self._orthogonalise(update, group).to(p.dtype)                   # (out, k)
-            step_size = self._decay_and_step_size(p, group) * lowrank_step_scale(*p.shape, layer.rank_k, group.get("lowrank_step_rule", "dense_norm"))
-            p.addmm_(ortho, layer.Q.to(p.dtype).T, alpha=step_size)                  # W += c s NS(m) Qᵀ
+            self.states.store(state, "momentum_factor", buf)
+            ortho = self._orthogonalise(update, group).to(weight.dtype)              # (out, k)
+            step_size = self._decay_and_step_size(weight, group) * lowrank_step_scale(*p.shape, layer.rank_k, group.get("lowrank_step_rule", "dense_norm"))
+            weight.addmm_(ortho, layer.Q.to(weight.dtype).T, alpha=step_size)        # W += c s NS(m) Qᵀ
+            self._commit(p, weight)
             return
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]                                               # (out, in)
+        buf = self.states.load(state, "momentum_buffer", p)                          # (out, in)
         factor, basis_t = layer.grad_factor.to(buf.dtype), layer.Q.to(buf.dtype).T   # (out, k), (k, in)
         buf.mul_(momentum).addmm_(factor, basis_t, alpha=1 - momentum)
         update = torch.addmm(buf, factor, basis_t, beta=momentum, alpha=1 - momentum) if group["nesterov"] else buf
+        self.states.store(state, "momentum_buffer", buf)
         ortho = self._recipe_update(p, self._orthogonalise(update, group), group)
-        step_size = self._decay_and_step_size(p, group, ortho)
-        p.add_(ortho, alpha=step_size)
+        weight.add_(ortho, alpha=self._decay_and_step_size(weight, group, ortho))
+        self._commit(p, weight)
 
     def _orthogonalise(self, update: torch.Tensor, group: dict) -> torch.Tensor:
         orthogonalise = zeropower_via_polar_express if group["orthogonalizer"] == "polar_express" else zeropower_via_newtonschulz5
@@ -380,9 +429,9 @@ class Muon(ShardedStep, torch.optim.Optimizer):
     def transport_subspace(self, layer: MoleGradLinear, q_old: torch.Tensor, q_new: torch.Tensor) -> None:
         """Q of `layer` moved from q_old to q_new (in, k): low-rank momentum m ← m (Q_oldᵀ Q_new)."""
         state = self.state.get(layer.weight)
-        if state and "momentum_factor" in state:
-            buf = state["momentum_factor"]
-            buf.copy_(buf @ (q_old.T @ q_new).to(buf.dtype))
+        if state and self.states.holds(state, "momentum_factor"):
+            buf = self.states.load(state, "momentum_factor", layer.grad_sink)       # (out, k)
+            self.states.store(state, "momentum_factor", buf @ (q_old.T @ q_new).to(buf.dtype))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -407,27 +456,71 @@ class Muon(ShardedStep, torch.optim.Optimizer):
         return loss
 
 
-class AdamW(ShardedStep, torch.optim.AdamW):
+class AdamW(ShardedStep, PrecisionStep, torch.optim.AdamW):
     """torch.optim.AdamW; `sharded` (None = when a process group of more than one rank is up):
-    each rank keeps the moments of, and updates, only the parameters it owns (ShardedStep)."""
+    each rank keeps the moments of, and updates, only the parameters it owns (ShardedStep).
+
+    With bf16 weights or 8-bit states (nanochat.precision) `own_loop` runs instead of torch's: the
+    same update, op for op (torch's single-tensor AdamW), one span of at most precision.SPAN values
+    of one parameter at a time (so that an embedding's transients stay small), on a working fp32
+    copy rounded back stochastically (random bits from `seed`), its moments loaded from and stored
+    back to `states`."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], *args, sharded: bool | None = None,
-                 **kwargs) -> None:
+                 optim_state: str = "float32", seed: int = 0, **kwargs) -> None:
         super().__init__(params, *args, **kwargs)
         self._init_sharding(sharded)
+        self._init_precision(optim_state, seed)
+        self.own_loop = self.states.quantized or any(p.dtype == torch.bfloat16 for group in self.param_groups
+                                                     for p in group["params"])
 
     def step(self, closure=None):
-        if not self.sharded:
+        if not (self.sharded or self.own_loop):
             return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._reduced is None:
+        if self.sharded and self._reduced is None:
             self.reduce_gradients()
-        super().step()  # torch skips parameters without a gradient: those other ranks own
-        self._broadcast_updated()
+        if self.own_loop:
+            self._step_each()
+        else:
+            super().step()  # torch skips parameters without a gradient: those other ranks own
+        if self.sharded:
+            self._broadcast_updated()
         return loss
+
+    @torch.no_grad()
+    def _step_each(self) -> None:
+        for group in self.param_groups:
+            (beta1, beta2), lr, eps, weight_decay = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                grad = gradient(p)  # sharded: None unless this rank owns p
+                if grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                state["step"] += 1
+                step = state["step"].item()
+                rounding_step = self._rounding_step(p) if p.dtype == torch.bfloat16 else 0
+                for part, span in enumerate(self.states.spans(p.numel())):
+                    target = p.view(-1)[span[0]:span[1]]
+                    weight = self._working(target)
+                    g = grad.reshape(-1)[span[0]:span[1]].to(weight.dtype)
+                    exp_avg = self.states.load(state, "exp_avg", p, span=span)
+                    exp_avg_sq = self.states.load(state, "exp_avg_sq", p, signed=False, span=span)
+                    if weight_decay != 0:
+                        weight.mul_(1 - lr * weight_decay)
+                    exp_avg.lerp_(g, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+                    weight.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1 ** step)))
+                    self.states.store(state, "exp_avg", exp_avg, span=span)
+                    self.states.store(state, "exp_avg_sq", exp_avg_sq, signed=False, span=span)
+                    if weight is not target:
+                        self.rounding.round_into(target, weight, self._param_index[id(p)], rounding_step, part)
 
 
 def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_lr: float = 0.2,
@@ -435,7 +528,8 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
                      adam_betas: tuple[float, float] = (0.8, 0.95), scalar_lr: float = 0.5,
                      orthogonalizer: str = "newton_schulz", normuon: bool = False, normuon_beta2: float = 0.9,
                      cautious_weight_decay: bool = False, weight_decay_by_width: bool = False,
-                     lowrank_step_rule: str = "dense_norm") -> list[torch.optim.Optimizer]:
+                     lowrank_step_rule: str = "dense_norm", param_dtype: str = "float32", grad_dtype: str = "auto",
+                     optim_state: str = "float32", seed: int = 0) -> list[torch.optim.Optimizer]:
     """[AdamW(lm_head, wte, recipe pieces), Muon(every matrix of the blocks)] for a GPT, each group with `initial_lr`.
 
     AdamW LRs scale as (n_embd / 768)^-0.5 (tuned at width 768, as nanochat); Muon's update is
@@ -444,6 +538,12 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
     weight_decay_by_width: weight_decay x (768 / n_embd)² (WEIGHT_DECAY_REF_WIDTH).
     orthogonalizer, normuon, normuon_beta2, cautious_weight_decay: Muon's recipe options.
     lowrank_step_rule: Muon's step multiplier for low-rank momentum (LOWRANK_STEP_RULES).
+
+    Precision (nanochat.precision; the defaults leave the model and the updates as they are):
+    param_dtype "bfloat16" casts the model's parameters to bf16 here, since the update rule
+    (stochastic rounding, no fp32 copy) and the weights' dtype are one decision; grad_dtype
+    "float32" then sums micro-batch gradients in fp32 buffers; optim_state "int8" keeps Muon's
+    momentum and AdamW's moments 8-bit. seed: the stochastic rounding's random bits (the run's --seed).
 
     The GPT's recipe pieces, when on, get AdamW groups as upstream nanochat gives them: value
     embeddings at embedding_lr / 2 (betas 0.8, 0.995), resid_lambdas at scalar_lr / 100, x0_lambdas at
@@ -457,6 +557,7 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
     moments in a subspace; a MoleGradLinear reaching it is an error.
     """
     blocks, lm_head, wte = model.transformer.h, model.lm_head, model.transformer.wte
+    prepare_parameters(model, param_dtype, grad_dtype)
     for name, p in blocks.named_parameters():
         if p.ndim != 2:
             raise ValueError(f"setup_optimizers: block parameter {name} has shape {tuple(p.shape)}; Muon takes "
@@ -478,11 +579,12 @@ def setup_optimizers(model: nn.Module, unembedding_lr: float = 0.004, embedding_
     if weight_decay_by_width:
         weight_decay *= (WEIGHT_DECAY_REF_WIDTH / model.config.n_embd) ** 2
     fused = lm_head.weight.device.type == "cuda"
-    adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
+    adamw = AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused, optim_state=optim_state, seed=seed)
     muon = Muon(list(blocks.parameters()), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
                 molegrad=compressed, molegrad_momentum=model.config.molegrad_momentum,
                 orthogonalizer=orthogonalizer, normuon=normuon, normuon_beta2=normuon_beta2,
-                cautious_weight_decay=cautious_weight_decay, lowrank_step_rule=lowrank_step_rule)
+                cautious_weight_decay=cautious_weight_decay, lowrank_step_rule=lowrank_step_rule,
+                optim_state=optim_state, seed=seed)
     optimizers: list[torch.optim.Optimizer] = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:

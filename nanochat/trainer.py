@@ -53,6 +53,7 @@ from nanochat.optim import (
     get_lr_multiplier,
     get_muon_momentum,
 )
+from nanochat.precision import drop_gradients, gradient
 
 
 @dataclass
@@ -111,8 +112,10 @@ class TrainFlags(MemoryFlags, RuntimeFlags):
                     cautious_weight_decay=self.cautious_weight_decay)
 
     def optimizer_options(self) -> dict[str, Any]:
-        """setup_optimizers' recipe options from these flags."""
-        return dict(scalar_lr=self.scalar_lr, weight_decay_by_width=self.weight_decay_by_width, **self._muon_options())
+        """setup_optimizers' recipe and precision options from these flags (the stochastic rounding's
+        random bits from --seed)."""
+        return dict(scalar_lr=self.scalar_lr, weight_decay_by_width=self.weight_decay_by_width, **self._muon_options(),
+                    **self.precision_options(), seed=self.seed)
 
 
 # --total_batch_size=-1 (auto): upstream nanochat's rule. B_REF tokens per step were measured optimal
@@ -157,11 +160,12 @@ def all_optimizer_params(optimizers: list[torch.optim.Optimizer]) -> list[torch.
 
 
 def gradient_tensors(optimizers: list[torch.optim.Optimizer], factors: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-    """This step's gradients: p.grad of dense parameters, and for a MoleGrad weight its factor
-    gradient (out, k) from `factors` (MoleGradStep.gradients()), the only gradient it has."""
+    """This step's gradients: those of dense parameters (precision.gradient: p.grad, or its fp32
+    accumulation buffer), and for a MoleGrad weight its factor gradient (out, k) from `factors`
+    (MoleGradStep.gradients()), the only gradient it has."""
     grads = []
     for p in all_optimizer_params(optimizers):
-        grad = factors.get(id(p), p.grad)
+        grad = factors.get(id(p), gradient(p))
         if grad is not None:
             grads.append(grad)
     return grads
@@ -216,7 +220,8 @@ def train_step(
     """One optimizer step over `grad_accum` micro-batches. Returns (mean loss, grad norm).
 
     The loss of each micro-batch is divided by grad_accum so the gradients equal those of one
-    big batch (MoleGrad factors add up the same way: every micro-batch of a step uses the same Q).
+    big batch (MoleGrad factors add up the same way: every micro-batch of a step uses the same Q;
+    with --grad_dtype=float32 under bf16 weights they add up in fp32 buffers, precision.gradient).
     Under DDP, `reduce_across_ranks` averages the gradients. Then clipping, the optimizer steps
     (sharded ones broadcast what they updated), and MoleGrad moves its subspaces (after the step,
     so that backward and optimizer saw the same Q). muon_momentum None: the optimizers' own.
@@ -240,7 +245,7 @@ def train_step(
                 group["momentum"] = muon_momentum
         opt.step()
     molegrad.finish(optimizers)
-    model.zero_grad(set_to_none=True)
+    drop_gradients(model.parameters())
     return float(mean_loss), norm
 
 
@@ -374,7 +379,11 @@ class Guard:
 
 class Progress:
     """Tokens/s, MFU and ETA from the mean of the last few step times (the first step, which
-    pays for warm-up and compilation, is left out)."""
+    pays for warm-up and compilation, is left out).
+
+    MFU never reads above 100%: a model-FLOP rate above `peak_flops` (a peak measured at start-up
+    while the machine was busy, common.peak_flops on CPU) raises the peak to that rate, said once,
+    and MFU is from then on relative to the best rate observed."""
 
     def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float, peak_flops: float, start_step: int = 0):
         self.total_steps = total_steps
@@ -385,6 +394,17 @@ class Progress:
         self.recent: deque[float] = deque(maxlen=10)
         self.total_time = 0.0  # summed over the steps counted in `recent`
         self._t0 = 0.0
+        self.peak_raised = False
+
+    def mfu(self, tok_per_s: float) -> float:
+        """Model FLOP utilisation in percent at `tok_per_s` (all ranks), at most 100."""
+        rate = tok_per_s * self.flops_per_token
+        if rate > self.peak_flops:
+            if not self.peak_raised:
+                print0(f"MFU: the model ran at {rate / 1e12:.3g} TFLOP/s, above the {self.peak_flops / 1e12:.3g} "
+                       f"TFLOP/s peak (measured at a busy moment?): from now on MFU is relative to the best rate observed")
+            self.peak_flops, self.peak_raised = rate, True
+        return 100.0 * rate / self.peak_flops
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
@@ -396,9 +416,8 @@ class Progress:
             self.recent.append(dt)
         ref = sum(self.recent) / len(self.recent) if self.recent else dt
         tok_per_s = self.tokens_per_step / ref
-        mfu = 100.0 * tok_per_s * self.flops_per_token / self.peak_flops if self.peak_flops > 0 else float("nan")
         eta = (self.total_steps - step - 1) * ref
-        return {"dt": dt, "tok_per_s": tok_per_s, "mfu": mfu, "eta_s": eta}
+        return {"dt": dt, "tok_per_s": tok_per_s, "mfu": self.mfu(tok_per_s), "eta_s": eta}
 
 
 def format_duration(seconds: float) -> str:
@@ -448,6 +467,7 @@ SHAPE_FIELDS = {"vocab_size": "the tokenizer's vocabulary", "n_layer": "--depth"
                 "n_kv_head": "--depth", "molegrad_rank_k": "--molegrad/--molegrad_rank_k/--memory_mode",
                 "molegrad_targets": "--molegrad_targets/--memory_mode",
                 "molegrad_momentum": "--molegrad_momentum/--memory_mode",
+                "molegrad_subspace": "--molegrad_subspace",
                 **{name: f"--{name}" for name in RECIPE_PIECES}}
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs the project. Sourced by runs/runcpu.sh and runs/test.sh.
-# CPU machines get the pinned CPU build of torch; machines with an NVIDIA driver get PyPI's CUDA build.
+# Every machine gets the tested torch, 2.13.0: the CPU build where there is no NVIDIA driver, a CUDA
+# build where there is one (see below), checked before anything else runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STAMP=.venv/.nanochat-installed
@@ -9,11 +10,21 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     if command -v nvidia-smi >/dev/null 2>&1; then
-        .venv/bin/pip install -q "torch>=2.5"
+        # PyPI's torch 2.13.0 for Linux is built with CUDA 13 (it depends on nvidia-*-cu13), which
+        # needs an NVIDIA driver >= 580 and covers sm_120 (RTX 5090). Older drivers get the CUDA 12.8
+        # build; TORCH_INDEX_URL overrides the choice (e.g. .../whl/cu126 for a V100). Right after
+        # the install, check_cuda_build stops with one line unless this GPU has kernels in the build.
+        DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1)
+        INDEX=${TORCH_INDEX_URL:-}
+        if [ -z "$INDEX" ] && [ "${DRIVER%%.*}" -lt 580 ]; then
+            INDEX=https://download.pytorch.org/whl/cu128
+        fi
+        .venv/bin/pip install -q torch==2.13.0 ${INDEX:+--index-url "$INDEX"}
+        .venv/bin/python -c "from nanochat.common import check_cuda_build; check_cuda_build('$DRIVER')"
     else
         .venv/bin/pip install -q torch==2.13.0
     fi
-    .venv/bin/pip install -q -e ".[dev,hf,plot,bench]"
+    .venv/bin/pip install -q -e ".[dev,hf,plot,bench,lowmem]"
     touch "$STAMP"
 fi
 # Debian packages, installed as root when missing (one apt-get run for all of them):

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from nanochat.checkpoint import checkpoint_dir
-from nanochat.common import RunContext, init_wandb, peak_flops, print0, run_main
+from nanochat.common import RunContext, device_summary, init_wandb, peak_flops, print0, run_main
 from nanochat.config import check, parse_args, to_dict
 from nanochat.dataloader import DataLoader
-from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.gpt import GPT, GPTConfig, config_from_depth, training_attention_backend
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.memory import GiB, available_memory, plan_memory
+from nanochat.memory import GiB, available_memory, memory_reserve, plan_memory
 from nanochat.model_flags import ModelFlags, flag_errors
 from nanochat.optim import setup_optimizers
 from nanochat.report import log_section
@@ -83,18 +83,33 @@ class BaseTrainConfig(ModelFlags, TrainFlags):
             check(getattr(self, name) >= -1, f"--{name}: expected >= -1, got {getattr(self, name)}")
 
 
+def device_reserve(device: torch.device) -> int:
+    """Bytes check_memory_fits keeps free beyond the plan on a GPU: max(2 GiB, 5% of its total
+    memory), for what the plan does not count (the CUDA context, allocator fragmentation, library
+    workspaces). None on CPU, whose MemAvailable already leaves the system its share."""
+    if device.type == "cuda":
+        return memory_reserve(torch.cuda.mem_get_info(device)[1])
+    if device.type == "mps":
+        return memory_reserve(torch.mps.recommended_max_memory())
+    return 0
+
+
 def check_memory_fits(config: GPTConfig, device_batch_size: int, grad_accum: int, ctx: RunContext) -> None:
-    """ConfigError when nanochat.memory's plan of one training step exceeds the memory this device
-    has available (free GPU memory, MemAvailable on CPU); nothing is checked where that is unknown."""
+    """ConfigError when nanochat.memory's plan of one training step, plus device_reserve, exceeds
+    the memory this device has available (free GPU memory, MemAvailable on CPU); nothing is checked
+    where that is unknown."""
     available = available_memory(ctx.device)
     if available is None:
         return
     dtype = "bfloat16" if ctx.dtype == torch.bfloat16 else "float32"
     peak = plan_memory(config, device_batch_size, dtype, grad_accum, "cuda" if ctx.device_type == "cuda" else "cpu").peak
-    check(peak <= available,
+    reserve = device_reserve(ctx.device)
+    kept = (f", of which {reserve / GiB:.1f} GiB stay in reserve (max(2 GiB, 5% of the total) for the CUDA context, "
+            f"fragmentation and workspaces, which the plan does not count)") if reserve else ""
+    check(peak + reserve <= available,
           f"--depth={config.n_layer} (width {config.n_embd}) with --device_batch_size={device_batch_size} x "
           f"{config.sequence_len} tokens: the memory plan of a training step needs {peak / GiB:.1f} GiB, "
-          f"{ctx.device} has {available / GiB:.1f} GiB available (python -m nanochat.memory shows the plan); "
+          f"{ctx.device} has {available / GiB:.1f} GiB available{kept} (python -m nanochat.memory shows the plan); "
           f"lower --depth, --device_batch_size or --max_seq_len, or try --memory_mode=low (or lowest)")
 
 
@@ -104,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
+    print0(device_summary(ctx))
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=ctx.device)
     with flag_errors():
@@ -115,7 +131,8 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         print0(f"auto batch size: {cfg.total_batch_size:,} tokens per step (--total_batch_size=-1)")
     grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, ctx.world_size)
     check_memory_fits(model_config, cfg.device_batch_size, grad_accum, ctx)
-    model = GPT(model_config).to(ctx.device)
+    with torch.device(ctx.device):  # built where it trains: no fp32 copy in host RAM on the way to a GPU
+        model = GPT(model_config)
     model.init_weights()
     optimizers = setup_optimizers(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.weight_decay,
                                   **cfg.optimizer_options())
@@ -128,7 +145,8 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         counted = num_params if cfg.ratio_params == "all" else scaling_params(model_config)
         num_iterations = max(1, int(cfg.target_param_data_ratio * counted) // cfg.total_batch_size)
     print0(f"model: depth {cfg.depth}, width {model_config.n_embd}, {model_config.n_head} heads "
-           f"({model_config.n_kv_head} kv), {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
+           f"({model_config.n_kv_head} kv), {num_params:,} params, {flops_per_token:.3e} FLOPs/token; training attention: "
+           f"{training_attention_backend(ctx.device, ctx.dtype, model_config.n_head, model_config.head_dim, cfg.max_seq_len)}")
     print0(f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} x {ctx.world_size} ranks x {grad_accum} accum = "
            f"{cfg.total_batch_size:,} tokens/step; {num_iterations} steps; compute {ctx.dtype} on {ctx.device}")
     compressed = molegrad_layers(model)

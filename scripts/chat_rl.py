@@ -8,7 +8,8 @@ Starts from the last checkpoint of --source (sft by default) and saves to rl_che
 optimizers and RNG: --resume_from_step continues exactly). One step:
 
 1. rollouts: for each of --examples_per_step questions, --num_samples completions through the
-   Engine (model in eval mode, no grad; the calculator's output is forced into the reply).
+   Engine (model in eval mode, no grad; the calculator's output is forced into the reply), all
+   questions decoded together, --decode_batch_size completions at a time.
    Question j of step s is train example (s * examples_per_step + j) mod len(task), sampled with
    seeds from (--seed, s, j): a resumed run draws the same questions and the same samples.
 2. rewards: task.reward(conversation, reply), 1.0 for the right `#### N`, else 0.0; advantage of
@@ -37,9 +38,9 @@ import torch
 from nanochat import distributed
 from nanochat.chat_data import rows_to_batch
 from nanochat.chat_train import ChatTrainFlags, start_chat_stage
-from nanochat.common import RunContext, init_wandb, print0, run_main
+from nanochat.common import RunContext, device_summary, init_wandb, print0, run_main
 from nanochat.config import check, parse_args, source_field, to_dict
-from nanochat.engine import Engine
+from nanochat.engine import DECODE_BATCH_SIZE, Engine
 from nanochat.evaluation import run_generative
 from nanochat.report import log_section
 from nanochat.tokenizer import Tokenizer
@@ -70,6 +71,9 @@ class ChatRLConfig(ChatTrainFlags):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_k: int = field(default=50, metadata={"help": "sample from the top k tokens (0 = all)"})
     device_batch_size: int = field(default=8, metadata={"help": "completions per forward/backward on one device"})
+    decode_batch_size: int = field(default=DECODE_BATCH_SIZE, metadata={
+        "help": "completions decoded together in rollouts and pass@k (the KV cache holds this many rows of prompt + "
+                "--max_new_tokens positions)"})
     init_lr_frac: float = field(default=0.05, metadata={"help": "LRs as a fraction of --matrix_lr/--embedding_lr/--unembedding_lr"})
     warmdown_ratio: float = field(default=1.0, metadata={"help": "fraction of steps with linear LR warmdown"})
     max_seq_len: int = field(default=1024, metadata={"help": "context length in tokens (prompt + completion)"})
@@ -82,6 +86,7 @@ class ChatRLConfig(ChatTrainFlags):
         check(self.examples_per_step >= 1, f"--examples_per_step: expected >= 1, got {self.examples_per_step}")
         check(self.num_samples >= 2, f"--num_samples: expected >= 2 (the baseline is the group mean), got {self.num_samples}")
         check(self.max_new_tokens >= 1, f"--max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        check(self.decode_batch_size >= 1, f"--decode_batch_size: expected >= 1, got {self.decode_batch_size}")
         check(self.temperature > 0, f"--temperature: expected > 0 (sampling), got {self.temperature}")
         check(self.top_k >= 0, f"--top_k: expected >= 0, got {self.top_k}")
         check(self.eval_examples >= 1, f"--eval_examples: expected >= 1, got {self.eval_examples}")
@@ -167,19 +172,23 @@ def question_positions(step: int, cfg: ChatRLConfig, rank: int, world_size: int)
 
 def rollouts(engine: Engine, tokenizer: Tokenizer, task: Task, step: int, cfg: ChatRLConfig, rank: int,
              world_size: int) -> tuple[list[tuple[list[int], list[int]]], list[float], list[float]]:
-    """(rows (ids, mask), rewards, advantages) of every sample of this rank's questions at `step`."""
-    rows, rewards, advantages = [], [], []
-    for position in question_positions(step, cfg, rank, world_size):
-        index = position % len(task)
-        conversation = task[index]
-        prompt = tokenizer.render_for_completion(conversation)
-        room = engine.max_len - len(prompt)
-        if room < 1:
+    """(rows (ids, mask), rewards, advantages) of every sample of this rank's questions at `step`,
+    in question order; the questions decode together (Engine.generate_many)."""
+    positions = question_positions(step, cfg, rank, world_size)
+    indices = [position % len(task) for position in positions]
+    conversations = [task[index] for index in indices]
+    prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+    for index, prompt in zip(indices, prompts):
+        if len(prompt) >= engine.max_len:
             raise ValueError(f"train problem {index}: the prompt ({len(prompt)} tokens) does not fit the model's "
                              f"{engine.max_len} positions: raise --max_seq_len")
-        seed = cfg.seed + position * cfg.num_samples  # sample i uses seed + i: distinct over the whole run
-        sequences, masks = engine.generate_batch(prompt, cfg.num_samples, min(cfg.max_new_tokens, room), cfg.temperature,
-                                                 cfg.top_k or None, seed=seed)
+    seeds = [cfg.seed + position * cfg.num_samples for position in positions]  # sample i uses seed + i: distinct over the run
+    groups = {q: (sequences, masks) for q, sequences, masks in engine.generate_many(
+        prompts, cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, seeds=seeds,
+        batch_size=cfg.decode_batch_size)}
+    rows, rewards, advantages = [], [], []
+    for q, (index, conversation, prompt) in enumerate(zip(indices, conversations, prompts)):
+        sequences, masks = groups[q]
         scorer = scoring_task(task, index)
         group = torch.tensor([scorer.reward(conversation, tokenizer.decode(seq[len(prompt):])) for seq in sequences])
         rows += list(zip(sequences, masks))
@@ -204,6 +213,7 @@ def mean_over_ranks(values: list[float], ctx: RunContext) -> float:
 
 
 def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
+    print0(device_summary(ctx))
     check(cfg.examples_per_step % ctx.world_size == 0,
           f"--examples_per_step: expected a multiple of the world size {ctx.world_size}, got {cfg.examples_per_step}")
     start = start_chat_stage(cfg, "rl", ctx)
@@ -227,7 +237,8 @@ def train(cfg: ChatRLConfig, ctx: RunContext) -> dict[str, Any]:
         with torch.no_grad(), ctx.autocast():
             scores = {f"{name}_pass@{cfg.num_samples}": run_generative(
                 engine, tokenizer, held, cfg.eval_examples, cfg.num_samples, cfg.max_new_tokens, cfg.temperature,
-                cfg.top_k or None, ctx.device, ctx.rank, ctx.world_size) for name, held in held_out.items()}
+                cfg.top_k or None, ctx.device, ctx.rank, ctx.world_size, batch_size=cfg.decode_batch_size)
+                for name, held in held_out.items()}
         model.train()
         return scores
 

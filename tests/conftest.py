@@ -21,8 +21,12 @@ _session_dir: list[str] = []
 def pytest_configure(config) -> None:
     root = tempfile.mkdtemp(prefix="nanochat-tests-")
     _session_dir.append(root)
-    for name in (*PER_TEST_DIRS, *PER_SESSION_DIRS, "WANDB_RUN"):
+    for name in (*PER_TEST_DIRS, *PER_SESSION_DIRS, "WANDB_RUN", "CUDA_VISIBLE_DEVICES"):
         _caller_environment[name] = os.environ.get(name)
+    # The suite runs on the CPU also on a GPU machine (subprocesses too): it asserts bit-exact
+    # resumes, and CUDA's attention backward is not deterministic. The GPU check is
+    # bench/gpu_check.py.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     for name in (*PER_TEST_DIRS, *PER_SESSION_DIRS):
         os.environ[name] = os.path.join(root, name.lower())
     os.environ["WANDB_RUN"] = "dummy"

@@ -77,7 +77,7 @@ def test_missing_checkpoint_is_one_clear_line(base_dir, capsys):
 
 @pytest.mark.parametrize("device,message", [
     ("tpu", "--device: expected one of cuda|mps|cpu"),
-    ("cuda", "--device=cuda: no CUDA device is available here"),
+    ("cuda", "is a CPU-only build: install the CUDA build"),
 ])
 def test_bad_device_is_one_line_before_any_model_loads(base_dir, capsys, monkeypatch, device, message):
     if device == "cuda":

@@ -1,16 +1,19 @@
-"""chat_eval: letter scoring against a hand count, generative pass@k, the script end to end."""
+"""chat_eval: letter scoring against a hand count, generative pass@k, problems decoded together
+vs one at a time, the script end to end."""
 
 import json
 
 import pytest
 import torch
 
+from nanochat.engine import Engine
 from nanochat.evaluation import chatcore, run_categorical, run_generative
 from scripts import base_train, chat_eval
 from tasks import fixtures
 from tasks.arc import ARC
+from tasks.arithmetic import Arithmetic
 from tasks.gsm8k import GSM8K
-from tests.helpers import build_tiny_base_dir
+from tests.helpers import build_tiny_base_dir, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +61,63 @@ def test_generative_pass_at_k_with_scripted_engine(tiny, monkeypatch):
     class ScriptedEngine:
         max_len = 4096
 
-        def generate_batch(self, prompt, num_samples, max_tokens, temperature, top_k, seed):
-            # sample 0 is wrong, the last sample is right for even problems only
-            right = tokenizer.encode(answers[seed]) if seed % 2 == 0 else tokenizer.encode("#### -1")
-            wrong = tokenizer.encode("#### -1")
-            return [prompt + wrong] * (num_samples - 1) + [prompt + right], None
+        def generate_many(self, prompts, num_samples, max_tokens, temperature, top_k, seeds, batch_size):
+            # sample 0 is wrong, the last sample is right for even problems only; last problem first
+            for p in reversed(range(len(prompts))):
+                seed = seeds[p]
+                right = tokenizer.encode(answers[seed]) if seed % 2 == 0 else tokenizer.encode("#### -1")
+                wrong = tokenizer.encode("#### -1")
+                yield p, [prompts[p] + wrong] * (num_samples - 1) + [prompts[p] + right], None
 
     assert run_generative(ScriptedEngine(), tokenizer, task, 3, 1, 16, 0.0, None, torch.device("cpu")) == pytest.approx(2 / 3)
     assert run_generative(ScriptedEngine(), tokenizer, task, 3, 3, 16, 0.0, None, torch.device("cpu")) == pytest.approx(2 / 3)
+
+
+class RecordingTask:
+    """Arithmetic's held-out problems, scored by a rule a tiny model meets about half the time
+    (an even-length reply); every reply is recorded per problem."""
+
+    def __init__(self, size: int) -> None:
+        self.problems = Arithmetic(size=size, split="test")
+        self.replies: dict[str, list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __getitem__(self, index: int):
+        return self.problems[index]
+
+    def evaluate(self, conversation, reply: str) -> bool:
+        self.replies.setdefault(conversation["messages"][0]["content"], []).append(reply)
+        return len(reply) % 2 == 0
+
+
+@pytest.mark.parametrize("num_samples, temperature", [(1, 0.0), (3, 1.0)])
+def test_generative_batches_of_problems_match_one_at_a_time(tiny, monkeypatch, num_samples, temperature):
+    """run_generative decodes 4 rows at a time across problems; the replies and the score equal the
+    old one-problem-at-a-time loop (engine.generate_batch per problem with seed = its index)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny))
+    from nanochat.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    model = tiny_model(torch.float32, vocab_size=tokenizer.get_vocab_size(), sequence_len=64)
+    engine = Engine(model.eval(), tokenizer)
+    max_tokens, top_k = 10, 20
+
+    reference = RecordingTask(7)
+    solved = 0
+    for i in range(len(reference)):
+        prompt = tokenizer.render_for_completion(reference[i])
+        sequences, _ = engine.generate_batch(prompt, num_samples, max_tokens, temperature, top_k, seed=i)
+        solved += any(reference.evaluate(reference[i], tokenizer.decode(s[len(prompt):])) for s in sequences)
+
+    batched = RecordingTask(7)
+    finished = []
+    accuracy = run_generative(engine, tokenizer, batched, -1, num_samples, max_tokens, temperature, top_k, torch.device("cpu"),
+                              on_problem=lambda i, ok: finished.append(i), batch_size=4)
+    assert batched.replies == reference.replies
+    assert accuracy == pytest.approx(solved / 7) and 0 < solved < 7
+    assert sorted(finished) == list(range(7))
 
 
 def test_chatcore_centering():

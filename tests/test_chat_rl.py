@@ -1,16 +1,19 @@
 """Chat RL: rewards by final answer, group advantages, the masked policy-gradient loss against a
-per-token loop, and scripts.chat_rl end to end on a tiny base model (checkpoint, exact resume,
-one-line errors)."""
+per-token loop, rollouts decoded together vs one question at a time, and scripts.chat_rl end to
+end on a tiny base model (checkpoint, exact resume, one-line errors)."""
 
 import pytest
 import torch
 
+from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
 from scripts import chat_rl
 from scripts.chat_rl import PolicyGradientLoss, group_advantages, policy_gradient_batches, scoring_task, train_task
 from tasks.arithmetic import Arithmetic
 from tasks.common import TaskMixture
 from tasks.gsm8k import GSM8K
+from tests.helpers import tiny_model
 
 RL = ["--source=base", "--source_tag=tiny", "--model_tag=tiny", "--task=arithmetic", "--max_seq_len=96",
       "--examples_per_step=2", "--num_samples=3", "--max_new_tokens=12", "--device_batch_size=4", "--eval_every=0",
@@ -73,6 +76,32 @@ def test_policy_gradient_loss_matches_a_per_token_loop():
                 reference -= advantage * log_probs[t - 1, ids[t]]
     reference /= num_tokens
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-7)
+
+
+def test_rollouts_decode_all_questions_together_as_one_at_a_time(monkeypatch):
+    """rollouts decodes 5 questions x 3 samples, 4 rows at a time; rows, rewards and advantages
+    equal the old loop: engine.generate_batch per question with its seed."""
+    monkeypatch.setattr(Arithmetic, "reward", lambda self, conversation, response: float(len(response) % 2))
+    tokenizer = Tokenizer.train_from_iterator(["Sam has 12 apples and buys 3 bags with 4 apples in each."] * 20, vocab_size=300)
+    model = tiny_model(torch.float32, vocab_size=tokenizer.get_vocab_size(), sequence_len=128)
+    engine = Engine(model.eval(), tokenizer)
+    task = Arithmetic(size=10, split="train")
+    cfg = chat_rl.parse_args(chat_rl.ChatRLConfig, ["--examples_per_step=5", "--num_samples=3", "--max_new_tokens=9",
+                                                    "--decode_batch_size=4", "--seed=3"])
+    rows, rewards, advantages = chat_rl.rollouts(engine, tokenizer, task, 1, cfg, 0, 1)
+
+    reference_rows, reference_rewards, reference_advantages = [], [], []
+    for position in range(5, 10):  # step 1's questions
+        conversation = task[position % len(task)]
+        prompt = tokenizer.render_for_completion(conversation)
+        sequences, masks = engine.generate_batch(prompt, 3, 9, cfg.temperature, cfg.top_k, seed=3 + position * 3)
+        group = [task.reward(conversation, tokenizer.decode(seq[len(prompt):])) for seq in sequences]
+        reference_rows += list(zip(sequences, masks))
+        reference_rewards += group
+        reference_advantages += group_advantages(torch.tensor(group)).tolist()
+    assert rows == reference_rows
+    assert rewards == reference_rewards and 0 < sum(rewards) < len(rewards)
+    assert advantages == reference_advantages
 
 
 def test_rl_runs_saves_and_resumes_exactly(base_dir, monkeypatch):

@@ -323,7 +323,7 @@ def test_script_device_cuda_without_a_gpu_is_one_line(base_dir, monkeypatch, cap
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "--device=cuda: no CUDA device is available" in script_error(monkeypatch, capsys, ["--device=cuda"])
+    assert "is a CPU-only build: install the CUDA build" in script_error(monkeypatch, capsys, ["--device=cuda"])
 
 
 def test_script_serves_on_the_socket_it_bound(base_dir, monkeypatch):

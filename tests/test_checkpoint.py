@@ -203,3 +203,86 @@ def test_every_reader_takes_a_model_file(base_dir, capsys):
     assert (result["source_dir"], result["source_step"]) == (str(directory), 10)
     assert result["checkpoint_dir"] == str(base_dir / "mid_checkpoints" / "tiny")  # the source directory's name
     assert load_meta(base_dir / "mid_checkpoints" / "tiny", 1)["source"]["step"] == 10
+
+
+class FakeCudaRng:
+    """torch.cuda's RNG functions on a machine with `visible` GPUs, this process on `device`: each
+    GPU's state is a distinct tensor; set_rng_state calls are recorded as (state, device)."""
+
+    def __init__(self, monkeypatch, visible: int, device: int):
+        self.states = [torch.full((16,), i, dtype=torch.uint8) for i in range(visible)]
+        self.set_calls: list[tuple[torch.Tensor, int]] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: device)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d="cuda": self.states[d])  # IndexError past `visible`
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(self.states))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self._set)
+
+    def _set(self, state: torch.Tensor, device="cuda") -> None:
+        if not 0 <= device < len(self.states):
+            raise IndexError(f"no CUDA device {device}")
+        self.set_calls.append((state.clone(), device))
+
+
+def test_cuda_rng_state_is_this_ranks_device_only(tmp_path, monkeypatch):
+    saving = FakeCudaRng(monkeypatch, visible=8, device=3)  # rank 3 of an 8-GPU torchrun box
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(1)}, {"rng": rng_state()}, {"x": 1}, rank=3)
+    _, rank_state, _ = load_checkpoint(tmp_path, 1, rank=3)
+    assert torch.equal(rank_state["rng"]["cuda"], saving.states[3])  # one tensor, not eight
+    resuming = FakeCudaRng(monkeypatch, visible=1, device=0)  # the same rank resumed alone on a 1-GPU machine
+    set_rng_state(rank_state["rng"])
+    assert len(resuming.set_calls) == 1 and resuming.set_calls[0][1] == 0
+    assert torch.equal(resuming.set_calls[0][0], saving.states[3])
+
+
+def test_an_older_checkpoint_with_every_gpus_rng_resumes_on_fewer_gpus(tmp_path, monkeypatch, capsys):
+    """Checkpoints saved before the fix hold torch.cuda.get_rng_state_all(): a list over the GPUs
+    visible then. Each rank takes its own device's entry; with none, one line, never an IndexError."""
+    old = FakeCudaRng(monkeypatch, visible=2, device=0)
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(1)}, {"rng": {**rng_state(), "cuda": torch.cuda.get_rng_state_all()}}, {"x": 1})
+    _, rank_state, _ = load_checkpoint(tmp_path, 1)
+    own = FakeCudaRng(monkeypatch, visible=4, device=1)
+    set_rng_state(rank_state["rng"])
+    assert [device for _, device in own.set_calls] == [1] and torch.equal(own.set_calls[0][0], old.states[1])
+    capsys.readouterr()
+    beyond = FakeCudaRng(monkeypatch, visible=4, device=3)
+    set_rng_state(rank_state["rng"])
+    assert beyond.set_calls == []
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "CUDA RNG states for 2 GPU(s), none for cuda:3" in out[0], out
+
+
+def test_checkpoints_are_read_through_a_file_mapping(tmp_path):
+    """torch.load(mmap=True): the tensors stay backed by the file (shown in /proc/self/maps) and
+    reach their device without a whole copy in host RAM first."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    save(tmp_path, 4, value=2.0)
+    model_state, _, _ = load_checkpoint(tmp_path, 4)
+    assert str(tmp_path / "model_000004.pt") in maps.read_text()
+    assert torch.equal(model_state["w"], torch.full((2, 3), 2.0))
+
+
+def test_load_model_builds_on_the_target_device(base_dir):
+    """No tensor of the model is made on the CPU first: building on `device` directly (here meta,
+    which allocates nothing) is what keeps a large model out of host RAM on its way to a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nanochat.checkpoint import load_model
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen.update(t.device.type for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with Devices() as devices:
+        model, meta = load_model("base", "tiny", device="meta", weights=False)
+    assert devices.seen == {"meta"}, devices.seen
+    assert all(p.is_meta for p in model.parameters()) and meta["step"] == 10

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from nanochat.checkpoint import load_model_state_strict
 from nanochat.common import RunContext
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.model_flags import MEMORY_MODES
+from nanochat.model_flags import MEMORY_MODES, MOLEGRAD_PRESETS
 from nanochat.memory_measure import measure_block_saved_bytes
 from nanochat.molegrad import MoleGradStep
 from nanochat.optim import Muon, setup_optimizers, zeropower_via_newtonschulz5
@@ -389,7 +389,7 @@ def compiled(model: GPT) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])  # compiled: ~15 s each
-@pytest.mark.parametrize("mode", list(MEMORY_MODES))
+@pytest.mark.parametrize("mode", list(MOLEGRAD_PRESETS))
 def test_memory_modes_at_full_rank_equal_dense(mode, compile):
     """lowest (block recompute, h kept inside it, low-rank momentum) and keep_h at k = in: three
     steps equal dense training (eager) to float64 rounding, also when compiled (aot_eager)."""
@@ -409,7 +409,7 @@ def test_memory_modes_at_full_rank_equal_dense(mode, compile):
         torch.testing.assert_close(compressed.get_parameter(name), p, atol=1e-10, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("mode", ["default", *MEMORY_MODES])
+@pytest.mark.parametrize("mode", ["default", *MOLEGRAD_PRESETS])
 def test_ten_compiled_steps_compile_once_and_match_eager(mode):
     """MoleGrad at k < in with subspace updates every step: one graph, no recompile (Q's version is
     no Python int in the graph), and the weights, subspaces and sketches of eager training."""

@@ -255,6 +255,29 @@ def test_gradient_helpers():
     assert step.gradients() == {}
 
 
+def test_subspace_math_runs_without_tf32(monkeypatch):
+    """Training turns TF32 on for CUDA matmuls (float32_matmul_precision "high"); the subspace update
+    and the momentum transport run at "highest" inside finish() and leave the setting as it was."""
+    layer = MoleGradLinear(12, 6, rank_k=3)
+    layer(torch.randn(5, 12)).sum().backward()
+    seen = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: (seen.append(torch.get_float32_matmul_precision()), eigh(a))[1])
+
+    class Transport(torch.optim.SGD):
+        def transport_subspace(self, layer, q_old, q_new):
+            seen.append(torch.get_float32_matmul_precision())
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        MoleGradStep(layer).finish([Transport([layer.weight], lr=0.1)])
+        assert seen == ["highest", "highest"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_relu_squared_matches_eager_and_saves_only_its_input():
     h = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(relu_squared, (h,))

@@ -1,9 +1,12 @@
 """bench/molegrad_quality.py at tiny sizes: every arm runs, the JSON holds what its docstring says,
 the LR is chosen on the selection split and reported on the held-out one (a disjoint split),
-GaLore's projector comes from a non-zero gradient, and a rerun resumes instead of retraining."""
+GaLore's projector comes from a non-zero gradient, a rerun resumes instead of retraining (also from
+a file written before a config field existed), and the subspace diagnostics (bench/runner.py) are
+right on known matrices and present and in range for every MoleGrad arm."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,13 +15,20 @@ import torch
 from bench import molegrad_quality as quality
 from bench import runner
 from nanochat.common import compute_init
+from nanochat.config import UserError
 from nanochat.gpt import GPT
+from nanochat.molegrad import MoleGradLinear
 from nanochat.trainer import train_step
 from tests.helpers import TINY_BENCH_ARGS, needs_extra
 
 QUALITY_ARGS = TINY_BENCH_ARGS + ["--tokens_per_param=0.03", "--budget_fractions=0.25,0.5", "--lr_multipliers=0.5,4",
                                   "--energy_probes=1", "--dtype=float32"]
-ARMS = "dense_muon,dense_adamw,galore_k2,molegrad_k2,flagship_k2"
+ARMS = "dense_muon,dense_adamw,galore_k2,molegrad_k2,flagship_k2,ffnv_k2,unbiased_k2,gradient_k2"
+NEW_ARMS = ("ffnv_k2", "unbiased_k2", "gradient_k2")  # issue 26's
+# the layer types each MoleGrad arm compresses (bench/runner.py LAYER_TYPES)
+ARM_LAYER_TYPES = {"flagship_k2": {"q", "k", "v", "attn_proj", "mlp_fc", "mlp_proj"}, "ffnv_k2": {"v", "mlp_fc", "mlp_proj"},
+                   "unbiased_k2": {"q", "k", "v", "attn_proj", "mlp_fc", "mlp_proj"},
+                   "gradient_k2": {"q", "k", "v", "attn_proj", "mlp_fc", "mlp_proj"}}
 
 
 # the bench run of every test that takes `result` (marked slow): about a minute on 2 CPU cores
@@ -57,6 +67,13 @@ def test_every_arm_runs_and_the_json_has_the_documented_fields(result):
     state = {arm: e["state_bytes"] for arm, e in saved["arms"].items()}
     assert state["flagship_k2"] < state["dense_muon"] < state["dense_adamw"]
     assert (result.with_suffix(".png")).stat().st_size > 0
+    # the subspace diagnostics: every MoleGrad arm's largest-budget series, and their picture
+    for arm in ("flagship_k2", *NEW_ARMS):
+        diagnostics = saved["arms"][arm]["diagnostics"]
+        assert (diagnostics["steps"], diagnostics["seed"]) == (12, 0)
+        check_diagnostics(diagnostics["probes"], ARM_LAYER_TYPES[arm], n_head=2)
+    assert saved["arms"]["dense_muon"]["diagnostics"] is None and saved["arms"]["galore_k2"]["diagnostics"] is None
+    assert result.with_name(result.stem + "_diagnostics.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -135,3 +152,110 @@ def test_bad_arm_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         quality.main(["--arms=dense_muon,lora_k4"])
     assert e.value.code == 2 and "unknown arm 'lora_k4'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# subspace diagnostics
+
+def check_diagnostics(probes: list[dict], kinds: set[str], n_head: int) -> None:
+    """Every probe logs each compressed layer type once the gradients reach it; every share and
+    overlap is in [0, 1] (to rounding), no subspace captures more than the gradient's own top-k,
+    and attention c_proj's head shares add up to 1."""
+    assert probes and all(probe["delta"] >= 1 for probe in probes[1:])
+    assert set(probes[-1]["layers"]) == kinds
+    eps = 1e-5
+    for probe in probes:
+        for kind, m in probe["layers"].items():
+            assert kind in kinds
+            for metric in ("captured", "captured_principal", "optimal", "topk_overlap", "self_overlap", "q_max_row"):
+                assert -eps <= m[metric] <= 1 + eps, (kind, metric, m[metric])
+            assert m["captured_principal"] <= m["captured"] + eps and m["captured"] <= m["optimal"] + eps, m
+            if kind == "attn_proj":
+                assert len(m["head_share"]) == len(m["head_captured"]) == n_head
+                assert sum(m["head_share"]) == pytest.approx(1.0, abs=eps)
+                assert all(-eps <= c <= 1 + eps for c in m["head_captured"] if c is not None)
+
+
+def test_layer_diagnostics_on_known_matrices():
+    """D = U diag(4, 2, 1, 0.5) Vᵀ on 8 inputs (2 heads of 4 columns each). Q = D's top-2 right singular
+    vectors: captured = optimal = 20/21.25, topk_overlap 1; Q in D's null space: all 0; the self
+    overlap of Q with its first column alone and another: 1/2."""
+    generator = torch.Generator().manual_seed(0)
+    u = runner_orthonormal(6, 4, generator)
+    v = runner_orthonormal(8, 8, generator)
+    grad = u @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)) @ v[:, :4].T   # (6, 8)
+    layer = MoleGradLinear(8, 6, rank_k=2).double()
+    layer.Q.copy_(v[:, :2])
+    earlier = torch.cat([v[:, :1], v[:, 5:6]], dim=1)
+    m = runner.layer_diagnostics(grad, layer, earlier, n_head=2)
+    assert m["captured"] == pytest.approx(20 / 21.25) and m["optimal"] == pytest.approx(20 / 21.25)
+    assert m["topk_overlap"] == pytest.approx(1.0) and m["self_overlap"] == pytest.approx(0.5)
+    assert m["q_max_row"] == pytest.approx(float(v[:, :2].square().sum(dim=1).max()))
+    heads = grad.view(6, 2, 4).square().sum(dim=(0, 2))
+    kept = (grad @ v[:, :2] @ v[:, :2].T).view(6, 2, 4).square().sum(dim=(0, 2))
+    assert m["head_share"] == pytest.approx((heads / heads.sum()).tolist())
+    assert m["head_captured"] == pytest.approx((kept / heads).tolist())
+    layer.Q.copy_(v[:, 4:6])  # D's null space
+    m = runner.layer_diagnostics(grad, layer, None, n_head=None)
+    assert m["captured"] == pytest.approx(0.0, abs=1e-12) and m["topk_overlap"] == pytest.approx(0.0, abs=1e-12)
+    assert m["self_overlap"] is None and "head_share" not in m
+
+
+def runner_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))[0]
+
+
+def synthetic_data(cfg: quality.QualityConfig, steps: int, vocab: int = 64) -> runner.TokenData:
+    """Random tokens in the bench's shapes: enough to train a few steps and probe them."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rows(count: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (count, cfg.batch_size, cfg.seq_len + 1), generator=generator, dtype=torch.int32)
+
+    return runner.TokenData(rows(steps), rows(1), rows(1), torch.randint(1, 4, (vocab,), generator=generator), vocab)
+
+
+@pytest.mark.parametrize("arm", ["dense_muon", "flagship_k2", *NEW_ARMS])
+def test_every_molegrad_arm_logs_sane_diagnostics(arm):
+    """A 9-step run of each arm (random tokens, 3 probes, overlap against 2 steps earlier): MoleGrad
+    arms log diagnostics at every probe, in range (check_diagnostics); dense arms log none."""
+    cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS + ["--energy_probes=3", "--overlap_delta=2"])
+    ctx = compute_init(device="cpu", dtype="float32", threads=1)
+    result = quality.train_run(quality.RunSpec(arm, 9, 0.02, 0), synthetic_data(cfg, 9), cfg, ctx)
+    assert result["heldout_bpb"] > 0
+    if arm == "dense_muon":
+        assert "diagnostics" not in result and result["energy"] is None
+        return
+    assert [probe["step"] for probe in result["diagnostics"]] == [2, 5, 8]
+    assert [probe["delta"] for probe in result["diagnostics"]] == [2, 2, 2]
+    check_diagnostics(result["diagnostics"], ARM_LAYER_TYPES[arm], cfg.n_head)
+    assert 0 < result["energy"] <= 1
+
+
+def test_new_arms_are_the_flagship_with_one_change():
+    cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS)
+    flagship = quality.model_config(cfg, "flagship_k2", vocab_size=64)
+    changed = {arm: {name: value for name, value in quality.model_config(cfg, arm, 64).memory_options().items()
+                     if value != flagship.memory_options()[name]} for arm in NEW_ARMS}
+    assert changed == {"ffnv_k2": {"molegrad_targets": "ffn_v"}, "unbiased_k2": {"molegrad_subspace": "unbiased"},
+                       "gradient_k2": {"molegrad_subspace": "gradient"}}
+    # the gradient variant's probes are state (out x t per layer) and FLOPs; unbiased tracks fewer columns
+    state = {arm: quality.state_bytes(quality.model_config(cfg, arm, 64), "muon", 2) for arm in ("flagship_k2", *NEW_ARMS)}
+    assert state["unbiased_k2"] < state["flagship_k2"] < state["gradient_k2"]
+    flops = {arm: quality.training_flops_per_token(quality.model_config(cfg, arm, 64)) for arm in ("flagship_k2", *NEW_ARMS)}
+    assert flops["unbiased_k2"] < flops["flagship_k2"] < flops["gradient_k2"] and flops["flagship_k2"] < flops["ffnv_k2"]
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--arms=unbiased_k1"])
+    assert e.value.code == 2
+
+
+def test_results_written_before_a_config_field_existed_still_load(tmp_path):
+    cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS)
+    config = dataclasses.asdict(cfg)
+    del config["overlap_delta"]  # as the committed results file, written before the diagnostics
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"config": config, "runs": [{"key": "dense_muon|3|0.02|0", "energy": None}]}))
+    assert set(runner.load_results(path, cfg, ignored=("arms", "jobs", "out"))) == {"dense_muon|3|0.02|0"}
+    other = quality.parse_args(quality.QualityConfig, QUALITY_ARGS + ["--overlap_delta=7"])
+    with pytest.raises(UserError, match="holds results of other settings"):
+        runner.load_results(path, other, ignored=("arms", "jobs", "out"))

@@ -18,7 +18,7 @@ TINY_RUN10_ENV = {
     "TOK_CHARS": "300000", "DATA_SOURCE": "local", "BASE_STEPS": "4", "MID_STEPS": "2", "SFT_STEPS": "2",
     "RL_STEPS": "1", "EVAL_PROBLEMS": "2", "CORE_PER_TASK": "2", "CHAT_SEQ": "64", "EVAL_TOKENS": "256",
     "RL_FLAGS": "--examples_per_step=2 --num_samples=2 --max_new_tokens=16 --device_batch_size=4 --eval_examples=2",
-    "NANOCHAT_SKIP_SETUP": "1", "OMP_NUM_THREADS": "1", "MEMORY_MODE": "lowest",  # the default (dense) needs no MoleGrad
+    "NANOCHAT_SKIP_SETUP": "1", "OMP_NUM_THREADS": "1", "DEVICE": "cpu", "MEMORY_MODE": "lowest",  # the default (dense) needs no MoleGrad
 }
 
 
