@@ -8,13 +8,14 @@
 # 8192-token context at device_batch_size=1, about 10 tokens per parameter of pretraining. d12 at
 # 8192 tokens needs no memory saving on a 32 GB card (planned peak ~6 GiB dense), so the default is
 # plain dense training (MEMORY_MODE=custom). Which mode for which card and size, from the planner
-# (python -m nanochat.memory --sweep_depths=True --gpu_memory=16GB|24GB|32GB; 8192 x 1, vocab 65,536):
+# (python -m nanochat.memory --sweep_depths=True --gpu_memory=16GB|24GB|32GB; 8192 x 1, vocab 65,536,
+# max(2 GiB, 5%) kept free):
 #   deepest depth        16 GB   24 GB   32 GB
-#   dense                 20      26      29      fastest; pick it whenever it fits
-#   recompute=block       24      28      32
-#   MEMORY_MODE=keep_h    25      32      36      MoleGrad on all Linears, h kept: fewer dW FLOPs
-#   MEMORY_MODE=low       28      34      38      block recompute + MoleGrad on the MLPs + low-rank momentum
-#   MEMORY_MODE=lowest    32      40      45      the same on all Linears
+#   dense                 20      25      28      fastest; pick it whenever it fits
+#   recompute=block       23      28      32
+#   MEMORY_MODE=keep_h    24      30      36      MoleGrad on all Linears, h kept: fewer dW FLOPs
+#   MEMORY_MODE=low       26      34      38      block recompute + MoleGrad on the MLPs + low-rank momentum
+#   MEMORY_MODE=lowest    30      38      44      the same on all Linears
 # Quality (bench/molegrad_quality.py, CPU, k/in of k=32 at d20): low's compression costs no measured
 # quality; keep_h and lowest compress attention too and lost 15% val bpb there: prefer low.
 # e.g. MEMORY_MODE=low DEPTH=34 GPU_MEMORY=24GB bash run10.sh. The memory plan below is printed

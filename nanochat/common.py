@@ -7,7 +7,6 @@ CPU threads: 0 = all cores, split among the ranks on this machine (`--threads` o
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os

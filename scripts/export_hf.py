@@ -36,6 +36,9 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     model, tokenizer, meta = load_chat_model(cfg, torch.device("cpu"), "float32")
     out = export_hf(model, tokenizer, Path(cfg.out))
     print0(f"exported {meta['checkpoint_dir']} step {meta['step']} ({model.num_params():,} parameters) to {out}")
+    trained_in = meta.get("flags", {}).get("param_dtype", "float32")
+    print0("weights: float32" + (f" (the {trained_in} weights of a --param_dtype={trained_in} run, exactly: twice "
+                                 f"their size on disk)" if trained_in != "float32" else ""))
     pieces = model.config.recipe_pieces()
     if pieces:
         print0(f"recipe pieces {'+'.join(pieces)}: transformers' NanoChat lacks them, so the folder carries its own code; "

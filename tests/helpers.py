@@ -194,6 +194,56 @@ def assert_gradients_and_optimizer_state(model, optimizers, layers, c: dict[str,
 # ---------------------------------------------------------------------------------------------
 # the generated CORE eval bundle, in the real format (core.yaml, eval_data/**.jsonl, eval_meta_data.csv)
 
+# One of two gloo processes: loads start.pt (the model's config and weights, the batches, the
+# setup_optimizers options), trains on its half of every batch with float64 Newton-Schulz, saves its
+# state and prints the shapes it all-reduced (one JSON line).
+GLOO_TRAIN_CHILD = """
+import json, sys
+import torch
+import torch.distributed as dist
+import nanochat.trainer as trainer
+from nanochat.common import RunContext
+from nanochat.distributed import record_traffic
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import setup_optimizers
+rank, work = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="file://" + work + "/store", rank=rank, world_size=2)
+start = torch.load(work + "/start.pt", weights_only=True)
+model = GPT(GPTConfig(**start["config"])).double()
+model.load_state_dict(start["model"])
+optimizers = setup_optimizers(model, **start["optimizer"])
+optimizers[1].ns_dtype = torch.float64
+ctx = RunContext(torch.device("cpu"), "cpu", torch.float32, True, rank, rank, 2)
+with record_traffic() as traffic:
+    for inputs, targets in start["batches"]:
+        half = slice(2 * rank, 2 * rank + 2)
+        trainer.train_step(model, optimizers, iter([(inputs[half], targets[half])]), 1, ctx, 1.0, 0.9, 1.0)
+torch.save(model.state_dict(), work + f"/state_{rank}.pt")
+print(json.dumps(sorted(traffic.shapes())))
+dist.destroy_process_group()
+"""
+
+
+def train_in_two_gloo_processes(model: GPT, batches: list, optimizer: dict, work: Path) -> tuple[list[dict], set]:
+    """Trains a float64 copy of `model` in two gloo processes, each on half of every (4-row) batch
+    (GLOO_TRAIN_CHILD); returns both ranks' final state dicts and the shapes rank 0 all-reduced."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    torch.save({"config": dataclasses.asdict(model.config), "model": model.state_dict(), "batches": batches,
+                "optimizer": optimizer}, work / "start.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", GLOO_TRAIN_CHILD, str(rank), str(work)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr
+    states = [torch.load(work / f"state_{rank}.pt", weights_only=True) for rank in range(2)]
+    return states, {tuple(shape) for shape in json.loads(outputs[0][0].strip().splitlines()[-1])}
+
+
 CORE_MC_ITEMS = [  # (query, choices, gold); gold == 0 for 3 of 8
     ("Question: What color is a clear sky?", ["blue", "green", "red", "purple"], 0),
     ("Question: How many legs does a spider have?", ["six", "four", "8", "two"], 2),

@@ -5,13 +5,7 @@ Numerics in float64 with Newton–Schulz in float64, so that "equal" means equal
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import weakref
-from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +22,7 @@ from nanochat.optim import Muon, setup_optimizers, zeropower_via_newtonschulz5
 from nanochat.molegrad import MOLEGRAD_TARGET_LINEARS, MoleGradLinear, molegrad_layers
 from nanochat.trainer import train_step
 from scripts import base_train
-from tests.helpers import TINY_BASE_TRAIN_ARGS, dense_grad
+from tests.helpers import TINY_BASE_TRAIN_ARGS, dense_grad, train_in_two_gloo_processes
 
 torch.set_num_threads(1)
 
@@ -228,55 +222,17 @@ def test_micro_batches_equal_one_big_batch(momentum):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
 
 
-CHILD = """
-import json, sys
-import torch
-import torch.distributed as dist
-import nanochat.trainer as trainer
-from nanochat.checkpoint import load_model_state_strict
-from nanochat.common import RunContext
-from nanochat.distributed import record_traffic
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import setup_optimizers
-rank, work = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", init_method="file://" + work + "/store", rank=rank, world_size=2)
-start = torch.load(work + "/start.pt", weights_only=True)
-model = GPT(GPTConfig(**start["config"])).double()
-model.load_state_dict(start["model"])
-optimizers = setup_optimizers(model, **start["optimizer"])
-optimizers[1].ns_dtype = torch.float64
-ctx = RunContext(torch.device("cpu"), "cpu", torch.float32, True, rank, rank, 2)
-with record_traffic() as traffic:
-    for inputs, targets in start["batches"]:
-        half = slice(2 * rank, 2 * rank + 2)
-        trainer.train_step(model, optimizers, iter([(inputs[half], targets[half])]), 1, ctx, 1.0, 0.9, 1.0)
-torch.save(model.state_dict(), work + f"/state_{rank}.pt")
-print(json.dumps(sorted(traffic.shapes())))
-dist.destroy_process_group()
-"""
-
-
 @pytest.mark.multiprocess
 def test_two_processes_equal_one_and_communicate_only_factors(tmp_path):
     """Each of two gloo processes takes half of every batch: the same model as one process."""
     single = tiny_gpt(rank_k=4, momentum="lowrank")
-    torch.save({"config": asdict(single.config), "model": single.state_dict(), "batches": batches(2),
-                "optimizer": OPTIMIZER}, tmp_path / "start.pt")
+    states, reduced = train_in_two_gloo_processes(single, batches(2), OPTIMIZER, tmp_path)
     optimizers = optimizers_of(single)
     for batch in batches(2):
         train_step(single, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 1.0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(rank), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in range(2)]
-    outputs = [p.communicate(timeout=120) for p in procs]
-    for p, (_, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stderr
-    for rank in range(2):
-        state = torch.load(tmp_path / f"state_{rank}.pt", weights_only=True)
+    for state in states:
         for name, value in single.state_dict().items():
             torch.testing.assert_close(state[name], value, atol=1e-10, rtol=0, msg=name)
-    reduced = {tuple(shape) for shape in json.loads(outputs[0][0].strip().splitlines()[-1])}
     weights = {tuple(m.weight.shape) for m in molegrad_layers(single)}
     factors = {(m.out_features, m.rank_k) for m in molegrad_layers(single)}
     # sketch (in, k+e), energy and tokens (1,); () is the loss and the clipping norm

@@ -6,11 +6,6 @@ resume is bit-exact and two gloo processes equal one. Numerics in float64."""
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +17,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.molegrad import MoleGradLinear, molegrad_layers, molegrad_mlp, move_subspaces, orthonormalize, redraw
 from nanochat.optim import setup_optimizers
 from nanochat.trainer import train_step
-from tests.helpers import dense_grad, random_tokens, tiny_model
+from tests.helpers import dense_grad, random_tokens, tiny_model, train_in_two_gloo_processes
 
 torch.set_num_threads(1)
 
@@ -283,51 +278,18 @@ def test_resume_mid_run_is_bit_exact(targets, subspace):
         assert torch.equal(a, b), name
 
 
-CHILD = """
-import sys
-import torch
-import torch.distributed as dist
-import nanochat.trainer as trainer
-from nanochat.common import RunContext
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import setup_optimizers
-rank, work = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", init_method="file://" + work + "/store", rank=rank, world_size=2)
-start = torch.load(work + "/start.pt", weights_only=True)
-model = GPT(GPTConfig(**start["config"])).double()
-model.load_state_dict(start["model"])
-optimizers = setup_optimizers(model, **start["optimizer"])
-optimizers[1].ns_dtype = torch.float64
-ctx = RunContext(torch.device("cpu"), "cpu", torch.float32, True, rank, rank, 2)
-for inputs, targets in start["batches"]:
-    half = slice(2 * rank, 2 * rank + 2)
-    trainer.train_step(model, optimizers, iter([(inputs[half], targets[half])]), 1, ctx, 1.0, 0.9, 1.0)
-torch.save(model.state_dict(), work + f"/state_{rank}.pt")
-dist.destroy_process_group()
-"""
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("targets, subspace", ARMS)
 def test_two_processes_equal_one(tmp_path, targets, subspace):
     """Each of two gloo processes takes half of every batch: the same model as one process (the
     statistics, and the gradient variant's probe images, are summed across processes)."""
     single = variant_model(targets, subspace, momentum="lowrank")
-    torch.save({"config": asdict(single.config), "model": single.state_dict(), "batches": batches(3),
-                "optimizer": OPTIMIZER}, tmp_path / "start.pt")
+    states, _ = train_in_two_gloo_processes(single, batches(3), OPTIMIZER, tmp_path)
     optimizers = optimizers_of(single)
     for batch in batches(3):
         train_step(single, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 1.0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(rank), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in range(2)]
-    outputs = [p.communicate(timeout=120) for p in procs]
-    for p, (_, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stderr
     assert all(m.num_updates == 3 for m in molegrad_layers(single))
-    for rank in range(2):
-        state = torch.load(tmp_path / f"state_{rank}.pt", weights_only=True)
+    for state in states:
         for name, value in single.state_dict().items():
             torch.testing.assert_close(state[name], value, atol=1e-10, rtol=0, msg=name)
 
