@@ -5,7 +5,8 @@ dense against MoleGrad.
     python -m bench.ddp --n_embd=768 --molegrad_rank_k=16 --arms=dense,molegrad,molegrad_lowrank
 
 Arms: dense, molegrad (MoleGrad on --molegrad_targets at --molegrad_rank_k, dense momentum),
-molegrad_lowrank (the same, low-rank momentum); each is the memory flags with its ARMS overrides.
+molegrad_lowrank (the same, low-rank momentum); each is the memory flags with its ARMS overrides,
+the precision flags (--param_dtype, --grad_dtype, --optim_state) included, for every arm.
 Every arm trains the same model from the same init on the same global batches through
 trainer.train_step, once in this process and once in two gloo processes that each take half of
 every batch (the sharded optimizers, as under torchrun). Reported per arm: the loss after the last
@@ -89,7 +90,8 @@ def build_model(cfg: BenchConfig, arm: str) -> GPT:
 def train_arm(cfg: BenchConfig, arm: str, ctx: RunContext) -> dict[str, Any]:
     """`cfg.steps` steps of one arm on this rank's rows of every global batch."""
     model = build_model(cfg, arm)
-    optimizers = setup_optimizers(model, **OPTIMIZER)  # sharded when a process group is up
+    # sharded when a process group is up
+    optimizers = setup_optimizers(model, **OPTIMIZER, **replace(cfg, **ARMS[arm]).precision_options(), seed=cfg.seed)
     for opt in optimizers:
         if isinstance(opt, Muon):
             opt.ns_dtype = getattr(torch, cfg.dtype)  # bf16 Newton–Schulz would round the two runs apart

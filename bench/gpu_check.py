@@ -63,12 +63,14 @@ from nanochat.common import RunContext, compute_init, cpu_has_native_bf16, get_b
 from nanochat.config import RuntimeFlags, check, parse_args
 from nanochat.gpt import GPT, GPTConfig, config_from_depth, training_attention_backend
 from nanochat.memory import GiB, format_size, gpu_bytes, memory_reserve, plan_memory
-from nanochat.memory_measure import AllocationTracker
+from nanochat.memory_measure import AllocationTracker, optimizer_held
 from nanochat.model_flags import MEMORY_MODES, MEMORY_SETTINGS, MOLEGRAD_PRESETS, MemoryFlags
 from nanochat.optim import setup_optimizers
 from nanochat.trainer import train_step
 
-MODES = ("dense", "recompute_block", "molegrad_ffn", *MOLEGRAD_PRESETS)  # --modes=all: low, lowest, keep_h
+# --modes=all: the MoleGrad presets low, lowest, keep_h; the practitioner stack standard and low_bf16 (bf16 weights
+# with stochastic rounding and 8-bit states: their CUDA paths, and their plans)
+MODES = ("dense", "recompute_block", "molegrad_ffn", *MOLEGRAD_PRESETS, "standard", "low_bf16")
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}  # nanochat.memory's --dtype
 AUDIT_DEPTH = 2  # the audit's model: width 128, 2 heads of 64
 AUDIT_MAX_SEQ_LEN = 256
@@ -355,7 +357,7 @@ def audit_mode(name: str, cfg: GpuCheckConfig, ctx: RunContext) -> dict[str, Any
     torch.manual_seed(cfg.seed)
     with torch.device(ctx.device):
         model = GPT(config)
-    setup_optimizers(model, **mode_flags(name, cfg).precision_options())  # weights as training keeps them (bf16 modes)
+    setup_optimizers(model, **mode_flags(name, cfg).precision_options(), seed=cfg.seed)  # weights as training keeps them
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(cfg.seed))
     tokens = tokens.to(ctx.device)
     return {"mode": name, **autocast_audit(lambda: model(tokens[:, :-1], tokens[:, 1:]), batch * seq_len, config.n_embd, ctx)}
@@ -374,15 +376,17 @@ def mode_config(name: str, depth: int, cfg: GpuCheckConfig) -> GPTConfig:
     return config_from_depth(depth, cfg.vocab_size, cfg.seq_len, **mode_flags(name, cfg).memory_options())
 
 
-def planned_peak(config: GPTConfig, cfg: GpuCheckConfig, ctx: RunContext) -> int:
-    return plan_memory(config, 1, DTYPE_NAMES[ctx.dtype], grad_accum_steps=cfg.grad_accum, device_type=ctx.device_type).peak
+def planned_peak(name: str, depth: int, cfg: GpuCheckConfig, ctx: RunContext) -> int:
+    """The planned peak of memory setting `name` at `depth`, its precision options included."""
+    return plan_memory(mode_config(name, depth, cfg), 1, DTYPE_NAMES[ctx.dtype], grad_accum_steps=cfg.grad_accum,
+                       device_type=ctx.device_type, **mode_flags(name, cfg).precision_options()).peak
 
 
 def deepest_lowest_depth(budget: int, cfg: GpuCheckConfig, ctx: RunContext) -> int:
     """The deepest depth whose planned lowest-mode peak fits `budget` bytes (0 = none)."""
     deepest = 0
     for depth in range(1, 129):
-        if planned_peak(mode_config("lowest", depth, cfg), cfg, ctx) > budget:
+        if planned_peak("lowest", depth, cfg, ctx) > budget:
             break
         deepest = depth
     return deepest
@@ -407,7 +411,7 @@ def train_row(name: str, depth: int, backend: str, cfg: GpuCheckConfig, ctx: Run
     the plan, the measured peaks beyond what was allocated before the model was built, median
     tokens/s and MFU."""
     config = mode_config(name, depth, cfg)
-    planned = planned_peak(config, cfg, ctx)
+    planned = planned_peak(name, depth, cfg, ctx)
     cuda = ctx.device_type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -417,7 +421,7 @@ def train_row(name: str, depth: int, backend: str, cfg: GpuCheckConfig, ctx: Run
     torch.manual_seed(cfg.seed)
     with torch.device(ctx.device):
         model = GPT(config)
-    optimizers = setup_optimizers(model, **mode_flags(name, cfg).precision_options())
+    optimizers = setup_optimizers(model, **mode_flags(name, cfg).precision_options(), seed=cfg.seed)
     runner = torch.compile(model, backend=backend, dynamic=False) if backend else model
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -436,8 +440,7 @@ def train_row(name: str, depth: int, backend: str, cfg: GpuCheckConfig, ctx: Run
         allocated = torch.cuda.max_memory_allocated() - base_allocated
         reserved = torch.cuda.max_memory_reserved() - base_reserved
     else:  # one more step, eager, counted as CUDA counts allocations (no allocator cache: nothing reserved)
-        state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-        with AllocationTracker([*model.parameters(), *model.buffers(), *state]) as tracker:
+        with AllocationTracker([*model.parameters(), *model.buffers(), *optimizer_held(optimizers)]) as tracker:
             train_step(model, optimizers, stream, cfg.grad_accum, ctx)
         allocated, reserved = tracker.peak, None
     tokens_per_step = cfg.grad_accum * config.sequence_len

@@ -1,15 +1,22 @@
-"""Step speed of the memory modes side by side: dense, recompute_block, molegrad_ffn (MoleGrad's
-defaults), keep_h, lowest (eager and torch.compile'd), on one model, one process, arms interleaved.
+"""Step speed of the memory modes side by side, on one model, one process, arms interleaved: by
+default every mode a user is told to pick (DEFAULT_ARMS: dense, recompute_block, the MoleGrad presets
+low, lowest, keep_h, the practitioner stack standard and low_bf16); any other memory setting, and
+lowest torch.compile'd, on request.
 
-    python -m bench.memory_modes                   # d8 (width 512), vocab 8192, seq 512: ~5 min on 2 CPU cores
-    python -m bench.memory_modes --arms=dense,keep_h --rounds=3
+    python -m bench.memory_modes                   # d8 (width 512), vocab 8192, seq 512: 7 rounds, ~80 s each on 1 core
+    python -m bench.memory_modes --arms=dense,bf16_weights,int8_states,recompute_block,standard --threads=1
+    python -m bench.memory_modes --arms=lowest,lowest_compiled
 
-Each arm builds the model as base_train does for its memory setting (nanochat.model_flags.MEMORY_SETTINGS,
-applied to this bench's memory flags: MoleGrad at --molegrad_rank_k; keep_h and lowest compress every
-block Linear with low-rank momentum) and runs optimizer steps on random tokens. Steps are taken in rounds, one step of every arm per round, so that a change in machine
-load hits every arm alike; the first --warmup rounds are discarded (compilation happens there) and
-the median of the rest is reported, with tokens/s and its ratio to dense and to recompute_block.
-Compile arms count the graphs dynamo compiled (one compilation = one graph, no recompiles).
+Each arm builds the model and optimizers as base_train does for its memory setting
+(nanochat.model_flags.MEMORY_SETTINGS, applied to this bench's memory flags: MoleGrad at
+--molegrad_rank_k, the precision options of the setting) and runs optimizer steps on random tokens.
+Steps are taken in rounds, one step of every arm per round, so that a change in machine load hits
+every arm alike; the first --warmup rounds are discarded (compilation happens there) and the median
+of the rest is reported, with tokens/s and its ratio to dense and to recompute_block. An arm with
+precision options (bf16 weights, 8-bit states) is also compared with its fp32 twin, the arm with the
+same model options and fp32 precision (standard -> recompute_block, low_bf16 -> low), where it ran:
+issue 25's goal is >= 0.9x. Compile arms count the graphs dynamo compiled (one compilation = one
+graph, no recompiles).
 Timing needs a quiet machine: check `cat /proc/loadavg` first. Table, goals, then one JSON line.
 """
 
@@ -32,17 +39,16 @@ from nanochat.optim import setup_optimizers
 from nanochat.trainer import train_step
 
 # arm -> (memory setting, compiled)
-ARMS: dict[str, tuple[str, bool]] = {
-    **{name: (name, False) for name in ("dense", "recompute_block", "molegrad_ffn", "keep_h", "lowest")},
-    "lowest_compiled": ("lowest", True),
-}
+ARMS: dict[str, tuple[str, bool]] = {**{name: (name, False) for name in MEMORY_SETTINGS}, "lowest_compiled": ("lowest", True)}
+DEFAULT_ARMS = ("dense", "recompute_block", "low", "lowest", "keep_h", "standard", "low_bf16")
+PRECISION_GOAL = 0.9  # an arm with precision options: at least this share of its fp32 twin's tokens/s
 
 
 @dataclass
 class MemoryModesConfig(MemoryFlags):
-    """Tokens/s of dense, recompute_block, molegrad_ffn, keep_h and lowest (eager, compiled)."""
+    """Tokens/s of the memory modes a user picks from (eager; lowest also compiled), side by side."""
 
-    arms: str = field(default=",".join(ARMS), metadata={"help": f"comma-separated from {'|'.join(ARMS)}"})
+    arms: str = field(default=",".join(DEFAULT_ARMS), metadata={"help": f"comma-separated from {'|'.join(ARMS)}"})
     depth: int = field(default=8, metadata={"help": "model size (as base_train --depth; 8 -> width 512)"})
     vocab_size: int = field(default=8192, metadata={"help": "vocabulary (random tokens)"})
     max_seq_len: int = field(default=512, metadata={"help": "tokens per row"})
@@ -73,8 +79,9 @@ class Arm:
         torch.manual_seed(0)
         self.name, self.compiled = name, ARMS[name][1]
         self.config = config_from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, **arm_flags(name, cfg).memory_options())
+        self.precision = arm_flags(name, cfg).precision_options()
         self.model = GPT(self.config).to(ctx.device)
-        self.optimizers = setup_optimizers(self.model)
+        self.optimizers = setup_optimizers(self.model, **self.precision, seed=0)
         self.forward = torch.compile(self.model) if self.compiled else self.model
         self.generator = torch.Generator().manual_seed(1)
         self.times: list[float] = []
@@ -122,6 +129,10 @@ def run(cfg: MemoryModesConfig) -> dict[str, Any]:
     }
     needed = {"lowest >= 1.15x the tokens/s of recompute_block": 1.15, "keep_h >= 1.10x the tokens/s of dense": 1.10,
               "compiled lowest >= eager lowest": 1.0}
+    for arm, twin in fp32_twins(arms).items():
+        goal = f"{arm.name} >= {PRECISION_GOAL}x the tokens/s of {twin.name} (its fp32 twin)"
+        results[arm.name]["vs_fp32_twin"] = checks[goal] = ratio(arm.name, twin.name)
+        needed[goal] = PRECISION_GOAL
     goals = {goal: None if value is None else bool(value >= needed[goal]) for goal, value in checks.items()}
     if "lowest_compiled" in results:
         goals["compiled lowest: one compilation"] = results["lowest_compiled"]["graphs_compiled"] == 1
@@ -129,10 +140,10 @@ def run(cfg: MemoryModesConfig) -> dict[str, Any]:
     print(f"depth {cfg.depth} (width {width}), vocab {cfg.vocab_size}, {cfg.device_batch_size} x {cfg.max_seq_len} tokens/step, "
           f"MoleGrad k={cfg.molegrad_rank_k}, {ctx.dtype}, {torch.get_num_threads()} threads, {cfg.rounds} rounds after {cfg.warmup}; "
           f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
-    print(f"{'arm':<17}{'step s':>8}{'tok/s':>9}{'vs dense':>10}{'vs block':>10}")
+    print(f"{'arm':<17}{'step s':>8}{'tok/s':>9}{'vs dense':>10}{'vs block':>10}{'vs fp32':>9}")
     for name, r in results.items():
         print(f"{name:<17}{r['step_s']:>8.3f}{r['tok_per_s']:>9.0f}{r.get('vs_dense', float('nan')):>10.2f}"
-              f"{r.get('vs_recompute_block', float('nan')):>10.2f}" + (f"   graphs compiled: {r['graphs_compiled']}" if "graphs_compiled" in r else ""))
+              f"{r.get('vs_recompute_block', float('nan')):>10.2f}{r.get('vs_fp32_twin', float('nan')):>9.2f}" + (f"   graphs compiled: {r['graphs_compiled']}" if "graphs_compiled" in r else ""))
     for goal, passed in goals.items():
         value = checks.get(goal)
         print(f"  {'n/a ' if passed is None else 'PASS' if passed else 'FAIL'}  {goal}" + (f" ({value:.2f}x)" if value else ""))
@@ -140,6 +151,19 @@ def run(cfg: MemoryModesConfig) -> dict[str, Any]:
                "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results, "goals": goals}
     print(json.dumps(summary))
     return summary
+
+
+def fp32_twins(arms: list[Arm]) -> dict[Arm, Arm]:
+    """Each eager arm with precision options -> the eager arm among `arms` with the same model and
+    fp32 precision (the options' defaults), where there is one."""
+    fp32 = MemoryFlags().precision_options()
+    twins = {}
+    for arm in arms:
+        if arm.precision != fp32 and not arm.compiled:
+            twin = next((t for t in arms if t.precision == fp32 and not t.compiled and t.config == arm.config), None)
+            if twin is not None:
+                twins[arm] = twin
+    return twins
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

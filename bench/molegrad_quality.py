@@ -4,6 +4,8 @@
     python -m bench.molegrad_quality --arms=dense_muon,dense_adamw,galore_k6,molegrad_k6,lowrank_k6,flagship_k6,flagship_k24,flagship_k64
                                                           # the committed results: the default arms + k = width / 4
     python -m bench.molegrad_quality --jobs=1 --arms=dense_muon,flagship_k6 --budget_fractions=0.1
+    python -m bench.molegrad_quality --arms=dense_muon,standard,bf16,int8,lowrank_k6,lowbf16_k6 \
+        --out=bench/results/precision_quality.json        # issue 25's arms: the precision options
 
 The model: one block of width 256 (786k block parameters), 4 heads of 64, context 256, its own
 BPE tokenizer of --vocab_size 2048 trained on the corpus (a small vocabulary keeps the LM head
@@ -25,9 +27,13 @@ and the attention output dense; tests H1/H3, that q/k/o need what the inputs' pr
 drops), unbiased_k* (--molegrad_subspace=unbiased: k - k//2 principal + k//2 random directions,
 rescaled to an unbiased gradient; tests H2 and H4, bias and a frozen subspace), gradient_k*
 (--molegrad_subspace=gradient: the subspace follows the weight gradient's second moment as well,
-from random probes; tests H1). Low-rank arms run the default dense-norm step rule
-(LOWRANK_STEP_RULE below); the JSON gives each arm's `unit_rule_lr` = lr x r, the unit rule's equivalent.
-No arm clips gradients (a compressed gradient's norm is only its captured part, so clipping
+from random probes; tests H1). Issue 25's arms, the precision options of nanochat/precision.py
+(Muon, as dense_muon): standard (--memory_mode=standard, the practitioner's stack: bf16 weights
+updated with stochastic rounding, 8-bit optimizer states, and block recompute, which is exact),
+each option alone, bf16 (bf16 weights) and int8 (8-bit states), and lowbf16_k*
+(--memory_mode=low_bf16: MoleGrad's low with standard's precision; lowrank_k* is low in fp32,
+recompute aside). Low-rank arms run the default dense-norm step rule (LOWRANK_STEP_RULE below);
+the JSON gives each arm's `unit_rule_lr` = lr x r, the unit rule's equivalent. No arm clips gradients (a compressed gradient's norm is only its captured part, so clipping
 would fire differently per arm).
 
 Budgets: the largest is --tokens_per_param tokens per block parameter (default 10), the others
@@ -94,6 +100,7 @@ from nanochat.config import ConfigError, Flags, UserError, check, parse_args
 from nanochat.gpt import BLOCK_LINEARS, GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.memory import read_model
+from nanochat.memory import state_bytes as momentum_state_bytes
 from nanochat.molegrad import MoleGradLinear
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, lowrank_step_scale, setup_optimizers
 from nanochat.model_flags import MEMORY_SETTINGS, MemoryFlags
@@ -112,7 +119,13 @@ FAMILIES = {
     "ffnv": ("muon", "molegrad_all_lowrank", {"molegrad_targets": "ffn_v"}),
     "unbiased": ("muon", "molegrad_all_lowrank", {"molegrad_subspace": "unbiased"}),
     "gradient": ("muon", "molegrad_all_lowrank", {"molegrad_subspace": "gradient"}),
+    # issue 25: the precision options, in the practitioner's stack, alone, and with MoleGrad's low
+    "standard": ("muon", "standard"),
+    "bf16": ("muon", "bf16_weights"),
+    "int8": ("muon", "int8_states"),
+    "lowbf16": ("muon", "low_bf16"),
 }
+UNRANKED = ("dense_muon", "dense_adamw", "standard", "bf16", "int8")  # the arms without a rank: no MoleGrad, no GaLore
 # Low-rank momentum arms run the product's default step rule, pinned so that the results stay
 # comparable if the default changes; `unit_rule_lr` in the JSON is lr x r, the unit rule's equivalent
 # (exact here: no weight decay).
@@ -125,7 +138,8 @@ class QualityConfig(Flags):
     """MoleGrad's quality against dense Muon, dense AdamW and GaLore, vs tokens, at GPU-like k/in."""
 
     arms: str = field(default="dense_muon,dense_adamw,galore_k6,molegrad_k6,lowrank_k6,flagship_k6,flagship_k24", metadata={
-        "help": "comma-separated: dense_muon, dense_adamw, or galore|molegrad|lowrank|flagship|ffnv|unbiased|gradient_k<rank>"})
+        "help": "comma-separated: dense_muon, dense_adamw, standard, bf16, int8, or "
+                "galore|molegrad|lowrank|flagship|ffnv|unbiased|gradient|lowbf16_k<rank>"})
     n_embd: int = field(default=256, metadata={"help": "model width"})
     n_layer: int = field(default=1, metadata={"help": "transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
@@ -177,22 +191,27 @@ class QualityConfig(Flags):
 
 def parse_arm(arm: str) -> tuple[str, int]:
     """'flagship_k6' -> ('flagship', 6); 'dense_muon' -> ('dense_muon', 0). Unknown: UserError."""
-    if arm in ("dense_muon", "dense_adamw"):
+    if arm in UNRANKED:
         return arm, 0
     family, _, rank = arm.rpartition("_k")
-    if family not in FAMILIES or not rank.isdigit() or int(rank) < 1:
-        raise ConfigError(f"--arms: unknown arm {arm!r}; expected dense_muon, dense_adamw or "
-                        f"{'|'.join(f for f in FAMILIES if not f.startswith('dense'))}_k<rank>")
+    if family not in FAMILIES or family in UNRANKED or not rank.isdigit() or int(rank) < 1:
+        raise ConfigError(f"--arms: unknown arm {arm!r}; expected {', '.join(UNRANKED)} or "
+                          f"{'|'.join(f for f in FAMILIES if f not in UNRANKED)}_k<rank>")
     return family, int(rank)
 
 
-def model_config(cfg: QualityConfig, arm: str, vocab_size: int) -> GPTConfig:
+def arm_flags(arm: str) -> MemoryFlags:
+    """The arm's memory flags: its family's memory setting (model_flags.MEMORY_SETTINGS) at its rank.
+    .memory_options() build its model, .precision_options() its optimizers."""
     family, rank = parse_arm(arm)
     setting, *overrides = FAMILIES[family][1:]
-    flags = replace(MemoryFlags(), **{**MEMORY_SETTINGS[setting], **(overrides[0] if overrides else {})},
-                    **({"molegrad_rank_k": rank} if rank else {}))
+    return replace(MemoryFlags(), **{**MEMORY_SETTINGS[setting], **(overrides[0] if overrides else {})},
+                   **({"molegrad_rank_k": rank} if rank else {}))
+
+
+def model_config(cfg: QualityConfig, arm: str, vocab_size: int) -> GPTConfig:
     return GPTConfig(sequence_len=cfg.seq_len, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_kv_head=cfg.n_head, n_embd=cfg.n_embd, **flags.memory_options())
+                     n_kv_head=cfg.n_head, n_embd=cfg.n_embd, **arm_flags(arm).memory_options())
 
 
 def block_params(config: GPTConfig) -> int:
@@ -233,26 +252,27 @@ def training_flops_per_token(config: GPTConfig) -> float:
     return float(total)
 
 
-def state_bytes(config: GPTConfig, family: str, rank: int) -> int:
-    """fp32 optimizer state of the block matrices: Muon momentum (out, in), or (out, k) low-rank
-    momentum; MoleGrad's Q (in, k), sketch (in, t) and the gradient variant's probes (out, t); AdamW's
-    two moments; GaLore's two moments of the projected gradient (rank r) and its projector."""
+def state_bytes(config: GPTConfig, family: str, rank: int, optim_state: str = "float32") -> int:
+    """Optimizer state of the block matrices: Muon momentum (out, in), or (out, k) low-rank momentum,
+    in fp32 or 8-bit (optim_state: nanochat.memory.state_bytes); MoleGrad's fp32 Q (in, k), sketch
+    (in, t) and the gradient variant's probes (out, t); AdamW's two fp32 moments; GaLore's two moments
+    of the projected gradient (rank r) and its projector."""
     model = read_model(config)
     compressed = compressed_linears(config)
-    total = 0
+    fp32_values, momenta = 0, []  # momenta: the numel of each Muon momentum
     for name, (out, inp) in model.linears.items():
         if family == "adamw":
-            total += 2 * out * inp
+            fp32_values += 2 * out * inp
         elif family == "galore":  # proj_type "std": the smaller side is projected
             r = min(rank, out, inp)
-            total += 2 * out * r + r * inp if out >= inp else 2 * r * inp + out * r
+            fp32_values += 2 * out * r + r * inp if out >= inp else 2 * r * inp + out * r
         elif name in compressed:
             layer = compressed[name]
-            momentum = out * layer.rank_k if config.molegrad_momentum == "lowrank" else out * inp
-            total += momentum + layer.Q.numel() + layer.sketch.numel() + (layer.probes.numel() if layer.probes is not None else 0)
+            momenta.append(out * layer.rank_k if config.molegrad_momentum == "lowrank" else out * inp)
+            fp32_values += layer.Q.numel() + layer.sketch.numel() + (layer.probes.numel() if layer.probes is not None else 0)
         else:
-            total += out * inp
-    return 4 * config.n_layer * total
+            momenta.append(out * inp)
+    return config.n_layer * (4 * fp32_values + sum(momentum_state_bytes(numel, optim_state) for numel in momenta))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +301,14 @@ def make_galore(model: GPT, lr: float, rank: int, gap: int, scale: float) -> tor
                                    no_deprecation_warning=True)
 
 
-def make_optimizers(model: GPT, arm: str, lr: float, steps: int, cfg: QualityConfig) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: GPT, arm: str, lr: float, steps: int, cfg: QualityConfig,
+                    seed: int = 0) -> list[torch.optim.Optimizer]:
     """base_train's AdamW for the embedding and head in every arm; the block matrices get Muon at
-    matrix_lr = lr (dense and MoleGrad arms), AdamW at lr, or GaLore at lr."""
+    matrix_lr = lr (dense and MoleGrad arms), AdamW at lr, or GaLore at lr. The arm's precision
+    options apply (seed: the stochastic rounding's bits, the run's seed)."""
     family, rank = parse_arm(arm)
-    optimizers = setup_optimizers(model, matrix_lr=lr, lowrank_step_rule=LOWRANK_STEP_RULE)
+    optimizers = setup_optimizers(model, matrix_lr=lr, lowrank_step_rule=LOWRANK_STEP_RULE,
+                                  **arm_flags(arm).precision_options(), seed=seed)
     kind = family_kind(arm)
     if kind == "muon":
         return optimizers
@@ -325,7 +348,7 @@ def train_run(spec: RunSpec, data: TokenData, cfg: QualityConfig, ctx: RunContex
     config = model_config(cfg, spec.arm, data.vocab_size)
     torch.manual_seed(spec.seed)
     model = GPT(config)
-    optimizers = make_optimizers(model, spec.arm, spec.lr, spec.steps, cfg)
+    optimizers = make_optimizers(model, spec.arm, spec.lr, spec.steps, cfg, spec.seed)
     probed = config.molegrad_rank_k > 0 or spec.arm.startswith("galore")
     twin = dense_twin(config) if probed and cfg.energy_probes else None
     probe_every = max(1, spec.steps // cfg.energy_probes) if cfg.energy_probes else 0
@@ -431,8 +454,10 @@ def summarize(runs: dict[str, dict[str, Any]], cfg: QualityConfig, vocab_size: i
         lr = chosen_lr(runs, cfg, arm)
         config = model_config(cfg, arm, vocab_size)
         flops = training_flops_per_token(config)
-        entry: dict[str, Any] = {"lr": lr, "lr_sweep": {}, "flops_per_token": flops,
-                                 "state_bytes": state_bytes(config, family_kind(arm), parse_arm(arm)[1]), "budgets": {}}
+        precision = arm_flags(arm).precision_options()
+        entry: dict[str, Any] = {"lr": lr, "lr_sweep": {}, "flops_per_token": flops, "precision": precision,
+                                 "state_bytes": state_bytes(config, family_kind(arm), parse_arm(arm)[1], precision["optim_state"]),
+                                 "budgets": {}}
         for spec in sweep_specs(cfg, arm, runs):
             if spec.key in runs:
                 entry["lr_sweep"][f"{spec.lr:.6g}"] = {"selection_bpb": runs[spec.key]["selection_bpb"],
@@ -494,17 +519,27 @@ def goals(arms: dict[str, Any], cfg: QualityConfig) -> dict[str, bool | None]:
         point = arms.get(arm, {}).get("budgets", {}).get(steps[-1]) if arm else None
         return point["heldout_bpb"] if point else None
 
-    largest, middle = gap(flagship, steps[-1]), gap(flagship, steps[-2]) if len(steps) > 1 else None
-    equal_flops = arms.get(flagship, {}).get("bpb_vs_dense_at_equal_flops_pct") if flagship else None
-    same_rank_galore = f"galore_k{parse_arm(flagship)[1]}" if flagship else None
-    galore = same_rank_galore if same_rank_galore in arms else galore
-    return {
-        f"{flagship} within +2% of dense Muon at the largest budget": None if largest is None else largest <= 2.0,
-        f"{flagship}'s gap not growing from the middle to the largest budget": None if largest is None or middle is None else largest <= middle,
-        f"{flagship} at least as good as dense Muon at equal FLOPs": None if equal_flops is None else equal_flops <= 0.0,
-        f"{flagship} better than {galore} at the largest budget": None if heldout(flagship) is None or heldout(galore) is None
-        else heldout(flagship) < heldout(galore),
-    }
+    def within(arm: str, limit: float) -> dict[str, bool | None]:
+        largest, middle = gap(arm, steps[-1]), gap(arm, steps[-2]) if len(steps) > 1 else None
+        return {f"{arm} within +{limit:g}% of dense Muon at the largest budget": None if largest is None else largest <= limit,
+                f"{arm}'s gap not growing from the middle to the largest budget":
+                    None if largest is None or middle is None else largest <= middle}
+
+    result: dict[str, bool | None] = {}
+    if flagship:
+        equal_flops = arms.get(flagship, {}).get("bpb_vs_dense_at_equal_flops_pct")
+        same_rank_galore = f"galore_k{parse_arm(flagship)[1]}"
+        galore = same_rank_galore if same_rank_galore in arms else galore
+        result |= within(flagship, 2.0) | {
+            f"{flagship} at least as good as dense Muon at equal FLOPs": None if equal_flops is None else equal_flops <= 0.0,
+            f"{flagship} better than {galore} at the largest budget": None if heldout(flagship) is None or heldout(galore) is None
+            else heldout(flagship) < heldout(galore),
+        }
+    # issue 25: the practitioner's stack within +1% of fp32 dense, MoleGrad's low with its precision within +2%
+    for arm in cfg.arm_names():
+        if arm == "standard" or arm.startswith("lowbf16_"):
+            result |= within(arm, 1.0 if arm == "standard" else 2.0)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

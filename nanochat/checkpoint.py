@@ -364,8 +364,9 @@ def load_model(
 
 
 def inference_dtype(device_type: str, override: str) -> torch.dtype:
-    """The dtype of the weights for decoding: bf16 on CUDA (when supported); float32 on CPU and
-    MPS, where decode steps were not faster in bf16 (python -m bench.inference --dtypes=float32,bfloat16)."""
+    """The dtype of the weights for decoding: bf16 on CUDA (when native); float32 on CPU and MPS,
+    where decode steps were not faster with bf16 weights (python -m bench.inference
+    --dtypes=float32,bfloat16; on a CPU bf16 weights compute in fp32 unless under autocast)."""
     if override == "auto" and device_type != "cuda":
         return torch.float32
     return resolve_dtype(device_type, override)

@@ -268,9 +268,10 @@ class Engine:
     """Sampling with a KV cache, stop tokens and the calculator tool (see the module docstring).
 
     tokenizer: gives the special-token ids and encodes tool results; None means plain decoding
-    (no stop tokens, no tool), for benchmarks of raw models. The model runs in its own dtype:
-    cast its weights (`model.to(torch.bfloat16)`) to decode in bf16, or call under autocast. The
-    model is only read, so several engines (threads) may share one model.
+    (no stop tokens, no tool), for benchmarks of raw models. The model computes in its weights'
+    dtype on CUDA (`model.to(torch.bfloat16)` decodes in bf16) and at least in fp32 on a CPU (bf16
+    weights there save memory, not time; autocast makes the matmuls bf16). The model is only read,
+    so several engines (threads) may share one model.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None) -> None:

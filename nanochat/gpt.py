@@ -6,6 +6,9 @@ logit softcap, no biases. `config_from_depth` sizes width and heads from one kno
 Optional recipe pieces from upstream nanochat's 2026 recipe (RECIPE_PIECES, all off by default:
 off, the forward is exactly the one above): per-layer residual/x0 lambdas, a smear gate, backout
 and value embeddings; docs/recipe.md.
+The weights' dtype is not the compute dtype: every Linear casts its weight to its input's dtype, and on
+a CPU the residual stream is at least float32 (GPT.stream_dtype), so bf16 weights
+(--param_dtype=bfloat16) compute in fp32 there unless autocast asks for bf16.
 The autograd pieces are in nanochat/ops.py; what each keeps for backward is in docs/memory.md.
 """
 
@@ -209,6 +212,18 @@ def config_from_depth(
 # ---------------------------------------------------------------------------------------------
 # the transformer
 
+class Linear(nn.Linear):
+    """nn.Linear without bias that computes in its input's dtype: a bf16 weight serves an fp32
+    forward by a cast per call (as MoleGradLinear and the LM head do), instead of turning the
+    matmul into a bf16 one. Under autocast the input is already in autocast's dtype."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
 LinearFactory = Callable[[int, int, int, str], nn.Module]  # (in_features, out_features, layer_idx, name)
 
 
@@ -222,7 +237,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = linear(config.n_embd, self.n_kv_head * self.head_dim, layer_idx, "attn.c_v")
         self.c_proj = linear(config.n_embd, config.n_embd, layer_idx, "attn.c_proj")
         # value embeddings: a gate per kv head from the first few channels of the normed input
-        self.ve_gate = (nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
+        self.ve_gate = (Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head)
                         if has_value_embed(config, layer_idx) else None)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
@@ -351,11 +366,11 @@ class GPT(nn.Module):
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, i, self._linear) for i in range(config.n_layer)]),
         })
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
         # recipe pieces: attributes are None when off (no parameters, nothing in the state dict)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer)) if config.layer_lambdas else None
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer)) if config.layer_lambdas else None
-        self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.n_embd), 1, bias=False) if config.smear_gate else None
+        self.smear_gate = Linear(min(SMEAR_GATE_CHANNELS, config.n_embd), 1) if config.smear_gate else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear_gate else None
         self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
         self.value_embeds = nn.ModuleDict({
@@ -387,7 +402,7 @@ class GPT(nn.Module):
                                    warm_start_decay=cfg.molegrad_warm_start_decay,
                                    seed=layer_idx * len(BLOCK_LINEARS) + BLOCK_LINEARS.index(name),
                                    subspace=cfg.molegrad_subspace)
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features)
 
     def _init_rotary(self) -> None:
         self.cos, self.sin = rotary_tables(self.rotary_seq_len, self.config.head_dim, device=self.lm_head.weight.device)
@@ -444,6 +459,16 @@ class GPT(nn.Module):
                 if block.attn.ve_gate is not None:
                     nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
 
+    def stream_dtype(self, device_type: str) -> torch.dtype:
+        """The residual stream's dtype: the weights', but at least float32 on a CPU, whose bf16
+        matmuls are emulated in software unless it has AMX or AVX-512 BF16, and there the scripts
+        compute under bf16 autocast, which sets the matmuls' dtype anyway. So bf16 weights
+        (--param_dtype=bfloat16) train at fp32's speed on any CPU (python -m bench.memory_modes
+        --arms=dense,bf16_weights). On CUDA bf16 weights compute in bf16, autocast or not (an
+        inference model is cast to bf16 to decode in bf16)."""
+        weights = self.lm_head.weight.dtype
+        return torch.promote_types(weights, torch.float32) if device_type == "cpu" else weights
+
     def num_params(self) -> int:
         """All parameters, embedding included."""
         return sum(p.numel() for p in self.parameters())
@@ -472,13 +497,14 @@ class GPT(nn.Module):
         if start + T > self.rotary_seq_len:
             raise ValueError(f"sequence too long: positions up to {start + T} but the rotary table covers "
                              f"{self.rotary_seq_len} (= {ROTARY_LENGTH_FACTOR} x sequence_len)")
-        dtype = compute_dtype(idx.device.type, self.lm_head.weight.dtype)
+        stream_dtype = self.stream_dtype(idx.device.type)
+        dtype = compute_dtype(idx.device.type, stream_dtype)  # the matmuls'
         positions = None if kv_cache is None else kv_cache.positions(T)  # (B, T) when the cache's rows differ
         if positions is None:
             cos, sin = self.cos[start:start + T].to(dtype), self.sin[start:start + T].to(dtype)  # (T, 1, head_dim)
         else:
             cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (B, T, 1, head_dim)
-        x = norm(self.transformer.wte(idx))  # (B, T, d)
+        x = norm(self.transformer.wte(idx).to(stream_dtype))  # (B, T, d)
         if self.config.recipe_pieces():
             x = self._recipe_trunk(idx, x, cos, sin, kv_cache)
         else:
@@ -506,7 +532,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if self.value_embeds is not None and str(i) in self.value_embeds else None
+            ve = (self.value_embeds[str(i)](idx).to(x.dtype) if self.value_embeds is not None and str(i) in self.value_embeds
+                  else None)
             x = block(x, cos, sin, kv_cache, ve)
             if i == backout_layer:
                 x_backout = x

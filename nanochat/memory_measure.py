@@ -27,9 +27,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from nanochat.common import RunContext
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import setup_optimizers
+from nanochat.precision import prepare_parameters
 from nanochat.trainer import train_step
 
-# --dtype of the planner: the compute dtype (master weights are fp32 either way)
+# --dtype of the planner: the compute dtype (the weights' is --param_dtype)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # the fresh process that measure_peak runs on CPU: freed blocks of >= 64 KiB go back to the system at
 # once (mmap), the heap is trimmed, one arena, one thread, and no tcmalloc (it keeps freed memory)
@@ -68,26 +69,27 @@ class BlockSavedBytes(NamedTuple):
 
 
 def measure_block_saved_bytes(config: GPTConfig, dtype: str, lengths: tuple[int, int] = (32, 96),
-                              batch_size: int = 2, part: str = "block") -> BlockSavedBytes:
-    """What one block of `config` (fp32 weights, bf16 autocast or fp32) saves for backward, from the
-    saved bytes at two sequence lengths; part="mlp": its MLP alone. With value_embeds the block
+                              batch_size: int = 2, part: str = "block", param_dtype: str = "float32") -> BlockSavedBytes:
+    """What one block of `config` (`param_dtype` weights, bf16 autocast or fp32) saves for backward, from
+    the saved bytes at two sequence lengths; part="mlp": its MLP alone. With value_embeds the block
     carries one (the only block is the last), and its lookup runs inside the measurement."""
     if part not in ("block", "mlp"):
         raise ValueError(f"part: expected block or mlp, got {part!r}")
     torch.manual_seed(0)
     model = GPT(replace(config, n_layer=1, sequence_len=max(lengths)))
-    block, d = model.transformer.h[0], config.n_embd
+    prepare_parameters(model, param_dtype)
+    block, d, stream = model.transformer.h[0], config.n_embd, model.stream_dtype("cpu")
     autocast = dtype == "bfloat16"
     sizes, shapes = [], []
     for length in lengths:
-        x = torch.randn(batch_size, length, d, requires_grad=True)
+        x = torch.randn(batch_size, length, d, dtype=stream, requires_grad=True)  # the residual stream
         idx = torch.randint(0, config.vocab_size, (batch_size, length))
         cos, sin = model.cos[:length].to(DTYPES[dtype]), model.sin[:length].to(DTYPES[dtype])
 
         def run():
             if part == "mlp":
                 return block.mlp(x)
-            ve = model.value_embeds["0"](idx) if model.value_embeds is not None else None
+            ve = model.value_embeds["0"](idx).to(stream) if model.value_embeds is not None else None
             return block(x, cos, sin, None, ve)
 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -103,14 +105,15 @@ def measure_block_saved_bytes(config: GPTConfig, dtype: str, lengths: tuple[int,
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (inputs, targets), each (batch_size, sequence_len)
 
 
-def training_setup(config: GPTConfig, batch_size: int, dtype: str,
-                   device: str) -> tuple[GPT, list[torch.optim.Optimizer], Batches, RunContext]:
-    """A fresh model, base_train's optimizers, a stream of random (inputs, targets) micro-batches
-    and the RunContext: what a measured training step needs."""
+def training_setup(config: GPTConfig, batch_size: int, dtype: str, device: str,
+                   **precision: str) -> tuple[GPT, list[torch.optim.Optimizer], Batches, RunContext]:
+    """A fresh model, base_train's optimizers (with the precision options of `precision`:
+    param_dtype, grad_dtype, optim_state), a stream of random (inputs, targets) micro-batches and
+    the RunContext: what a measured training step needs."""
     ctx = RunContext(torch.device(device), device, DTYPES[dtype], False, 0, 0, 1)
     with torch.device(device):
         model = GPT(config)
-    optimizers = setup_optimizers(model)
+    optimizers = setup_optimizers(model, **precision)
     generator = torch.Generator().manual_seed(0)
 
     def batches():
@@ -123,10 +126,10 @@ def training_setup(config: GPTConfig, batch_size: int, dtype: str,
 
 
 def run_training_steps(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int, steps: int,
-                       device: str) -> GPT:
+                       device: str, **precision: str) -> GPT:
     """`steps` optimizer steps of base_train's kind on random tokens (the first creates the
     optimizer state, so steady state needs 2)."""
-    model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, device)
+    model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, device, **precision)
     for _ in range(steps):
         train_step(model, optimizers, stream, grad_accum_steps, ctx)
     return model
@@ -160,13 +163,25 @@ class AllocationTracker(TorchDispatchMode):
         self.current -= self.live.pop(key, 0)
 
 
-def measure_allocated_peak(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int = 2) -> int:
+def optimizer_held(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    """The tensors optimizers keep between steps: their per-parameter state and, with 8-bit states,
+    the tables of their quantization maps (precision.OptimizerStates, made at the first step)."""
+    held = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    for opt in optimizers:
+        states = getattr(opt, "states", None)
+        if states is not None:
+            held += [*states._qmaps.values(), *(t for pair in states._code_tables.values() for t in pair)]
+    return held
+
+
+def measure_allocated_peak(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int = 2,
+                           **precision: str) -> int:
     """Peak bytes of tensor storage of a steady training step (after one that creates the optimizer
-    state), in this process, on CPU: model, optimizer state, gradients, activations, temporaries."""
-    model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, "cpu")
+    state), in this process, on CPU: model, optimizer state, gradients, activations, temporaries.
+    precision: setup_optimizers' param_dtype, grad_dtype, optim_state."""
+    model, optimizers, stream, ctx = training_setup(config, batch_size, dtype, "cpu", **precision)
     train_step(model, optimizers, stream, grad_accum_steps, ctx)
-    state = [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    with AllocationTracker([*model.parameters(), *model.buffers(), *state]) as tracker:
+    with AllocationTracker([*model.parameters(), *model.buffers(), *optimizer_held(optimizers)]) as tracker:
         train_step(model, optimizers, stream, grad_accum_steps, ctx)
     return tracker.peak
 
@@ -199,30 +214,32 @@ def measure_child(spec: str) -> None:
     torch.set_num_threads(1)
     # one step first, at the same shapes, so that the baseline holds the code and the libraries'
     # caches for them (oneDNN's bf16 matmul primitives: ~7 MiB), which are not training state
-    run_training_steps(config, args["batch_size"], args["dtype"], args["grad_accum_steps"], 1, "cpu")
+    run_training_steps(config, args["batch_size"], args["dtype"], args["grad_accum_steps"], 1, "cpu", **args["precision"])
     gc.collect()
     baseline = resident_bytes()
     reset_high_water()
-    run_training_steps(config, args["batch_size"], args["dtype"], args["grad_accum_steps"], args["steps"], "cpu")
+    run_training_steps(config, args["batch_size"], args["dtype"], args["grad_accum_steps"], args["steps"], "cpu",
+                       **args["precision"])
     print(json.dumps({"peak_bytes": resident_bytes("VmHWM") - baseline, "baseline_bytes": baseline}))
 
 
 def measure_peak(config: GPTConfig, batch_size: int, dtype: str, grad_accum_steps: int = 2, steps: int = 2,
-                 device: str = "cpu") -> int:
-    """Measured peak bytes of `steps` training steps, beyond what the process held before."""
+                 device: str = "cpu", **precision: str) -> int:
+    """Measured peak bytes of `steps` training steps, beyond what the process held before.
+    precision: setup_optimizers' param_dtype, grad_dtype, optim_state."""
     if device == "cuda":
         torch.cuda.synchronize()
         gc.collect()
         torch.cuda.empty_cache()
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_training_steps(config, batch_size, dtype, grad_accum_steps, steps, device)
+        run_training_steps(config, batch_size, dtype, grad_accum_steps, steps, device, **precision)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - baseline
     if device != "cpu":
         raise ValueError(f"device: expected cpu or cuda, got {device!r}")
     spec = json.dumps({"config": asdict(config), "batch_size": batch_size, "dtype": dtype,
-                       "grad_accum_steps": grad_accum_steps, "steps": steps})
+                       "grad_accum_steps": grad_accum_steps, "steps": steps, "precision": precision})
     env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
     env.update(MEASURE_ENV)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

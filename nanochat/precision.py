@@ -45,7 +45,6 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from nanochat.common import print0, resolve_dtype
 from nanochat.config import UserError
 
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -78,18 +77,12 @@ def check_precision_options(param_dtype: str = "float32", grad_dtype: str = "aut
 def prepare_parameters(model: nn.Module, param_dtype: str = "float32", grad_dtype: str = "auto") -> None:
     """bfloat16: casts every floating-point parameter to bf16 (buffers such as the rotary tables and
     MoleGrad's subspaces keep their dtype); with grad_dtype float32, adds the fp32 accumulation
-    hook to each. float32 leaves the model as it is (a float64 test model stays float64).
-
-    Without autocast the model computes in its weights' dtype: bf16 weights on a device without
-    native bf16 matmuls (common.resolve_dtype picks float32 there) make every matmul bf16 in
-    software, which is said in one line."""
+    hook to each. float32 leaves the model as it is (a float64 test model stays float64). The model
+    computes in the compute dtype whatever its weights' (gpt.Linear casts the weight to the input's
+    dtype; on a CPU the residual stream stays at least fp32)."""
     check_precision_options(param_dtype, grad_dtype)
     if param_dtype != "bfloat16":
         return
-    device = next(model.parameters()).device
-    if device.type != "meta" and resolve_dtype(device.type) != torch.bfloat16:
-        print0(f"warning: --param_dtype=bfloat16 on {device}, which has no native bf16 matmuls: the model computes in "
-               f"bf16 there, in software, several times slower than in float32")
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != torch.bfloat16:
             p.data = p.data.to(torch.bfloat16)

@@ -81,7 +81,7 @@ def test_tiny_check_runs_every_row_and_writes_the_summary(tmp_path, capsys, know
     cfg = gpu_check.GpuCheckConfig(depth=1, seq_len=32, vocab_size=128, molegrad_rank_k=8)
     deepest = rows["train deepest lowest eager"]
     depth = deepest["depth"]
-    planned = [gpu_check.planned_peak(gpu_check.mode_config("lowest", d, cfg), cfg, CPU_BF16) for d in (depth, depth + 1)]
+    planned = [gpu_check.planned_peak("lowest", d, cfg, CPU_BF16) for d in (depth, depth + 1)]
     assert depth > 1 and deepest["mode"] == "lowest" and planned[0] == deepest["planned_bytes"] <= 8 * MiB < planned[1]
 
     for name in gpu_check.MODES:
@@ -99,6 +99,12 @@ def test_tiny_check_runs_every_row_and_writes_the_summary(tmp_path, capsys, know
         assert row["mfu"] == pytest.approx(100 * row["tok_per_s"] * flops / PEAK)
         assert gpu_check.format_row(row) in stdout
     assert rows["train d1 lowest eager"]["planned_bytes"] < rows["train d1 dense eager"]["planned_bytes"]
+    # the precision options reach the plan: standard is recompute_block's model with bf16 weights and 8-bit states
+    standard, block = rows["train d1 standard eager"], rows["train d1 recompute_block eager"]
+    assert gpu_check.mode_config("standard", 1, cfg) == gpu_check.mode_config("recompute_block", 1, cfg)
+    assert standard["planned_bytes"] == gpu_check.plan_memory(gpu_check.mode_config("standard", 1, cfg), 1, "bfloat16", 2, "cpu",
+                                                              param_dtype="bfloat16", optim_state="int8").peak
+    assert standard["planned_bytes"] != block["planned_bytes"]
 
 
 def slow_or_failing_train_step(monkeypatch, fail_when, exception: BaseException) -> None:

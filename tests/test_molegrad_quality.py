@@ -259,3 +259,69 @@ def test_results_written_before_a_config_field_existed_still_load(tmp_path):
     other = quality.parse_args(quality.QualityConfig, QUALITY_ARGS + ["--overlap_delta=7"])
     with pytest.raises(UserError, match="holds results of other settings"):
         runner.load_results(path, other, ignored=("arms", "jobs", "out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 25: the precision arms
+
+PRECISION_ARMS = ("standard", "bf16", "int8", "lowbf16_k2")
+FP32 = dict(param_dtype="float32", grad_dtype="auto", optim_state="float32")
+PRACTITIONER = dict(param_dtype="bfloat16", grad_dtype="auto", optim_state="int8")
+
+
+def test_precision_arms_are_their_presets():
+    """standard = dense Muon's model with block recompute (exact), bf16 weights and 8-bit states; bf16
+    and int8 each option alone on dense Muon's model; lowbf16 = lowrank (MoleGrad on the MLP, low-rank
+    momentum) with block recompute and standard's precision. 8-bit states shrink the state bytes."""
+    cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS)
+    arms = ("dense_muon", "lowrank_k2", *PRECISION_ARMS)
+    options = {arm: quality.model_config(cfg, arm, 64).memory_options() for arm in arms}
+    assert options["bf16"] == options["int8"] == options["dense_muon"]
+    assert options["standard"] == {**options["dense_muon"], "recompute": "block"}
+    assert options["lowbf16_k2"] == {**options["lowrank_k2"], "recompute": "block"}
+    precision = {arm: quality.arm_flags(arm).precision_options() for arm in arms}
+    assert precision == {"dense_muon": FP32, "lowrank_k2": FP32, "standard": PRACTITIONER, "lowbf16_k2": PRACTITIONER,
+                         "bf16": {**FP32, "param_dtype": "bfloat16"}, "int8": {**FP32, "optim_state": "int8"}}
+    state = {arm: quality.state_bytes(quality.model_config(cfg, arm, 64), "muon", 0, precision[arm]["optim_state"])
+             for arm in ("dense_muon", "standard", "int8")}
+    assert state["standard"] == state["int8"] < state["dense_muon"]
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--arms=standard_k2"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("arm", PRECISION_ARMS)
+def test_every_precision_arm_trains_with_its_precision(arm):
+    """A 6-step run of each precision arm on random tokens ends within 1% of dense Muon's held-out bpb
+    (same seed and LR); its optimizers keep the weights in bf16 and the states in 8 bits where the arm
+    says so; the MoleGrad arm logs its energy and diagnostics. Width 64, so that the attention matrices
+    have the 4096 values an 8-bit state needs (precision.MIN_QUANTIZED_NUMEL)."""
+    needs_extra("torchao", "lowmem")
+    cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS + ["--energy_probes=2", "--n_embd=64"])
+    ctx = compute_init(device="cpu", dtype="float32", threads=1)
+    data = synthetic_data(cfg, 6)
+    dense, run = (quality.train_run(quality.RunSpec(name, 6, 0.02, 0), data, cfg, ctx) for name in ("dense_muon", arm))
+    assert run["heldout_bpb"] == pytest.approx(dense["heldout_bpb"], rel=0.01)
+    assert ("diagnostics" in run) == (run["energy"] is not None) == arm.startswith("lowbf16")
+    torch.manual_seed(0)
+    model = GPT(quality.model_config(cfg, arm, data.vocab_size))
+    optimizers = quality.make_optimizers(model, arm, 0.02, 6, cfg, seed=0)
+    train_step(model, optimizers, iter(data.batches(data.train[:1])), 1, ctx, 1.0, None, 0.0)
+    precision = quality.arm_flags(arm).precision_options()
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, precision["param_dtype"])}
+    codes = [v for opt in optimizers for state in opt.state.values() for v in state.values()
+             if torch.is_tensor(v) and v.dtype == torch.uint8]
+    assert bool(codes) == (precision["optim_state"] == "int8")
+
+
+def test_precision_goals_read_the_gaps():
+    """standard within +1% of dense Muon, lowbf16 within +2%, and neither gap growing with tokens."""
+    cfg = quality.parse_args(quality.QualityConfig, QUALITY_ARGS + ["--arms=dense_muon,standard,lowbf16_k2"])
+    small, middle, largest = (str(s) for s in quality.budgets(cfg))
+    arms = {"standard": {"budgets": {middle: {"gap_pct": 0.5}, largest: {"gap_pct": 0.8}}},
+            "lowbf16_k2": {"budgets": {middle: {"gap_pct": 2.5}, largest: {"gap_pct": 1.5}}}}
+    assert quality.goals(arms, cfg) == {
+        "standard within +1% of dense Muon at the largest budget": True,
+        "standard's gap not growing from the middle to the largest budget": False,
+        "lowbf16_k2 within +2% of dense Muon at the largest budget": True,
+        "lowbf16_k2's gap not growing from the middle to the largest budget": True}
