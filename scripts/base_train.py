@@ -94,7 +94,8 @@ def device_reserve(device: torch.device) -> int:
     return 0
 
 
-def check_memory_fits(config: GPTConfig, device_batch_size: int, grad_accum: int, ctx: RunContext) -> None:
+def check_memory_fits(config: GPTConfig, device_batch_size: int, grad_accum: int, ctx: RunContext,
+                      precision: dict[str, str] | None = None) -> None:
     """ConfigError when nanochat.memory's plan of one training step, plus device_reserve, exceeds
     the memory this device has available (free GPU memory, MemAvailable on CPU); nothing is checked
     where that is unknown."""
@@ -102,7 +103,8 @@ def check_memory_fits(config: GPTConfig, device_batch_size: int, grad_accum: int
     if available is None:
         return
     dtype = "bfloat16" if ctx.dtype == torch.bfloat16 else "float32"
-    peak = plan_memory(config, device_batch_size, dtype, grad_accum, "cuda" if ctx.device_type == "cuda" else "cpu").peak
+    peak = plan_memory(config, device_batch_size, dtype, grad_accum, "cuda" if ctx.device_type == "cuda" else "cpu",
+                       **(precision or {})).peak
     reserve = device_reserve(ctx.device)
     kept = (f", of which {reserve / GiB:.1f} GiB stay in reserve (max(2 GiB, 5% of the total) for the CUDA context, "
             f"fragmentation and workspaces, which the plan does not count)") if reserve else ""
@@ -130,7 +132,7 @@ def train(cfg: BaseTrainConfig, ctx) -> dict[str, Any]:
         cfg = replace(cfg, total_batch_size=auto_total_batch_size(model_config, reference, per_pass))
         print0(f"auto batch size: {cfg.total_batch_size:,} tokens per step (--total_batch_size=-1)")
     grad_accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, ctx.world_size)
-    check_memory_fits(model_config, cfg.device_batch_size, grad_accum, ctx)
+    check_memory_fits(model_config, cfg.device_batch_size, grad_accum, ctx, cfg.precision_options())
     with torch.device(ctx.device):  # built where it trains: no fp32 copy in host RAM on the way to a GPU
         model = GPT(model_config)
     model.init_weights()

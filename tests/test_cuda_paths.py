@@ -337,3 +337,22 @@ def test_setup_stops_in_one_line_when_the_build_has_no_kernels_for_the_gpu(monke
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # the suite hides GPUs (conftest)
     with pytest.raises(SystemExit, match=r"driver too old for CUDA 13\.0.*\(driver 575\.51\)"):
         common.check_cuda_build("575.51")
+
+
+def test_check_memory_fits_plans_the_precision_options(monkeypatch):
+    """A model that fits with bf16 weights and int8 states (--memory_mode=standard's precision) but
+    not in fp32 passes the check only when the options are passed."""
+    from nanochat.config import ConfigError
+    from nanochat.gpt import config_from_depth
+    from nanochat.memory import plan_memory
+    from scripts import base_train
+
+    config = config_from_depth(2, 512, 64)
+    precision = dict(param_dtype="bfloat16", grad_dtype="auto", optim_state="int8")
+    low = plan_memory(config, 2, "bfloat16", 1, "cuda", **precision).peak
+    assert low < plan_memory(config, 2, "bfloat16", 1, "cuda").peak
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 80 * 2**30))
+    monkeypatch.setattr(base_train, "available_memory", lambda device: low + 4 * 2**30)
+    base_train.check_memory_fits(config, 2, 1, cuda_context(), precision)
+    with pytest.raises(ConfigError, match="the memory plan of a training step needs"):
+        base_train.check_memory_fits(config, 2, 1, cuda_context())
