@@ -244,6 +244,25 @@ def train_in_two_gloo_processes(model: GPT, batches: list, optimizer: dict, work
     return states, {tuple(shape) for shape in json.loads(outputs[0][0].strip().splitlines()[-1])}
 
 
+def assert_trains_like_dense(dense: GPT, compressed: GPT, make_optimizers, batches: list) -> None:
+    """One optimizer step per batch (clip 0.5, momentum 0.9) on both models: losses, gradient norms,
+    every weight equal (float64), clipping active, every MoleGrad layer updated once per step.
+    For MoleGrad at full rank, which must train exactly like dense."""
+    from nanochat.molegrad import molegrad_layers
+
+    cpu = RunContext(torch.device("cpu"), "cpu", torch.float32, False, 0, 0, 1)
+    runs = {}
+    for name, model in (("dense", dense), ("molegrad", compressed)):
+        optimizers = make_optimizers(model)
+        runs[name] = [train_step(model, optimizers, iter([batch]), 1, cpu, 1.0, 0.9, 0.5) for batch in batches]
+    for (loss_d, norm_d), (loss_s, norm_s) in zip(runs["dense"], runs["molegrad"]):
+        assert loss_s == pytest.approx(loss_d, abs=1e-12) and norm_s == pytest.approx(norm_d, abs=1e-10)
+    assert runs["dense"][0][1] > 0.5  # clipping was active
+    assert all(m.num_updates == len(batches) for m in molegrad_layers(compressed))
+    for name, p in dense.named_parameters():
+        torch.testing.assert_close(compressed.get_parameter(name), p, atol=1e-10, rtol=0, msg=name)
+
+
 CORE_MC_ITEMS = [  # (query, choices, gold); gold == 0 for 3 of 8
     ("Question: What color is a clear sky?", ["blue", "green", "red", "purple"], 0),
     ("Question: How many legs does a spider have?", ["six", "four", "8", "two"], 2),

@@ -22,7 +22,7 @@ from nanochat.optim import Muon, setup_optimizers, zeropower_via_newtonschulz5
 from nanochat.molegrad import MOLEGRAD_TARGET_LINEARS, MoleGradLinear, molegrad_layers
 from nanochat.trainer import train_step
 from scripts import base_train
-from tests.helpers import TINY_BASE_TRAIN_ARGS, dense_grad, train_in_two_gloo_processes
+from tests.helpers import TINY_BASE_TRAIN_ARGS, assert_trains_like_dense, dense_grad, train_in_two_gloo_processes
 
 torch.set_num_threads(1)
 
@@ -154,16 +154,7 @@ def test_full_rank_training_steps_equal_dense(targets, momentum):
     compressed = tiny_gpt(rank_k=4, targets=targets, momentum=momentum)
     full_rank(compressed)
     load_model_state_strict(dense, {k: v for k, v in compressed.state_dict().items() if k in dense.state_dict()}, "dense")
-    runs = {}
-    for name, model in (("dense", dense), ("molegrad", compressed)):
-        optimizers = optimizers_of(model)
-        runs[name] = [train_step(model, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 0.5) for batch in batches(3)]
-    for (loss_d, norm_d), (loss_s, norm_s) in zip(runs["dense"], runs["molegrad"]):
-        assert loss_s == pytest.approx(loss_d, abs=1e-12) and norm_s == pytest.approx(norm_d, abs=1e-10)
-    assert runs["dense"][0][1] > 0.5  # clipping was active
-    assert all(m.num_updates == 3 for m in molegrad_layers(compressed))
-    for name, p in dense.named_parameters():
-        torch.testing.assert_close(compressed.get_parameter(name), p, atol=1e-10, rtol=0, msg=name)
+    assert_trains_like_dense(dense, compressed, optimizers_of, batches(3))
 
 
 # ---------------------------------------------------------------------------------------------

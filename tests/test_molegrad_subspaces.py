@@ -17,7 +17,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.molegrad import MoleGradLinear, molegrad_layers, molegrad_mlp, move_subspaces, orthonormalize, redraw
 from nanochat.optim import setup_optimizers
 from nanochat.trainer import train_step
-from tests.helpers import dense_grad, random_tokens, tiny_model, train_in_two_gloo_processes
+from tests.helpers import assert_trains_like_dense, dense_grad, random_tokens, tiny_model, train_in_two_gloo_processes
 
 torch.set_num_threads(1)
 
@@ -217,16 +217,7 @@ def test_full_rank_training_steps_equal_dense(targets, subspace, momentum):
     compressed = variant_model(targets, subspace, momentum=momentum, **overrides)
     full_rank(compressed)
     dense.load_state_dict({k: v for k, v in compressed.state_dict().items() if k in dense.state_dict()})
-    runs = {}
-    for name, model in (("dense", dense), ("molegrad", compressed)):
-        optimizers = optimizers_of(model)
-        runs[name] = [train_step(model, optimizers, iter([batch]), 1, CPU, 1.0, 0.9, 0.5) for batch in batches(3)]
-    for (loss_d, norm_d), (loss_s, norm_s) in zip(runs["dense"], runs["molegrad"]):
-        assert loss_s == pytest.approx(loss_d, abs=1e-12) and norm_s == pytest.approx(norm_d, abs=1e-10)
-    assert runs["dense"][0][1] > 0.5  # clipping was active
-    assert all(m.num_updates == 3 for m in molegrad_layers(compressed))
-    for name, p in dense.named_parameters():
-        torch.testing.assert_close(compressed.get_parameter(name), p, atol=1e-10, rtol=0, msg=name)
+    assert_trains_like_dense(dense, compressed, optimizers_of, batches(3))
 
 
 @pytest.mark.slow
